@@ -1,0 +1,157 @@
+"""The event model: normalized, immutable market-data events.
+
+Every event names its ``exchange`` (``binance``, ``coinbase``, ``kraken`` or a ccxt
+id) and its ``symbol`` (``BASE-QUOTE``, e.g. ``BTC-USDT``). Prices and sizes are
+decimal strings exactly as the exchange sent them, never floats. ``ts`` is the
+exchange's time and ``recv_ts`` the time tickwire received the frame, both in Unix
+epoch seconds (float).
+
+Each class carries two class-level names: ``TYPE``, the ``type`` tag on the wire,
+and ``CHANNEL``, the channel a client subscribes to. A stream is one
+``CHANNEL:exchange:symbol``; the dispatcher numbers events per stream.
+
+This module imports nothing else of the daemon: sources other than the collectors
+(other processes, derived streams) produce these same classes.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import attrs
+
+#: One price level: ``(price, size)`` as decimal strings.
+Level = tuple[str, str]
+#: Levels of one side, best first (bids descending, asks ascending).
+Levels = tuple[Level, ...]
+
+#: Channel names clients subscribe to, in the order the docs list them.
+MARKET_CHANNELS = ("trades", "book", "ticker")
+
+
+@attrs.frozen(kw_only=True)
+class Trade:
+    """One executed trade.
+
+    ``id`` is the exchange's trade id as a string (Binance ``aggTrade`` id,
+    Coinbase ``trade_id``, Kraken has none: a synthetic ``time-index`` id);
+    ``side`` is the taker's side, ``"buy"`` or ``"sell"``.
+    """
+
+    TYPE: ClassVar[str] = "trade"
+    CHANNEL: ClassVar[str] = "trades"
+
+    exchange: str
+    symbol: str
+    ts: float
+    recv_ts: float
+    id: str
+    price: str
+    size: str
+    side: str
+
+
+@attrs.frozen(kw_only=True)
+class BookSnapshot:
+    """The whole L2 book of one symbol: the state every later update applies to.
+
+    ``bids`` descending and ``asks`` ascending by price, each ``((price, size), ...)``.
+    Sent when a book is first synced and again after every resync.
+    """
+
+    TYPE: ClassVar[str] = "book_snapshot"
+    CHANNEL: ClassVar[str] = "book"
+
+    exchange: str
+    symbol: str
+    ts: float
+    recv_ts: float
+    bids: Levels
+    asks: Levels
+
+
+@attrs.frozen(kw_only=True)
+class BookUpdate:
+    """A delta to an L2 book: each level replaces the size at its price.
+
+    A size that is zero (``"0"``, ``"0.00000000"``) removes the level.
+    """
+
+    TYPE: ClassVar[str] = "book_update"
+    CHANNEL: ClassVar[str] = "book"
+
+    exchange: str
+    symbol: str
+    ts: float
+    recv_ts: float
+    bids: Levels
+    asks: Levels
+
+
+@attrs.frozen(kw_only=True)
+class Ticker:
+    """Best bid and offer (top of book) of one symbol."""
+
+    TYPE: ClassVar[str] = "ticker"
+    CHANNEL: ClassVar[str] = "ticker"
+
+    exchange: str
+    symbol: str
+    ts: float
+    recv_ts: float
+    bid: str
+    bid_size: str
+    ask: str
+    ask_size: str
+
+
+@attrs.frozen(kw_only=True)
+class FeedState:
+    """A state change of a feed or of one of its books, on the ``system`` channel.
+
+    ``symbol`` is ``"*"`` for the whole connection. ``state`` is one of
+    ``connecting``, ``subscribed``, ``stale``, ``reconnecting``, ``resyncing``,
+    ``synced``, ``failed``, ``fallback``; ``detail`` says why, for people.
+    """
+
+    TYPE: ClassVar[str] = "feed_state"
+    CHANNEL: ClassVar[str] = "system"
+
+    exchange: str
+    symbol: str
+    ts: float
+    recv_ts: float
+    state: str
+    detail: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class Gap:
+    """Data that could not be recovered, on the ``system`` channel.
+
+    ``stream`` names the channel that lost data (``trades``, ``book``); ``from_id``
+    and ``to_id`` bound what is missing where the exchange's ids tell it.
+    """
+
+    TYPE: ClassVar[str] = "gap"
+    CHANNEL: ClassVar[str] = "system"
+
+    exchange: str
+    symbol: str
+    ts: float
+    recv_ts: float
+    stream: str
+    from_id: str = ""
+    to_id: str = ""
+    detail: str = ""
+
+
+Event = Trade | BookSnapshot | BookUpdate | Ticker | FeedState | Gap
+EVENT_TYPES: tuple[type, ...] = (Trade, BookSnapshot, BookUpdate, Ticker, FeedState, Gap)
+#: Every channel name an event can be published on.
+CHANNELS: tuple[str, ...] = tuple(dict.fromkeys(cls.CHANNEL for cls in EVENT_TYPES))
+
+
+def stream_key(event: Event) -> str:
+    """The stream an event belongs to: ``"CHANNEL:exchange:symbol"``."""
+    return f"{event.CHANNEL}:{event.exchange}:{event.symbol}"

@@ -1,0 +1,1 @@
+"""Capture replay: read recorded exchange traffic and serve it as the exchange would."""
