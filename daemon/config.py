@@ -1,0 +1,237 @@
+"""Configuration: a TOML file structured into attrs classes by a strict cattrs converter.
+
+Unknown keys are errors, and so are values of the wrong type (cattrs' defaults would
+turn ``1.9`` into ``1``). ``load_config`` reports every problem as one line naming
+the key: ``config error: expected an integer, got '80' @ server.port``.
+
+Defaults stream BTC and ETH from Binance, Coinbase and Kraken (``default.toml``).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs import Converter
+
+from daemon.events import MARKET_CHANNELS
+
+NATIVE_EXCHANGES = ("binance", "binanceus", "coinbase", "kraken")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; ``str()`` is one line naming the key."""
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name}: must be greater than 0, got {value!r}")
+
+
+def _listen(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{attribute.name}: must be HOST:PORT, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """The broadcast WebSocket server.
+
+    ``listen``: ``HOST:PORT``; ``client_queue``: events queued per client before the
+    slow-consumer policy applies; ``max_message_size``: largest client frame in
+    bytes (larger closes with 1009); ``max_batch``: most events in one frame.
+    """
+
+    listen: str = attrs.field(default="127.0.0.1:8765", validator=_listen)
+    client_queue: int = attrs.field(default=4096, validator=_positive)
+    max_message_size: int = attrs.field(default=65536, validator=_positive)
+    max_batch: int = attrs.field(default=256, validator=_positive)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+@attrs.frozen(kw_only=True)
+class AdminConfig:
+    """The admin Unix socket; an empty ``socket`` picks the default path."""
+
+    socket: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class DispatchConfig:
+    """``buffer``: events the collectors may queue before they wait (backpressure)."""
+
+    buffer: int = attrs.field(default=1024, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class HistoryConfig:
+    """Events retained per stream for late joiners and recovery."""
+
+    trades: int = attrs.field(default=1000, validator=_positive)
+    system: int = attrs.field(default=100, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class ReconnectConfig:
+    """Exponential backoff with full jitter, in seconds: delay n is uniform in
+    ``[0, min(cap, base * 2**n)]``. ``stale_after``: a connection silent that long is
+    reconnected. ``healthy_after``: a run that long resets the backoff."""
+
+    base: float = attrs.field(default=0.5, validator=_positive)
+    cap: float = attrs.field(default=30.0, validator=_positive)
+    stale_after: float = attrs.field(default=30.0, validator=_positive)
+    healthy_after: float = attrs.field(default=60.0, validator=_positive)
+
+
+def _one_of(*choices: str) -> Any:
+    def check(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+        if value not in choices:
+            raise ValueError(
+                f"{attribute.name}: {value!r} is not one of {', '.join(choices)}"
+            )
+
+    return check
+
+
+def _channels(instance: Any, attribute: attrs.Attribute, value: list[str]) -> None:
+    unknown = [c for c in value if c not in MARKET_CHANNELS]
+    if unknown:
+        raise ValueError(
+            f"{attribute.name}: unknown channel {unknown[0]!r}, "
+            f"expected one of {', '.join(MARKET_CHANNELS)}"
+        )
+
+
+def _symbols(instance: Any, attribute: attrs.Attribute, value: list[str]) -> None:
+    for symbol in value:
+        base, sep, quote = symbol.partition("-")
+        if not sep or not base or not quote or symbol != symbol.upper():
+            raise ValueError(f"{attribute.name}: {symbol!r} is not BASE-QUOTE in upper case")
+
+
+@attrs.frozen(kw_only=True)
+class ExchangeConfig:
+    """One exchange feed.
+
+    ``symbols``: ``BASE-QUOTE``; ``channels``: of ``trades``, ``book``, ``ticker``;
+    ``mode``: ``native`` (tickwire's own WebSocket client); ``depth``: book levels
+    where the exchange takes a depth (Kraken); ``rest_url`` / ``ws_url``: override
+    the exchange's base URLs (the replay emulator sets them).
+    """
+
+    symbols: list[str] = attrs.field(validator=_symbols)
+    channels: list[str] = attrs.field(default=list(MARKET_CHANNELS), validator=_channels)
+    mode: str = attrs.field(default="native", validator=_one_of("native"))
+    depth: int = attrs.field(default=100, validator=_positive)
+    rest_url: str = ""
+    ws_url: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """The whole daemon configuration (see ``daemon/default.toml``)."""
+
+    server: ServerConfig = ServerConfig()
+    admin: AdminConfig = AdminConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    history: HistoryConfig = HistoryConfig()
+    reconnect: ReconnectConfig = ReconnectConfig()
+    log_level: str = attrs.field(
+        default="info",
+        validator=_one_of("debug", "info", "warning", "error"),
+    )
+    exchanges: dict[str, ExchangeConfig] = attrs.field(factory=dict)
+
+    @exchanges.validator
+    def _known(self, attribute: attrs.Attribute, value: dict[str, ExchangeConfig]) -> None:
+        for name, exchange in value.items():
+            if exchange.mode == "native" and name not in NATIVE_EXCHANGES:
+                raise ValueError(
+                    f"exchanges: {name!r} has no native collector; native ones are "
+                    f"{', '.join(NATIVE_EXCHANGES)}"
+                )
+
+
+def _strict(cls: type, name: str) -> Any:
+    def structure(value: Any, _: type) -> Any:
+        # bool is an int in Python: refuse it where a number is expected
+        if cls in (int, float) and isinstance(value, bool):
+            raise ValueError(f"expected {name}, got {value!r}")
+        if cls is float and isinstance(value, int):
+            return float(value)
+        if not isinstance(value, cls):
+            raise ValueError(f"expected {name}, got {value!r}")
+        return value
+
+    return structure
+
+
+def make_converter() -> Converter:
+    """A cattrs converter that forbids unknown keys and never coerces types."""
+    converter = Converter(forbid_extra_keys=True)
+    for cls, name in ((int, "an integer"), (float, "a number"), (str, "a string"),
+                      (bool, "true or false")):
+        converter.register_structure_hook(cls, _strict(cls, name))
+    return converter
+
+
+_converter = make_converter()
+
+
+def structure_config(data: dict[str, Any]) -> Config:
+    """Turn parsed TOML into a ``Config``; raises ``ConfigError`` naming the key."""
+    try:
+        return _converter.structure(data, Config)
+    except cattrs.BaseValidationError as exc:
+        messages = cattrs.transform_error(exc, path="config", format_exception=_describe)
+        raise ConfigError(_one_line(messages[0] if messages else str(exc))) from exc
+    except (ValueError, TypeError) as exc:  # a validator of the top level
+        raise ConfigError(_one_line(f"{exc} @ config")) from exc
+
+
+def _describe(exc: BaseException, type_: type | None) -> str:
+    if isinstance(exc, ValueError) and not isinstance(exc, cattrs.BaseValidationError):
+        return str(exc)
+    return cattrs.v.format_exception(exc, type_)
+
+
+def _one_line(message: str) -> str:
+    """``"symbols: bad @ config.exchanges['x']"`` -> ``"bad @ exchanges.x.symbols"``."""
+    text, _, where = message.rpartition(" @ ")
+    field, sep, rest = text.partition(": ")
+    if sep and field.isidentifier():
+        text, where = rest, f"{where}.{field}"
+    where = re.sub(r"\['([^']*)'\]", r".\1", where).removeprefix("config.")
+    return f"{text} @ {where}"
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and check a TOML config file; ``None`` loads the packaged default.
+
+    Raises ``ConfigError`` (one line) for unreadable files, TOML syntax errors,
+    unknown keys and wrong values.
+    """
+    try:
+        if path is None:
+            text = resources.files("daemon").joinpath("default.toml").read_text()
+        else:
+            text = Path(path).read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return structure_config(data)
