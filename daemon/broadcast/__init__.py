@@ -1,0 +1,1 @@
+"""The broadcast WebSocket server: client sessions, subscriptions, fan-out."""

@@ -1,0 +1,132 @@
+"""The client protocol, sans-IO: client text frames to validated requests.
+
+Client ops (see docs/protocol.md)::
+
+    {"op":"subscribe","id":1,"channels":["trades","book"],"symbols":["binance:*"],"history":100}
+    {"op":"unsubscribe","id":2,"channels":["trades"],"symbols":["binance:*"]}
+    {"op":"ping","id":3}
+
+``parse_request`` raises ``RequestError`` with a machine ``code`` and a message for
+people; the session answers it with an ``error`` and stays open.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import orjson
+
+from daemon.dispatch import SYMBOL_PATTERN
+from daemon.events import CHANNELS
+
+#: Error codes of ``error`` replies.
+INVALID_JSON = "invalid_json"
+INVALID_REQUEST = "invalid_request"
+UNKNOWN_OP = "unknown_op"
+UNKNOWN_CHANNEL = "unknown_channel"
+INVALID_SYMBOL = "invalid_symbol"
+
+MAX_HISTORY = 1000
+
+
+class RequestError(ValueError):
+    """A client frame that cannot be served: ``code``, ``message`` and the request's
+    ``id`` when it could be read."""
+
+    def __init__(self, code: str, message: str, request_id: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@attrs.frozen
+class Subscribe:
+    """Subscribe to ``channels`` x ``symbols``; ``history``: retained trades to send."""
+
+    id: Any
+    channels: tuple[str, ...]
+    symbols: tuple[str, ...]
+    history: int = 0
+
+
+@attrs.frozen
+class Unsubscribe:
+    """Stop ``channels`` x ``symbols``."""
+
+    id: Any
+    channels: tuple[str, ...]
+    symbols: tuple[str, ...]
+
+
+@attrs.frozen
+class Ping:
+    """Application-level ping; answered with ``pong``."""
+
+    id: Any
+
+
+Request = Subscribe | Unsubscribe | Ping
+
+
+def parse_request(text: str | bytes) -> Request:
+    """Validate one client frame; raises ``RequestError`` (see the module docstring)."""
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(INVALID_JSON, f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RequestError(INVALID_REQUEST, "a request is a JSON object")
+    request_id = obj.get("id")
+    if request_id is not None and (
+        isinstance(request_id, bool) or not isinstance(request_id, int | str)
+    ):
+        raise RequestError(INVALID_REQUEST, "id must be an integer or a string")
+    op = obj.get("op")
+    if op == "ping":
+        _only(obj, {"op", "id"}, request_id)
+        return Ping(id=request_id)
+    if op in ("subscribe", "unsubscribe"):
+        allowed = {"op", "id", "channels", "symbols"} | ({"history"} if op == "subscribe" else set())
+        _only(obj, allowed, request_id)
+        channels = _strings(obj, "channels", request_id)
+        for channel in channels:
+            if channel not in CHANNELS:
+                raise RequestError(
+                    UNKNOWN_CHANNEL,
+                    f"unknown channel {channel!r}; channels are {', '.join(CHANNELS)}",
+                    request_id,
+                )
+        symbols = _strings(obj, "symbols", request_id)
+        for symbol in symbols:
+            if not SYMBOL_PATTERN.match(symbol):
+                raise RequestError(
+                    INVALID_SYMBOL,
+                    f"invalid symbol {symbol!r}; use EXCHANGE:BASE-QUOTE, EXCHANGE:* or *",
+                    request_id,
+                )
+        if op == "unsubscribe":
+            return Unsubscribe(id=request_id, channels=channels, symbols=symbols)
+        history = obj.get("history", 0)
+        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+            raise RequestError(INVALID_REQUEST, "history must be a non-negative integer", request_id)
+        return Subscribe(
+            id=request_id, channels=channels, symbols=symbols, history=min(history, MAX_HISTORY)
+        )
+    if op is None:
+        raise RequestError(INVALID_REQUEST, "missing op", request_id)
+    raise RequestError(UNKNOWN_OP, f"unknown op {op!r}; ops are subscribe, unsubscribe, ping", request_id)
+
+
+def _only(obj: dict, allowed: set[str], request_id: Any) -> None:
+    extra = sorted(set(obj) - allowed)
+    if extra:
+        raise RequestError(INVALID_REQUEST, f"unknown field {extra[0]!r}", request_id)
+
+
+def _strings(obj: dict, key: str, request_id: Any) -> tuple[str, ...]:
+    value = obj.get(key)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise RequestError(INVALID_REQUEST, f"{key} must be a non-empty list of strings", request_id)
+    return tuple(dict.fromkeys(value))

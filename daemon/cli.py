@@ -1,0 +1,135 @@
+"""The ``tickwire`` command line (click)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import click
+import trio
+
+from daemon import __version__
+from daemon.config import Config, ConfigError, load_config
+from daemon.logs import setup_logging
+
+log = logging.getLogger("daemon")
+
+
+def _config(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(f"tickwire: config error: {exc}", err=True)
+        sys.exit(2)
+
+
+async def _until_signal(start: Callable[..., Awaitable[Any]]) -> None:
+    """Start ``start`` in a nursery, and cancel it all on SIGINT or SIGTERM."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(start)
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+@click.group()
+@click.version_option(__version__, prog_name="tickwire")
+def main() -> None:
+    """tickwire: real-time market data from exchanges to WebSocket clients."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML configuration file (default: the packaged default.toml).")
+def run(config_path: str | None) -> None:
+    """Run the daemon: collectors, dispatcher and broadcast server."""
+    from daemon.app import App
+
+    config = _config(config_path)
+    setup_logging(config.log_level)
+    app = App(config)
+    trio.run(_until_signal, app.run)
+
+
+@main.command("check-config")
+@click.argument("path", type=click.Path(dir_okay=False))
+def check_config(path: str) -> None:
+    """Check a configuration file: exit 0 if usable, else one line and exit 2."""
+    config = _config(path)
+    feeds = ", ".join(f"{name} ({len(e.symbols)} symbols)" for name, e in config.exchanges.items())
+    click.echo(f"{path}: ok; listen {config.server.listen}; feeds: {feeds or 'none'}")
+
+
+def _speed(value: str) -> float | None:
+    if value == "max":
+        return None
+    try:
+        speed = float(value)
+    except ValueError:
+        raise click.BadParameter("a factor (e.g. 5) or 'max'") from None
+    if speed <= 0:
+        raise click.BadParameter("must be greater than 0")
+    return speed
+
+
+@main.command()
+@click.argument("captures", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--speed", default="1", show_default=True,
+              help="Replay speed: a factor of the recorded timing, or 'max'.")
+@click.option("--listen", default=None, help="HOST:PORT of the broadcast server.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML configuration for everything but the exchanges.")
+def replay(captures: tuple[str, ...], speed: str, listen: str | None, config_path: str | None) -> None:
+    """Run the daemon on recorded traffic: each exchange's capture files are served by
+    an emulator on 127.0.0.1, and the collectors connect to it as to the exchange."""
+    import attrs
+
+    from daemon.config import ServerConfig
+    from daemon.replay.run import serve_replay
+
+    factor = _speed(speed)
+    config = _config(config_path)
+    if listen is not None:
+        try:
+            config = attrs.evolve(config, server=attrs.evolve(config.server, listen=listen))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--listen") from None
+    assert isinstance(config.server, ServerConfig)
+    setup_logging(config.log_level)
+
+    async def start(*, task_status: trio.TaskStatus[None]) -> None:
+        async with trio.open_nursery() as nursery:
+            replay = await nursery.start(serve_replay, captures, config, factor)
+            task_status.started()
+            await replay.wait_finished()
+            log.info("replay: every capture played; still serving (Ctrl-C to stop)")
+
+    trio.run(_until_signal, start)
+
+
+@main.command()
+@click.argument("channel")
+@click.argument("symbols", nargs=-1, required=True)
+@click.option("--url", default="ws://127.0.0.1:8765", show_default=True, help="tickwire server.")
+@click.option("--history", default=0, show_default=True, help="Retained trades to get first.")
+def tail(channel: str, symbols: tuple[str, ...], url: str, history: int) -> None:
+    """Print the events of CHANNEL for SYMBOLS (EXCHANGE:BASE-QUOTE, EXCHANGE:* or *),
+    one JSON object a line."""
+    from daemon.tail import tail_events
+
+    try:
+        trio.run(tail_events, url, channel.split(","), list(symbols), history)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        click.echo(f"tickwire: cannot reach {url}: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Collectors: the trio tasks that connect to exchanges and feed the dispatcher."""

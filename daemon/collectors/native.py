@@ -1,0 +1,194 @@
+"""The lifecycle shared by every native WebSocket collector.
+
+Theory of operation
+-------------------
+``NativeCollector.run`` loads the exchange's market metadata (REST), builds the
+sans-IO protocol object, then loops: connect, ``on_open`` (subscriptions), stream.
+On any ``FeedError`` it reconnects after a full-jitter backoff that starts over
+after a healthy run; subscriptions are restored and books resynced by ``on_open``.
+
+While connected, three tasks share one nursery:
+
+- the reader puts every frame in a small bounded inbox;
+- REST snapshot fetches put their answers in the same inbox;
+- the processor takes the inbox in order, calls the protocol, and sends events to
+  the dispatcher. When the dispatcher is full the processor waits, the inbox fills,
+  the reader waits, and the exchange's socket is no longer read: backpressure.
+
+A watchdog closes a connection that received nothing for ``stale_after`` seconds
+(heartbeats and pings count: a quiet symbol does not). Every connection state
+change is a ``FeedState`` event on the ``system`` channel and a counter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+import trio
+import trio_websocket
+
+from daemon.collectors.venues import Venue
+from daemon.config import ExchangeConfig, ReconnectConfig
+from daemon.errors import FeedDisconnected, FeedError, FeedStale, feed_errors
+from daemon.events import Event, FeedState
+from daemon.exchanges.base import FetchSnapshot, Malformed, Send
+from daemon.supervise import Backoff
+
+log = logging.getLogger(__name__)
+
+INBOX_SIZE = 64
+#: Largest exchange frame accepted (Kraken and Binance snapshots can be large).
+MAX_FRAME = 16 * 1024 * 1024
+
+
+class NativeCollector:
+    """One exchange feed over the exchange's own WebSocket protocol.
+
+    ``out`` is a dispatcher source channel; ``venue`` names the protocol and URLs;
+    ``cfg`` the symbols and channels (and URL overrides); ``reconnect`` the backoff.
+    """
+
+    def __init__(
+        self,
+        venue: Venue,
+        cfg: ExchangeConfig,
+        reconnect: ReconnectConfig,
+        out: trio.MemorySendChannel[Event],
+    ) -> None:
+        self.venue = venue
+        self.exchange = venue.exchange
+        self.cfg = cfg
+        self.reconnect = reconnect
+        self.out = out
+        self.rest_url = cfg.rest_url or venue.rest_url
+        self.ws_url = cfg.ws_url or venue.ws_url
+        self.feed: Any = None
+        self.state = "starting"
+        self.state_counts: Counter[str] = Counter()
+        self.last_receive = 0.0  # trio clock of the last frame
+        self.connected_since: float | None = None
+        self.backoff = Backoff(reconnect.base, reconnect.cap)
+
+    # -- the lifecycle -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stream until cancelled; ``started()`` at once (the feed is started; its
+        state tells how far it got). Non-network errors propagate: the supervisor
+        restarts the collector."""
+        task_status.started()
+        async with httpx.AsyncClient(base_url=self.rest_url, timeout=10.0) as http:
+            markets = await self._load_markets(http)
+            self.feed = self.venue.make_feed(self.cfg, markets)
+            while True:
+                started = trio.current_time()
+                try:
+                    await self._connect_once(http)
+                except FeedError as exc:
+                    if trio.current_time() - started >= self.reconnect.healthy_after:
+                        self.backoff.reset()
+                    delay = self.backoff.next_delay()
+                    state = "stale" if isinstance(exc, FeedStale) else "reconnecting"
+                    await self._set_state(state, f"{exc}; retry in {delay:.2f}s")
+                    log.warning("%s: %s; reconnecting in %.2fs", self.exchange, exc, delay)
+                    await trio.sleep(delay)
+
+    async def _load_markets(self, http: httpx.AsyncClient) -> dict[str, str]:
+        while True:
+            try:
+                with feed_errors(f"{self.exchange} markets"):
+                    response = await http.get(self.venue.markets_target)
+                    response.raise_for_status()
+                return await trio.to_thread.run_sync(self.venue.parse_markets, response.text)
+            except (FeedError, ValueError) as exc:
+                delay = self.backoff.next_delay()
+                await self._set_state("failed", f"market metadata: {exc}")
+                log.error("%s: cannot load markets (%s); retry in %.2fs", self.exchange, exc, delay)
+                await trio.sleep(delay)
+
+    async def _connect_once(self, http: httpx.AsyncClient) -> None:
+        url = self.feed.url(self.ws_url)
+        await self._set_state("connecting", url)
+        try:
+            with feed_errors(f"{self.exchange} stream"):
+                async with trio_websocket.open_websocket_url(
+                    url, max_message_size=MAX_FRAME, connect_timeout=10, disconnect_timeout=2
+                ) as ws, trio.open_nursery() as nursery:
+                    self.connected_since = trio.current_time()
+                    self.last_receive = trio.current_time()
+                    inbox_send, inbox_receive = trio.open_memory_channel[tuple](INBOX_SIZE)
+                    await self._handle(self.feed.on_open(time.time()), ws, nursery, http, inbox_send)
+                    await self._set_state("subscribed", url)
+                    nursery.start_soon(self._read, ws, inbox_send)
+                    nursery.start_soon(self._watchdog)
+                    await self._process(ws, nursery, http, inbox_receive, inbox_send)
+        except* FeedError as group:
+            raise group.exceptions[0] from None
+        finally:
+            self.connected_since = None
+
+    async def _read(self, ws: trio_websocket.WebSocketConnection, inbox: trio.MemorySendChannel) -> None:
+        with feed_errors(f"{self.exchange} stream"):
+            while True:
+                message = await ws.get_message()
+                self.last_receive = trio.current_time()
+                await inbox.send(("frame", message, time.time()))
+
+    async def _watchdog(self) -> None:
+        limit = self.reconnect.stale_after
+        while True:
+            silent = trio.current_time() - self.last_receive
+            if silent >= limit:
+                raise FeedStale(f"{self.exchange}: no frame for {silent:.1f}s")
+            await trio.sleep(limit - silent)
+
+    async def _process(self, ws, nursery, http, inbox_receive, inbox_send) -> None:
+        feed = self.feed
+        async for item in inbox_receive:
+            if item[0] == "frame":
+                outputs = feed.on_message(item[1], item[2])
+            else:
+                _, symbol, body, recv_ts = item
+                outputs = feed.on_snapshot(symbol, body, recv_ts)
+            if outputs:
+                await self._handle(outputs, ws, nursery, http, inbox_send)
+        raise FeedDisconnected(f"{self.exchange}: stream ended")
+
+    async def _handle(self, outputs: list, ws, nursery, http, inbox_send) -> None:
+        for output in outputs:
+            if isinstance(output, Send):
+                with feed_errors(f"{self.exchange} send"):
+                    await ws.send_message(output.text)
+            elif isinstance(output, FetchSnapshot):
+                nursery.start_soon(self._fetch_snapshot, http, output, inbox_send)
+            elif isinstance(output, Malformed):
+                log.warning("%s: skipped a frame: %s: %s", self.exchange, output.reason, output.text)
+            else:
+                await self.out.send(output)
+
+    async def _fetch_snapshot(self, http, request: FetchSnapshot, inbox_send) -> None:
+        """GET a book snapshot and queue its body; REST failures retry with backoff
+        inside this task, so one slow endpoint does not drop the WebSocket."""
+        backoff = Backoff(self.reconnect.base, self.reconnect.cap)
+        while True:
+            try:
+                with feed_errors(f"{self.exchange} snapshot {request.symbol}"):
+                    response = await http.get(request.target)
+                    response.raise_for_status()
+                break
+            except FeedError as exc:
+                delay = backoff.next_delay()
+                log.warning("%s: %s; retry in %.2fs", self.exchange, exc, delay)
+                await trio.sleep(delay)
+        await inbox_send.send(("snapshot", request.symbol, response.text, time.time()))
+
+    async def _set_state(self, state: str, detail: str = "") -> None:
+        self.state = state
+        self.state_counts[state] += 1
+        now = time.time()
+        await self.out.send(
+            FeedState(exchange=self.exchange, symbol="*", ts=now, recv_ts=now, state=state, detail=detail)
+        )

@@ -1,0 +1,62 @@
+"""tickwire's own errors, and the one boundary that maps third-party errors to them.
+
+"We closed it" and "the peer broke it" are different errors: ``FeedStale`` is our
+decision (silence past ``stale_after``), ``FeedDisconnected`` the network's or the
+exchange's. Only these are retried as network faults; anything else is a bug and
+goes to the supervisor as one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import trio
+import trio_websocket
+
+
+class TickwireError(Exception):
+    """Base of tickwire's errors."""
+
+
+class FeedError(TickwireError):
+    """A feed cannot go on with its current connection; it will reconnect."""
+
+
+class FeedDisconnected(FeedError):
+    """The exchange or the network closed or broke the connection, or refused it."""
+
+
+class FeedStale(FeedError):
+    """We closed a connection that was silent for longer than ``stale_after``."""
+
+
+class FeedProtocolError(FeedError):
+    """The exchange answered something unusable where an answer was required
+    (market metadata, a REST status)."""
+
+
+#: What the feed lifecycle retries after a backoff.
+RETRYABLE = (FeedError,)
+
+
+@contextmanager
+def feed_errors(what: str) -> Iterator[None]:
+    """Map trio-websocket, httpx and socket errors raised inside into ``FeedError``s,
+    ``raise ... from exc`` so the cause stays in the log."""
+    try:
+        yield
+    except trio_websocket.ConnectionClosed as exc:
+        reason = exc.reason
+        raise FeedDisconnected(f"{what}: closed ({reason.code} {reason.reason or ''})") from exc
+    except trio_websocket.ConnectionRejected as exc:
+        raise FeedDisconnected(f"{what}: handshake rejected ({exc.status_code})") from exc
+    except trio_websocket.HandshakeError as exc:
+        raise FeedDisconnected(f"{what}: handshake failed ({exc!r})") from exc
+    except httpx.HTTPStatusError as exc:
+        raise FeedProtocolError(f"{what}: HTTP {exc.response.status_code}") from exc
+    except httpx.HTTPError as exc:
+        raise FeedDisconnected(f"{what}: {exc!r}") from exc
+    except (OSError, trio.BrokenResourceError) as exc:
+        raise FeedDisconnected(f"{what}: {exc!r}") from exc

@@ -1,0 +1,396 @@
+"""Coinbase Exchange WebSocket feed: frames in, normalized events out (sans-IO).
+
+Source: Coinbase Exchange WebSocket feed docs,
+https://docs.cdp.coinbase.com/exchange/docs/websocket-channels (feed
+``wss://ws-feed.exchange.coinbase.com``, formerly ``wss://ws-feed.pro.coinbase.com``
+where ``shared/captures/COINBASE.ws.28.0`` was recorded). Plain code: the collector
+does the I/O and follows the contract in ``daemon.exchanges.base``.
+
+Theory of operation
+-------------------
+1. One ``subscribe`` frame names every product and channel: ``trades`` -> ``matches``,
+   ``book`` -> ``level2`` (or ``level2_batch``: same messages), ``ticker`` -> ``ticker``.
+2. A book is *synced* only after a ``snapshot`` frame; ``l2update`` frames
+   (``changes: [[side, price, size], ...]``, ``buy`` = bid, ``sell`` = ask, size zero
+   removes) apply to it and are ignored before it. ``on_open`` marks every book
+   unsynced: after any reconnect each book is rebuilt from the new snapshot.
+3. Level2 has no sequence number, so the book checks itself: an update that turns
+   it crossed (best bid >= best ask) proves it corrupt. That update is not
+   published; the book resyncs: ``FeedState`` ``resyncing``, then ``unsubscribe``
+   and ``subscribe`` of level2 for that one product, which brings a new snapshot.
+   A malformed ``snapshot`` or ``l2update`` resyncs its book too. A snapshot that is
+   itself crossed is the exchange's state (e.g. an auction): it is accepted, as
+   resubscribing would only loop.
+4. ``match``/``last_match`` and ``ticker`` carry the product's ``sequence``, shared by
+   all its channels (a ticker has the number of its match), so the last number is
+   kept per product *and* channel. A repeat is a duplicate, a decrease is out of
+   order: both are counted and dropped. A skip is normal (other channels used the
+   numbers), not a gap. Trades are also deduplicated by ``trade_id`` (the last
+   10,000 per product, kept across reconnects, so the ``last_match`` Coinbase
+   resends on subscribe is not delivered twice).
+5. Coinbase's match ``side`` is the *maker* order's side; ``Trade.side`` is the
+   taker's, so it is flipped (on the capture, each ticker, whose ``side`` is the
+   taker's, has the opposite side of its match).
+6. No call raises on exchange input: a bad frame becomes a ``Malformed`` output.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import orjson
+
+from daemon.book import L2Book
+from daemon.events import BookSnapshot, BookUpdate, FeedState, Ticker, Trade
+from daemon.exchanges.base import FeedStats, Malformed, Send, malformed, normalize_symbol
+
+#: REST target (on ``https://api.exchange.coinbase.com``) listing every product.
+MARKETS_TARGET = "/products"
+#: Recent trade ids remembered per product to drop repeated trades.
+TRADE_ID_MEMORY = 10_000
+#: tickwire channel -> Coinbase channel (``book``: see ``CoinbaseFeed.book_channel``).
+_CHANNELS = {"trades": "matches", "book": "level2", "ticker": "ticker"}
+_TAKER_SIDE = {"buy": "sell", "sell": "buy"}  # maker order side -> taker side
+#: Prices and sizes as Coinbase writes them: plain non-negative decimals.
+_DECIMAL = re.compile(r"\d+(?:\.\d+)?")
+
+
+_E = TypeVar("_E", BookSnapshot, BookUpdate, FeedState, Ticker, Trade)
+
+
+class _BadFrame(ValueError):
+    """A frame that lacks a field or holds a value of the wrong form."""
+
+
+def parse_markets(body: str | bytes) -> dict[str, str]:
+    """Map Coinbase product ids to tickwire symbols from a ``GET /products`` body.
+
+    ``body``: the JSON list of products, each with ``id``, ``base_currency`` and
+    ``quote_currency``. Returns ``{"BTC-USD": "BTC-USD", ...}`` for every product
+    listed, traded or not. Raises ``ValueError`` when the body is not such a list.
+    """
+    try:
+        products = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"products body is not JSON: {exc}") from exc
+    if not isinstance(products, list):
+        raise ValueError("products body is not a JSON list")
+    markets: dict[str, str] = {}
+    for product in products:
+        keys = ("id", "base_currency", "quote_currency")
+        fields = [product.get(k) if isinstance(product, dict) else None for k in keys]
+        if not all(isinstance(x, str) and x for x in fields):
+            raise ValueError(f"not a product: {str(product)[:200]}")
+        markets[fields[0]] = normalize_symbol(fields[1], fields[2])
+    return markets
+
+
+def parse_time(text: object) -> float:
+    """ISO-8601 time (``"2021-04-17T16:43:37.071893Z"``) -> Unix epoch seconds.
+
+    A time without an offset is taken as UTC. Raises ``ValueError`` otherwise.
+    """
+    if not isinstance(text, str):
+        raise _BadFrame(f"time is not a string: {text!r}")
+    when = datetime.fromisoformat(text)
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _dec(value: object, what: str) -> str:
+    """``value`` checked to be a decimal string, returned as sent."""
+    if not isinstance(value, str) or not _DECIMAL.fullmatch(value):
+        raise _BadFrame(f"{what} is not a decimal string: {value!r}")
+    return value
+
+
+def _levels(raw: object, what: str) -> list[tuple[str, str]]:
+    """``[[price, size, ...], ...]`` checked, as ``(price, size)`` pairs."""
+    if not isinstance(raw, list):
+        raise _BadFrame(f"{what} is not a list")
+    out = []
+    for level in raw:
+        if not isinstance(level, list) or len(level) < 2:
+            raise _BadFrame(f"bad {what} level: {level!r}")
+        out.append((_dec(level[0], "price"), _dec(level[1], "size")))
+    return out
+
+
+def _sequence(msg: dict) -> int:
+    seq = msg["sequence"]
+    if type(seq) is not int:
+        raise _BadFrame(f"sequence is not an integer: {seq!r}")
+    return seq
+
+
+def _text(text: str | bytes) -> str:
+    return text if isinstance(text, str) else text.decode("utf-8", "replace")
+
+
+class CoinbaseFeed:
+    """The protocol state of one Coinbase Exchange feed connection (see module doc).
+
+    ``symbols``: tickwire symbols (``"BTC-USD"``), each a value of ``markets``
+    (product id -> symbol, from ``parse_markets``); ``channels``: a subset of
+    ``("trades", "book", "ticker")``; ``book_channel``: ``"level2"`` (as recorded;
+    Coinbase now requires an authenticated connection for it) or ``"level2_batch"``
+    (public, 50 ms batches, same messages). Raises ``ValueError`` on an unknown
+    symbol or channel.
+
+    Every call returns a list of events (``daemon.events``), ``Send`` frames and
+    ``Malformed`` notes, in order. ``stats`` holds the counters; ``last_heartbeat``
+    the receive time (epoch s) of the last ``heartbeat`` frame on this connection.
+    """
+
+    exchange = "coinbase"
+
+    def __init__(
+        self,
+        symbols: list[str],
+        channels: list[str],
+        markets: dict[str, str],
+        *,
+        book_channel: str = "level2",
+    ) -> None:
+        unknown = [c for c in channels if c not in _CHANNELS]
+        if unknown:
+            raise ValueError(f"unknown channels {unknown}: use {sorted(_CHANNELS)}")
+        if book_channel not in ("level2", "level2_batch"):
+            raise ValueError(f"book_channel must be level2 or level2_batch: {book_channel!r}")
+        # symbol -> product id; if two products share a symbol, the first listed wins
+        product_of = {symbol: pid for pid, symbol in reversed(markets.items())}
+        missing = [s for s in symbols if s not in product_of]
+        if missing:
+            raise ValueError(f"symbols not listed by Coinbase: {missing}")
+        self.stats = FeedStats()
+        self.last_heartbeat: float | None = None
+        self.book_channel = book_channel
+        coinbase_channels = {**_CHANNELS, "book": book_channel}
+        self._channels = [coinbase_channels[c] for c in dict.fromkeys(channels)]
+        self._product = {s: product_of[s] for s in dict.fromkeys(symbols)}
+        self._symbol = {pid: s for s, pid in self._product.items()}
+        self._books = {s: L2Book() for s in self._product} if "book" in channels else {}
+        self._synced: set[str] = set()
+        self._last_seq: dict[tuple[str, str], int] = {}
+        # an insertion-ordered dict as a bounded set: oldest id first
+        self._trade_ids: dict[str, dict[str, None]] = {s: {} for s in self._product}
+        self._now = 0.0  # time of the last call: stamps resync() events
+        self._handlers = {
+            "subscriptions": lambda msg, text, ts: [],
+            "heartbeat": self._on_heartbeat,
+            "error": self._on_error,
+            "snapshot": self._on_snapshot,
+            "l2update": self._on_l2update,
+            "match": self._on_match,
+            "last_match": self._on_match,
+            "ticker": self._on_ticker,
+        }
+
+    # -- the collector's calls ---------------------------------------------------
+
+    def url(self, ws_base: str) -> str:
+        """The URL to connect to: ``ws_base`` itself (subscriptions go in frames)."""
+        return ws_base
+
+    def on_open(self, now: float) -> list:
+        """Reset per-connection state (``now``: epoch s) and return what to send.
+
+        Returns one ``Send`` (``{"type":"subscribe","product_ids":[...],"channels":
+        [...]}``) and a ``FeedState`` ``resyncing`` per book symbol. Books, sync
+        states and sequence numbers are reset; remembered trade ids are kept.
+        """
+        self._now = now
+        self.last_heartbeat = None
+        self._synced.clear()
+        self._last_seq.clear()
+        for book in self._books.values():
+            book.clear()
+        out: list = [self._frame("subscribe", list(self._product.values()), self._channels)]
+        detail = "connected: awaiting the snapshot"
+        out += [
+            self._event(FeedState, s, now, now, state="resyncing", detail=detail)
+            for s in self._books
+        ]
+        return out
+
+    def on_message(self, text: str | bytes, recv_ts: float) -> list:
+        """Handle one received frame (``recv_ts``: epoch s); never raises on its content."""
+        self.stats.messages += 1
+        self._now = recv_ts
+        try:
+            msg = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return [malformed(self.stats, "not JSON", _text(text))]
+        if not isinstance(msg, dict):
+            return [malformed(self.stats, "not a JSON object", _text(text))]
+        kind = msg.get("type")
+        handler = self._handlers.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            return [malformed(self.stats, f"unknown type {kind!r}", _text(text))]
+        try:
+            return handler(msg, _text(text), recv_ts)
+        except (KeyError, TypeError, ValueError) as exc:  # _BadFrame, BookError too
+            reason = f"bad {kind}: {type(exc).__name__}: {exc}"
+            out: list = [malformed(self.stats, reason, _text(text))]
+            pid = msg.get("product_id")
+            symbol = self._symbol.get(pid) if isinstance(pid, str) else None
+            # a lost book frame breaks the book, unless a snapshot is already awaited
+            if symbol in self._books and (
+                kind == "snapshot" or (kind == "l2update" and symbol in self._synced)
+            ):
+                out += self._resync(symbol, reason, recv_ts)
+            return out
+
+    def resync(self, symbol: str, reason: str, now: float | None = None) -> list:
+        """Rebuild one book: ``FeedState`` ``resyncing`` (``detail=reason``) and the
+        ``Send`` frames that unsubscribe and resubscribe its level2 channel; its
+        updates are ignored until the new snapshot. ``now`` (epoch s) defaults to the
+        time of the last call. Raises ``KeyError`` for a symbol without a book."""
+        if symbol not in self._books:
+            raise KeyError(f"no Coinbase book for {symbol!r}")
+        return self._resync(symbol, reason, self._now if now is None else now)
+
+    def on_snapshot(self, symbol: str, body: str, recv_ts: float) -> list:
+        """Nothing: Coinbase sends book snapshots over the WebSocket."""
+        return []
+
+    def book(self, symbol: str) -> L2Book | None:
+        """The synced book of ``symbol``, or ``None`` while unsynced or without one."""
+        return self._books[symbol] if symbol in self._synced else None
+
+    # -- frame handlers: raise KeyError/TypeError/ValueError on a bad frame --------
+
+    def _on_heartbeat(self, msg: dict, text: str, recv_ts: float) -> list:
+        self.last_heartbeat = recv_ts
+        return []
+
+    def _on_error(self, msg: dict, text: str, recv_ts: float) -> list:
+        detail = f"{msg.get('message', '')} {msg.get('reason', '')}".strip()
+        return [malformed(self.stats, f"exchange error: {detail}", text)]
+
+    def _on_snapshot(self, msg: dict, text: str, recv_ts: float) -> list:
+        symbol = self._known(msg, text, book=True)
+        if isinstance(symbol, Malformed):
+            return [symbol]
+        bids, asks = _levels(msg["bids"], "bids"), _levels(msg["asks"], "asks")
+        ts = parse_time(msg["time"]) if "time" in msg else recv_ts
+        book = self._books[symbol]
+        book.load(bids, asks)
+        self._synced.add(symbol)
+        self.stats.snapshots += 1
+        bids, asks = book.levels()
+        detail = "level2 snapshot" + (" (crossed)" if book.is_crossed() else "")
+        return [
+            self._event(BookSnapshot, symbol, ts, recv_ts, bids=bids, asks=asks),
+            self._event(FeedState, symbol, ts, recv_ts, state="synced", detail=detail),
+        ]
+
+    def _on_l2update(self, msg: dict, text: str, recv_ts: float) -> list:
+        symbol = self._known(msg, text, book=True)
+        if isinstance(symbol, Malformed):
+            return [symbol]
+        if not isinstance(msg["changes"], list):
+            raise _BadFrame("changes is not a list")
+        sides: dict[str, list[tuple[str, str]]] = {"buy": [], "sell": []}
+        for change in msg["changes"]:
+            if not isinstance(change, list) or len(change) < 3 or change[0] not in sides:
+                raise _BadFrame(f"bad change: {change!r}")
+            sides[change[0]].append((_dec(change[1], "price"), _dec(change[2], "size")))
+        ts = parse_time(msg["time"]) if "time" in msg else recv_ts
+        if symbol not in self._synced:
+            return []  # before the (new) snapshot, which will hold this change
+        book = self._books[symbol]
+        was_crossed = book.is_crossed()
+        book.apply(sides["buy"], sides["sell"])
+        if book.is_crossed() and not was_crossed:
+            return self._resync(symbol, "crossed book", recv_ts)
+        self.stats.book_updates += 1
+        bids, asks = tuple(sides["buy"]), tuple(sides["sell"])
+        return [self._event(BookUpdate, symbol, ts, recv_ts, bids=bids, asks=asks)]
+
+    def _on_match(self, msg: dict, text: str, recv_ts: float) -> list:
+        symbol = self._known(msg, text)
+        if isinstance(symbol, Malformed):
+            return [symbol]
+        seq, trade_id, side = _sequence(msg), msg["trade_id"], _TAKER_SIDE.get(msg["side"])
+        if type(trade_id) not in (int, str) or side is None:
+            raise _BadFrame(f"bad trade_id {trade_id!r} or side {msg['side']!r}")
+        price, size = _dec(msg["price"], "price"), _dec(msg["size"], "size")
+        ts = parse_time(msg["time"])
+        trade = self._event(
+            Trade, symbol, ts, recv_ts, id=str(trade_id), price=price, size=size, side=side
+        )
+        if not self._in_sequence(symbol, "matches", seq):
+            return []
+        seen = self._trade_ids[symbol]
+        if trade.id in seen:
+            self.stats.duplicates += 1
+            return []
+        seen[trade.id] = None
+        if len(seen) > TRADE_ID_MEMORY:
+            del seen[next(iter(seen))]
+        self.stats.trades += 1
+        return [trade]
+
+    def _on_ticker(self, msg: dict, text: str, recv_ts: float) -> list:
+        symbol = self._known(msg, text)
+        if isinstance(symbol, Malformed):
+            return [symbol]
+        seq = _sequence(msg)
+        bid, ask = _dec(msg["best_bid"], "best_bid"), _dec(msg["best_ask"], "best_ask")
+        # the sizes are in today's docs but absent from the 2021 capture: "" then
+        bid_size, ask_size = (
+            "" if msg.get(key) is None else _dec(msg[key], key)
+            for key in ("best_bid_size", "best_ask_size")
+        )
+        ts = parse_time(msg["time"]) if "time" in msg else recv_ts
+        ticker = self._event(
+            Ticker, symbol, ts, recv_ts, bid=bid, bid_size=bid_size, ask=ask, ask_size=ask_size
+        )
+        if not self._in_sequence(symbol, "ticker", seq):
+            return []
+        self.stats.tickers += 1
+        return [ticker]
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _known(self, msg: dict, text: str, book: bool = False) -> str | Malformed:
+        """The symbol of ``msg["product_id"]``, or a counted ``Malformed``."""
+        pid = msg["product_id"]
+        symbol = self._symbol.get(pid) if isinstance(pid, str) else None
+        if symbol is None:
+            return malformed(self.stats, f"unknown product {pid!r}", text)
+        if book and symbol not in self._books:
+            return malformed(self.stats, f"book frame for {symbol}: no book subscribed", text)
+        return symbol
+
+    def _in_sequence(self, symbol: str, channel: str, seq: int) -> bool:
+        """Record ``seq``; False (and counted) when it repeats or goes back."""
+        last = self._last_seq.get((symbol, channel))
+        if last is not None and seq <= last:
+            if seq == last:
+                self.stats.duplicates += 1
+            else:
+                self.stats.out_of_order += 1
+            return False
+        self._last_seq[symbol, channel] = seq
+        return True
+
+    def _resync(self, symbol: str, reason: str, now: float) -> list:
+        self.stats.resyncs += 1
+        self._synced.discard(symbol)
+        self._books[symbol].clear()
+        product, channel = [self._product[symbol]], [self.book_channel]
+        return [
+            self._event(FeedState, symbol, now, now, state="resyncing", detail=reason),
+            self._frame("unsubscribe", product, channel),
+            self._frame("subscribe", product, channel),
+        ]
+
+    def _frame(self, kind: str, products: list[str], channels: list[str]) -> Send:
+        body = {"type": kind, "product_ids": products, "channels": channels}
+        return Send(orjson.dumps(body).decode())
+
+    def _event(self, cls: type[_E], symbol: str, ts: float, recv_ts: float, **fields) -> _E:
+        return cls(exchange=self.exchange, symbol=symbol, ts=ts, recv_ts=recv_ts, **fields)

@@ -1,0 +1,437 @@
+"""Kraken WebSocket v1 public market data (``wss://ws.kraken.com``), sans-IO.
+
+Source: Kraken WebSocket v1 API docs, https://docs.kraken.com/websockets/ (messages
+``subscribe``, ``subscriptionStatus``, ``heartbeat``, ``trade``, ``ticker``, ``book``)
+and its book checksum guide, https://docs.kraken.com/websockets/#book-checksum.
+
+Theory of operation
+-------------------
+1. Pairs are named by their ``wsname`` (``XBT/USD``); ``parse_markets`` maps them to
+   tickwire symbols (``BTC-USD``). ``on_open`` sends one ``subscribe`` per channel
+   for every pair and marks every book "resyncing".
+2. Kraken answers each (pair, channel) with a ``subscriptionStatus`` carrying a
+   ``channelID``; data frames are arrays ``[channelID, payload..., channelName,
+   pair]`` and are routed by that id. An id we were not given is malformed (and
+   resyncs the book the frame names, if that book is synced).
+3. A book starts with a snapshot (``as``/``bs``) and is then kept by updates
+   (``a``/``b``, in one or two objects, the last one holding the checksum ``c``).
+   Levels are ``[price, volume, time]`` plus an optional ``"r"`` (republished
+   level that re-enters the subscribed depth): every level is applied in order, a
+   zero volume removes it, then each side is cut to ``depth`` (Kraken sends no
+   removal for levels that fall out of the depth).
+4. After every update the CRC32 of the top 10 asks then top 10 bids is compared to
+   ``c``. A match publishes a ``BookUpdate``; a mismatch, or a malformed book frame,
+   resyncs that pair alone: unsubscribe, subscribe, and ignore its updates until
+   Kraken's next snapshot.
+5. Nothing here raises on exchange input: unusable frames become ``Malformed``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from decimal import Decimal, InvalidOperation
+
+import orjson
+
+from daemon.book import L2Book
+from daemon.events import BookSnapshot, BookUpdate, FeedState, Ticker, Trade
+from daemon.exchanges.base import FeedStats, Send, malformed, normalize_symbol
+
+#: REST path (on ``https://api.kraken.com``) of the market list ``parse_markets`` reads.
+MARKETS_TARGET = "/0/public/AssetPairs"
+#: Book depths Kraken v1 accepts in a ``book`` subscription.
+DEPTHS = (10, 25, 100, 500, 1000)
+#: Kraken's legacy asset names that differ from the usual ticker.
+ALIASES = {"XBT": "BTC", "XDG": "DOGE"}
+#: tickwire channel -> Kraken subscription name.
+_SUBSCRIPTION = {"trades": "trade", "book": "book", "ticker": "ticker"}
+_CHANNEL = {name: channel for channel, name in _SUBSCRIPTION.items()}
+_SIDES = {"b": "buy", "s": "sell"}
+_CHECKSUM_LEVELS = 10
+
+
+class _Bad(ValueError):
+    """A frame of the wrong shape; the message says what is wrong."""
+
+
+def _asset(code: str) -> str:
+    return ALIASES.get(code.upper(), code.upper())
+
+
+def _strip_prefix(code: str) -> str:
+    # Legacy 4-letter REST names carry an X (crypto) or Z (fiat) prefix: XXBT, ZUSD.
+    return code[1:] if len(code) == 4 and code[0] in "XZ" else code
+
+
+def parse_markets(body: str) -> dict[str, str]:
+    """Map each Kraken ``wsname`` (``"XBT/USD"``) to its tickwire symbol (``"BTC-USD"``).
+
+    ``body`` is the JSON answer of ``GET /0/public/AssetPairs``. Names go through
+    ``ALIASES`` (XBT -> BTC, XDG -> DOGE). A pair without ``wsname`` (the ``.d``
+    dark-pool pairs) is keyed ``BASE/QUOTE`` from its REST ``base``/``quote`` with
+    the X/Z prefix of 4-letter codes stripped; it never replaces a real ``wsname``.
+    Raises ``ValueError`` when the body is not a successful AssetPairs answer.
+    """
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"AssetPairs body is not JSON: {exc}") from exc
+    # "error" lists messages; only those of severity E (not W, warnings) mean failure.
+    errors = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or not isinstance(doc.get("result"), dict) or any(
+        str(e).startswith("E") for e in errors or ()
+    ):
+        raise ValueError(f"not an AssetPairs answer (error: {errors!r})")
+    markets: dict[str, str] = {}
+    derived: dict[str, str] = {}
+    for name, pair in doc["result"].items():
+        try:
+            wsname = pair.get("wsname")
+            if wsname:
+                base, slash, quote = wsname.partition("/")
+                if not (slash and base and quote):
+                    raise ValueError(f"wsname {wsname!r} is not BASE/QUOTE")
+                markets[wsname] = normalize_symbol(_asset(base), _asset(quote))
+            else:
+                base, quote = _strip_prefix(pair["base"]), _strip_prefix(pair["quote"])
+                derived[f"{base}/{quote}"] = normalize_symbol(_asset(base), _asset(quote))
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise ValueError(f"AssetPairs entry {name!r} has no usable names") from exc
+    for wsname, symbol in derived.items():
+        markets.setdefault(wsname, symbol)
+    return markets
+
+
+def _decimal(value: object) -> Decimal:
+    """A price or volume string as a finite, non-negative ``Decimal``; else ``_Bad``."""
+    try:
+        number = Decimal(value) if isinstance(value, str) else None
+    except InvalidOperation:
+        number = None
+    if number is None or not number.is_finite() or number < 0:
+        raise _Bad(f"not a decimal price or volume: {value!r}")
+    return number
+
+
+def _time(value: object) -> float:
+    """A Kraken time string (``"1618678142.557535"``, epoch s) as a float; else ``_Bad``."""
+    try:
+        seconds = float(value) if isinstance(value, str) else math.nan
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise _Bad(f"not a time: {value!r}")
+    return seconds
+
+
+def _levels(raw: object) -> list[tuple[str, str, float]]:
+    """Validated ``[price, volume, time(, "r")]`` levels as ``(price, volume, time)``."""
+    if not isinstance(raw, list):
+        raise _Bad("book levels are not a list")
+    out = []
+    for level in raw:
+        if not isinstance(level, list) or not 3 <= len(level) <= 4:
+            raise _Bad(f"book level of the wrong shape: {level!r}")
+        _decimal(level[0])
+        _decimal(level[1])
+        out.append((level[0], level[1], _time(level[2])))
+    return out
+
+
+def _checksum_part(levels) -> str:
+    return "".join(
+        price.replace(".", "").lstrip("0") + size.replace(".", "").lstrip("0")
+        for price, size in levels
+    )
+
+
+def book_checksum(book: L2Book) -> int:
+    """Kraken's CRC32 of ``book``, unsigned 32-bit: the top 10 asks (ascending) then
+    the top 10 bids (descending), each level as price then volume with ``.`` removed
+    and leading zeros stripped, all concatenated (the v1 book checksum guide)."""
+    bids, asks = book.top(_CHECKSUM_LEVELS)
+    return zlib.crc32((_checksum_part(asks) + _checksum_part(bids)).encode())
+
+
+class KrakenFeed:
+    """The protocol state of one Kraken v1 connection (see ``daemon.exchanges.base``).
+
+    ``symbols``: tickwire symbols (``BTC-USD``), each a value of ``markets`` (as from
+    ``parse_markets``); ``channels``: a subset of ``("trades", "book", "ticker")``;
+    ``depth``: the book subscription depth, one of ``DEPTHS``. Raises ``ValueError``
+    on anything else. ``last_heartbeat`` is the ``recv_ts`` of the latest heartbeat
+    (``None`` before one), ``system_status`` the latest ``systemStatus`` status.
+    """
+
+    exchange = "kraken"
+
+    def __init__(
+        self, symbols: list[str], channels: list[str], markets: dict[str, str], depth: int = 10
+    ) -> None:
+        if depth not in DEPTHS:
+            raise ValueError(f"Kraken book depth must be one of {DEPTHS}, not {depth!r}")
+        unknown = [c for c in channels if c not in _SUBSCRIPTION]
+        if unknown:
+            raise ValueError(f"unknown channels {unknown}; known: {tuple(_SUBSCRIPTION)}")
+        wsnames: dict[str, str] = {}
+        for wsname, symbol in markets.items():
+            wsnames.setdefault(symbol, wsname)
+        missing = [s for s in symbols if s not in wsnames]
+        if missing:
+            raise ValueError(f"symbols not listed on Kraken: {missing}")
+        self.symbols = list(dict.fromkeys(symbols))
+        self.channels = list(dict.fromkeys(channels))
+        self.depth = depth
+        self.stats = FeedStats()
+        self.last_heartbeat: float | None = None
+        self.system_status: str | None = None
+        self._wsname = {s: wsnames[s] for s in self.symbols}
+        self._symbol = {w: s for s, w in self._wsname.items()}
+        self._books = {s: L2Book(depth) for s in self.symbols} if "book" in channels else {}
+        self._synced: set[str] = set()
+        self._channel_ids: dict[int, tuple[str, str]] = {}  # channelID -> (channel, symbol)
+        self._trade_run: dict[str, tuple[str, int]] = {}  # symbol -> (time, trades at it)
+        self._now = 0.0  # latest time handed in, for events of resync()
+
+    # -- connection ------------------------------------------------------------------
+
+    def url(self, ws_base: str) -> str:
+        """The URL to connect to: ``ws_base`` itself (v1 subscribes by message)."""
+        return ws_base
+
+    def _frame(self, event: str, channel: str, symbols: list[str]) -> Send:
+        depth = {"depth": self.depth} if channel == "book" else {}
+        sub = {"name": _SUBSCRIPTION[channel], **depth}
+        pairs = [self._wsname[s] for s in symbols]
+        return Send(orjson.dumps({"event": event, "pair": pairs, "subscription": sub}).decode())
+
+    def on_open(self, now: float) -> list:
+        """Forget every channelID and book, and return what to send on a new connection:
+        one ``Send`` subscribe per channel (all pairs), then a ``FeedState``
+        ``resyncing`` per book symbol."""
+        self._now = now
+        self._channel_ids.clear()
+        self._synced.clear()
+        self._trade_run.clear()
+        for book in self._books.values():
+            book.clear()
+        out: list = [self._frame("subscribe", c, self.symbols) for c in self.channels]
+        detail = "waiting for the book snapshot"
+        return out + [self._state(s, now, "resyncing", detail) for s in self._books]
+
+    def _state(self, symbol: str, ts: float, state: str, detail: str = "") -> FeedState:
+        return FeedState(
+            exchange=self.exchange, symbol=symbol, ts=ts, recv_ts=ts, state=state, detail=detail
+        )
+
+    def resync(self, symbol: str, reason: str, now: float | None = None) -> list:
+        """Rebuild one book: ``FeedState`` ``resyncing`` (``detail=reason``) and a
+        ``Send`` unsubscribe then subscribe of that pair's book; its updates are
+        ignored until Kraken's new snapshot. ``now`` (epoch s) stamps the event and
+        defaults to the time of the last call. Raises ``KeyError`` for a symbol
+        without a book."""
+        if symbol not in self._books:
+            raise KeyError(f"no Kraken book for {symbol!r}")
+        self.stats.resyncs += 1
+        self._synced.discard(symbol)
+        self._books[symbol].clear()
+        ts = self._now if now is None else now
+        return [
+            self._state(symbol, ts, "resyncing", reason),
+            self._frame("unsubscribe", "book", [symbol]),
+            self._frame("subscribe", "book", [symbol]),
+        ]
+
+    def on_snapshot(self, symbol: str, body: str, recv_ts: float) -> list:
+        """Nothing: Kraken sends book snapshots over the WebSocket."""
+        return []
+
+    def book(self, symbol: str) -> L2Book | None:
+        """The synced book of ``symbol`` (cut to ``depth``), or ``None`` while unsynced
+        or without one."""
+        return self._books[symbol] if symbol in self._synced else None
+
+    # -- frames ----------------------------------------------------------------------
+
+    def on_message(self, text: str, recv_ts: float) -> list:
+        """Turn one received text frame into outputs (events, ``Send``, ``Malformed``).
+
+        Never raises on exchange input; see the module docstring for the rules.
+        """
+        self.stats.messages += 1
+        self._now = recv_ts
+        try:
+            message = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return [malformed(self.stats, "not JSON", text)]
+        if isinstance(message, dict):
+            try:
+                return self._on_event(message, text)
+            except (TypeError, AttributeError) as exc:  # a field of the wrong type
+                return [malformed(self.stats, f"bad event: {exc}", text)]
+        if not isinstance(message, list):
+            return [malformed(self.stats, "neither an object nor an array", text)]
+        channel_id = message[0] if message and type(message[0]) is int else None
+        route = self._channel_ids.get(channel_id)
+        # The book a bad frame concerns: by channelID, else by the pair it names,
+        # then only if synced (a stray frame during a resubscription is no news).
+        book_symbol = route[1] if route and route[0] == "book" else None
+        if route is None and len(message) >= 3 and str(message[-2]).startswith("book"):
+            named = self._symbol.get(message[-1]) if isinstance(message[-1], str) else None
+            book_symbol = named if named in self._synced else None
+        try:
+            if len(message) < 4:
+                raise _Bad("data array too short")
+            if route is None:
+                raise _Bad(f"unknown channelID {message[0]!r}")
+            channel, symbol = route
+            payload = message[1:-2]
+            if channel == "trades":
+                return self._on_trades(symbol, payload, recv_ts)
+            if channel == "ticker":
+                return self._on_ticker(symbol, payload, recv_ts)
+            return self._on_book(symbol, payload, recv_ts)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            out: list = [malformed(self.stats, str(exc), text)]
+            if book_symbol is not None:
+                out += self.resync(book_symbol, f"malformed book frame: {exc}")
+            return out
+
+    def _on_event(self, message: dict, text: str) -> list:
+        event = message.get("event")
+        if event == "heartbeat":
+            self.last_heartbeat = self._now
+        elif event == "systemStatus":
+            self.system_status = message.get("status")
+        elif event == "subscriptionStatus":
+            return self._on_subscription(message, text)
+        elif event == "error":
+            return [malformed(self.stats, f"error: {message.get('errorMessage')}", text)]
+        return []
+
+    def _on_subscription(self, message: dict, text: str) -> list:
+        status = message.get("status")
+        if status == "error":
+            reason = f"subscription error: {message.get('errorMessage')}"
+            return [malformed(self.stats, reason, text)]
+        channel_id = message.get("channelID")
+        name = (message.get("subscription") or {}).get("name")
+        symbol = self._symbol.get(message.get("pair"))
+        if status == "subscribed":
+            if type(channel_id) is not int or _CHANNEL.get(name) not in self.channels or not symbol:
+                return [malformed(self.stats, "subscription not asked for", text)]
+            self._channel_ids[channel_id] = (_CHANNEL[name], symbol)
+        elif status == "unsubscribed":
+            self._channel_ids.pop(channel_id, None)
+        return []
+
+    def _on_trades(self, symbol: str, payload: list, recv_ts: float) -> list:
+        """``[[price, volume, time, side, orderType, misc], ...]`` -> ``Trade``s.
+
+        Kraken v1 has no trade id: the id is ``"<time>-<k>"``, the time string as sent
+        and ``k`` the count of earlier trades of this stream with that same time
+        (usually the index within the message), so ids are deterministic and unique
+        within a connection as long as trade times do not go backwards.
+        """
+        if len(payload) != 1 or not isinstance(payload[0], list):
+            raise _Bad("trade payload is not one list")
+        trades = []
+        run_time, run = self._trade_run.get(symbol, ("", 0))
+        for entry in payload[0]:
+            price, size, time, side = entry[0], entry[1], entry[2], entry[3]
+            _decimal(price)
+            _decimal(size)
+            ts = _time(time)
+            if side not in _SIDES:
+                raise _Bad(f"trade side {side!r}")
+            run = run + 1 if time == run_time else 0
+            run_time = time
+            trades.append(
+                Trade(exchange=self.exchange, symbol=symbol, ts=ts, recv_ts=recv_ts,
+                      id=f"{time}-{run}", price=price, size=size, side=_SIDES[side])
+            )
+        self._trade_run[symbol] = (run_time, run)
+        self.stats.trades += len(trades)
+        return trades
+
+    def _on_ticker(self, symbol: str, payload: list, recv_ts: float) -> list:
+        """``{"a": [price, wholeLotVolume, lotVolume], "b": [...], ...}`` -> ``Ticker``.
+
+        Sizes are the lot volume (index 2), the exact decimal; the whole-lot volume
+        (index 1) is its integer part. v1 tickers carry no time: ``ts`` is ``recv_ts``.
+        """
+        if len(payload) != 1 or not isinstance(payload[0], dict):
+            raise _Bad("ticker payload is not one object")
+        ask, bid = payload[0]["a"], payload[0]["b"]
+        for value in (bid[0], bid[2], ask[0], ask[2]):
+            _decimal(value)
+        self.stats.tickers += 1
+        return [
+            Ticker(exchange=self.exchange, symbol=symbol, ts=recv_ts, recv_ts=recv_ts,
+                   bid=bid[0], bid_size=bid[2], ask=ask[0], ask_size=ask[2])
+        ]
+
+    def _on_book(self, symbol: str, payload: list, recv_ts: float) -> list:
+        if not payload or len(payload) > 2 or not all(isinstance(p, dict) for p in payload):
+            raise _Bad("book payload is not one or two objects")
+        if "as" in payload[0] or "bs" in payload[0]:
+            return self._on_book_snapshot(symbol, payload, recv_ts)
+        if symbol not in self._synced:
+            return []  # an update from before the (re)subscription's snapshot
+        return self._on_book_update(symbol, payload, recv_ts)
+
+    def _on_book_snapshot(self, symbol: str, payload: list, recv_ts: float) -> list:
+        asks = _levels(payload[0].get("as", []))
+        bids = _levels(payload[0].get("bs", []))
+        book = self._books[symbol]
+        book.load([lv[:2] for lv in bids], [lv[:2] for lv in asks])
+        self._synced.add(symbol)
+        self.stats.snapshots += 1
+        ts = max((lv[2] for lv in asks + bids), default=recv_ts)
+        bid_levels, ask_levels = book.levels()
+        return [
+            BookSnapshot(exchange=self.exchange, symbol=symbol, ts=ts, recv_ts=recv_ts,
+                         bids=bid_levels, asks=ask_levels),
+            self._state(symbol, recv_ts, "synced", "snapshot received"),
+        ]
+
+    def _on_book_update(self, symbol: str, payload: list, recv_ts: float) -> list:
+        """Apply ``{"a": levels}`` and/or ``{"b": levels, "c": checksum}``, verify the
+        checksum (always sent by v1; an update without one is applied unverified), and
+        publish the complete delta: every touched level with its new size, and the
+        levels the depth cut as ``"0"``. ``ts`` is the latest level time."""
+        asks: list[tuple[str, str, float]] = []
+        bids: list[tuple[str, str, float]] = []
+        checksum = None
+        for part in payload:
+            asks += _levels(part.get("a", []))
+            bids += _levels(part.get("b", []))
+            checksum = part.get("c", checksum)
+        if not asks and not bids:
+            raise _Bad("book update without levels")
+        if checksum is not None and not (isinstance(checksum, str) and checksum.isascii()
+                                         and checksum.isdigit()):
+            raise _Bad(f"checksum {checksum!r} is not a decimal integer")
+        book = self._books[symbol]
+        # A side held at most `depth` levels and gains at most len(update) new ones,
+        # so the levels the depth cuts are among its len(update) worst ones before.
+        tails = [side.items()[-len(lv):] if lv else [] for side, lv in
+                 ((book.bids, bids), (book.asks, asks))]
+        book.apply([lv[:2] for lv in bids], [lv[:2] for lv in asks])
+        if checksum is not None:
+            if book_checksum(book) != int(checksum):
+                self.stats.checksum_mismatch += 1
+                return self.resync(symbol, f"checksum mismatch (Kraken {checksum})")
+            self.stats.checksum_ok += 1
+        deltas = []
+        for side, levels, tail in ((book.bids, bids, tails[0]), (book.asks, asks, tails[1])):
+            touched = {Decimal(price): price for price, _, _ in levels}
+            touched.update((key, level[0]) for key, level in tail if key not in side)
+            deltas.append(tuple(side.get(key, (price, "0")) for key, price in touched.items()))
+        self.stats.book_updates += 1
+        ts = max(lv[2] for lv in asks + bids)
+        return [
+            BookUpdate(exchange=self.exchange, symbol=symbol, ts=ts, recv_ts=recv_ts,
+                       bids=deltas[0], asks=deltas[1])
+        ]

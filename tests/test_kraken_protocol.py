@@ -1,0 +1,389 @@
+"""KrakenFeed (sans-IO Kraken WebSocket v1) on the recorded traffic in shared/captures.
+
+Every test feeds real frames, in order, after ``on_open``; the channelIDs come from
+the captured ``subscriptionStatus`` frames. Books are checked against a plain-dict
+computation written here, independent of ``L2Book`` and of the feed.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from daemon.book import L2Book
+from daemon.events import BookSnapshot, BookUpdate, FeedState, Ticker, Trade
+from daemon.exchanges.base import Malformed, Send
+from daemon.exchanges.kraken import KrakenFeed, parse_markets
+from daemon.replay.capture import Received, read_capture
+
+BOOK_CAPTURE = "KRAKEN.ws.50.0"
+
+
+@pytest.fixture(scope="module")
+def markets(captures):
+    return parse_markets(read_capture(captures / "KRAKEN.0").rest[0].body)
+
+
+def _connection(captures, name):
+    (connection,) = read_capture(captures / name).connections
+    return connection
+
+
+def _pairs(connection) -> list[str]:
+    return json.loads(connection.sent[0][1])["pair"]
+
+
+def _feed(markets, connection, channels, depth=10) -> KrakenFeed:
+    symbols = [markets[p] for p in _pairs(connection)]
+    return KrakenFeed(symbols, channels, markets, depth=depth)
+
+
+def _data(text: str, channel: str) -> list | None:
+    """The decoded data array of a frame when it belongs to ``channel``."""
+    msg = json.loads(text)
+    return msg if isinstance(msg, list) and msg[-2].startswith(channel) else None
+
+
+class RefBook:
+    """Kraken's book rules with plain dicts: {Decimal price: (price, size)} per side,
+    each side cut to ``depth`` after every message."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.sides: dict[str, dict] = {"a": {}, "b": {}}
+
+    def apply(self, side: str, levels: list) -> None:
+        for level in levels:
+            key = Decimal(level[0])
+            if Decimal(level[1]) == 0:
+                self.sides[side].pop(key, None)
+            else:
+                self.sides[side][key] = (level[0], level[1])
+
+    def top(self, side: str, n: int | None = None) -> tuple:
+        keys = sorted(self.sides[side], reverse=side == "b")[:n]
+        return tuple(self.sides[side][k] for k in keys)
+
+    def message(self, parts: list) -> None:
+        for part in parts:
+            self.apply("a", part.get("as", part.get("a", [])))
+            self.apply("b", part.get("bs", part.get("b", [])))
+        for side in self.sides:
+            if len(self.sides[side]) > self.depth:
+                self.sides[side] = {Decimal(p): (p, s) for p, s in self.top(side, self.depth)}
+
+    def levels(self) -> tuple:
+        return self.top("b"), self.top("a")
+
+
+def _reference_books(frames, depth: int) -> dict[str, RefBook]:
+    books: dict[str, RefBook] = {}
+    for frame in frames:
+        msg = _data(frame.text, "book")
+        if msg is None:
+            continue
+        if "as" in msg[1] or "bs" in msg[1]:
+            books[msg[-1]] = RefBook(depth)
+        books[msg[-1]].message(msg[1:-2])
+    return books
+
+
+def _run(feed: KrakenFeed, connection, frames=None) -> list:
+    out = feed.on_open(connection.opened)
+    for frame in connection.received if frames is None else frames:
+        out += feed.on_message(frame.text, frame.ts)
+    return out
+
+
+def _consume(outputs, books=None) -> dict[str, L2Book]:
+    """Apply published book events to untruncated books, as a client would."""
+    books = {} if books is None else books
+    for o in outputs:
+        if isinstance(o, BookSnapshot):
+            books[o.symbol] = L2Book()
+            books[o.symbol].load(o.bids, o.asks)
+        elif isinstance(o, BookUpdate):
+            books[o.symbol].apply(o.bids, o.asks)
+    return books
+
+
+# -- markets -------------------------------------------------------------------------
+
+
+def test_parse_markets_maps_wsnames_with_kraken_aliases(captures, markets):
+    assert markets["XBT/CHF"] == "BTC-CHF"
+    assert markets["XDG/USD"] == "DOGE-USD"
+    assert markets["XTZ/USD"] == "XTZ-USD"  # a wsname is never prefix-stripped
+    assert markets["ETH/XBT"] == "ETH-BTC"  # the .d dark-pool pair does not replace it
+    for name in ("KRAKEN.ws.48.0", "KRAKEN.ws.49.0", BOOK_CAPTURE):
+        pairs = _pairs(_connection(captures, name))
+        assert len(pairs) == 10 and all(p in markets for p in pairs)
+
+
+@pytest.mark.parametrize(
+    "body", ["not json", "[]", '{"error":["EQuery:Unknown asset pair"]}', '{"result":[]}']
+)
+def test_parse_markets_rejects_other_bodies(body):
+    with pytest.raises(ValueError):
+        parse_markets(body)
+
+
+def test_feed_rejects_bad_arguments(markets):
+    with pytest.raises(ValueError):
+        KrakenFeed(["BTC-USD"], ["book"], markets, depth=20)
+    with pytest.raises(ValueError):
+        KrakenFeed(["BTC-USD"], ["candles"], markets)
+    with pytest.raises(ValueError):
+        KrakenFeed(["NOPE-USD"], ["trades"], markets)
+
+
+# -- books ---------------------------------------------------------------------------
+
+
+def test_book_depth_1000_all_checksums_and_books_match(captures, markets):
+    conn = _connection(captures, BOOK_CAPTURE)
+    feed = _feed(markets, conn, ["book"], depth=1000)
+    out = _run(feed, conn)
+
+    assert [o.text for o in out if isinstance(o, Send)] == [conn.sent[0][1]]
+    with_checksum = sum(
+        1 for f in conn.received if (m := _data(f.text, "book")) and "c" in m[-3]
+    )
+    assert with_checksum == 4269
+    s = feed.stats
+    assert (s.checksum_ok, s.checksum_mismatch, s.book_updates) == (4269, 0, 4269)
+    assert (s.snapshots, s.resyncs, s.malformed) == (10, 0, 0)
+    states = [(o.symbol, o.state) for o in out if isinstance(o, FeedState)]
+    symbols = [markets[p] for p in _pairs(conn)]
+    assert states == [(sym, "resyncing") for sym in symbols] + [
+        (o.symbol, "synced") for o in out if isinstance(o, BookSnapshot)
+    ]
+
+    reference = _reference_books(conn.received, 1000)
+    consumer = _consume(out)
+    for pair in _pairs(conn):
+        expected = reference[pair].levels()
+        assert feed.book(markets[pair]).levels() == expected
+        assert consumer[markets[pair]].levels() == expected
+
+
+def _as_depth_10(frames) -> tuple[list[Received], int]:
+    """Rewrite the depth-1000 recording into what a depth-10 subscription receives:
+    snapshots cut to 10; per update only the levels that change the top 10, with
+    levels entering the top 10 republished with ``"r"``; nothing when the top 10
+    does not change. Returns the frames and how many of them carry ``"c"``."""
+    full: dict[str, RefBook] = {}
+    rewritten, updates = [], 0
+    for frame in frames:
+        msg = _data(frame.text, "book")
+        if msg is None:
+            rewritten.append(frame)
+            continue
+        pair, parts = msg[-1], msg[1:-2]
+        if "as" in parts[0] or "bs" in parts[0]:
+            full[pair] = RefBook(1000)
+            full[pair].message(parts)
+            snap = {k: parts[0][k][:10] for k in ("as", "bs")}
+            rewritten.append(Received(frame.ts, json.dumps([msg[0], snap, "book-10", pair])))
+            continue
+        before = {side: dict(full[pair].top(side, 10)) for side in "ab"}
+        full[pair].message(parts)
+        after = {side: dict(full[pair].top(side, 10)) for side in "ab"}
+        times = [lv[2] for p in parts for side in "ab" for lv in p.get(side, [])]
+        out_parts = []
+        for side in "ab":
+            levels, sent = [], set()
+            for p in parts:
+                for price, _, t in p.get(side, []):
+                    if price in sent:
+                        continue
+                    sent.add(price)
+                    if price in after[side]:
+                        levels.append([price, after[side][price], t])
+                    elif price in before[side]:
+                        levels.append([price, "0.00000000", t])
+            for price, size in after[side].items():
+                if price not in sent and before[side].get(price) != size:
+                    levels.append([price, size, max(times), "r"])
+            if levels:
+                out_parts.append({side: levels})
+        if out_parts:
+            out_parts[-1]["c"] = msg[-3]["c"]
+            updates += 1
+            text = json.dumps([msg[0], *out_parts, "book-10", pair])
+            rewritten.append(Received(frame.ts, text))
+    return rewritten, updates
+
+
+def test_book_depth_10_keeps_consumers_to_10_levels(captures, markets):
+    conn = _connection(captures, BOOK_CAPTURE)
+    frames, updates = _as_depth_10(conn.received)
+    assert any('"r"]' in f.text for f in frames)  # the rewrite exercises republishes
+    feed = _feed(markets, conn, ["book"], depth=10)
+    consumer: dict[str, L2Book] = {}
+    truncations = 0
+    _consume(feed.on_open(conn.opened), consumer)
+    for frame in frames:
+        out = feed.on_message(frame.text, frame.ts)
+        _consume(out, consumer)
+        for o in out:
+            if isinstance(o, BookUpdate):
+                parts = json.loads(frame.text)[1:-2]
+                sent = {lv[0] for part in parts for k in "ab" for lv in part.get(k, [])}
+                truncations += sum(1 for p, size in o.bids + o.asks if p not in sent)
+                bids, asks = consumer[o.symbol].levels()
+                assert len(bids) <= 10 and len(asks) <= 10
+                assert (bids, asks) == feed.book(o.symbol).levels()
+    assert (feed.stats.checksum_ok, feed.stats.checksum_mismatch) == (updates, 0)
+    assert updates > 1000 and truncations > 0  # explicit "0" for levels cut by the depth
+    reference = _reference_books(conn.received, 1000)
+    for pair in _pairs(conn):
+        expected = tuple(reference[pair].top(side, 10) for side in "ba")
+        assert feed.book(markets[pair]).levels() == consumer[markets[pair]].levels() == expected
+
+
+def test_depth_10_feed_on_the_depth_1000_recording_resyncs_rather_than_drift(captures, markets):
+    # A depth-1000 stream never republishes the 11th level when one of the top 10
+    # goes: a depth-10 book then misses it, and the checksum catches that.
+    conn = _connection(captures, BOOK_CAPTURE)
+    feed = _feed(markets, conn, ["book"], depth=10)
+    out = _run(feed, conn)
+    s = feed.stats
+    assert s.checksum_mismatch == s.resyncs > 0
+    assert sum(isinstance(o, Send) and '"unsubscribe"' in o.text for o in out) == s.resyncs
+    for book in _consume(out).values():
+        assert len(book.bids) <= 10 and len(book.asks) <= 10
+
+
+def _update_indexes(frames, pair: str) -> list[int]:
+    return [
+        i for i, f in enumerate(frames)
+        if (m := _data(f.text, "book")) and m[-1] == pair and "c" in m[-3]
+    ]
+
+
+def test_checksum_mismatch_resyncs_that_pair_until_its_snapshot(captures, markets):
+    conn = _connection(captures, BOOK_CAPTURE)
+    frames = conn.received
+    pair, symbol = "XBT/CHF", "BTC-CHF"
+    updates = _update_indexes(frames, pair)
+    bad, resub = updates[5], updates[15]
+    msg = json.loads(frames[bad].text)
+    msg[-3]["c"] = str((int(msg[-3]["c"]) + 1) % 2**32)
+    corrupted = json.dumps(msg)
+    channel_id = msg[0]
+    snapshot_of = _reference_books(frames[: resub + 1], 1000)[pair]
+
+    feed = _feed(markets, conn, ["book"], depth=1000)
+    out = feed.on_open(conn.opened)
+    for i, frame in enumerate(frames):
+        got = feed.on_message(corrupted if i == bad else frame.text, frame.ts)
+        if i == bad:
+            sub = {"name": "book", "depth": 1000}
+            assert [type(o) for o in got] == [FeedState, Send, Send]
+            assert (got[0].symbol, got[0].state) == (symbol, "resyncing")
+            assert [json.loads(o.text) for o in got[1:]] == [
+                {"event": "unsubscribe", "pair": [pair], "subscription": sub},
+                {"event": "subscribe", "pair": [pair], "subscription": sub},
+            ]
+            assert feed.book(symbol) is None
+        elif bad < i <= resub:
+            assert not [o for o in got if getattr(o, "symbol", None) == symbol]
+        if i == resub:  # Kraken's answer to the resubscription
+            status = {"channelID": channel_id, "event": "subscriptionStatus", "pair": pair,
+                      "channelName": "book-1000", "subscription": {"name": "book", "depth": 1000}}
+            assert feed.on_message(json.dumps({**status, "status": "unsubscribed"}), frame.ts) == []
+            assert feed.on_message(json.dumps({**status, "status": "subscribed"}), frame.ts) == []
+            levels = {k: [[p, s, str(frame.ts)] for p, s in snapshot_of.top(side)]
+                      for k, side in (("as", "a"), ("bs", "b"))}
+            got = feed.on_message(json.dumps([channel_id, levels, "book-1000", pair]), frame.ts)
+            assert [type(o) for o in got] == [BookSnapshot, FeedState]
+            assert got[1].state == "synced"
+        out += got
+    skipped = sum(1 for i in updates if bad < i <= resub)
+    s = feed.stats
+    assert (s.checksum_mismatch, s.resyncs) == (1, 1)
+    assert s.checksum_ok == 4269 - 1 - skipped
+    expected = _reference_books(frames, 1000)[pair].levels()
+    assert feed.book(symbol).levels() == expected == _consume(out)[symbol].levels()
+
+
+# -- malformed frames ----------------------------------------------------------------
+
+_BAD_FRAMES = {
+    "not JSON": ("{not json", False),
+    "unknown channelID": ('[99999,{"a":[["56300.00000","0.1","1618678170.0"]],"c":"1"},'
+                          '"book-1000","XBT/CHF"]', True),
+    "price abc": ('[464,{"a":[["abc","0.10000000","1618678170.0"]],"c":"1"},'
+                  '"book-1000","XBT/CHF"]', True),
+    "list too short": ('[464,"book-1000"]', True),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_FRAMES))
+def test_malformed_frames_are_counted_and_resync_their_book(captures, markets, case):
+    text, resyncs = _BAD_FRAMES[case]
+    conn = _connection(captures, BOOK_CAPTURE)
+    frames = conn.received
+    nxt = next(i for i in _update_indexes(frames, "XBT/CHF") if i > 100)
+    feed = _feed(markets, conn, ["book"], depth=1000)
+    _run(feed, conn, frames[:100])
+    assert feed.book("BTC-CHF") is not None
+
+    out = feed.on_message(text, frames[100].ts)
+    assert isinstance(out[0], Malformed) and feed.stats.malformed == 1
+    if resyncs:
+        assert (out[1].symbol, out[1].state) == ("BTC-CHF", "resyncing")
+        assert [json.loads(o.text)["pair"] for o in out[2:]] == [["XBT/CHF"], ["XBT/CHF"]]
+        assert feed.stats.resyncs == 1 and feed.book("BTC-CHF") is None
+        assert feed.on_message(frames[nxt].text, frames[nxt].ts) == []
+    else:
+        assert out[1:] == [] and feed.stats.resyncs == 0
+        assert feed.book("BTC-CHF") is not None
+
+
+def test_subscription_error_is_reported(markets):
+    feed = KrakenFeed(["BTC-USD"], ["trades"], markets)
+    feed.on_open(1.0)
+    out = feed.on_message(
+        '{"errorMessage":"Currency pair not supported","event":"subscriptionStatus",'
+        '"pair":"XBT/USD","status":"error","subscription":{"name":"trade"}}', 2.0
+    )
+    assert isinstance(out[0], Malformed) and feed.stats.malformed == 1
+
+
+# -- trades and tickers ----------------------------------------------------------------
+
+
+def test_trades_one_event_per_entry_with_unique_ids(captures, markets):
+    conn = _connection(captures, "KRAKEN.ws.48.0")
+    feed = _feed(markets, conn, ["trades"])
+    out = _run(feed, conn)
+    entries = [e for f in conn.received if (m := _data(f.text, "trade")) for e in m[1]]
+    trades = [o for o in out if isinstance(o, Trade)]
+    assert len(trades) == len(entries) == feed.stats.trades > 0
+    assert len({(t.symbol, t.id) for t in trades}) == len(trades)
+    assert [(t.price, t.size, t.ts) for t in trades] == [(e[0], e[1], float(e[2])) for e in entries]
+    assert [t.side for t in trades] == [{"b": "buy", "s": "sell"}[e[3]] for e in entries]
+    first = trades[0]
+    assert (first.symbol, first.id, first.side) == ("XMR-USD", "1618678142.557535-0", "sell")
+    heartbeats = [f.ts for f in conn.received if '"heartbeat"' in f.text]
+    assert feed.last_heartbeat == heartbeats[-1]
+    assert feed.stats.malformed == 0
+
+
+def test_tickers_one_event_per_frame(captures, markets):
+    conn = _connection(captures, "KRAKEN.ws.49.0")
+    feed = _feed(markets, conn, ["ticker"])
+    out = _run(feed, conn)
+    frames = [(f, m) for f in conn.received if (m := _data(f.text, "ticker"))]
+    tickers = [o for o in out if isinstance(o, Ticker)]
+    assert len(tickers) == len(frames) == feed.stats.tickers > 0
+    for t, (f, m) in zip(tickers, frames, strict=True):
+        assert t.symbol == markets[m[-1]] and t.ts == t.recv_ts == f.ts
+        assert (t.bid, t.bid_size, t.ask, t.ask_size) == (m[1]["b"][0], m[1]["b"][2],
+                                                           m[1]["a"][0], m[1]["a"][2])
+    assert (tickers[0].symbol, tickers[0].bid_size) == ("WAVES-EUR", "185.18432037")
+    assert feed.stats.malformed == 0
