@@ -1,0 +1,51 @@
+"""Test helpers shared by several test files: independent book computations and a
+WebSocket client that collects what the server sends."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import trio
+import trio_websocket
+
+
+def apply_levels(side: dict[str, str], levels: Any) -> None:
+    """The simplest book: ``{Decimal-normalized price: size}``; size 0 removes."""
+    for price, size, *_ in levels:
+        key = str(Decimal(price).normalize())
+        if Decimal(size) == 0:
+            side.pop(key, None)
+        else:
+            side[key] = str(Decimal(size).normalize())
+
+
+def as_plain(levels: Any) -> dict[str, str]:
+    """Levels ``[[price, size], ...]`` as a plain normalized dict."""
+    side: dict[str, str] = {}
+    apply_levels(side, levels)
+    return side
+
+
+def messages(frame: str | bytes) -> list[dict[str, Any]]:
+    """The messages of one server frame: an object or a JSON array of them."""
+    parsed = orjson.loads(frame)
+    return parsed if isinstance(parsed, list) else [parsed]
+
+
+async def request(ws: trio_websocket.WebSocketConnection, body: dict[str, Any]) -> None:
+    await ws.send_message(orjson.dumps(body).decode())
+
+
+async def receive_until(
+    ws: trio_websocket.WebSocketConnection, predicate: Any, seconds: float = 10
+) -> list[dict[str, Any]]:
+    """Collect messages until one satisfies ``predicate`` (included); bounded in time."""
+    got: list[dict[str, Any]] = []
+    with trio.fail_after(seconds):
+        while True:
+            for message in messages(await ws.get_message()):
+                got.append(message)
+                if predicate(message):
+                    return got
