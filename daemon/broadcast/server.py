@@ -9,7 +9,7 @@ from typing import Any
 import trio
 import trio_websocket
 
-from daemon.broadcast.session import Session
+from daemon.broadcast.session import CLOSE_GOING_AWAY, Session
 from daemon.config import ServerConfig
 from daemon.dispatch import Dispatcher
 
@@ -48,8 +48,18 @@ class BroadcastServer:
                 )
             )
             self.port = server.port
+            nursery.start_soon(self._drain_on_shutdown)
             log.info("broadcast: listening on ws://%s:%d", self.config.host, server.port)
             task_status.started(server.port)
+
+    async def _drain_on_shutdown(self) -> None:
+        """When the server is cancelled, close every client with 1001 (sessions are
+        shielded from the cancellation itself; see ``Session.run``)."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            for session in list(self.sessions):
+                session.close(CLOSE_GOING_AWAY, "server shutting down")
 
     async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()

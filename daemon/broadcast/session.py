@@ -5,7 +5,8 @@ stream; the text is the one encoding every client shares. ``deliver`` never
 blocks: it puts the text in this client's bounded queue with ``send_nowait``.
 When the queue is full the client is a **slow consumer**: the policy today is
 ``disconnect``, counted, and the client is closed with code 1008 and reason
-``slow consumer`` (it can reconnect and subscribe again).
+``slow consumer`` (it can reconnect and subscribe again). The frame being written
+is finished first, so the close frame is never cut into another frame.
 
 The writer batches: when several messages are pending they leave in one frame, a
 JSON array; with one pending it leaves alone, at once.
@@ -30,6 +31,8 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 SLOW_CONSUMER = "slow consumer"
+#: Seconds a closing client gets to take the frame being written and the close frame.
+CLOSE_TIMEOUT = 5.0
 
 
 class Session:
@@ -54,7 +57,9 @@ class Session:
         self.on_slow_consumer = on_slow_consumer
         self.remote = f"{ws.remote.address}:{ws.remote.port}" if hasattr(ws.remote, "port") else str(ws.remote)
         self._send, self._receive = trio.open_memory_channel[str](config.client_queue)
-        self._scope = trio.CancelScope()
+        self._scope = trio.CancelScope(shield=True)
+        self._read_scope = trio.CancelScope()
+        self._mid_frame = False
         self.close_code: int | None = None
         self.close_reason = ""
         self.sent = 0
@@ -74,40 +79,49 @@ class Session:
             self._send.send_nowait(text)
         except trio.WouldBlock:
             self.dropped += 1
-            self._close(CLOSE_POLICY, SLOW_CONSUMER)
+            self.close(CLOSE_POLICY, SLOW_CONSUMER)
             if self.on_slow_consumer is not None:
                 self.on_slow_consumer(self)
 
-    def _close(self, code: int, reason: str) -> None:
-        self.close_code, self.close_reason = code, reason
-        self.dispatcher.remove(self)
-        self._scope.cancel()
+    def close(self, code: int, reason: str, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close this client with ``code``: no more events are queued, the frame being
+        written is finished (within ``timeout`` seconds), then the close handshake."""
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+            self.dispatcher.remove(self)
+            self._receive.close()  # the writer stops after the frame it is writing
+            self._read_scope.cancel()
+        self._scope.deadline = min(self._scope.deadline, trio.current_time() + timeout)
 
     # -- the connection's tasks ----------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve the client until it leaves, is closed by policy, or the server stops."""
-        try:
-            with self._scope:
+        """Serve the client until it leaves or ``close`` is called.
+
+        The session is shielded from outside cancellation: a shutdown calls
+        ``close(1001, ...)`` instead, so that no frame is cut in the middle and the
+        client gets its close code.
+        """
+        with self._scope:
+            try:
                 self._queue(encode(self.hello).decode())
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write)
-                    await self._read()
-                    nursery.cancel_scope.cancel()
-        except trio_websocket.ConnectionClosed:
-            pass
-        finally:
-            self.dispatcher.remove(self)
-            await self._close_connection()
-
-    async def _close_connection(self) -> None:
-        if self.ws.closed is not None:
-            return
-        if self.close_code is None:
-            # cancelled from outside: the server is shutting down
-            self.close_code, self.close_reason = CLOSE_GOING_AWAY, "server shutting down"
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            await self.ws.aclose(self.close_code, self.close_reason)
+                    with self._read_scope:
+                        await self._read()
+                    if self.close_code is None:  # the client left
+                        nursery.cancel_scope.cancel()
+            finally:
+                self.dispatcher.remove(self)
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+            if self._mid_frame:
+                # The client stopped reading in the middle of a frame and the time
+                # ran out: a close frame now would land inside that frame. Drop the
+                # TCP connection instead (trio-websocket has no public abort).
+                await self.ws._stream.aclose()
+            if self.ws.closed is None and self.close_code is not None:
+                await self.ws.aclose(self.close_code, self.close_reason)
 
     async def _read(self) -> None:
         while True:
@@ -145,6 +159,12 @@ class Session:
                                 "symbols": request.symbols}).decode())
 
     async def _write(self) -> None:
+        try:
+            await self._write_frames()
+        except (trio.ClosedResourceError, trio_websocket.ConnectionClosed):
+            pass
+
+    async def _write_frames(self) -> None:
         receive = self._receive
         max_batch = self.config.max_batch
         async for first in receive:
@@ -155,7 +175,9 @@ class Session:
                 except trio.WouldBlock:
                     break
             frame = first if len(batch) == 1 else "[" + ",".join(batch) + "]"
+            self._mid_frame = True
             await self.ws.send_message(frame)
+            self._mid_frame = False
             self.sent += len(batch)
             self.frames += 1
 

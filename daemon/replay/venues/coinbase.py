@@ -1,0 +1,412 @@
+"""Coinbase Exchange as the emulator plays it (feed recorded on ``ws-feed.pro.coinbase.com``).
+
+Sources: Coinbase Exchange WebSocket and REST docs
+(https://docs.cdp.coinbase.com/exchange/docs/websocket-overview,
+``/products/{product_id}/trades``, ``/products/{product_id}/book``, pagination).
+
+Theory of operation
+-------------------
+1. A connection starts with no routing keys: Coinbase subscribes by message.
+   ``{"type":"subscribe","product_ids":[...],"channels":[...]}`` (a channel is a
+   name, or ``{"name":..., "product_ids":[...]}``) adds the keys
+   ``"<channel>:<product>"`` for ``level2`` (``level2_batch`` is keyed as
+   ``level2``: same messages), ``ticker``, ``matches`` and ``heartbeat``;
+   ``unsubscribe`` removes them (a channel without products: all its products).
+   Both are answered with a ``subscriptions`` message listing what the connection
+   now has. A request that names an unknown channel or product (when the capture
+   lists products) changes nothing and is answered ``{"type":"error", ...}``.
+2. The venue keeps one book per product: the recorded ``snapshot`` with every
+   recorded ``l2update`` the tape has played since. A newly subscribed level2
+   product gets a ``snapshot`` of that current book at once, *before* the
+   ``subscriptions`` reply (see 4). While the tape has not yet reached the
+   product's recorded snapshot there is no book: the connection then also gets the
+   key ``"level2-snapshot:<product>"``, which is where ``route`` sends recorded
+   snapshot frames, so it receives the recorded snapshot when the tape plays it,
+   and a connection that already got the venue's snapshot does not get it twice.
+3. ``route`` keys ``l2update`` as ``level2:<product>``, ``match`` and
+   ``last_match`` as ``matches:<product>``, ``ticker`` as ``ticker:<product>``,
+   ``heartbeat`` as ``heartbeat:<product>``; the recording's own ``subscriptions``
+   frames (answers to the recorder's requests) are not routed. Every played
+   match is kept for REST ``/products/<id>/trades``.
+4. Ordering: a snapshot must reach the connection before any update built on
+   it. The emulator queues replies one by one and the tape may run in between, so
+   the snapshots come first among the replies.
+5. Level2 has no checksum: ``corrupt_checksum`` makes a frame that crosses the
+   book instead (a bid far above the best ask), which a Coinbase collector must
+   detect as a corrupt book.
+
+REST: ``/products`` (and ``/products/<id>``) as recorded;
+``/products/<id>/trades`` from the matches played so far, newest first, with
+Coinbase's cursor parameters (``after``: older than that trade id, ``before``:
+newer, ``limit`` up to 1000, default 100); ``/products/<id>/book?level=1|2`` from
+the current book. Anything else: 404.
+"""
+
+from __future__ import annotations
+
+import logging
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+from sortedcontainers import SortedDict
+
+from daemon.book import BookError, L2Book
+from daemon.replay.capture import Capture, Received
+
+log = logging.getLogger(__name__)
+
+PRODUCTS_PATH = "/products"
+#: Coinbase channel names accepted -> the channel they are keyed as.
+CHANNELS = {
+    "level2": "level2",
+    "level2_batch": "level2",
+    "ticker": "ticker",
+    "matches": "matches",
+    "heartbeat": "heartbeat",
+}
+#: Recorded Coinbase channel -> tickwire channel (``subscriptions``).
+_TICKWIRE_CHANNEL = {"level2": "book", "ticker": "ticker", "matches": "trades"}
+#: Key of recorded ``snapshot`` frames (see the module doc, rule 2).
+SNAPSHOT_KEY = "level2-snapshot"
+#: ``/products/<id>/trades``: default and largest ``limit``.
+TRADES_LIMIT, TRADES_MAX_LIMIT = 100, 1000
+#: ``/products/<id>/book?level=2``: levels per side (Coinbase: top 50).
+BOOK_LEVEL2_DEPTH = 50
+_NOT_FOUND = b'{"message":"NotFound"}'
+
+
+class _Rejected(ValueError):
+    """A client request Coinbase would refuse: the ``reason`` of its error reply."""
+
+
+def _error(message: str, reason: str = "") -> str:
+    body = {"type": "error", "message": message}
+    if reason:
+        body["reason"] = reason
+    return orjson.dumps(body).decode()
+
+
+def _requested(request: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """``(channel, product)`` pairs a subscribe/unsubscribe names; ``product`` is
+    ``None`` for a channel named without products. Channels keep the client's
+    names. Raises ``_Rejected`` on a request of the wrong shape."""
+    products = request.get("product_ids", [])
+    channels = request.get("channels")
+    if not isinstance(products, list) or not all(isinstance(p, str) for p in products):
+        raise _Rejected("product_ids must be a list of strings")
+    if not isinstance(channels, list) or not channels:
+        raise _Rejected("channels must be a non-empty list")
+    pairs: list[tuple[str, str | None]] = []
+    for channel in channels:
+        if isinstance(channel, str):
+            name, own = channel, products
+        elif isinstance(channel, dict) and isinstance(channel.get("name"), str):
+            name, own = channel["name"], channel.get("product_ids", products)
+            if not isinstance(own, list) or not all(isinstance(p, str) for p in own):
+                raise _Rejected(f"product_ids of channel {name} must be a list of strings")
+        else:
+            raise _Rejected(f"not a channel: {channel!r}")
+        pairs += [(name, p) for p in own] if own else [(name, None)]
+    return pairs
+
+
+def _far_above(price: str) -> str:
+    """A decimal price ten times ``price`` (at least 1), written without exponent."""
+    try:
+        value = max(Decimal(price) * 10, Decimal(1))
+    except InvalidOperation:
+        value = Decimal(1_000_000)
+    return format(value, "f")
+
+
+class CoinbaseVenue:
+    """Emulated Coinbase Exchange over the given captures (see the module doc).
+
+    ``books``: product id -> current ``L2Book`` (from the first recorded snapshot
+    on); ``trades``: product id -> ``{trade_id: REST trade object}`` in id order.
+    """
+
+    exchange = "coinbase"
+
+    def __init__(self, captures: list[Capture]) -> None:
+        self.products_body: bytes | None = None
+        self.products: dict[str, bytes] = {}  # product id -> its JSON object
+        for capture in captures:
+            for response in capture.rest:
+                if urlsplit(response.url).path == PRODUCTS_PATH and self.products_body is None:
+                    self.products_body = response.body.encode()
+        if self.products_body is not None:
+            for product in orjson.loads(self.products_body):
+                if isinstance(product, dict) and isinstance(product.get("id"), str):
+                    self.products[product["id"]] = orjson.dumps(product)
+        self.books: dict[str, L2Book] = {}
+        self.trades: dict[str, SortedDict] = {}
+        self.sequence: dict[str, int] = {}  # product id -> last match/ticker sequence
+
+    def subscriptions(self, captures: list[Capture]) -> tuple[list[str], list[str]]:
+        """``(symbols, channels)`` the recorded connections subscribed, as tickwire
+        names (``BTC-USD``; ``book``, ``ticker``, ``trades``)."""
+        from daemon.exchanges.coinbase import parse_markets
+
+        markets = parse_markets(self.products_body) if self.products_body else {}
+        symbols: dict[str, None] = {}
+        channels: dict[str, None] = {}
+        for capture in captures:
+            for conn in capture.connections:
+                for _, text in conn.sent:
+                    try:
+                        request = orjson.loads(text)
+                        if not isinstance(request, dict) or request.get("type") != "subscribe":
+                            continue
+                        pairs = _requested(request)
+                    except (orjson.JSONDecodeError, _Rejected):
+                        continue
+                    for name, product in pairs:
+                        channel = _TICKWIRE_CHANNEL.get(CHANNELS.get(name, ""))
+                        symbol = markets.get(product) if product else None
+                        if channel and symbol:
+                            symbols[symbol] = None
+                            channels[channel] = None
+        return list(symbols), list(channels)
+
+    # -- WebSocket ------------------------------------------------------------------
+
+    def open(self, path: str) -> set[str]:
+        """A new connection has no keys: it subscribes by message."""
+        return set()
+
+    def on_client_message(self, keys: set[str], text: str) -> list[str]:
+        """Answer a client frame; ``subscribe`` / ``unsubscribe`` change ``keys``."""
+        try:
+            request = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return [_error("Malformed JSON", "the message is not JSON")]
+        if not isinstance(request, dict):
+            return [_error("Malformed JSON", "the message is not a JSON object")]
+        kind = request.get("type")
+        if kind not in ("subscribe", "unsubscribe"):
+            return [_error("Failed to subscribe", "type has to be either subscribe or unsubscribe")]
+        try:
+            pairs = self._checked(_requested(request), kind)
+        except _Rejected as exc:
+            return [_error(f"Failed to {kind}", str(exc))]
+        replies: list[str] = []
+        if kind == "subscribe":
+            for channel, product in pairs:
+                key = f"{channel}:{product}"
+                if key in keys:
+                    continue
+                keys.add(key)
+                if channel == "level2":
+                    book = self.books.get(product)
+                    if book is None:
+                        keys.add(f"{SNAPSHOT_KEY}:{product}")
+                    else:
+                        replies.append(self._snapshot(product, book))
+        else:
+            for channel, product in pairs:
+                if product is None:
+                    keys.difference_update([k for k in keys if k.startswith(channel + ":")])
+                    if channel == "level2":
+                        keys.difference_update(
+                            [k for k in keys if k.startswith(SNAPSHOT_KEY + ":")]
+                        )
+                else:
+                    keys.discard(f"{channel}:{product}")
+                    if channel == "level2":
+                        keys.discard(f"{SNAPSHOT_KEY}:{product}")
+        replies.append(self._subscriptions(keys))
+        return replies
+
+    def _checked(
+        self, pairs: list[tuple[str, str | None]], kind: str
+    ) -> list[tuple[str, str | None]]:
+        """Pairs with channels keyed as ``CHANNELS`` says; raises ``_Rejected`` for an
+        unknown channel, or for a subscription without products or to a product the
+        capture does not list."""
+        out = []
+        for name, product in pairs:
+            channel = CHANNELS.get(name)
+            if channel is None:
+                raise _Rejected(f"{name} is not a valid channel")
+            if kind == "subscribe":
+                if product is None:
+                    raise _Rejected(f"no product ids for channel {name}")
+                if self.products and product not in self.products:
+                    raise _Rejected(f"{product} is not a valid product")
+            out.append((channel, product))
+        return out
+
+    def _snapshot(self, product: str, book: L2Book) -> str:
+        bids, asks = book.levels()
+        return orjson.dumps(
+            {"type": "snapshot", "product_id": product, "bids": bids, "asks": asks}
+        ).decode()
+
+    @staticmethod
+    def _subscriptions(keys: set[str]) -> str:
+        by_channel: dict[str, list[str]] = {}
+        for key in sorted(keys):
+            channel, _, product = key.partition(":")
+            if channel in CHANNELS:
+                by_channel.setdefault(channel, []).append(product)
+        channels = [{"name": name, "product_ids": ids} for name, ids in by_channel.items()]
+        return orjson.dumps({"type": "subscriptions", "channels": channels}).decode()
+
+    def route(self, frame: Received) -> str | None:
+        """Advance the venue by one tape frame; return its routing key (or ``None``)."""
+        text = frame.text
+        start = text.find('"type":"')
+        if start < 0:
+            return None
+        start += 8
+        kind = text[start : text.find('"', start)]
+        if kind == "subscriptions":
+            return None
+        try:
+            msg = orjson.loads(text)
+            product = msg["product_id"]
+            if kind == "l2update":
+                book = self.books.get(product)
+                if book is not None:  # before the first snapshot: nothing to apply to
+                    changes = msg["changes"]
+                    book.apply(
+                        [(c[1], c[2]) for c in changes if c[0] == "buy"],
+                        [(c[1], c[2]) for c in changes if c[0] == "sell"],
+                    )
+                return f"level2:{product}"
+            if kind == "snapshot":
+                book = L2Book()
+                book.load([level[:2] for level in msg["bids"]], [level[:2] for level in msg["asks"]])
+                self.books[product] = book
+                return f"{SNAPSHOT_KEY}:{product}"
+            if kind in ("match", "last_match"):
+                self._record_trade(product, msg)
+                return f"matches:{product}"
+            if kind == "ticker":
+                self._record_sequence(product, msg.get("sequence"))
+                return f"ticker:{product}"
+            if kind == "heartbeat":
+                return f"heartbeat:{product}"
+        except (orjson.JSONDecodeError, KeyError, TypeError, IndexError, BookError) as exc:
+            log.warning("coinbase venue: cannot use a recorded %s frame: %r", kind, exc)
+        return None
+
+    def _record_trade(self, product: str, msg: dict[str, Any]) -> None:
+        trade_id = msg["trade_id"]
+        trades = self.trades.setdefault(product, SortedDict())
+        trades.setdefault(
+            trade_id,
+            {
+                "time": msg["time"],
+                "trade_id": trade_id,
+                "price": msg["price"],
+                "size": msg["size"],
+                "side": msg["side"],
+            },
+        )
+        self._record_sequence(product, msg.get("sequence"))
+
+    def _record_sequence(self, product: str, sequence: object) -> None:
+        if type(sequence) is int and sequence > self.sequence.get(product, -1):
+            self.sequence[product] = sequence
+
+    def corrupt_checksum(self, text: str) -> str:
+        """Coinbase level2 carries no checksum: return a frame that crosses the book.
+
+        An ``l2update`` gets its first ``buy`` change (or an added one) moved to ten
+        times the current best ask (size ``1`` if it was a removal), so applying it
+        leaves best bid > best ask; a ``snapshot`` gets such a bid added (a crossed
+        snapshot, which a collector may accept as the exchange's state). Other
+        frames are returned unchanged.
+        """
+        try:
+            msg = orjson.loads(text)
+            kind, product = msg.get("type"), msg.get("product_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            return text
+        if kind not in ("l2update", "snapshot"):
+            return text
+        book = self.books.get(product)
+        ask = book.best_ask() if book is not None else None
+        if ask is None and kind == "snapshot" and msg.get("asks"):
+            ask = msg["asks"][0]
+        price = _far_above(ask[0] if ask else "100000")
+        if kind == "snapshot":
+            msg["bids"] = [[price, "1"], *msg.get("bids", [])]
+            return orjson.dumps(msg).decode()
+        changes = msg.get("changes") or []
+        for change in changes:
+            if change[0] == "buy":
+                change[1] = price
+                if Decimal(change[2]) == 0:
+                    change[2] = "1"
+                break
+        else:
+            changes.append(["buy", price, "1"])
+        msg["changes"] = changes
+        return orjson.dumps(msg).decode()
+
+    # -- REST -----------------------------------------------------------------------
+
+    def rest(self, target: str) -> tuple[int, bytes]:
+        """Answer a REST GET of ``target`` (path and query)."""
+        parts = urlsplit(target)
+        path = parts.path.rstrip("/")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        if path == PRODUCTS_PATH:
+            if self.products_body is None:
+                return 404, _NOT_FOUND
+            return 200, self.products_body
+        segments = path.split("/")
+        if len(segments) < 3 or segments[1] != "products":
+            return 404, _NOT_FOUND
+        product = segments[2]
+        known = product in self.products or product in self.books or product in self.trades
+        if not known:
+            return 404, _NOT_FOUND
+        if len(segments) == 3 and product in self.products:
+            return 200, self.products[product]
+        if len(segments) == 4 and segments[3] == "trades":
+            return self._rest_trades(product, query)
+        if len(segments) == 4 and segments[3] == "book":
+            return self._rest_book(product, query)
+        return 404, _NOT_FOUND
+
+    def _rest_trades(self, product: str, query: dict[str, str]) -> tuple[int, bytes]:
+        """Trades newest first: ``after=ID`` older than ID, ``before=ID`` newer than
+        ID (the ``limit`` nearest to it), else the latest ``limit``."""
+        try:
+            limit = int(query.get("limit", TRADES_LIMIT))
+            after = int(query["after"]) if "after" in query else None
+            before = int(query["before"]) if "before" in query else None
+        except ValueError:
+            return 400, b'{"message":"Invalid cursor or limit"}'
+        if not 1 <= limit <= TRADES_MAX_LIMIT:
+            return 400, b'{"message":"Invalid limit"}'
+        trades = self.trades.get(product, SortedDict())
+        if before is not None:
+            newer = trades.irange(minimum=before, inclusive=(False, True))
+            page = [trades[i] for i, _ in zip(newer, range(limit), strict=False)][::-1]
+        else:
+            older = trades.irange(maximum=after, inclusive=(True, False), reverse=True)
+            page = [trades[i] for i, _ in zip(older, range(limit), strict=False)]
+        return 200, orjson.dumps(page)
+
+    def _rest_book(self, product: str, query: dict[str, str]) -> tuple[int, bytes]:
+        """Level 1 (best bid and ask) or 2 (top 50): ``[price, size, num_orders]``;
+        a level2 feed does not tell the number of orders, so it is given as 1."""
+        level = query.get("level", "1")
+        if level not in ("1", "2"):
+            return 400, b'{"message":"Invalid level: the emulator has levels 1 and 2"}'
+        book = self.books.get(product)
+        bids, asks = book.top(1 if level == "1" else BOOK_LEVEL2_DEPTH) if book else ((), ())
+        return 200, orjson.dumps(
+            {
+                "bids": [[price, size, 1] for price, size in bids],
+                "asks": [[price, size, 1] for price, size in asks],
+                "sequence": self.sequence.get(product, 0),
+            }
+        )

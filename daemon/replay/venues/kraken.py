@@ -1,0 +1,487 @@
+"""Kraken (WebSocket v1 and REST) as the emulator plays it.
+
+Theory of operation
+-------------------
+1. One venue serves every Kraken capture file as one exchange (``ws.kraken.com``
+   and ``api.kraken.com``), whatever connection layout the collector picks: one
+   connection for all channels or one per channel. Pairs are named by ``wsname``
+   (``XBT/CHF``) on the WebSocket; REST accepts the REST name (``XXMRZUSD``), the
+   ``altname`` (``XMRUSD``) or the ``wsname``, mapped through the recorded
+   AssetPairs.
+2. A connection starts with no routing keys: Kraken v1 subscribes by message.
+   ``{"event":"subscribe","pair":[...],"subscription":{"name":N}}`` adds the key
+   ``N:<pair>`` per pair (``book:XBT/CHF``, ``trade:XBT/CHF``, ``ticker:XBT/CHF``)
+   and ``heartbeat``, and is answered per pair with a ``subscriptionStatus``
+   carrying the channelID recorded for that (name, pair), as Kraken did (they are
+   unique across the files). ``unsubscribe`` removes the key and answers
+   ``status: unsubscribed``; ``ping`` gets ``pong`` (with ``reqid``).
+3. Only what was recorded is served: a pair or channel that was not recorded is
+   answered with an error ``subscriptionStatus`` (Kraken's own words: ``Currency
+   pair not supported``, ``Subscription name invalid``), and so is a book depth
+   other than the recorded one (``Subscription depth not supported``, as Kraken
+   answers an unsupported depth; Kraken's default depth is 10, so a book
+   subscription without ``depth`` gets it too unless 10 was recorded). A frame that
+   is not a JSON object with an ``event`` gets ``{"event":"error",...}``.
+4. Each tape frame goes through ``route``, which keeps the venue's state: the books
+   (the recorded snapshot, then every update, each side cut to the recorded depth
+   after every message, as Kraken does), the latest ticker frame and every trade.
+   A book snapshot frame is routed to ``book-snapshot:<pair>``, a key a connection
+   holds only when it subscribed before the venue had that book; a connection that
+   subscribes later gets, after its ``subscriptionStatus``, a snapshot built from
+   the venue's current book instead. Either way a connection gets one snapshot,
+   and it agrees with the updates that follow. A ticker subscription is answered
+   the same way with the latest ticker frame played (Kraken sends the current
+   ticker at once). ``heartbeat`` frames of every file go to every subscribed
+   connection; ``systemStatus`` and ``subscriptionStatus`` frames go to nobody
+   (the venue answers subscriptions itself).
+5. The ``systemStatus`` greeting a real connection gets before anything else
+   cannot come from ``on_client_message`` (it answers frames): ``greeting()``
+   returns it for the emulator to send when a connection opens.
+6. REST: ``/0/public/AssetPairs`` as recorded (``?pair=`` filters it);
+   ``/0/public/Trades?pair=X&since=T`` from the trades the tape has played, for
+   recovery after a reconnect (ids are the play order within the pair, from 1);
+   ``/0/public/Depth?pair=X&count=N`` from the current book. Any other path is
+   ``404 {"error":["EGeneral:Unknown method"]}``; request errors are Kraken's
+   ``EQuery:``/``EGeneral:`` messages in a 200 answer, as Kraken sends them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from decimal import Decimal, InvalidOperation
+from operator import neg
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import orjson
+from sortedcontainers import SortedDict
+
+from daemon.replay.capture import Capture, Received
+
+ASSET_PAIRS = "/0/public/AssetPairs"
+TRADES = "/0/public/Trades"
+DEPTH = "/0/public/Depth"
+#: Book depth Kraken v1 uses when a subscription names none.
+DEFAULT_DEPTH = 10
+#: Most trades (and book levels) one REST answer holds, as on Kraken.
+MAX_TRADES = 1000
+MAX_DEPTH = 500
+#: Kraken subscription name -> tickwire channel.
+CHANNELS = {"book": "book", "trade": "trades", "ticker": "ticker"}
+
+_SORTED = orjson.OPT_SORT_KEYS  # Kraken's event frames list their keys in order
+_UNKNOWN_METHOD = (404, b'{"error":["EGeneral:Unknown method"]}')
+_UNKNOWN_PAIR = (200, b'{"error":["EQuery:Unknown asset pair"]}')
+
+
+@attrs.frozen
+class PairNames:
+    """The names of one Kraken pair: REST key, ``altname`` and ``wsname``."""
+
+    rest: str
+    altname: str
+    wsname: str
+
+
+class Book:
+    """One pair's book as Kraken holds it: ``[price, volume, time]`` strings by price,
+    each side cut to ``depth`` after every message."""
+
+    __slots__ = ("asks", "bids", "depth")
+
+    def __init__(self, depth: int) -> None:
+        self.asks: SortedDict = SortedDict()
+        self.bids: SortedDict = SortedDict(neg)
+        self.depth = depth
+
+    def apply(self, asks: list, bids: list) -> None:
+        """Apply levels in order (volume zero removes), then cut both sides.
+
+        Raises ``ValueError`` (or ``TypeError``) on a level that is not
+        ``[price, volume, time(, "r")]`` with decimal strings."""
+        for side, levels in ((self.asks, asks), (self.bids, bids)):
+            for level in levels:
+                price, volume, time = level[0], level[1], level[2]
+                try:
+                    key, size = Decimal(price), Decimal(volume)
+                except InvalidOperation as exc:
+                    raise ValueError(f"not a decimal level: {level!r}") from exc
+                if size.is_zero():
+                    side.pop(key, None)
+                else:
+                    side[key] = [price, volume, time]
+        for side in (self.asks, self.bids):
+            while len(side) > self.depth:
+                side.popitem(-1)
+
+    def levels(self, count: int | None = None) -> tuple[list[list[str]], list[list[str]]]:
+        """The best ``count`` (default: all) asks, ascending, and bids, descending."""
+        return list(self.asks.values()[:count]), list(self.bids.values()[:count])
+
+
+@attrs.frozen
+class _Trade:
+    price: str
+    volume: str
+    time: str
+    side: str
+    ordertype: str
+    misc: str
+    id: int
+
+    @property
+    def time_ns(self) -> int:
+        return int(Decimal(self.time) * 1_000_000_000)
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj, option=_SORTED).decode()
+
+
+def _error(message: str) -> str:
+    return _dumps({"event": "error", "errorMessage": message})
+
+
+def _since_ns(value: str) -> int:
+    """``since`` in ns: Kraken takes ns, or seconds (a value below 10**12)."""
+    number = Decimal(value)
+    if not number.is_finite() or number < 0:
+        raise ValueError(value)
+    return int(number * 1_000_000_000) if number < 10**12 else int(number)
+
+
+class KrakenVenue:
+    """Emulated Kraken over the given captures (see the module docstring).
+
+    After construction: ``pairs`` (by wsname), ``recorded_depth``; as the tape plays:
+    ``books`` (by wsname, from the pair's recorded snapshot on), ``trades``.
+    """
+
+    exchange = "kraken"
+
+    def __init__(self, captures: list[Capture]) -> None:
+        self.static: dict[str, bytes] = {}
+        self.pairs: dict[str, PairNames] = {}
+        self._names: dict[str, str] = {}  # REST name, altname or wsname -> wsname
+        self._recorded: dict[tuple[str, str], dict[str, Any]] = {}  # (name, pair) -> status
+        self._system_status: dict[str, Any] = {
+            "connectionID": 1, "event": "systemStatus", "status": "online", "version": "1.8.3"
+        }
+        self._connection_ids = itertools.count()
+        depths: list[int] = []
+        fallback: dict[tuple[str, str], dict[str, Any]] = {}
+        for capture in captures:
+            for response in capture.rest:
+                path = urlsplit(response.url).path
+                self.static.setdefault(path, response.body.encode())
+            for conn in capture.connections:
+                for _, text in conn.sent:
+                    request = _loads(text)
+                    sub = request.get("subscription") if isinstance(request, dict) else None
+                    if isinstance(sub, dict) and sub.get("name") == "book":
+                        depths.append(int(sub.get("depth", DEFAULT_DEPTH)))
+                for frame in conn.received:
+                    self._learn(frame.text, fallback)
+        for key, status in fallback.items():
+            self._recorded.setdefault(key, status)
+        self.recorded_depth: int = depths[0] if depths else DEFAULT_DEPTH
+        if ASSET_PAIRS in self.static:
+            self._load_pairs(self.static[ASSET_PAIRS])
+        self.books: dict[str, Book] = {}
+        self.trades: dict[str, list[_Trade]] = {}
+        self._tickers: dict[str, str] = {}  # pair -> latest ticker frame played
+
+    def _learn(self, text: str, fallback: dict[tuple[str, str], dict[str, Any]]) -> None:
+        """Recorded channelIDs from ``subscriptionStatus`` frames (else from data)."""
+        message = _loads(text)
+        if isinstance(message, dict):
+            event = message.get("event")
+            if event == "systemStatus" and self._system_status.get("connectionID") == 1:
+                self._system_status = message
+            elif event == "subscriptionStatus" and message.get("status") == "subscribed":
+                name = (message.get("subscription") or {}).get("name")
+                if isinstance(name, str) and isinstance(message.get("pair"), str):
+                    self._recorded.setdefault((name, message["pair"]), message)
+        elif _is_data(message):
+            channel_name, pair = message[-2], message[-1]
+            name, _, depth = channel_name.partition("-")
+            sub = {"name": name, **({"depth": int(depth)} if name == "book" and depth else {})}
+            fallback.setdefault((name, pair), {
+                "channelID": message[0], "channelName": channel_name, "event": "subscriptionStatus",
+                "pair": pair, "status": "subscribed", "subscription": sub,
+            })
+
+    def _load_pairs(self, body: bytes) -> None:
+        doc = _loads(body)
+        result = doc.get("result") if isinstance(doc, dict) else None
+        if not isinstance(result, dict):
+            return
+        for rest_name, pair in result.items():
+            wsname = pair.get("wsname") if isinstance(pair, dict) else None
+            if not wsname:
+                continue  # dark-pool pairs (.d) have no WebSocket name
+            names = PairNames(rest=rest_name, altname=pair.get("altname", rest_name), wsname=wsname)
+            self.pairs[wsname] = names
+            for alias in (names.wsname, names.altname, names.rest):
+                self._names.setdefault(alias, wsname)
+
+    def subscriptions(self, captures: list[Capture]) -> tuple[list[str], list[str]]:
+        """``(symbols, channels)`` the recorded connections subscribed, as tickwire
+        names (``BTC-CHF``; ``book``, ``trades``, ``ticker``), channels in the order
+        they were recorded subscribing (the book first on these captures)."""
+        from daemon.exchanges.kraken import parse_markets
+
+        body = self.static.get(ASSET_PAIRS)
+        markets = parse_markets(body.decode()) if body else {}
+        requests = sorted(
+            (ts, text) for capture in captures for conn in capture.connections
+            for ts, text in conn.sent
+        )
+        symbols: dict[str, None] = {}
+        channels: dict[str, None] = {}
+        for _, text in requests:
+            request = _loads(text)
+            if not isinstance(request, dict) or request.get("event") != "subscribe":
+                continue
+            channel = CHANNELS.get((request.get("subscription") or {}).get("name"))
+            pairs = [markets[p] for p in request.get("pair") or () if p in markets]
+            if channel and pairs:
+                channels[channel] = None
+                symbols.update(dict.fromkeys(pairs))
+        return list(symbols), list(channels)
+
+    # -- WebSocket ------------------------------------------------------------------
+
+    def open(self, path: str) -> set[str]:
+        """No keys: a Kraken v1 connection subscribes by message, whatever its path."""
+        return set()
+
+    def greeting(self) -> list[str]:
+        """What Kraken sends first on every new connection: the recorded
+        ``systemStatus`` with a connectionID of its own."""
+        status = dict(self._system_status)
+        status["connectionID"] = int(status.get("connectionID", 1)) + next(self._connection_ids)
+        return [_dumps(status)]
+
+    def on_client_message(self, keys: set[str], text: str) -> list[str]:
+        """Answer a client frame; ``subscribe`` / ``unsubscribe`` change ``keys``."""
+        request = _loads(text)
+        if not isinstance(request, dict):
+            return [_error("Malformed request")]
+        reqid = request.get("reqid")
+        if reqid is not None and (isinstance(reqid, bool) or not isinstance(reqid, int)):
+            return [_error("Malformed request: reqid must be an integer")]
+        echo = {} if reqid is None else {"reqid": reqid}
+        event = request.get("event")
+        if event == "ping":
+            return [_dumps({"event": "pong", **echo})]
+        if event in ("subscribe", "unsubscribe"):
+            return self._subscription(keys, event, request, echo)
+        if event is None:
+            return [_error("Malformed request: no event")]
+        return [_error("Unsupported event")]
+
+    def _subscription(
+        self, keys: set[str], event: str, request: dict[str, Any], echo: dict[str, Any]
+    ) -> list[str]:
+        sub, pairs = request.get("subscription"), request.get("pair")
+        if not isinstance(sub, dict) or not isinstance(sub.get("name"), str):
+            return [_error("Malformed request: subscription must name a channel")]
+        if not isinstance(pairs, list) or not pairs or not all(isinstance(p, str) for p in pairs):
+            return [_error("Malformed request: pair must be a non-empty list of pairs")]
+        name = sub["name"]
+        statuses: list[str] = []
+        snapshots: list[str] = []
+        for pair in dict.fromkeys(pairs):
+            refusal = self._refusal(name, pair, sub)
+            if refusal is not None:
+                statuses.append(self._status_error(pair, sub, refusal, echo))
+                continue
+            key = f"{name}:{pair}"
+            recorded = self._recorded[(name, pair)]
+            if event == "unsubscribe":
+                if key not in keys:
+                    statuses.append(self._status_error(pair, sub, "Subscription Not Found", echo))
+                    continue
+                keys.difference_update({key, f"book-snapshot:{pair}"})
+                if keys <= {"heartbeat"}:
+                    keys.discard("heartbeat")
+                statuses.append(_dumps({**recorded, "status": "unsubscribed", **echo}))
+                continue
+            if key in keys:
+                statuses.append(self._status_error(pair, sub, "Already subscribed", echo))
+                continue
+            keys.update({key, "heartbeat"})
+            statuses.append(_dumps({**recorded, "status": "subscribed", **echo}))
+            if name == "book":
+                if pair in self.books:
+                    snapshots.append(self.snapshot_frame(pair))
+                else:
+                    keys.add(f"book-snapshot:{pair}")  # the tape's snapshot is yet to come
+            elif name == "ticker" and pair in self._tickers:
+                snapshots.append(self._tickers[pair])
+        return statuses + snapshots
+
+    def _refusal(self, name: str, pair: str, sub: dict[str, Any]) -> str | None:
+        """Why Kraken (as recorded) would refuse ``name`` for ``pair``, or ``None``."""
+        if not any(n == name for n, _ in self._recorded):
+            return "Subscription name invalid"
+        if (name, pair) not in self._recorded:
+            return "Currency pair not supported"
+        if name == "book" and sub.get("depth", DEFAULT_DEPTH) != self.recorded_depth:
+            return "Subscription depth not supported"
+        return None
+
+    def _status_error(self, pair: str, sub: dict[str, Any], message: str, echo: dict) -> str:
+        return _dumps({
+            "errorMessage": message, "event": "subscriptionStatus", "pair": pair,
+            "status": "error", "subscription": sub, **echo,
+        })
+
+    def snapshot_frame(self, pair: str) -> str:
+        """The book snapshot frame of ``pair`` as Kraken would send it now (its
+        recorded channelID and channel name); ``KeyError`` before the recorded
+        snapshot has played."""
+        book = self.books[pair]
+        recorded = self._recorded[("book", pair)]
+        asks, bids = book.levels()
+        return orjson.dumps(
+            [recorded["channelID"], {"as": asks, "bs": bids}, recorded["channelName"], pair]
+        ).decode()
+
+    def route(self, frame: Received) -> str | None:
+        """Advance the venue by one tape frame; return its routing key (module
+        docstring, rule 4). A frame the venue cannot read goes to nobody."""
+        message = _loads(frame.text)
+        if isinstance(message, dict):
+            return "heartbeat" if message.get("event") == "heartbeat" else None
+        if not _is_data(message):
+            return None
+        name = message[-2].partition("-")[0]
+        pair = message[-1]
+        payload = message[1:-2]
+        try:
+            if name == "book":
+                return self._on_book(pair, payload)
+            if name == "trade":
+                self._on_trades(pair, payload)
+            elif name == "ticker":
+                self._tickers[pair] = frame.text
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            pass  # recorded garbage is still delivered; the venue keeps its last state
+        return f"{name}:{pair}"
+
+    def _on_book(self, pair: str, payload: list) -> str:
+        first = payload[0] if payload and isinstance(payload[0], dict) else {}
+        if "as" in first or "bs" in first:
+            book = Book(self.recorded_depth)
+            book.apply(first.get("as", []), first.get("bs", []))
+            self.books[pair] = book
+            return f"book-snapshot:{pair}"
+        book = self.books.get(pair)
+        if book is not None:
+            asks = [lv for part in payload for lv in part.get("a", [])]
+            bids = [lv for part in payload for lv in part.get("b", [])]
+            book.apply(asks, bids)
+        return f"book:{pair}"
+
+    def _on_trades(self, pair: str, payload: list) -> None:
+        trades = self.trades.setdefault(pair, [])
+        for entry in payload[0]:
+            price, volume, time, side, ordertype, misc = entry[:6]
+            Decimal(time)  # a time that is not a number would break the REST answer
+            trades.append(_Trade(price=price, volume=volume, time=time, side=side,
+                                 ordertype=ordertype, misc=misc, id=len(trades) + 1))
+
+    def corrupt_checksum(self, text: str) -> str:
+        """``text`` with a wrong book checksum (``"c"``); other frames unchanged."""
+        message = _loads(text)
+        if not _is_data(message):
+            return text
+        for part in message[1:-2]:
+            if isinstance(part, dict) and isinstance(part.get("c"), str) and part["c"].isdigit():
+                part["c"] = str((int(part["c"]) + 1) % 2**32)
+                return orjson.dumps(message).decode()
+        return text
+
+    # -- REST -----------------------------------------------------------------------
+
+    def rest(self, target: str) -> tuple[int, bytes]:
+        """Answer a REST GET of ``target`` (path and query)."""
+        parts = urlsplit(target)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        if parts.path == TRADES:
+            return self._rest_trades(query)
+        if parts.path == DEPTH:
+            return self._rest_depth(query)
+        body = self.static.get(parts.path)
+        if body is None:
+            return _UNKNOWN_METHOD
+        if parts.path == ASSET_PAIRS and "pair" in query:
+            return self._rest_asset_pairs(body, query["pair"])
+        return 200, body
+
+    def _rest_asset_pairs(self, body: bytes, wanted: str) -> tuple[int, bytes]:
+        result = orjson.loads(body)["result"]
+        names = [self._names.get(name) for name in wanted.split(",")]
+        if None in names:
+            return _UNKNOWN_PAIR
+        chosen = {self.pairs[w].rest: result[self.pairs[w].rest] for w in names}
+        return 200, orjson.dumps({"error": [], "result": chosen})
+
+    def _rest_trades(self, query: dict[str, str]) -> tuple[int, bytes]:
+        wsname = self._names.get(query.get("pair", ""))
+        if wsname is None:
+            return _UNKNOWN_PAIR
+        try:
+            since = _since_ns(query["since"]) if "since" in query else None
+            count = int(query.get("count", MAX_TRADES))
+        except (ValueError, InvalidOperation):
+            return 200, b'{"error":["EGeneral:Invalid arguments"]}'
+        count = max(1, min(count, MAX_TRADES))
+        trades = self.trades.get(wsname, [])
+        if since is None:
+            chosen = trades[-count:]
+        else:
+            chosen = [t for t in trades if t.time_ns > since][:count]
+        last = chosen[-1].time_ns if chosen else (since or 0)
+        rows = [
+            [t.price, t.volume, float(t.time), t.side, t.ordertype, t.misc, t.id] for t in chosen
+        ]
+        result = {self.pairs[wsname].rest: rows, "last": str(last)}
+        return 200, orjson.dumps({"error": [], "result": result})
+
+    def _rest_depth(self, query: dict[str, str]) -> tuple[int, bytes]:
+        wsname = self._names.get(query.get("pair", ""))
+        if wsname is None:
+            return _UNKNOWN_PAIR
+        book = self.books.get(wsname)
+        if book is None:
+            return 503, b'{"error":["EService:Unavailable"]}'  # its snapshot has not played
+        try:
+            count = max(1, min(int(query.get("count", 100)), MAX_DEPTH))
+        except ValueError:
+            return 200, b'{"error":["EGeneral:Invalid arguments"]}'
+        asks, bids = book.levels(count)
+
+        def rows(levels: list[list[str]]) -> list[list[Any]]:
+            return [[price, volume, int(Decimal(time))] for price, volume, time in levels]
+
+        result = {self.pairs[wsname].rest: {"asks": rows(asks), "bids": rows(bids)}}
+        return 200, orjson.dumps({"error": [], "result": result})
+
+
+def _loads(text: str | bytes) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _is_data(message: Any) -> bool:
+    """Whether ``message`` is a v1 data array ``[channelID, payload..., name, pair]``."""
+    return (
+        isinstance(message, list) and len(message) >= 4
+        and isinstance(message[-2], str) and isinstance(message[-1], str)
+    )
