@@ -65,7 +65,7 @@ def check_config(path: str) -> None:
     click.echo(f"{path}: ok; listen {config.server.listen}; feeds: {feeds or 'none'}")
 
 
-def _speed(value: str) -> float | None:
+def _speed(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
     if value == "max":
         return None
     try:
@@ -79,12 +79,12 @@ def _speed(value: str) -> float | None:
 
 @main.command()
 @click.argument("captures", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--speed", default="1", show_default=True,
+@click.option("--speed", default="1", show_default=True, callback=_speed,
               help="Replay speed: a factor of the recorded timing, or 'max'.")
 @click.option("--listen", default=None, help="HOST:PORT of the broadcast server.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML configuration for everything but the exchanges.")
-def replay(captures: tuple[str, ...], speed: str, listen: str | None, config_path: str | None) -> None:
+def replay(captures: tuple[str, ...], speed: float | None, listen: str | None, config_path: str | None) -> None:
     """Run the daemon on recorded traffic: each exchange's capture files are served by
     an emulator on 127.0.0.1, and the collectors connect to it as to the exchange."""
     import attrs
@@ -92,7 +92,6 @@ def replay(captures: tuple[str, ...], speed: str, listen: str | None, config_pat
     from daemon.config import ServerConfig
     from daemon.replay.run import serve_replay
 
-    factor = _speed(speed)
     config = _config(config_path)
     if listen is not None:
         try:
@@ -104,7 +103,7 @@ def replay(captures: tuple[str, ...], speed: str, listen: str | None, config_pat
 
     async def start(*, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
-            replay = await nursery.start(serve_replay, captures, config, factor)
+            replay = await nursery.start(serve_replay, captures, config, speed)
             task_status.started()
             await replay.wait_finished()
             log.info("replay: every capture played; still serving (Ctrl-C to stop)")

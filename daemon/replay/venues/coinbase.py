@@ -279,7 +279,7 @@ class CoinbaseVenue:
                 return f"level2:{product}"
             if kind == "snapshot":
                 book = L2Book()
-                book.load([level[:2] for level in msg["bids"]], [level[:2] for level in msg["asks"]])
+                book.load([lv[:2] for lv in msg["bids"]], [lv[:2] for lv in msg["asks"]])
                 self.books[product] = book
                 return f"{SNAPSHOT_KEY}:{product}"
             if kind in ("match", "last_match"):

@@ -71,6 +71,7 @@ MAX_DEPTH = 500
 CHANNELS = {"book": "book", "trade": "trades", "ticker": "ticker"}
 
 _SORTED = orjson.OPT_SORT_KEYS  # Kraken's event frames list their keys in order
+_SYSTEM_STATUS = {"connectionID": 1, "event": "systemStatus", "status": "online", "version": "1.8.3"}
 _UNKNOWN_METHOD = (404, b'{"error":["EGeneral:Unknown method"]}')
 _UNKNOWN_PAIR = (200, b'{"error":["EQuery:Unknown asset pair"]}')
 
@@ -165,9 +166,7 @@ class KrakenVenue:
         self.pairs: dict[str, PairNames] = {}
         self._names: dict[str, str] = {}  # REST name, altname or wsname -> wsname
         self._recorded: dict[tuple[str, str], dict[str, Any]] = {}  # (name, pair) -> status
-        self._system_status: dict[str, Any] = {
-            "connectionID": 1, "event": "systemStatus", "status": "online", "version": "1.8.3"
-        }
+        self._system_status: dict[str, Any] | None = None  # the first one recorded
         self._connection_ids = itertools.count()
         depths: list[int] = []
         fallback: dict[tuple[str, str], dict[str, Any]] = {}
@@ -197,11 +196,12 @@ class KrakenVenue:
         message = _loads(text)
         if isinstance(message, dict):
             event = message.get("event")
-            if event == "systemStatus" and self._system_status.get("connectionID") == 1:
+            if event == "systemStatus" and self._system_status is None:
                 self._system_status = message
             elif event == "subscriptionStatus" and message.get("status") == "subscribed":
                 name = (message.get("subscription") or {}).get("name")
                 if isinstance(name, str) and isinstance(message.get("pair"), str):
+                    message.pop("reqid", None)  # the recorder's; replies echo the client's
                     self._recorded.setdefault((name, message["pair"]), message)
         elif _is_data(message):
             channel_name, pair = message[-2], message[-1]
@@ -260,8 +260,9 @@ class KrakenVenue:
     def greeting(self) -> list[str]:
         """What Kraken sends first on every new connection: the recorded
         ``systemStatus`` with a connectionID of its own."""
-        status = dict(self._system_status)
-        status["connectionID"] = int(status.get("connectionID", 1)) + next(self._connection_ids)
+        status = dict(self._system_status or _SYSTEM_STATUS)
+        number = int(status.get("connectionID", 0)) + next(self._connection_ids)
+        status["connectionID"] = number % 2**64  # Kraken's ids are unsigned 64-bit
         return [_dumps(status)]
 
     def on_client_message(self, keys: set[str], text: str) -> list[str]:
@@ -294,7 +295,7 @@ class KrakenVenue:
         statuses: list[str] = []
         snapshots: list[str] = []
         for pair in dict.fromkeys(pairs):
-            refusal = self._refusal(name, pair, sub)
+            refusal = self._refusal(event, name, pair, sub)
             if refusal is not None:
                 statuses.append(self._status_error(pair, sub, refusal, echo))
                 continue
@@ -323,13 +324,14 @@ class KrakenVenue:
                 snapshots.append(self._tickers[pair])
         return statuses + snapshots
 
-    def _refusal(self, name: str, pair: str, sub: dict[str, Any]) -> str | None:
+    def _refusal(self, event: str, name: str, pair: str, sub: dict[str, Any]) -> str | None:
         """Why Kraken (as recorded) would refuse ``name`` for ``pair``, or ``None``."""
         if not any(n == name for n, _ in self._recorded):
             return "Subscription name invalid"
         if (name, pair) not in self._recorded:
             return "Currency pair not supported"
-        if name == "book" and sub.get("depth", DEFAULT_DEPTH) != self.recorded_depth:
+        depth = sub.get("depth", DEFAULT_DEPTH)
+        if event == "subscribe" and name == "book" and depth != self.recorded_depth:
             return "Subscription depth not supported"
         return None
 
