@@ -75,11 +75,15 @@ class App:
 
         async def attempt() -> None:
             nonlocal first
-            if first:
-                first = False
-                await collector.run(task_status=task_status)
-            else:
-                await collector.run()
+            try:
+                if first:
+                    first = False
+                    await collector.run(task_status=task_status)
+                else:
+                    await collector.run()
+            except Exception as exc:
+                await collector.set_state("failed", f"{type(exc).__name__}: {exc}")
+                raise
 
         reconnect = self.config.reconnect
         async with collector.out:

@@ -92,7 +92,7 @@ class NativeCollector:
                         self.backoff.reset()
                     delay = self.backoff.next_delay()
                     state = "stale" if isinstance(exc, FeedStale) else "reconnecting"
-                    await self._set_state(state, f"{exc}; retry in {delay:.2f}s")
+                    await self.set_state(state, f"{exc}; retry in {delay:.2f}s")
                     log.warning("%s: %s; reconnecting in %.2fs", self.exchange, exc, delay)
                     await trio.sleep(delay)
 
@@ -105,13 +105,13 @@ class NativeCollector:
                 return await trio.to_thread.run_sync(self.venue.parse_markets, response.text)
             except (FeedError, ValueError) as exc:
                 delay = self.backoff.next_delay()
-                await self._set_state("failed", f"market metadata: {exc}")
+                await self.set_state("failed", f"market metadata: {exc}")
                 log.error("%s: cannot load markets (%s); retry in %.2fs", self.exchange, exc, delay)
                 await trio.sleep(delay)
 
     async def _connect_once(self, http: httpx.AsyncClient) -> None:
         url = self.feed.url(self.ws_url)
-        await self._set_state("connecting", url)
+        await self.set_state("connecting", url)
         try:
             with feed_errors(f"{self.exchange} stream"):
                 async with trio_websocket.open_websocket_url(
@@ -121,7 +121,7 @@ class NativeCollector:
                     self.last_receive = trio.current_time()
                     inbox_send, inbox_receive = trio.open_memory_channel[tuple](INBOX_SIZE)
                     await self._handle(self.feed.on_open(time.time()), ws, nursery, http, inbox_send)
-                    await self._set_state("subscribed", url)
+                    await self.set_state("subscribed", url)
                     nursery.start_soon(self._read, ws, inbox_send)
                     nursery.start_soon(self._watchdog)
                     await self._process(ws, nursery, http, inbox_receive, inbox_send)
@@ -185,7 +185,8 @@ class NativeCollector:
                 await trio.sleep(delay)
         await inbox_send.send(("snapshot", request.symbol, response.text, time.time()))
 
-    async def _set_state(self, state: str, detail: str = "") -> None:
+    async def set_state(self, state: str, detail: str = "") -> None:
+        """Record a connection state change and publish it on the ``system`` channel."""
         self.state = state
         self.state_counts[state] += 1
         now = time.time()

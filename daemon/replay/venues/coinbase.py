@@ -217,7 +217,7 @@ class CoinbaseVenue:
                     keys.discard(f"{channel}:{product}")
                     if channel == "level2":
                         keys.discard(f"{SNAPSHOT_KEY}:{product}")
-        replies.append(self._subscriptions(keys))
+        replies.insert(0, self._subscriptions(keys))
         return replies
 
     def _checked(

@@ -71,7 +71,9 @@ MAX_DEPTH = 500
 CHANNELS = {"book": "book", "trade": "trades", "ticker": "ticker"}
 
 _SORTED = orjson.OPT_SORT_KEYS  # Kraken's event frames list their keys in order
-_SYSTEM_STATUS = {"connectionID": 1, "event": "systemStatus", "status": "online", "version": "1.8.3"}
+_SYSTEM_STATUS = {
+    "connectionID": 1, "event": "systemStatus", "status": "online", "version": "1.8.3"
+}
 _UNKNOWN_METHOD = (404, b'{"error":["EGeneral:Unknown method"]}')
 _UNKNOWN_PAIR = (200, b'{"error":["EQuery:Unknown asset pair"]}')
 

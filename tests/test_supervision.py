@@ -1,0 +1,140 @@
+"""The nursery tree: backoff bounds, a failing collector restarted without taking
+the daemon down, a critical failure ending it, and backpressure from a full
+dispatcher to the exchange socket."""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+import trio_websocket
+
+from daemon.app import App
+from daemon.collectors.native import INBOX_SIZE, NativeCollector
+from daemon.collectors.venues import venue
+from daemon.config import Config, ExchangeConfig, ReconnectConfig
+from daemon.events import Ticker, Trade
+from daemon.replay.capture import read_capture
+from daemon.replay.emulator import Emulator
+from daemon.supervise import Backoff, supervise
+from tests.helpers import receive_until, request
+
+BINANCE = ("BINANCE.0", "BINANCE.ws.1.0", "BINANCE.http.0.0")
+
+
+def test_backoff_delays_are_full_jitter_within_capped_bounds() -> None:
+    backoff = Backoff(base=0.5, cap=8.0, rng=random.Random(7))
+    ceilings = [0.5, 1, 2, 4, 8, 8, 8, 8]
+    for ceiling in ceilings:
+        assert backoff.ceiling() == ceiling
+        delay = backoff.next_delay()
+        assert 0 <= delay <= ceiling
+    delays = [Backoff(0.5, 8.0, rng=random.Random(seed)).next_delay() for seed in range(200)]
+    assert min(delays) < 0.05 and max(delays) > 0.45  # spread over the whole range
+    backoff.reset()
+    assert backoff.ceiling() == 0.5
+
+
+async def test_supervise_restarts_with_backoff_and_resets_after_a_healthy_run(autojump_clock) -> None:
+    starts: list[float] = []
+    outcomes = iter(["fail", "fail", "fail", "healthy-then-fail", "fail", "return"])
+
+    async def run() -> None:
+        starts.append(trio.current_time())
+        outcome = next(outcomes)
+        if outcome == "healthy-then-fail":
+            await trio.sleep(100)
+            raise RuntimeError("after a healthy run")
+        if outcome == "fail":
+            raise ConnectionError("boom")
+
+    backoff = Backoff(base=1.0, cap=4.0, rng=random.Random(1))
+    failures: list[BaseException] = []
+    await supervise("test", run, backoff, healthy_after=50, on_failure=failures.append)
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert len(starts) == 6 and len(failures) == 5
+    assert 0 <= gaps[0] <= 1 and 0 <= gaps[1] <= 2 and 0 <= gaps[2] <= 4
+    assert 100 <= gaps[3] <= 101  # the healthy run reset the backoff to its base
+    assert 0 <= gaps[4] <= 2
+
+
+async def test_a_failing_collector_is_restarted_and_the_daemon_keeps_serving(captures: Path) -> None:
+    """A symbol the exchange does not list makes the collector fail at every start:
+    it is restarted with backoff, each failure is a `failed` state on `system`, and
+    clients are served all along."""
+    async with trio.open_nursery() as nursery:
+        emulator = Emulator([read_capture(captures / "BINANCE.0")], speed=None)
+        address = await nursery.start(emulator.serve)
+        config = Config()
+        config = attrs.evolve(
+            config,
+            server=attrs.evolve(config.server, listen="127.0.0.1:0"),
+            reconnect=ReconnectConfig(base=0.05, cap=0.2),
+            exchanges={"binance": ExchangeConfig(
+                symbols=["NOT-LISTED"], rest_url=address.rest_url, ws_url=address.ws_url)},
+        )
+        app = App(config)
+        port = await nursery.start(app.run)
+        async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}") as ws:
+            await ws.get_message()
+            await request(ws, {"op": "subscribe", "id": 1, "channels": ["system"],
+                               "symbols": ["binance:*"], "history": 100})
+            failed = []
+            with trio.fail_after(20):
+                while len(failed) < 3:
+                    got = await receive_until(ws, lambda m: m.get("state") == "failed")
+                    failed += [m for m in got if m.get("state") == "failed"]
+            assert "NOT-LISTED" in failed[0]["detail"]
+            await request(ws, {"op": "ping", "id": 2})
+            assert (await receive_until(ws, lambda m: m["type"] == "pong"))[-1]["id"] == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_dispatcher_failure_ends_the_daemon_with_the_error() -> None:
+    config = Config()
+    config = attrs.evolve(config, server=attrs.evolve(config.server, listen="127.0.0.1:0"),
+                          exchanges={})
+    app = App(config)
+    with trio.fail_after(10), pytest.RaisesGroup(AttributeError, flatten_subgroups=True):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(app.run)
+            async with app.dispatcher.open_source() as source:
+                await source.send("not an event")  # a source bug reaching the dispatcher
+            await trio.sleep_forever()
+
+
+async def test_a_full_dispatcher_stops_the_collector_reading_and_nothing_is_lost(captures: Path) -> None:
+    """Nobody drains the collector's output channel: the collector stops after a
+    bounded number of frames (its inbox and output bound), then, drained, delivers
+    every event in order."""
+    async with trio.open_nursery() as nursery:
+        emulator = Emulator([read_capture(captures / f) for f in BINANCE], speed=None)
+        address = await nursery.start(emulator.serve)
+        send, receive = trio.open_memory_channel(4)
+        cfg = ExchangeConfig(symbols=["NKN-USDT", "BLZ-ETH", "LRC-BTC", "RUNE-EUR"],
+                             rest_url=address.rest_url, ws_url=address.ws_url)
+        collector = NativeCollector(venue("binance"), cfg, ReconnectConfig(), send)
+        await nursery.start(collector.run)
+        with trio.fail_after(20):  # the collector fills the channel, then waits
+            while send.statistics().tasks_waiting_send == 0:
+                await trio.sleep(0.01)
+        stalled = collector.feed.stats.messages
+        await trio.sleep(0.3)
+        assert collector.feed.stats.messages == stalled <= INBOX_SIZE + 1  # not reading
+        events = []
+        with trio.fail_after(20):
+            while not (
+                emulator.finished.is_set()
+                and collector.feed.stats.messages == emulator.sent
+                and receive.statistics().current_buffer_used == 0
+                and send.statistics().tasks_waiting_send == 0
+            ):
+                with trio.move_on_after(0.05):
+                    events.append(await receive.receive())
+        assert sum(isinstance(e, Trade) for e in events) == 2
+        assert sum(isinstance(e, Ticker) for e in events) == 84
+        nursery.cancel_scope.cancel()
