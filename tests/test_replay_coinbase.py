@@ -25,7 +25,7 @@ from daemon.exchanges.coinbase import CoinbaseFeed, parse_markets
 from daemon.replay.capture import Capture, Received, read_capture
 from daemon.replay.emulator import make_venue
 from daemon.replay.run import serve_replay
-from daemon.replay.tape import merge_frames
+from daemon.replay.tape import Faults, merge_frames
 from daemon.replay.venues.coinbase import CoinbaseVenue
 from tests.helpers import as_plain, messages, request
 
@@ -135,8 +135,10 @@ def test_subscriptions_of_the_recording(rec: Recorded) -> None:
 # -- subscribe / unsubscribe ------------------------------------------------------------
 
 
-def test_a_new_connection_has_no_keys(rec: Recorded) -> None:
-    assert new_venue(rec).open("/") == set()
+def test_a_new_connection_has_no_keys_and_no_greeting(rec: Recorded) -> None:
+    venue = new_venue(rec)
+    assert venue.open("/") == set()
+    assert venue.greeting() == []
 
 
 def test_subscribe_before_the_tape_waits_for_the_recorded_snapshot(rec: Recorded) -> None:
@@ -427,11 +429,20 @@ async def book_snapshots(ws: trio_websocket.WebSocketConnection, count: int) -> 
     return books
 
 
-async def test_final_books_reach_a_client(captures: Path, rec: Recorded) -> None:
+async def test_final_books_reach_a_client_after_a_resync(captures: Path, rec: Recorded) -> None:
+    """The whole tape as fast as the daemon reads, with one SKL-USD ``l2update`` made
+    to cross the book: the collector resubscribes that product mid-replay, gets the
+    venue's current book, and every book still ends as recorded."""
     expected = rec.books_after(len(rec.tape))
+    corrupt = next(
+        number for number, m in enumerate(rec.decoded, 1)
+        if number > len(rec.tape) // 3 and m["type"] == "l2update"
+        and m["product_id"] == "SKL-USD"
+    )
+    faults = {"coinbase": Faults(corrupt_checksum=frozenset({corrupt}))}
     async with trio.open_nursery() as nursery:
         replay = await nursery.start(
-            partial(serve_replay, paths(captures), local_config(), speed=None)
+            partial(serve_replay, paths(captures), local_config(), speed=None, faults=faults)
         )
         with trio.fail_after(30):  # about 5 s: the daemon's pipeline sets the pace
             await replay.wait_finished()
@@ -444,11 +455,13 @@ async def test_final_books_reach_a_client(captures: Path, rec: Recorded) -> None
                     if books == expected:
                         break
                     await trio.sleep(0.05)
-        assert books == expected
         assert set(books) == set(rec.products)
+        for product in rec.products:
+            assert books[product] == expected[product], product
         emulator = replay.emulators["coinbase"]
+        assert emulator.connections_total == 1
         assert emulator.statistics()["sent"] == len(rec.tape) - 3
-        assert replay.app.collectors["coinbase"].feed.stats.resyncs == 0
+        assert replay.app.collectors["coinbase"].feed.stats.resyncs == 1
         nursery.cancel_scope.cancel()
 
 

@@ -221,13 +221,17 @@ def test_client_requests_pings_errors_and_unsubscribe(recorded):
     assert missing["errorMessage"] == "Subscription Not Found"
 
 
-def test_greeting_is_the_recorded_system_status_with_a_fresh_connection_id(recorded):
+def test_greeting_is_the_recorded_system_status_with_a_fresh_connection_id(recorded, markets):
     venue = KrakenVenue(recorded)
-    first, second = (json.loads(venue.greeting()[0]) for _ in range(2))
+    (text,) = venue.greeting()
+    first, second = json.loads(text), json.loads(venue.greeting()[0])
     assert {**first, "connectionID": 0} == {
         "connectionID": 0, "event": "systemStatus", "status": "online", "version": "1.8.3"
     }
     assert first["connectionID"] != second["connectionID"]
+    feed = KrakenFeed(["BTC-CHF"], ["trades"], markets)
+    feed.on_open(1.0)
+    assert feed.on_message(text, 1.0) == [] and feed.system_status == "online"
 
 
 def test_subscriptions_are_the_recorded_symbols_and_channels(recorded, markets, pairs):

@@ -40,6 +40,7 @@ class Venue(Protocol):
 
     exchange: str
 
+    def greeting(self) -> list[str]: ...
     def open(self, path: str) -> set[str]: ...
     def on_client_message(self, keys: set[str], text: str) -> list[str]: ...
     def route(self, frame: Received) -> str | None: ...
@@ -140,6 +141,8 @@ class Emulator:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, conn, receive)
+                for text in self.venue.greeting():  # e.g. Kraken's systemStatus
+                    await send.send(text)
                 if conn.keys:
                     self.started.set()
                 while True:

@@ -69,6 +69,10 @@ class BinanceVenue:
                         channels[channel] = None
         return list(symbols), list(channels)
 
+    def greeting(self) -> list[str]:
+        """Binance sends nothing unprompted on a new connection."""
+        return []
+
     # -- WebSocket ------------------------------------------------------------------
 
     def open(self, path: str) -> set[str]:

@@ -173,6 +173,10 @@ class CoinbaseVenue:
 
     # -- WebSocket ------------------------------------------------------------------
 
+    def greeting(self) -> list[str]:
+        """Coinbase sends nothing unprompted on a new connection."""
+        return []
+
     def open(self, path: str) -> set[str]:
         """A new connection has no keys: it subscribes by message."""
         return set()
@@ -217,7 +221,7 @@ class CoinbaseVenue:
                     keys.discard(f"{channel}:{product}")
                     if channel == "level2":
                         keys.discard(f"{SNAPSHOT_KEY}:{product}")
-        replies.insert(0, self._subscriptions(keys))
+        replies.append(self._subscriptions(keys))
         return replies
 
     def _checked(

@@ -14,7 +14,10 @@ Theory of operation
    and ``heartbeat``, and is answered per pair with a ``subscriptionStatus``
    carrying the channelID recorded for that (name, pair), as Kraken did (they are
    unique across the files). ``unsubscribe`` removes the key and answers
-   ``status: unsubscribed``; ``ping`` gets ``pong`` (with ``reqid``).
+   ``status: unsubscribed``; ``ping`` gets ``pong`` (with ``reqid``). Subscribing
+   to what the connection already has, or unsubscribing from what it has not, is
+   an error ``subscriptionStatus`` (``Already subscribed``, ``Subscription Not
+   Found``).
 3. Only what was recorded is served: a pair or channel that was not recorded is
    answered with an error ``subscriptionStatus`` (Kraken's own words: ``Currency
    pair not supported``, ``Subscription name invalid``), and so is a book depth
@@ -40,9 +43,10 @@ Theory of operation
 6. REST: ``/0/public/AssetPairs`` as recorded (``?pair=`` filters it);
    ``/0/public/Trades?pair=X&since=T`` from the trades the tape has played, for
    recovery after a reconnect (ids are the play order within the pair, from 1);
-   ``/0/public/Depth?pair=X&count=N`` from the current book. Any other path is
-   ``404 {"error":["EGeneral:Unknown method"]}``; request errors are Kraken's
-   ``EQuery:``/``EGeneral:`` messages in a 200 answer, as Kraken sends them.
+   ``/0/public/Depth?pair=X&count=N`` from the current book (``503
+   EService:Unavailable`` before the pair's recorded snapshot has played). Any
+   other path is ``404 {"error":["EGeneral:Unknown method"]}``; request errors are
+   Kraken's ``EQuery:``/``EGeneral:`` messages in a 200 answer, as Kraken sends them.
 """
 
 from __future__ import annotations
