@@ -12,7 +12,11 @@ collector task (I/O) drives it:
    subscription is restored and every book resynced;
 3. each text frame goes to ``feed.on_message(text, recv_ts)``;
 4. Binance-style books ask for a REST snapshot with ``FetchSnapshot``; the collector
-   GETs it and hands the body to ``feed.on_snapshot(symbol, body, recv_ts)``.
+   GETs it and hands the body to ``feed.on_snapshot(symbol, body, recv_ts)``;
+5. after a reconnect, or a jump in trade ids, ``FetchTrades`` asks for the REST
+   trade history; its body goes to ``feed.on_trades(symbol, body, recv_ts)``.
+   Live trades of that symbol wait until the recovered ones are out, and every
+   trade id goes out once; what the history cannot cover is a ``Gap`` event.
 
 Each call returns a list of outputs, in order: events for the dispatcher, frames
 to ``Send``, snapshots to fetch, and ``Malformed`` notes for the log. The rules:
@@ -50,6 +54,16 @@ class Send:
 class FetchSnapshot:
     """GET ``target`` (path and query) on the exchange's REST base URL and hand the
     body to ``on_snapshot(symbol, body, recv_ts)``."""
+
+    symbol: str
+    target: str
+
+
+@attrs.frozen
+class FetchTrades:
+    """GET ``target`` (the exchange's REST trade history) and hand the body to
+    ``on_trades(symbol, body, recv_ts)``: trades missed while disconnected, or
+    behind a gap in trade ids, are recovered and delivered before the live ones."""
 
     symbol: str
     target: str

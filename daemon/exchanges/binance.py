@@ -20,7 +20,11 @@ One combined stream (``/stream?streams=a/b/c``) carries, per symbol,
    clients keep the last good book, and get the new one as one ``BookSnapshot``.
 
 Aggregate trade ids (``a``) are contiguous per symbol: a repeated or older id is a
-duplicate and dropped; a jump is counted as a trade gap.
+duplicate and dropped. A jump in ids, or a reconnect, starts a recovery from the
+REST ``/api/v3/aggTrades`` history (``fromId`` = last id + 1; ``startTime`` = the
+exchange time last seen, for a symbol with no trade yet); live trades wait in a
+buffer until the recovered ones are out. Ids the history does not have are
+reported as a ``Gap``.
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ from typing import Any
 import orjson
 
 from daemon.book import BookError, L2Book
-from daemon.events import BookSnapshot, BookUpdate, FeedState, Ticker, Trade
-from daemon.exchanges.base import FeedStats, FetchSnapshot, malformed
+from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
+from daemon.exchanges.base import FeedStats, FetchSnapshot, FetchTrades, malformed
 
 MARKETS_TARGET = "/api/v3/exchangeInfo"
 #: Depth of the REST snapshot; 1000 is the deepest at weight 10 (5000 costs 50).
 SNAPSHOT_LIMIT = 1000
 #: Buffered depth events per symbol while waiting for a snapshot, before restarting.
 MAX_BUFFER = 10_000
+#: Trades per REST history page (Binance's maximum).
+TRADES_LIMIT = 1000
 
 _STREAMS = {"trades": "aggTrade", "ticker": "bookTicker", "book": "depth@100ms"}
 
@@ -107,6 +113,10 @@ class BinanceFeed:
         self.stats = FeedStats()
         self.books: dict[str, _BookSync] = {}
         self.last_trade_id: dict[str, int] = {}
+        #: symbols whose trades are being recovered -> live trades held meanwhile
+        self.recovering: dict[str, list[Trade]] = {}
+        self.opens = 0
+        self.last_exchange_ms = 0  # the latest exchange time seen (any stream)
 
     # -- connection -----------------------------------------------------------------
 
@@ -121,8 +131,13 @@ class BinanceFeed:
         return f"{ws_base.rstrip('/')}/stream?streams={streams}"
 
     def on_open(self, now: float) -> list:
-        """A (re)connection: every book starts unsynced. Subscriptions are in the URL."""
+        """A (re)connection: every book starts unsynced (subscriptions are in the
+        URL); after a reconnect, the trades missed meanwhile are fetched."""
         out: list = []
+        self.opens += 1
+        if self.opens > 1 and "trades" in self.channels:
+            for symbol in self.native:
+                out += self._recover_trades(symbol)
         self.books = {}
         if "book" in self.channels:
             for symbol in self.native:
@@ -183,26 +198,94 @@ class BinanceFeed:
         return []  # a stream we did not ask for (kline): nothing to do
 
     def _trade(self, symbol: str, d: dict, recv_ts: float) -> list:
-        agg_id = int(d["a"])
-        last = self.last_trade_id.get(symbol)
-        if last is not None and agg_id <= last:
-            self.stats.duplicates += 1
+        trade = self._parse_trade(symbol, d, recv_ts)
+        self.last_exchange_ms = max(self.last_exchange_ms, int(d["T"]))
+        held = self.recovering.get(symbol)
+        if held is not None:
+            held.append(trade)
             return []
+        last = self.last_trade_id.get(symbol)
+        agg_id = int(trade.id)
         if last is not None and agg_id > last + 1:
             self.stats.gaps += 1
-        trade = Trade(
+            out = self._recover_trades(symbol)
+            self.recovering[symbol].append(trade)
+            return out
+        return self._emit_trades(symbol, [trade])
+
+    def _parse_trade(self, symbol: str, d: dict, recv_ts: float) -> Trade:
+        return Trade(
             exchange=self.exchange,
             symbol=symbol,
             ts=int(d["T"]) / 1000,
             recv_ts=recv_ts,
-            id=str(agg_id),
+            id=str(int(d["a"])),
             price=_dec(d["p"]),
             size=_dec(d["q"]),
             side="sell" if d["m"] else "buy",  # m: the buyer is the maker, so the taker sold
         )
-        self.last_trade_id[symbol] = agg_id
-        self.stats.trades += 1
-        return [trade]
+
+    def _emit_trades(self, symbol: str, trades: list[Trade]) -> list:
+        """Trades in id order, each id once."""
+        out = []
+        for trade in sorted(trades, key=lambda t: int(t.id)):
+            last = self.last_trade_id.get(symbol)
+            if last is not None and int(trade.id) <= last:
+                self.stats.duplicates += 1
+                continue
+            self.last_trade_id[symbol] = int(trade.id)
+            self.stats.trades += 1
+            out.append(trade)
+        return out
+
+    def _recover_trades(self, symbol: str) -> list:
+        if symbol in self.recovering:
+            return []
+        last = self.last_trade_id.get(symbol)
+        if last is not None:
+            since = f"fromId={last + 1}"
+        elif self.last_exchange_ms:
+            since = f"startTime={self.last_exchange_ms}"
+        else:
+            return []  # nothing seen yet on any stream: nothing to recover from
+        self.recovering[symbol] = []
+        native = self.native[symbol]
+        return [FetchTrades(symbol, f"/api/v3/aggTrades?symbol={native}&{since}&limit={TRADES_LIMIT}")]
+
+    def on_trades(self, symbol: str, body: str | bytes, recv_ts: float) -> list:
+        """Deliver recovered trades from an ``aggTrades`` page
+        (``[{"a": id, "p", "q", "T", "m"}, ...]``), then the live trades held
+        meanwhile; a full page asks for the next one; ids still missing before the
+        first held trade are reported as a ``Gap``."""
+        held = self.recovering.get(symbol)
+        if held is None:
+            return []
+        try:
+            page = orjson.loads(body)
+            recovered = [self._parse_trade(symbol, d, recv_ts) for d in page]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            recovered, page = [], []
+            out: list = [malformed(self.stats, f"bad aggTrades page: {exc!r}", _text(body))]
+        else:
+            out = []
+        first_held = min((int(t.id) for t in held), default=None)
+        if first_held is not None:
+            recovered = [t for t in recovered if int(t.id) < first_held]
+        out += self._emit_trades(symbol, recovered)
+        last = self.last_trade_id.get(symbol)
+        if len(page) >= TRADES_LIMIT and (first_held is None or (last or 0) + 1 < first_held):
+            del self.recovering[symbol]  # next page, from the new last id
+            out += self._recover_trades(symbol)
+            self.recovering[symbol] = held
+            return out
+        del self.recovering[symbol]
+        if first_held is not None and last is not None and first_held > last + 1:
+            out.append(Gap(
+                exchange=self.exchange, symbol=symbol, ts=recv_ts, recv_ts=recv_ts,
+                stream="trades", from_id=str(last + 1), to_id=str(first_held - 1),
+                detail="not in the exchange's trade history",
+            ))
+        return out + self._emit_trades(symbol, held)
 
     def _ticker(self, symbol: str, d: dict, recv_ts: float) -> list:
         ticker = Ticker(
@@ -219,6 +302,7 @@ class BinanceFeed:
         return [ticker]
 
     def _depth(self, symbol: str, d: dict, recv_ts: float) -> list:
+        self.last_exchange_ms = max(self.last_exchange_ms, int(d["E"]))
         sync = self.books.get(symbol)
         if sync is None:
             return []

@@ -71,6 +71,9 @@ class _Connection:
     keys: set[str]
     send: trio.MemorySendChannel[str]
     closed: bool = False
+    #: held while a client request's replies are queued, so no tape frame can
+    #: slip between them (a frame before its book's snapshot would be lost)
+    lock: trio.StrictFIFOLock = attrs.field(factory=trio.StrictFIFOLock)
 
 
 @attrs.frozen
@@ -147,8 +150,9 @@ class Emulator:
                     self.started.set()
                 while True:
                     text = await ws.get_message()
-                    for reply in self.venue.on_client_message(conn.keys, text):
-                        await send.send(reply)
+                    async with conn.lock:
+                        for reply in self.venue.on_client_message(conn.keys, text):
+                            await send.send(reply)
                     if conn.keys:
                         self.started.set()
         except trio_websocket.ConnectionClosed:
@@ -199,7 +203,10 @@ class Emulator:
                 text = text[: len(text) // 2]
             for conn in targets:
                 try:
-                    await conn.send.send(text)
+                    async with conn.lock:
+                        if key not in conn.keys:
+                            continue  # unsubscribed while the tape waited
+                        await conn.send.send(text)
                     self.sent += 1
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     conn.closed = True
