@@ -9,8 +9,8 @@ import orjson
 import pytest
 
 from daemon.book import L2Book
-from daemon.events import BookSnapshot, BookUpdate, FeedState, Ticker, Trade
-from daemon.exchanges.base import FetchSnapshot, Malformed
+from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
+from daemon.exchanges.base import FetchSnapshot, FetchTrades, Malformed
 from daemon.exchanges.binance import BinanceFeed, parse_markets
 from daemon.replay.capture import read_capture
 from daemon.replay.venues.binance import BinanceVenue
@@ -167,3 +167,51 @@ def test_malformed_frames_are_counted_and_skipped(recorded) -> None:
     outputs = feed.on_message('{"stream":"nknusdt@depth@100ms","data":{"U":"x"}}', 1.0)
     assert any(isinstance(o, FetchSnapshot) and o.symbol == "NKN-USDT" for o in outputs)
     assert feed.book("NKN-USDT") is None and feed.book("LRC-BTC") is not None
+
+
+def test_trades_missed_while_disconnected_are_recovered_once(recorded) -> None:
+    """Reconnect between the two recorded trades: the missed LRC-BTC trade comes
+    from the REST history (by exchange time, as no LRC trade was seen before), and
+    when the same trade also arrives live it is not delivered twice."""
+    markets, snapshots, frames = recorded
+    feed = BinanceFeed(SYMBOLS, ["trades"], markets)
+    feed.on_open(0.0)
+    lrc_at = next(i for i, f in enumerate(frames) if "lrcbtc@aggTrade" in f.text)
+    delivered = []
+    for frame in frames[:lrc_at]:
+        delivered += [o for o in feed.on_message(frame.text, frame.ts) if isinstance(o, Trade)]
+    assert [t.symbol for t in delivered] == ["NKN-USDT"]
+    outputs = feed.on_open(1.0)  # the reconnect
+    fetches = {o.symbol: o.target for o in outputs if isinstance(o, FetchTrades)}
+    assert fetches["NKN-USDT"] == "/api/v3/aggTrades?symbol=NKNUSDT&fromId=15683431&limit=1000"
+    assert fetches["LRC-BTC"].startswith("/api/v3/aggTrades?symbol=LRCBTC&startTime=16339985")
+    lrc = orjson.loads(frames[lrc_at].text)["data"]
+    page = orjson.dumps([{k: lrc[k] for k in ("a", "p", "q", "f", "l", "T", "m", "M")}])
+    recovered = feed.on_trades("LRC-BTC", page, 2.0)
+    assert [(t.symbol, t.id, t.price) for t in recovered] == [("LRC-BTC", str(lrc["a"]), lrc["p"])]
+    assert feed.on_trades("NKN-USDT", b"[]", 2.0) == []
+    assert feed.on_message(frames[lrc_at].text, 3.0) == []  # the same trade, live: dropped
+    assert feed.stats.duplicates == 1 and feed.stats.trades == 2
+
+
+def test_a_jump_in_trade_ids_is_recovered_and_what_is_missing_is_a_gap(recorded) -> None:
+    markets, _, frames = recorded
+    feed = BinanceFeed(SYMBOLS, ["trades"], markets)
+    feed.on_open(0.0)
+    nkn = next(f for f in frames if "nknusdt@aggTrade" in f.text)
+    feed.on_message(nkn.text, nkn.ts)
+    data = orjson.loads(nkn.text)
+
+    def frame(agg_id: int) -> str:
+        return orjson.dumps({**data, "data": {**data["data"], "a": agg_id}}).decode()
+
+    base = data["data"]["a"]
+    outputs = feed.on_message(frame(base + 5), 1.0)  # ids base+1..base+4 missing
+    assert outputs == [FetchTrades("NKN-USDT", f"/api/v3/aggTrades?symbol=NKNUSDT&fromId={base + 1}&limit=1000")]
+    assert feed.on_message(frame(base + 6), 1.1) == []  # held until recovery is done
+    page = orjson.dumps([{**data["data"], "a": base + 1}, {**data["data"], "a": base + 2}])
+    outputs = feed.on_trades("NKN-USDT", page, 2.0)
+    assert [o.id if isinstance(o, Trade) else (o.from_id, o.to_id) for o in outputs] == [
+        str(base + 1), str(base + 2), (str(base + 3), str(base + 4)), str(base + 5), str(base + 6)]
+    assert isinstance(outputs[2], Gap) and outputs[2].stream == "trades"
+    assert feed.stats.gaps == 1

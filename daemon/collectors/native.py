@@ -10,7 +10,7 @@ after a healthy run; subscriptions are restored and books resynced by ``on_open`
 While connected, three tasks share one nursery:
 
 - the reader puts every frame in a small bounded inbox;
-- REST snapshot fetches put their answers in the same inbox;
+- REST fetches (book snapshots, trade history) put their answers in the same inbox;
 - the processor takes the inbox in order, calls the protocol, and sends events to
   the dispatcher. When the dispatcher is full the processor waits, the inbox fills,
   the reader waits, and the exchange's socket is no longer read: backpressure.
@@ -35,7 +35,7 @@ from daemon.collectors.venues import Venue
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.errors import FeedDisconnected, FeedError, FeedStale, feed_errors
 from daemon.events import Event, FeedState
-from daemon.exchanges.base import FetchSnapshot, Malformed, Send
+from daemon.exchanges.base import FetchSnapshot, FetchTrades, Malformed, Send
 from daemon.supervise import Backoff
 
 log = logging.getLogger(__name__)
@@ -148,11 +148,13 @@ class NativeCollector:
     async def _process(self, ws, nursery, http, inbox_receive, inbox_send) -> None:
         feed = self.feed
         async for item in inbox_receive:
-            if item[0] == "frame":
+            kind = item[0]
+            if kind == "frame":
                 outputs = feed.on_message(item[1], item[2])
+            elif kind == "snapshot":
+                outputs = feed.on_snapshot(item[1], item[2], item[3])
             else:
-                _, symbol, body, recv_ts = item
-                outputs = feed.on_snapshot(symbol, body, recv_ts)
+                outputs = feed.on_trades(item[1], item[2], item[3])
             if outputs:
                 await self._handle(outputs, ws, nursery, http, inbox_send)
         raise FeedDisconnected(f"{self.exchange}: stream ended")
@@ -163,19 +165,22 @@ class NativeCollector:
                 with feed_errors(f"{self.exchange} send"):
                     await ws.send_message(output.text)
             elif isinstance(output, FetchSnapshot):
-                nursery.start_soon(self._fetch_snapshot, http, output, inbox_send)
+                nursery.start_soon(self._fetch, http, "snapshot", output, inbox_send)
+            elif isinstance(output, FetchTrades):
+                nursery.start_soon(self._fetch, http, "trades", output, inbox_send)
             elif isinstance(output, Malformed):
                 log.warning("%s: skipped a frame: %s: %s", self.exchange, output.reason, output.text)
             else:
                 await self.out.send(output)
 
-    async def _fetch_snapshot(self, http, request: FetchSnapshot, inbox_send) -> None:
-        """GET a book snapshot and queue its body; REST failures retry with backoff
-        inside this task, so one slow endpoint does not drop the WebSocket."""
+    async def _fetch(self, http, kind: str, request: FetchSnapshot | FetchTrades, inbox_send) -> None:
+        """GET a book snapshot or a trade history page and queue its body as ``kind``;
+        REST failures retry with backoff inside this task, so one slow endpoint does
+        not drop the WebSocket."""
         backoff = Backoff(self.reconnect.base, self.reconnect.cap)
         while True:
             try:
-                with feed_errors(f"{self.exchange} snapshot {request.symbol}"):
+                with feed_errors(f"{self.exchange} {kind} {request.symbol}"):
                     response = await http.get(request.target)
                     response.raise_for_status()
                 break
@@ -183,7 +188,7 @@ class NativeCollector:
                 delay = backoff.next_delay()
                 log.warning("%s: %s; retry in %.2fs", self.exchange, exc, delay)
                 await trio.sleep(delay)
-        await inbox_send.send(("snapshot", request.symbol, response.text, time.time()))
+        await inbox_send.send((kind, request.symbol, response.text, time.time()))
 
     async def set_state(self, state: str, detail: str = "") -> None:
         """Record a connection state change and publish it on the ``system`` channel."""
