@@ -60,3 +60,34 @@ def feed_errors(what: str) -> Iterator[None]:
         raise FeedDisconnected(f"{what}: {exc!r}") from exc
     except (OSError, trio.BrokenResourceError) as exc:
         raise FeedDisconnected(f"{what}: {exc!r}") from exc
+
+
+@contextmanager
+def ccxt_errors(what: str) -> Iterator[None]:
+    """Map ccxt's errors raised inside (its sync API, run in a thread) into
+    ``FeedError``s, ``raise ... from exc``:
+
+    - ``NetworkError`` (timeouts, refused connections, HTTP 5xx, rate limiting, DDoS
+      protection, maintenance) and any other ``OperationFailed`` -> ``FeedDisconnected``;
+    - ``BadResponse`` (an unparsable body) and ``ExchangeError`` (the exchange
+      answered with an error) -> ``FeedProtocolError``;
+    - except ``NotSupported`` and ``ArgumentsRequired``: ccxt raises them before any
+      request, for a call the exchange does not have or that lacks an argument;
+      they are our bugs and propagate unchanged, as does anything not from ccxt.
+    """
+    import ccxt  # imported here: ccxt takes a while to import and only polling uses it
+
+    try:
+        yield
+    except (ccxt.NotSupported, ccxt.ArgumentsRequired):
+        raise
+    except (ccxt.BadResponse, ccxt.ExchangeError) as exc:
+        raise FeedProtocolError(f"{what}: {type(exc).__name__}: {_short(exc)}") from exc
+    except ccxt.OperationFailed as exc:  # NetworkError and its kin: retry may help
+        raise FeedDisconnected(f"{what}: {type(exc).__name__}: {_short(exc)}") from exc
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    """ccxt's messages carry the whole response body: cut them for the log."""
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."

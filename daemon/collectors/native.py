@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import attrs
 import httpx
 import trio
 import trio_websocket
@@ -70,6 +71,8 @@ class NativeCollector:
         self.state = "starting"
         self.state_counts: Counter[str] = Counter()
         self.last_receive = 0.0  # trio clock of the last frame
+        self.last_event: dict[str, float] = {}  # symbol -> trio clock of its last event
+        self.frames = 0
         self.connected_since: float | None = None
         self.backoff = Backoff(reconnect.base, reconnect.cap)
 
@@ -135,6 +138,7 @@ class NativeCollector:
             while True:
                 message = await ws.get_message()
                 self.last_receive = trio.current_time()
+                self.frames += 1
                 await inbox.send(("frame", message, time.time()))
 
     async def _watchdog(self) -> None:
@@ -171,6 +175,7 @@ class NativeCollector:
             elif isinstance(output, Malformed):
                 log.warning("%s: skipped a frame: %s: %s", self.exchange, output.reason, output.text)
             else:
+                self.last_event[output.symbol] = trio.current_time()
                 await self.out.send(output)
 
     async def _fetch(self, http, kind: str, request: FetchSnapshot | FetchTrades, inbox_send) -> None:
@@ -189,6 +194,25 @@ class NativeCollector:
                 log.warning("%s: %s; retry in %.2fs", self.exchange, exc, delay)
                 await trio.sleep(delay)
         await inbox_send.send((kind, request.symbol, response.text, time.time()))
+
+    def statistics(self) -> dict[str, Any]:
+        """State, counters, and ages in seconds: of the last frame on the connection
+        and of the last event per symbol (a quiet symbol is reported, never a reason
+        to reconnect)."""
+        now = trio.current_time()
+        stats = self.feed.stats if self.feed is not None else None
+        return {
+            "exchange": self.exchange,
+            "mode": "native",
+            "state": self.state,
+            "states": dict(self.state_counts),
+            "frames": self.frames,
+            "last_frame_age": round(now - self.last_receive, 3) if self.last_receive else None,
+            "symbols": {
+                symbol: round(now - at, 3) for symbol, at in sorted(self.last_event.items())
+            },
+            "counters": attrs.asdict(stats) if stats is not None else {},
+        }
 
     async def set_state(self, state: str, detail: str = "") -> None:
         """Record a connection state change and publish it on the ``system`` channel."""

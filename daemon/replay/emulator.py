@@ -155,7 +155,7 @@ class Emulator:
                             await send.send(reply)
                     if conn.keys:
                         self.started.set()
-        except trio_websocket.ConnectionClosed:
+        except* trio_websocket.ConnectionClosed:
             pass
         finally:
             conn.closed = True
@@ -207,6 +207,8 @@ class Emulator:
                         if key not in conn.keys:
                             continue  # unsubscribed while the tape waited
                         await conn.send.send(text)
+                        if number in faults.repeat:
+                            await conn.send.send(text)
                     self.sent += 1
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     conn.closed = True

@@ -22,6 +22,7 @@ class Faults:
     to them); ``drop``: frame N is sent to nobody (the emulator's own books still
     apply it); ``corrupt_checksum``: frame N's book checksum is altered;
     ``malformed``: frame N is replaced by a frame that is not valid JSON;
+    ``repeat``: frame N is sent twice;
     ``stall``: before frame N, send nothing for the given seconds (connections stay
     open).
     """
@@ -30,10 +31,14 @@ class Faults:
     drop: frozenset[int] = frozenset()
     corrupt_checksum: frozenset[int] = frozenset()
     malformed: frozenset[int] = frozenset()
+    repeat: frozenset[int] = frozenset()
     stall: dict[int, float] = attrs.field(factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.close or self.drop or self.corrupt_checksum or self.malformed or self.stall)
+        return bool(
+            self.close or self.drop or self.corrupt_checksum or self.malformed or self.repeat
+            or self.stall
+        )
 
 
 NO_FAULTS = Faults()

@@ -46,6 +46,12 @@ class BinanceVenue:
                     self.books.setdefault(symbol, _Book(orjson.loads(response.body)))
                 else:
                     self.static.setdefault(path, response.body.encode())
+        # played by the tape so far, for REST (see ``rest``): kept as raw frame text
+        # and parsed only when a REST request asks for them
+        self._book_tickers: dict[str, str] = {}  # NKNUSDT -> its latest bookTicker frame
+        self._agg_frames: dict[str, list[str]] = {}  # NKNUSDT -> aggTrade frames in order
+        self._agg_trades: dict[str, list[dict[str, Any]]] = {}  # the parsed prefix of those
+        self._symbol_ids: frozenset[str] | None = None  # exchangeInfo's, parsed when asked
 
     def subscriptions(self, captures: list[Capture]) -> tuple[list[str], list[str]]:
         """``(symbols, channels)`` the recorded connections subscribed, as tickwire
@@ -114,6 +120,10 @@ class BinanceVenue:
             if state is not None and int(data["u"]) > state.last_update_id:
                 state.book.apply(data["b"], data["a"])
                 state.last_update_id = int(data["u"])
+        elif stream.endswith("@bookTicker"):  # raw text: parsed only when REST asks
+            self._book_tickers[stream[:-11].upper()] = text
+        elif stream.endswith("@aggTrade"):
+            self._agg_frames.setdefault(stream[:-9].upper(), []).append(text)
         return stream
 
     def corrupt_checksum(self, text: str) -> str:
@@ -125,8 +135,19 @@ class BinanceVenue:
     # -- REST -----------------------------------------------------------------------
 
     def rest(self, target: str) -> tuple[int, bytes]:
-        """Answer a REST GET of ``target`` (path and query)."""
+        """Answer a REST GET of ``target`` (path and query).
+
+        Besides ``exchangeInfo`` and ``depth``: ``/api/v3/ticker/bookTicker``
+        (``symbol=X``, ``symbols=["X","Y"]`` or all) from the latest ``bookTicker``
+        frame the tape has played, and ``/api/v3/aggTrades`` (``symbol``, ``fromId``
+        or ``startTime``/``endTime``, ``limit``) from the ``aggTrade`` frames played
+        so far, both in Binance's documented REST formats and errors.
+        """
         parts = urlsplit(target)
+        if parts.path == "/api/v3/ticker/bookTicker":
+            return self._rest_book_ticker(parse_qs(parts.query))
+        if parts.path == "/api/v3/aggTrades":
+            return self._rest_agg_trades(parse_qs(parts.query))
         if parts.path == "/api/v3/depth":
             query = parse_qs(parts.query)
             symbol = query.get("symbol", [""])[0].upper()
@@ -146,3 +167,84 @@ class BinanceVenue:
         if body is None:
             return 404, b'{"code":-1,"msg":"not in the capture"}'
         return 200, body
+
+    def _known_symbol(self, symbol: str) -> bool:
+        if self._symbol_ids is None:
+            info = self.static.get("/api/v3/exchangeInfo")
+            listed = orjson.loads(info)["symbols"] if info else []
+            self._symbol_ids = frozenset(entry["symbol"] for entry in listed)
+        return symbol in self._symbol_ids or symbol in self._book_tickers
+
+    def _book_ticker(self, symbol: str) -> dict[str, str]:
+        """Binance's bookTicker answer for ``symbol``: the latest played frame; an
+        empty book (zeros, as Binance answers one) before the first."""
+        text = self._book_tickers.get(symbol)
+        if text is None:
+            zero = "0.00000000"
+            return {"symbol": symbol, "bidPrice": zero, "bidQty": zero, "askPrice": zero,
+                    "askQty": zero}
+        d = orjson.loads(text)["data"]
+        return {"symbol": d["s"], "bidPrice": d["b"], "bidQty": d["B"], "askPrice": d["a"],
+                "askQty": d["A"]}
+
+    def _rest_book_ticker(self, query: dict[str, list[str]]) -> tuple[int, bytes]:
+        if "symbol" in query:
+            symbol = query["symbol"][0].upper()
+            if not self._known_symbol(symbol):
+                return 400, _INVALID_SYMBOL
+            return 200, orjson.dumps(self._book_ticker(symbol))
+        if "symbols" in query:
+            try:
+                symbols = [str(s).upper() for s in orjson.loads(query["symbols"][0])]
+            except (orjson.JSONDecodeError, TypeError):
+                return 400, b'{"code":-1100,"msg":"Illegal characters found in parameter \'symbols\'."}'
+            if not all(self._known_symbol(s) for s in symbols):
+                return 400, _INVALID_SYMBOL
+        else:  # all symbols: here, those the tape has played a bookTicker of
+            symbols = list(self._book_tickers)
+        return 200, orjson.dumps([self._book_ticker(s) for s in symbols])
+
+    def _agg_trades_of(self, symbol: str) -> list[dict[str, Any]]:
+        """The aggTrades played so far for ``symbol``, in REST form: the frames not
+        parsed yet are parsed now."""
+        frames = self._agg_frames.get(symbol, [])
+        parsed = self._agg_trades.setdefault(symbol, [])
+        for text in frames[len(parsed):]:
+            d = orjson.loads(text)["data"]
+            parsed.append({k: d[k] for k in ("a", "p", "q", "f", "l", "T", "m", "M") if k in d})
+        return parsed
+
+    def _rest_agg_trades(self, query: dict[str, list[str]]) -> tuple[int, bytes]:
+        """Binance's rules: ``fromId`` (inclusive) or ``startTime``/``endTime``
+        (inclusive, at most one hour apart), not both; the oldest ``limit`` trades
+        from there, or the newest ``limit`` with neither; ``limit`` 500 by default,
+        at most 1000."""
+        symbol = query.get("symbol", [""])[0].upper()
+        if not symbol:
+            return 400, (b'{"code":-1102,"msg":"Mandatory parameter \'symbol\' was not sent,'
+                         b' was empty/null, or malformed."}')
+        if not self._known_symbol(symbol):
+            return 400, _INVALID_SYMBOL
+        try:
+            limit = min(max(int(query.get("limit", ["500"])[0]), 1), 1000)
+            from_id = int(query["fromId"][0]) if "fromId" in query else None
+            start = int(query["startTime"][0]) if "startTime" in query else None
+            end = int(query["endTime"][0]) if "endTime" in query else None
+        except ValueError:
+            return 400, b'{"code":-1100,"msg":"Illegal characters found in a parameter."}'
+        if from_id is not None and (start is not None or end is not None):
+            return 400, b'{"code":-1128,"msg":"Combination of optional parameters invalid."}'
+        if start is not None and end is not None and end - start > 3_600_000:
+            return 400, b'{"code":-1127,"msg":"More than 1 hours between startTime and endTime."}'
+        trades = self._agg_trades_of(symbol)
+        if from_id is not None:
+            page = [t for t in trades if t["a"] >= from_id][:limit]
+        elif start is not None or end is not None:
+            low, high = start if start is not None else 0, end if end is not None else 1 << 62
+            page = [t for t in trades if low <= t["T"] <= high][:limit]
+        else:
+            page = trades[-limit:]
+        return 200, orjson.dumps(page)
+
+
+_INVALID_SYMBOL = b'{"code":-1121,"msg":"Invalid symbol."}'

@@ -1,0 +1,482 @@
+"""The ccxt REST polling collector: any exchange ccxt knows, by polling its REST API.
+
+Theory of operation
+-------------------
+``PollCollector.run`` builds nothing on the network until it runs: it loads the
+exchange's markets through ccxt, checks that every configured ``BASE-QUOTE`` is a
+ccxt market ``BASE/QUOTE``, then polls in rounds, one round every ``period``
+seconds, until cancelled. A round is:
+
+1. tickers: one ``fetch_bids_asks(symbols)`` when ccxt has it for the exchange,
+   else one ``fetch_ticker(symbol)`` per symbol; a ``Ticker`` goes out only when
+   the top of book of its symbol changed since the last one published;
+2. trades: one ``fetch_trades(symbol, since, limit)`` per symbol, handed to that
+   symbol's ``TradeTracker`` (pure, below), which drops the trades already seen
+   and emits the new ones in time/id order, with a ``Gap`` where the answer cannot
+   have covered everything since the last poll.
+
+ccxt's async API is asyncio-only, so its sync API runs in a worker thread
+(``trio.to_thread.run_sync``), one call at a time per exchange object (a
+``CapacityLimiter(1)``: the object and its HTTP session are not thread-safe), with
+ccxt's own ``timeout`` set so that a thread always ends: cancelling the collector
+waits at most that long for the call in flight.
+
+Rate limit: ccxt's ``rateLimit`` is the exchange's minimum delay between two
+requests, in milliseconds. ccxt's own throttle is off (``enableRateLimit``: it
+sleeps inside the worker thread); instead (a) every request waits in trio until
+``rateLimit`` has passed since the previous one started, and (b) the round period
+is ``max(interval, rateLimit * requests per round)`` (``poll_period``), so the
+configured ``interval`` is raised, never lowered, to what the limit allows and
+the spacing of (a) never makes rounds fall behind. Every request counts as one:
+ccxt's per-endpoint ``cost`` weights are not applied.
+
+Failures: ccxt's errors are mapped by ``daemon.errors.ccxt_errors`` into
+``FeedDisconnected`` / ``FeedProtocolError``. Market loading retries them with
+backoff in state ``failed``; polling retries them with backoff in state
+``reconnecting`` (the backoff starts over after a run of ``healthy_after``), and
+the first good round after either is ``subscribed``. Trade and ticker memory
+survives a retry and a supervisor restart of ``run`` (it lives on the object), so
+nothing is delivered twice. Anything else (a bug, a symbol the exchange does not
+list) propagates to the supervisor.
+
+Decimal strings: ccxt turns prices and sizes into floats. A value is taken as the
+exchange sent it from the raw answer (``info``: Binance's ``bidPrice``/``bidQty``
+and aggTrade ``p``/``q``, and the usual names of other exchanges) when a raw
+string there parses to the same float; otherwise the float is written in plain
+positional notation from its shortest ``repr`` (``6.37e-06`` -> ``"0.00000637"``),
+which is the decimal the exchange sent, minus trailing zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from decimal import Decimal
+from functools import partial
+from typing import Any
+
+import trio
+
+from daemon.config import ExchangeConfig, ReconnectConfig
+from daemon.errors import FeedError, ccxt_errors
+from daemon.events import Event, FeedState, Gap, Ticker, Trade
+from daemon.exchanges.base import FeedStats
+from daemon.supervise import Backoff
+
+log = logging.getLogger(__name__)
+
+#: Seconds between rounds when the config has no ``interval``.
+DEFAULT_INTERVAL = 2.0
+#: ccxt's per-request timeout (ms): a worker thread never outlives it by much.
+TIMEOUT_MS = 10_000
+#: Trades asked per ``fetch_trades`` call; exchanges whose maximum is known.
+TRADES_LIMIT = 100
+TRADES_LIMITS = {"binance": 1000, "binanceus": 1000}
+#: Trade ids remembered per symbol, as a multiple of the page size.
+SEEN_PAGES = 10
+#: Full pages in a row fetched with ``since`` before jumping to the newest trades.
+MAX_BEHIND = 3
+#: Channels this collector can poll.
+POLL_CHANNELS = ("ticker", "trades")
+
+# Raw-answer keys that may hold a value as the exchange sent it, most specific first.
+_BID = ("bidPrice", "bid", "best_bid", "bidPx", "b")
+_BID_SIZE = ("bidQty", "bidSize", "bid_size", "bidSz", "bidVolume", "best_bid_size", "B")
+_ASK = ("askPrice", "ask", "best_ask", "askPx", "a")
+_ASK_SIZE = ("askQty", "askSize", "ask_size", "askSz", "askVolume", "best_ask_size", "A")
+_PRICE = ("p", "price", "px")
+_SIZE = ("q", "qty", "size", "amount", "sz", "quantity", "volume", "v")
+
+
+# -- pure helpers (no I/O) --------------------------------------------------------------
+
+
+def poll_period(interval: float, rate_limit_ms: float, requests: int) -> float:
+    """Seconds between the starts of two rounds: the configured ``interval``, raised
+    to what ``requests`` requests per round at one per ``rate_limit_ms`` allow."""
+    return max(interval, rate_limit_ms / 1000 * requests)
+
+
+def ccxt_symbol(symbol: str) -> str:
+    """``BASE-QUOTE`` -> ccxt's unified spot symbol ``BASE/QUOTE``."""
+    base, _, quote = symbol.partition("-")
+    return f"{base}/{quote}"
+
+
+def decimal_text(info: Any, keys: tuple[str, ...], value: Any) -> str | None:
+    """``value`` (ccxt's float) as a decimal string: the raw string under one of
+    ``keys`` in ``info`` if it parses to the same number, else the float written
+    out (see the module docstring). ``None`` for a missing or non-finite value."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    if isinstance(info, dict):
+        for key in keys:
+            raw = info.get(key)
+            if isinstance(raw, str):
+                try:
+                    if float(raw) == value:
+                        return raw
+                except ValueError:
+                    continue
+    return format(Decimal(repr(value)), "f")
+
+
+def ticker_event(exchange: str, symbol: str, ticker: dict[str, Any], recv_ts: float) -> Ticker | None:
+    """A ``Ticker`` from a ccxt ticker (``fetch_ticker`` / ``fetch_bids_asks``), or
+    ``None`` when it lacks a side or a size (ccxt gives ``None`` for an empty side)."""
+    info = ticker.get("info")
+    values = (
+        decimal_text(info, _BID, ticker.get("bid")),
+        decimal_text(info, _BID_SIZE, ticker.get("bidVolume")),
+        decimal_text(info, _ASK, ticker.get("ask")),
+        decimal_text(info, _ASK_SIZE, ticker.get("askVolume")),
+    )
+    if None in values or not ticker.get("bid") or not ticker.get("ask"):
+        return None
+    bid, bid_size, ask, ask_size = values
+    stamp = ticker.get("timestamp")
+    return Ticker(
+        exchange=exchange, symbol=symbol, ts=stamp / 1000 if stamp else recv_ts, recv_ts=recv_ts,
+        bid=bid, bid_size=bid_size, ask=ask, ask_size=ask_size,  # type: ignore[arg-type]
+    )
+
+
+def trade_id(trade: dict[str, Any]) -> str:
+    """The exchange's trade id; for an exchange without ids, one made of what the
+    trade is (time, price, amount, side): identical trades in one ms collapse."""
+    tid = trade.get("id")
+    if tid is not None and tid != "":
+        return str(tid)
+    return f"{trade.get('timestamp')}:{trade.get('price')}:{trade.get('amount')}:{trade.get('side')}"
+
+
+def _order(trade: dict[str, Any]) -> tuple:
+    tid = trade_id(trade)
+    stamp = trade.get("timestamp") or 0
+    return (stamp, 0, int(tid), "") if tid.isdigit() else (stamp, 1, 0, tid)
+
+
+class TradeTracker:
+    """The trades of one symbol across polls: what to ask next, what is new.
+
+    Rules:
+
+    1. The first poll asks for the newest page (``since=None``); every later poll
+       asks ``since`` = the time of the newest trade delivered. ccxt's ``since`` is
+       inclusive, so an answer that covers the time since the last poll overlaps
+       what was delivered (a trade seen before, or one not newer than it).
+    2. Trades already delivered are dropped (``stats.duplicates``): ids are kept
+       for the last ``SEEN_PAGES`` pages' worth of trades, and a trade not newer
+       than the newest id forgotten counts as delivered, so memory is bounded.
+    3. New trades go out ordered by time, then by id (numerically when numeric).
+    4. An answer that is a full page (``len >= limit``), brings new trades, and does
+       not overlap (rule 1) may hide trades between the last delivered and the
+       first returned: a ``Gap`` goes out first (``from_id`` / ``to_id``: the
+       missing id range when ids are numbers).
+    5. A ``since`` answer that brings nothing new, or ``MAX_BEHIND`` full ``since``
+       pages in a row, make the next poll ask for the newest page instead: some
+       exchanges bound a ``since`` window (ccxt asks Binance for one hour from
+       ``since``, which never reaches the present after an hour without trades),
+       and a feed that stays behind is cut short with a ``Gap`` (rule 4) rather
+       than falling further behind.
+    """
+
+    def __init__(self, exchange: str, symbol: str, limit: int, stats: FeedStats) -> None:
+        self.exchange = exchange
+        self.symbol = symbol
+        self.limit = limit
+        self.stats = stats
+        self.memory = SEEN_PAGES * limit
+        self.seen: dict[str, int] = {}  # id -> time (ms), oldest first
+        self.forgotten_ts: int | None = None  # newest time of an id dropped from ``seen``
+        self.last_ts: int | None = None  # time of the newest trade delivered
+        self.last_id: str | None = None
+        self.jump = False
+        self.behind = 0
+
+    def since(self) -> int | None:
+        """The ``since`` (ms) of the next ``fetch_trades`` call (rules 1 and 5)."""
+        return None if self.last_ts is None or self.jump else self.last_ts
+
+    def page(self, trades: list[dict[str, Any]], since: int | None, recv_ts: float) -> list[Event]:
+        """The events of one ``fetch_trades`` answer to a call with ``since``."""
+        new: list[dict[str, Any]] = []
+        fresh: set[str] = set()
+        overlap = False
+        for trade in trades:
+            tid = trade_id(trade)
+            stamp = trade.get("timestamp")
+            if tid in self.seen or tid in fresh or (
+                stamp is not None and self.forgotten_ts is not None and stamp <= self.forgotten_ts
+            ):
+                overlap = True
+                self.stats.duplicates += 1
+                continue
+            if stamp is not None and self.last_ts is not None and stamp <= self.last_ts:
+                overlap = True
+            fresh.add(tid)
+            new.append(trade)
+        new.sort(key=_order)
+        full = len(trades) >= self.limit
+        out: list[Event] = []
+        if new and self.last_id is not None and not overlap and full:
+            out.append(self._gap(trade_id(new[0]), recv_ts))
+        for trade in new:
+            event = self._trade(trade, recv_ts)
+            if event is not None:
+                out.append(event)
+        if since is None:
+            self.jump, self.behind = False, 0
+        elif not new:
+            self.jump = True
+        elif full:
+            self.behind += 1
+            if self.behind >= MAX_BEHIND:
+                self.jump, self.behind = True, 0
+        else:
+            self.behind = 0
+        return out
+
+    def _trade(self, trade: dict[str, Any], recv_ts: float) -> Trade | None:
+        tid = trade_id(trade)
+        stamp = trade.get("timestamp")
+        self._remember(tid, stamp)
+        if stamp is not None and (self.last_ts is None or stamp >= self.last_ts):
+            self.last_ts, self.last_id = stamp, tid
+        elif self.last_id is None:
+            self.last_id = tid
+        info = trade.get("info")
+        price = decimal_text(info, _PRICE, trade.get("price"))
+        size = decimal_text(info, _SIZE, trade.get("amount"))
+        side = trade.get("side")
+        if price is None or size is None or side not in ("buy", "sell"):
+            self.stats.malformed += 1
+            log.warning("%s %s: skipped an unusable trade: %.200r", self.exchange, self.symbol, trade)
+            return None
+        self.stats.trades += 1
+        return Trade(
+            exchange=self.exchange, symbol=self.symbol,
+            ts=stamp / 1000 if stamp is not None else recv_ts, recv_ts=recv_ts,
+            id=tid, price=price, size=size, side=side,
+        )
+
+    def _remember(self, tid: str, stamp: int | None) -> None:
+        self.seen[tid] = stamp if stamp is not None else -1
+        while len(self.seen) > self.memory:
+            old = next(iter(self.seen))
+            old_ts = self.seen.pop(old)
+            if old_ts >= 0:
+                self.forgotten_ts = max(old_ts, self.forgotten_ts or old_ts)
+
+    def _gap(self, first_new: str, recv_ts: float) -> Gap:
+        self.stats.gaps += 1
+        last = self.last_id or ""
+        from_id = to_id = ""
+        if last.isdigit() and first_new.isdigit() and int(first_new) - int(last) > 1:
+            from_id, to_id = str(int(last) + 1), str(int(first_new) - 1)
+        return Gap(
+            exchange=self.exchange, symbol=self.symbol, ts=recv_ts, recv_ts=recv_ts,
+            stream="trades", from_id=from_id, to_id=to_id,
+            detail=f"a full page of {self.limit} trades did not reach back to trade {last}; "
+            f"trades between it and {first_new} may be missing",
+        )
+
+
+def _rebase(urls: Any, base: str) -> Any:
+    """Every URL in ccxt's ``urls["api"]`` (a string or nested dicts) with its scheme
+    and host replaced by ``base``, the path kept: ``https://api.binance.com/api/v3``
+    -> ``http://127.0.0.1:5000/api/v3``."""
+    if isinstance(urls, dict):
+        return {key: _rebase(value, base) for key, value in urls.items()}
+    if isinstance(urls, str) and "://" in urls:
+        rest = urls.split("://", 1)[1]
+        path = rest[rest.index("/"):] if "/" in rest else ""
+        return base.rstrip("/") + path
+    return urls
+
+
+def make_exchange(exchange_id: str, rest_url: str = "") -> Any:
+    """ccxt's sync exchange object for ``exchange_id``: our timeout, ccxt's throttle
+    off (ours is in trio), spot markets only, REST URLs rebased on ``rest_url``.
+    Raises ``ValueError`` for an id ccxt does not know."""
+    import ccxt
+
+    if exchange_id not in ccxt.exchanges:
+        raise ValueError(f"ccxt knows no exchange {exchange_id!r}")
+    api = getattr(ccxt, exchange_id)({"timeout": TIMEOUT_MS, "enableRateLimit": False})
+    # only spot markets: tickwire's BASE-QUOTE are spot symbols, and for Binance
+    # this loads /api/v3/exchangeInfo alone (not the futures' and options' infos)
+    markets_option = api.options.get("fetchMarkets")
+    if isinstance(markets_option, dict) and "types" in markets_option:
+        markets_option["types"] = ["spot"]
+    elif isinstance(markets_option, list) and "spot" in markets_option:
+        api.options["fetchMarkets"] = ["spot"]
+    if rest_url:
+        api.urls["api"] = _rebase(api.urls["api"], rest_url)
+    return api
+
+
+# -- the collector task -----------------------------------------------------------------
+
+
+class PollCollector:
+    """One exchange polled through ccxt's REST API (see the module docstring).
+
+    ``exchange``: a ccxt exchange id; ``cfg``: symbols, channels (``ticker``,
+    ``trades``; ``book`` is not polled), ``rest_url`` and ``interval``; ``out``: a
+    dispatcher source channel. After construction: ``period`` (seconds per round,
+    after the rate-limit rule), ``requests_per_round``; while running: ``state``,
+    ``state_counts``, ``stats`` (``messages`` counts REST answers).
+    """
+
+    def __init__(
+        self,
+        exchange: str,
+        cfg: ExchangeConfig,
+        reconnect: ReconnectConfig,
+        out: trio.MemorySendChannel[Event],
+    ) -> None:
+        self.exchange = exchange
+        self.cfg = cfg
+        self.reconnect = reconnect
+        self.out = out
+        self.api = make_exchange(exchange, cfg.rest_url)
+        self.limiter = trio.CapacityLimiter(1)
+        self.markets = {symbol: ccxt_symbol(symbol) for symbol in cfg.symbols}
+        self.channels = [c for c in POLL_CHANNELS if c in cfg.channels]
+        ignored = [c for c in cfg.channels if c not in POLL_CHANNELS]
+        if ignored:
+            log.warning("%s: polling has no %s channel; ignored", exchange, ", ".join(ignored))
+        self.bids_asks = bool(self.api.has.get("fetchBidsAsks"))
+        n = len(self.markets)
+        self.requests_per_round = (
+            ((1 if self.bids_asks else n) if "ticker" in self.channels else 0)
+            + (n if "trades" in self.channels else 0)
+        )
+        self.spacing = float(self.api.rateLimit) / 1000
+        self.interval = float(getattr(cfg, "interval", DEFAULT_INTERVAL))
+        self.period = poll_period(self.interval, self.api.rateLimit, self.requests_per_round)
+        if self.period > self.interval:
+            log.info("%s: poll interval raised from %.3gs to %.3gs (rate limit %sms x %d requests)",
+                     exchange, self.interval, self.period, self.api.rateLimit,
+                     self.requests_per_round)
+        self.stats = FeedStats()
+        limit = TRADES_LIMITS.get(exchange, TRADES_LIMIT)
+        self.trades = {s: TradeTracker(exchange, s, limit, self.stats) for s in self.markets}
+        self.last_tickers: dict[str, tuple[str, str, str, str]] = {}
+        self.state = "starting"
+        self.state_counts: Counter[str] = Counter()
+        self.backoff = Backoff(reconnect.base, reconnect.cap)
+        self._next_request = -math.inf  # trio clock: the earliest start of the next request
+        self._markets_loaded = False
+
+    # -- the lifecycle -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Poll until cancelled; ``started()`` at once (its state tells how far it
+        got). Non-network errors propagate: the supervisor restarts the collector."""
+        task_status.started()
+        await self.set_state("connecting", self._public_url())
+        await self._load_markets()
+        while True:
+            started = trio.current_time()
+            try:
+                await self._poll()
+            except FeedError as exc:
+                if trio.current_time() - started >= self.reconnect.healthy_after:
+                    self.backoff.reset()
+                delay = self.backoff.next_delay()
+                await self.set_state("reconnecting", f"{exc}; retry in {delay:.2f}s")
+                log.warning("%s: %s; polling again in %.2fs", self.exchange, exc, delay)
+                await trio.sleep(delay)
+
+    def _public_url(self) -> str:
+        urls = self.api.urls["api"]
+        if isinstance(urls, dict):
+            urls = urls.get("public", urls.get("rest", next(iter(urls.values()), "")))
+        return urls if isinstance(urls, str) else ""
+
+    async def _load_markets(self) -> None:
+        while not self._markets_loaded:
+            try:
+                await self._call("markets", self.api.load_markets)
+                self._markets_loaded = True
+            except FeedError as exc:
+                delay = self.backoff.next_delay()
+                await self.set_state("failed", f"market metadata: {exc}")
+                log.error("%s: cannot load markets (%s); retry in %.2fs", self.exchange, exc, delay)
+                await trio.sleep(delay)
+        missing = [s for s, market in self.markets.items() if market not in self.api.markets]
+        if missing:
+            raise ValueError(f"{self.exchange} lists no market {', '.join(missing)}")
+
+    async def _poll(self) -> None:
+        subscribed = False
+        while True:
+            start = trio.current_time()
+            if "ticker" in self.channels:
+                await self._poll_tickers()
+            if "trades" in self.channels:
+                for symbol in self.markets:
+                    await self._poll_trades(symbol)
+            if not subscribed:
+                subscribed = True
+                await self.set_state("subscribed", f"polling every {self.period:.3g}s")
+            await trio.sleep_until(start + self.period)
+
+    async def _poll_tickers(self) -> None:
+        if self.bids_asks:
+            answer = await self._call(
+                "bids/asks", self.api.fetch_bids_asks, list(self.markets.values())
+            )
+            recv_ts = time.time()
+            for symbol, market in self.markets.items():
+                if market in answer:
+                    await self._ticker(symbol, answer[market], recv_ts)
+        else:
+            for symbol, market in self.markets.items():
+                answer = await self._call(f"ticker {symbol}", self.api.fetch_ticker, market)
+                await self._ticker(symbol, answer, time.time())
+
+    async def _ticker(self, symbol: str, ticker: dict[str, Any], recv_ts: float) -> None:
+        event = ticker_event(self.exchange, symbol, ticker, recv_ts)
+        if event is None:
+            return
+        top = (event.bid, event.bid_size, event.ask, event.ask_size)
+        if self.last_tickers.get(symbol) == top:
+            return
+        self.last_tickers[symbol] = top
+        self.stats.tickers += 1
+        await self.out.send(event)
+
+    async def _poll_trades(self, symbol: str) -> None:
+        tracker = self.trades[symbol]
+        since = tracker.since()
+        answer = await self._call(
+            f"trades {symbol}", self.api.fetch_trades, self.markets[symbol], since, tracker.limit
+        )
+        for event in tracker.page(answer, since, time.time()):
+            await self.out.send(event)
+
+    async def _call(self, what: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in a worker thread, at most one request per ``rateLimit``."""
+        now = trio.current_time()
+        if self._next_request > now:
+            await trio.sleep_until(self._next_request)
+            now = trio.current_time()
+        self._next_request = now + self.spacing
+        with ccxt_errors(f"{self.exchange} {what}"):
+            answer = await trio.to_thread.run_sync(partial(fn, *args), limiter=self.limiter)
+        self.stats.messages += 1
+        return answer
+
+    async def set_state(self, state: str, detail: str = "") -> None:
+        """Record a feed state change and publish it on the ``system`` channel."""
+        self.state = state
+        self.state_counts[state] += 1
+        now = time.time()
+        await self.out.send(
+            FeedState(exchange=self.exchange, symbol="*", ts=now, recv_ts=now, state=state, detail=detail)
+        )
