@@ -12,9 +12,11 @@ For each event the dispatcher, in one synchronous step:
 1. finds its stream (``channel:exchange:symbol``) and gives it the next ``seq``
    (from 1, contiguous);
 2. encodes it once (``daemon.wire``) into the text every subscriber gets;
-3. keeps what late joiners need: the current L2 book of a ``book`` stream, the
+3. drops a trade whose id the stream already carried (two sources, one trade),
+   counting it in ``duplicates``;
+4. keeps what late joiners need: the current L2 book of a ``book`` stream, the
    latest ``ticker``, the last N ``trades`` and ``system`` events;
-4. hands the text to every subscriber of the stream with ``deliver``, which never
+5. hands the text to every subscriber of the stream with ``deliver``, which never
    blocks: a subscriber that cannot keep up applies its own named policy.
 
 ``subscribe`` runs synchronously too, so a new subscriber's initial messages (book
@@ -36,10 +38,13 @@ import orjson
 import trio
 
 from daemon.book import BookError, L2Book
-from daemon.events import BookSnapshot, BookUpdate, Event, Ticker
+from daemon.events import BookSnapshot, BookUpdate, Event, Ticker, Trade
 from daemon.wire import event_dict
 
 log = logging.getLogger(__name__)
+
+#: Trade ids remembered per stream to drop a trade that two sources both bring.
+TRADE_IDS_KEPT = 10_000
 
 #: ``exchange:SYMBOL`` with ``*`` allowed for either part, or ``*`` alone.
 SYMBOL_PATTERN = re.compile(r"^(\*|[a-z0-9_.]+:(\*|[A-Z0-9.]+-[A-Z0-9.]+))$")
@@ -71,6 +76,10 @@ class Stream:
     book_event: Event | None = None
     latest: tuple[int, str] | None = None
     subscribers: set[Subscriber] = attrs.field(factory=set)
+    #: recent trade ids (trades streams): a trade id is delivered once, whichever
+    #: source (native feed, REST recovery, polling fallback) brings it
+    trade_ids: set[str] = attrs.field(factory=set)
+    trade_order: deque[str] = attrs.field(factory=deque)
 
     def snapshot_text(self) -> str | None:
         """The current book as a ``book_snapshot`` at this stream's ``seq``."""
@@ -91,6 +100,7 @@ class DispatcherStatistics:
 
     events: int
     rejected: int
+    duplicates: int
     streams: int
     subscribers: int
     buffer_used: int
@@ -120,6 +130,7 @@ class Dispatcher:
         self.subscriptions: dict[Subscriber, set[tuple[str, str]]] = {}
         self.events = 0
         self.rejected = 0
+        self.duplicates = 0
 
     def open_source(self) -> trio.MemorySendChannel[Event]:
         """A send channel for one source; close it (``async with``) when done."""
@@ -152,11 +163,22 @@ class Dispatcher:
     def publish(self, event: Event) -> None:
         """Number, encode, retain and deliver one event; never blocks.
 
+        A trade whose id the stream carried among its last ``TRADE_IDS_KEPT`` is
+        dropped and counted in ``duplicates``.
+
         A book update for a stream that has no book yet, or with levels that are not
         decimals, is a source's bug: it is counted in ``rejected``, logged, and not
         numbered, so clients never see a hole in ``seq``.
         """
         stream = self._stream(event.CHANNEL, event.exchange, event.symbol)
+        if isinstance(event, Trade):
+            if event.id in stream.trade_ids:
+                self.duplicates += 1
+                return
+            stream.trade_ids.add(event.id)
+            stream.trade_order.append(event.id)
+            if len(stream.trade_order) > TRADE_IDS_KEPT:
+                stream.trade_ids.discard(stream.trade_order.popleft())
         try:
             if isinstance(event, BookSnapshot):
                 book = L2Book()
@@ -249,6 +271,7 @@ class Dispatcher:
         return DispatcherStatistics(
             events=self.events,
             rejected=self.rejected,
+            duplicates=self.duplicates,
             streams=len(self.streams),
             subscribers=len(self.subscriptions),
             buffer_used=stats.current_buffer_used,

@@ -138,3 +138,24 @@ async def test_a_full_dispatcher_stops_the_collector_reading_and_nothing_is_lost
         assert sum(isinstance(e, Trade) for e in events) == 2
         assert sum(isinstance(e, Ticker) for e in events) == 84
         nursery.cancel_scope.cancel()
+
+
+async def test_the_dispatcher_delivers_a_trade_id_once_whatever_the_source() -> None:
+    from daemon.dispatch import Dispatcher
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.got: list[tuple[int, str]] = []
+
+        def deliver(self, stream, seq: int, text: str) -> None:
+            self.got.append((seq, text))
+
+    dispatcher = Dispatcher(8, {"trades": 10})
+    recorder = Recorder()
+    dispatcher.subscribe(recorder, ["trades"], ["*"])
+    trade = Trade(exchange="binance", symbol="NKN-USDT", ts=1.0, recv_ts=1.0, id="15683430",
+                  price="0.35280000", size="58.00000000", side="buy")
+    for event in (trade, trade, attrs.evolve(trade, id="15683431"), trade):
+        dispatcher.publish(event)
+    assert [seq for seq, _ in recorder.got] == [1, 2]
+    assert dispatcher.duplicates == 2
