@@ -33,6 +33,11 @@ def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
         raise ValueError(f"{attribute.name}: must be greater than 0, got {value!r}")
 
 
+def _non_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name}: must be 0 or more, got {value!r}")
+
+
 def _listen(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -127,15 +132,21 @@ class ExchangeConfig:
     """One exchange feed.
 
     ``symbols``: ``BASE-QUOTE``; ``channels``: of ``trades``, ``book``, ``ticker``;
-    ``mode``: ``native`` (tickwire's own WebSocket client); ``depth``: book levels
-    where the exchange takes a depth (Kraken); ``rest_url`` / ``ws_url``: override
-    the exchange's base URLs (the replay emulator sets them).
+    ``mode``: ``native`` (tickwire's own WebSocket client) or ``poll`` (ccxt REST
+    polling, any exchange id ccxt knows: trades and tickers); ``depth``: book
+    levels where the exchange takes a depth (Kraken); ``interval``: seconds between
+    polls (raised to what the exchange's rate limit allows); ``fallback_after``:
+    seconds a native feed may be down before its symbols are polled through ccxt
+    until it is back (0: never); ``rest_url`` / ``ws_url``: override the exchange's
+    base URLs (the replay emulator sets them).
     """
 
     symbols: list[str] = attrs.field(validator=_symbols)
     channels: list[str] = attrs.field(default=list(MARKET_CHANNELS), validator=_channels)
-    mode: str = attrs.field(default="native", validator=_one_of("native"))
+    mode: str = attrs.field(default="native", validator=_one_of("native", "poll"))
     depth: int = attrs.field(default=100, validator=_positive)
+    interval: float = attrs.field(default=2.0, validator=_positive)
+    fallback_after: float = attrs.field(default=30.0, validator=_non_negative)
     rest_url: str = ""
     ws_url: str = ""
 
@@ -157,12 +168,20 @@ class Config:
 
     @exchanges.validator
     def _known(self, attribute: attrs.Attribute, value: dict[str, ExchangeConfig]) -> None:
+        polled = [name for name, exchange in value.items() if exchange.mode == "poll"]
         for name, exchange in value.items():
             if exchange.mode == "native" and name not in NATIVE_EXCHANGES:
                 raise ValueError(
-                    f"exchanges: {name!r} has no native collector; native ones are "
-                    f"{', '.join(NATIVE_EXCHANGES)}"
+                    f"exchanges: {name!r} has no native collector (native ones are "
+                    f"{', '.join(NATIVE_EXCHANGES)}); set mode = \"poll\" to poll it "
+                    "through ccxt"
                 )
+        if polled:
+            import ccxt  # only when needed: importing it takes a second
+
+            unknown = [name for name in polled if name not in ccxt.exchanges]
+            if unknown:
+                raise ValueError(f"exchanges: ccxt knows no exchange {unknown[0]!r}")
 
 
 def _strict(cls: type, name: str) -> Any:
