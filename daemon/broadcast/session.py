@@ -31,8 +31,11 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 SLOW_CONSUMER = "slow consumer"
-#: Seconds a closing client gets to take the frame being written and the close frame.
+#: Seconds a closing client gets to take the frame being written.
 CLOSE_TIMEOUT = 5.0
+#: Seconds then given to the close handshake (at shutdown trio-websocket's reader is
+#: already cancelled and the client's reply is never read: the TCP close follows).
+HANDSHAKE_TIMEOUT = 1.0
 
 
 class Session:
@@ -114,7 +117,7 @@ class Session:
             finally:
                 self.dispatcher.remove(self)
         with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+            scope.deadline = trio.current_time() + HANDSHAKE_TIMEOUT
             if self._mid_frame:
                 # The client stopped reading in the middle of a frame and the time
                 # ran out: a close frame now would land inside that frame. Drop the

@@ -123,7 +123,9 @@ def decimal_text(info: Any, keys: tuple[str, ...], value: Any) -> str | None:
     return format(Decimal(repr(value)), "f")
 
 
-def ticker_event(exchange: str, symbol: str, ticker: dict[str, Any], recv_ts: float) -> Ticker | None:
+def ticker_event(
+    exchange: str, symbol: str, ticker: dict[str, Any], recv_ts: float
+) -> Ticker | None:
     """A ``Ticker`` from a ccxt ticker (``fetch_ticker`` / ``fetch_bids_asks``), or
     ``None`` when it lacks a side or a size (ccxt gives ``None`` for an empty side)."""
     info = ticker.get("info")
@@ -149,7 +151,8 @@ def trade_id(trade: dict[str, Any]) -> str:
     tid = trade.get("id")
     if tid is not None and tid != "":
         return str(tid)
-    return f"{trade.get('timestamp')}:{trade.get('price')}:{trade.get('amount')}:{trade.get('side')}"
+    fields = (trade.get(key) for key in ("timestamp", "price", "amount", "side"))
+    return ":".join(map(str, fields))
 
 
 def _order(trade: dict[str, Any]) -> tuple:
@@ -253,7 +256,8 @@ class TradeTracker:
         side = trade.get("side")
         if price is None or size is None or side not in ("buy", "sell"):
             self.stats.malformed += 1
-            log.warning("%s %s: skipped an unusable trade: %.200r", self.exchange, self.symbol, trade)
+            log.warning("%s %s: skipped an unusable trade: %.200r",
+                        self.exchange, self.symbol, trade)
             return None
         self.stats.trades += 1
         return Trade(
@@ -477,6 +481,6 @@ class PollCollector:
         self.state = state
         self.state_counts[state] += 1
         now = time.time()
-        await self.out.send(
-            FeedState(exchange=self.exchange, symbol="*", ts=now, recv_ts=now, state=state, detail=detail)
-        )
+        await self.out.send(FeedState(
+            exchange=self.exchange, symbol="*", ts=now, recv_ts=now, state=state, detail=detail
+        ))

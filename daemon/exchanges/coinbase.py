@@ -9,7 +9,10 @@ does the I/O and follows the contract in ``daemon.exchanges.base``.
 Theory of operation
 -------------------
 1. One ``subscribe`` frame names every product and channel: ``trades`` -> ``matches``,
-   ``book`` -> ``level2`` (or ``level2_batch``: same messages), ``ticker`` -> ``ticker``.
+   ``book`` -> ``level2`` (or ``level2_batch``: same messages), ``ticker`` -> ``ticker``,
+   and always ``heartbeat``: one frame per second per product, so a quiet connection
+   still shows the collector's watchdog that it is alive. A heartbeat only records
+   ``last_heartbeat``; it makes no event.
 2. A book is *synced* only after a ``snapshot`` frame; ``l2update`` frames
    (``changes: [[side, price, size], ...]``, ``buy`` = bid, ``sell`` = ask, size zero
    removes) apply to it and are ignored before it. ``on_open`` marks every book
@@ -25,13 +28,29 @@ Theory of operation
    all its channels (a ticker has the number of its match), so the last number is
    kept per product *and* channel. A repeat is a duplicate, a decrease is out of
    order: both are counted and dropped. A skip is normal (other channels used the
-   numbers), not a gap. Trades are also deduplicated by ``trade_id`` (the last
-   10,000 per product, kept across reconnects, so the ``last_match`` Coinbase
-   resends on subscribe is not delivered twice).
-5. Coinbase's match ``side`` is the *maker* order's side; ``Trade.side`` is the
-   taker's, so it is flipped (on the capture, each ticker, whose ``side`` is the
-   taker's, has the opposite side of its match).
-6. No call raises on exchange input: a bad frame becomes a ``Malformed`` output.
+   numbers), not a gap.
+5. Trades go out in ``trade_id`` order, each id once. ``trade_id`` is an integer
+   that grows by one per trade of a product (on the capture: 97 matches after the
+   10 ``last_match`` frames, 87 consecutive pairs, no jump), so the last id
+   delivered per product (kept across reconnects) is enough: an id at or below it
+   is a duplicate (such as the ``last_match`` Coinbase resends on subscribe), and a
+   jump above it means trades were lost. A jump, and every reconnect (for each
+   product with a known last id), starts a *recovery* from the REST history
+   ``/products/<id>/trades``, which lists trades newest first: ``FetchTrades`` of
+   the newest page (``limit=1000``), then, while a full page does not reach back to
+   the last id delivered, the next older one (``after=<oldest id of the page>``:
+   Coinbase's cursor for older trades). Live trades of that product are held
+   meanwhile. When the history is read, recovered and held trades go out merged in
+   id order, each once. If live trades were missed *after* the newest trade of the
+   history (the REST answer predates them), the newest page is read once more;
+   ids still missing then are reported as a ``Gap`` (``stream="trades"``,
+   ``from_id``/``to_id`` inclusive). A reconnect forgets recoveries in flight (their
+   answers died with the connection) and starts over from the last id delivered.
+6. Coinbase's match ``side`` is the *maker* order's side, in the REST history too;
+   ``Trade.side`` is the taker's, so it is flipped (on the capture, each ticker,
+   whose ``side`` is the taker's, has the opposite side of its match).
+7. No call raises on exchange input: a bad frame (or REST page) becomes a
+   ``Malformed`` output.
 """
 
 from __future__ import annotations
@@ -43,13 +62,20 @@ from typing import TypeVar
 import orjson
 
 from daemon.book import L2Book
-from daemon.events import BookSnapshot, BookUpdate, FeedState, Ticker, Trade
-from daemon.exchanges.base import FeedStats, Malformed, Send, malformed, normalize_symbol
+from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
+from daemon.exchanges.base import (
+    FeedStats,
+    FetchTrades,
+    Malformed,
+    Send,
+    malformed,
+    normalize_symbol,
+)
 
 #: REST target (on ``https://api.exchange.coinbase.com``) listing every product.
 MARKETS_TARGET = "/products"
-#: Recent trade ids remembered per product to drop repeated trades.
-TRADE_ID_MEMORY = 10_000
+#: Trades per page of the REST history ``/products/<id>/trades`` (Coinbase's maximum).
+TRADES_LIMIT = 1000
 #: tickwire channel -> Coinbase channel (``book``: see ``CoinbaseFeed.book_channel``).
 _CHANNELS = {"trades": "matches", "book": "level2", "ticker": "ticker"}
 _TAKER_SIDE = {"buy": "sell", "sell": "buy"}  # maker order side -> taker side
@@ -57,7 +83,7 @@ _TAKER_SIDE = {"buy": "sell", "sell": "buy"}  # maker order side -> taker side
 _DECIMAL = re.compile(r"\d+(?:\.\d+)?")
 
 
-_E = TypeVar("_E", BookSnapshot, BookUpdate, FeedState, Ticker, Trade)
+_E = TypeVar("_E", BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade)
 
 
 class _BadFrame(ValueError):
@@ -124,8 +150,31 @@ def _sequence(msg: dict) -> int:
     return seq
 
 
+def _trade_id(value: object) -> int:
+    """A ``trade_id``: an integer (or a string of digits), returned as ``int``."""
+    if type(value) is int:
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    raise _BadFrame(f"trade_id is not an integer: {value!r}")
+
+
 def _text(text: str | bytes) -> str:
     return text if isinstance(text, str) else text.decode("utf-8", "replace")
+
+
+class _Recovery:
+    """The trade recovery of one product in progress (module doc, rule 5)."""
+
+    __slots__ = ("floor", "reach", "top", "found", "held", "second_look")
+
+    def __init__(self, floor: int) -> None:
+        self.floor = floor  # the last id delivered: the missing ids start above it
+        self.reach = floor  # the id the current walk back through the history must reach
+        self.top: int | None = None  # the newest id the history has shown
+        self.found: dict[int, Trade] = {}  # recovered trades above `floor`, by id
+        self.held: list[Trade] = []  # live trades received meanwhile
+        self.second_look = False  # the newest page was read again
 
 
 class CoinbaseFeed:
@@ -139,8 +188,10 @@ class CoinbaseFeed:
     symbol or channel.
 
     Every call returns a list of events (``daemon.events``), ``Send`` frames and
-    ``Malformed`` notes, in order. ``stats`` holds the counters; ``last_heartbeat``
-    the receive time (epoch s) of the last ``heartbeat`` frame on this connection.
+    ``Malformed`` notes, in order; ``on_open``, a jump in trade ids and
+    ``on_trades`` also return ``FetchTrades``. ``stats`` holds the counters;
+    ``last_heartbeat`` the receive time (epoch s) of the last ``heartbeat`` frame on
+    this connection; ``recovering`` the products whose trades are being recovered.
     """
 
     exchange = "coinbase"
@@ -173,8 +224,9 @@ class CoinbaseFeed:
         self._books = {s: L2Book() for s in self._product} if "book" in channels else {}
         self._synced: set[str] = set()
         self._last_seq: dict[tuple[str, str], int] = {}
-        # an insertion-ordered dict as a bounded set: oldest id first
-        self._trade_ids: dict[str, dict[str, None]] = {s: {} for s in self._product}
+        self._last_trade_id: dict[str, int] = {}  # kept across reconnects
+        self._recovering: dict[str, _Recovery] = {}
+        self._opens = 0
         self._now = 0.0  # time of the last call: stamps resync() events
         self._handlers = {
             "subscriptions": lambda msg, text, ts: [],
@@ -193,20 +245,34 @@ class CoinbaseFeed:
         """The URL to connect to: ``ws_base`` itself (subscriptions go in frames)."""
         return ws_base
 
+    @property
+    def recovering(self) -> frozenset[str]:
+        """Symbols whose trades are being recovered (their live trades are held)."""
+        return frozenset(self._recovering)
+
     def on_open(self, now: float) -> list:
         """Reset per-connection state (``now``: epoch s) and return what to send.
 
         Returns one ``Send`` (``{"type":"subscribe","product_ids":[...],"channels":
-        [...]}``) and a ``FeedState`` ``resyncing`` per book symbol. Books, sync
-        states and sequence numbers are reset; remembered trade ids are kept.
+        [..., "heartbeat"]}``); after a reconnect, a ``FetchTrades`` per product with
+        a known last trade id (module doc, rule 5); then a ``FeedState``
+        ``resyncing`` per book symbol. Books, sync states and sequence numbers are
+        reset; the last trade ids are kept.
         """
         self._now = now
+        self._opens += 1
         self.last_heartbeat = None
         self._synced.clear()
         self._last_seq.clear()
+        self._recovering.clear()  # answers to the old connection's fetches never come
         for book in self._books.values():
             book.clear()
-        out: list = [self._frame("subscribe", list(self._product.values()), self._channels)]
+        channels = [*self._channels, "heartbeat"]
+        out: list = [self._frame("subscribe", list(self._product.values()), channels)]
+        if self._opens > 1:
+            for symbol in self._product:
+                if symbol in self._last_trade_id:
+                    out += self._recover(symbol)
         detail = "connected: awaiting the snapshot"
         out += [
             self._event(FeedState, s, now, now, state="resyncing", detail=detail)
@@ -254,6 +320,46 @@ class CoinbaseFeed:
     def on_snapshot(self, symbol: str, body: str, recv_ts: float) -> list:
         """Nothing: Coinbase sends book snapshots over the WebSocket."""
         return []
+
+    def on_trades(self, symbol: str, body: str | bytes, recv_ts: float) -> list:
+        """Take one page of the REST history asked for by ``FetchTrades``
+        (``[{"trade_id", "time", "price", "size", "side"}, ...]``, newest first).
+
+        Returns the ``FetchTrades`` of the next page while the history is not read
+        back far enough; else the recovered and held trades in id order, each once,
+        with a ``Gap`` before any ids that remain missing (module doc, rule 5). An
+        unusable page is ``Malformed`` and ends the recovery with what it has.
+        """
+        recovery = self._recovering.get(symbol)
+        if recovery is None:
+            return []  # not asked for (or asked for by a connection since closed)
+        self._now = recv_ts
+        try:
+            rows = orjson.loads(body)
+            if not isinstance(rows, list):
+                raise _BadFrame("not a list of trades")
+            page = [self._trade(symbol, row, recv_ts) for row in rows]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            reason = f"bad trades page: {type(exc).__name__}: {exc}"
+            return [malformed(self.stats, reason, _text(body)), *self._end_recovery(symbol, recv_ts)]
+        ids = [int(t.id) for t in page]
+        for trade_id, trade in zip(ids, page, strict=True):
+            if trade_id > recovery.floor:
+                recovery.found.setdefault(trade_id, trade)
+        if ids:
+            recovery.top = max(ids) if recovery.top is None else max(recovery.top, *ids)
+        if len(page) >= TRADES_LIMIT and min(ids) > recovery.reach + 1:
+            return [self._fetch_trades(symbol, after=min(ids))]
+        newest = max(recovery.floor, recovery.top if recovery.top is not None else 0)
+        held = sorted({int(t.id) for t in recovery.held if int(t.id) > newest})
+        missed_live = bool(held) and held != list(range(newest + 1, newest + 1 + len(held)))
+        if missed_live and not recovery.second_look:
+            # live trades were missed after the newest trade of the history: the
+            # REST answer predates them, so read the newest page once more
+            recovery.second_look = True
+            recovery.reach = newest
+            return [self._fetch_trades(symbol)]
+        return self._end_recovery(symbol, recv_ts)
 
     def book(self, symbol: str) -> L2Book | None:
         """The synced book of ``symbol``, or ``None`` while unsynced or without one."""
@@ -313,25 +419,35 @@ class CoinbaseFeed:
         symbol = self._known(msg, text)
         if isinstance(symbol, Malformed):
             return [symbol]
-        seq, trade_id, side = _sequence(msg), msg["trade_id"], _TAKER_SIDE.get(msg["side"])
-        if type(trade_id) not in (int, str) or side is None:
-            raise _BadFrame(f"bad trade_id {trade_id!r} or side {msg['side']!r}")
-        price, size = _dec(msg["price"], "price"), _dec(msg["size"], "size")
-        ts = parse_time(msg["time"])
-        trade = self._event(
-            Trade, symbol, ts, recv_ts, id=str(trade_id), price=price, size=size, side=side
-        )
+        seq = _sequence(msg)
+        trade = self._trade(symbol, msg, recv_ts)
         if not self._in_sequence(symbol, "matches", seq):
             return []
-        seen = self._trade_ids[symbol]
-        if trade.id in seen:
+        trade_id, last = int(trade.id), self._last_trade_id.get(symbol)
+        if last is not None and trade_id <= last:
             self.stats.duplicates += 1
             return []
-        seen[trade.id] = None
-        if len(seen) > TRADE_ID_MEMORY:
-            del seen[next(iter(seen))]
-        self.stats.trades += 1
-        return [trade]
+        recovery = self._recovering.get(symbol)
+        if recovery is not None:
+            recovery.held.append(trade)
+            return []
+        if last is not None and trade_id > last + 1:
+            self.stats.gaps += 1
+            out = self._recover(symbol)
+            self._recovering[symbol].held.append(trade)
+            return out
+        return self._deliver(symbol, [trade], recv_ts)
+
+    def _trade(self, symbol: str, msg: dict, recv_ts: float) -> Trade:
+        """A ``Trade`` from a match or a REST history entry (same fields)."""
+        trade_id, side = _trade_id(msg["trade_id"]), _TAKER_SIDE.get(msg["side"])
+        if side is None:
+            raise _BadFrame(f"bad side {msg['side']!r}")
+        price, size = _dec(msg["price"], "price"), _dec(msg["size"], "size")
+        ts = parse_time(msg["time"])
+        return self._event(
+            Trade, symbol, ts, recv_ts, id=str(trade_id), price=price, size=size, side=side
+        )
 
     def _on_ticker(self, msg: dict, text: str, recv_ts: float) -> list:
         symbol = self._known(msg, text)
@@ -376,6 +492,45 @@ class CoinbaseFeed:
             return False
         self._last_seq[symbol, channel] = seq
         return True
+
+    def _deliver(self, symbol: str, trades: list[Trade], now: float) -> list:
+        """``trades`` (in id order) that are newer than the last delivered, each
+        preceded by a ``Gap`` when ids before it are missing."""
+        out: list = []
+        for trade in trades:
+            trade_id, last = int(trade.id), self._last_trade_id.get(symbol)
+            if last is not None and trade_id <= last:
+                self.stats.duplicates += 1
+                continue
+            if last is not None and trade_id > last + 1:
+                out.append(self._event(
+                    Gap, symbol, now, now, stream="trades", from_id=str(last + 1),
+                    to_id=str(trade_id - 1), detail="not in the exchange's trade history",
+                ))
+            self._last_trade_id[symbol] = trade_id
+            self.stats.trades += 1
+            out.append(trade)
+        return out
+
+    def _recover(self, symbol: str) -> list:
+        """Start recovering the trades after the last delivered id of ``symbol``."""
+        self._recovering[symbol] = _Recovery(self._last_trade_id[symbol])
+        return [self._fetch_trades(symbol)]
+
+    def _fetch_trades(self, symbol: str, after: int | None = None) -> FetchTrades:
+        target = f"/products/{self._product[symbol]}/trades?limit={TRADES_LIMIT}"
+        return FetchTrades(symbol, target if after is None else f"{target}&after={after}")
+
+    def _end_recovery(self, symbol: str, now: float) -> list:
+        """Deliver what a recovery found and the live trades it held, merged."""
+        recovery = self._recovering.pop(symbol)
+        merged = dict(recovery.found)
+        for trade in recovery.held:
+            if int(trade.id) in merged:
+                self.stats.duplicates += 1  # live, and recovered too
+            else:
+                merged[int(trade.id)] = trade
+        return self._deliver(symbol, [merged[i] for i in sorted(merged)], now)
 
     def _resync(self, symbol: str, reason: str, now: float) -> list:
         self.stats.resyncs += 1

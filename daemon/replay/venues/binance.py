@@ -197,7 +197,7 @@ class BinanceVenue:
             try:
                 symbols = [str(s).upper() for s in orjson.loads(query["symbols"][0])]
             except (orjson.JSONDecodeError, TypeError):
-                return 400, b'{"code":-1100,"msg":"Illegal characters found in parameter \'symbols\'."}'
+                return 400, b'{"code":-1100,"msg":"Illegal characters found in a parameter."}'
             if not all(self._known_symbol(s) for s in symbols):
                 return 400, _INVALID_SYMBOL
         else:  # all symbols: here, those the tape has played a bookTicker of
