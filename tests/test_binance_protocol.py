@@ -32,12 +32,16 @@ def recorded(captures: Path):
 
 def play(feed: BinanceFeed, frames, snapshots) -> list:
     """Feed frames; answer each FetchSnapshot with the recorded REST snapshot at once."""
-    events = list(feed.on_open(0.0))
-    for frame in frames:
-        for output in feed.on_message(frame.text, frame.ts):
+    events: list = []
+    pending = list(feed.on_open(0.0))
+    for frame in [None, *frames]:
+        if frame is not None:
+            pending = feed.on_message(frame.text, frame.ts)
+        for output in pending:
             events.append(output)
             if isinstance(output, FetchSnapshot):
-                events.extend(feed.on_snapshot(output.symbol, snapshots[output.symbol], frame.ts))
+                ts = frame.ts if frame is not None else 0.0
+                events.extend(feed.on_snapshot(output.symbol, snapshots[output.symbol], ts))
     return events
 
 
@@ -119,22 +123,25 @@ def test_a_gap_triggers_a_resync_from_a_fresh_snapshot(captures: Path, recorded)
     edited = frames[:lost] + frames[lost + 1 :]
     venue = BinanceVenue([read_capture(captures / "BINANCE.http.0.0")])
     feed = BinanceFeed(SYMBOLS, ["book"], markets)
-    events = list(feed.on_open(0.0))
+    events: list = []
     fetches = []
-    for i, frame in enumerate(frames):
-        venue.route(frame)  # the exchange's own book moves on, lost event included
-        if i == lost:
-            continue
-        for output in feed.on_message(frame.text, frame.ts):
+    pending = feed.on_open(0.0)
+    for i, frame in enumerate([None, *frames], -1):
+        if frame is not None:
+            venue.route(frame)  # the exchange's own book moves on, lost event included
+            if i == lost:
+                continue
+            pending = feed.on_message(frame.text, frame.ts)
+        for output in pending:
             events.append(output)
             if isinstance(output, FetchSnapshot):
                 fetches.append(output.symbol)
                 status, body = venue.rest(output.target)
                 assert status == 200
-                events.extend(feed.on_snapshot(output.symbol, body, frame.ts))
+                events.extend(feed.on_snapshot(output.symbol, body, frame.ts if frame else 0.0))
     assert len(edited) == len(frames) - 1
     assert feed.stats.gaps == 1 and feed.stats.resyncs == 1
-    assert fetches.count("NKN-USDT") == 2
+    assert fetches.count("NKN-USDT") == 2  # at connect, and after the gap
     gap = next(e for e in events if isinstance(e, FeedState) and "gap" in e.detail)
     assert gap.symbol == "NKN-USDT" and gap.state == "resyncing"
     after_gap = events[events.index(gap) + 1 :]

@@ -15,10 +15,12 @@ import attrs
 import pytest
 
 from daemon.book import L2Book
-from daemon.events import BookSnapshot, BookUpdate, FeedState, Ticker, Trade
-from daemon.exchanges.base import Malformed, Send
+from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
+from daemon.exchanges import coinbase
+from daemon.exchanges.base import FetchTrades, Malformed, Send
 from daemon.exchanges.coinbase import MARKETS_TARGET, CoinbaseFeed, parse_markets, parse_time
 from daemon.replay.capture import read_capture
+from daemon.replay.venues.coinbase import CoinbaseVenue
 
 ALL_CHANNELS = ["trades", "book", "ticker"]
 
@@ -160,7 +162,7 @@ def test_on_open_subscribes_and_marks_books_resyncing(rec: Recorded) -> None:
         {
             "type": "subscribe",
             "product_ids": list(rec.products),
-            "channels": ["matches", "level2", "ticker"],
+            "channels": ["matches", "level2", "ticker", "heartbeat"],
         }
     ]
     states = of_type(out, FeedState)
@@ -271,11 +273,17 @@ def test_decreasing_sequence_is_dropped(rec: Recorded) -> None:
     frames = list(rec.frames)
     frames[i], frames[j] = frames[j], frames[i]  # the later trade arrives first
     feed = new_feed(rec)
-    trades = of_type(feed_frames(feed, frames), Trade)
+    out = feed_frames(feed, frames)
     assert feed.stats.out_of_order == 1
-    assert len(trades) == 106
     dropped = str(json.loads(frames[j][1])["trade_id"])
-    assert dropped not in {t.id for t in trades if t.symbol == "SKL-USD"}
+    assert dropped not in {t.id for t in of_type(out, Trade) if t.symbol == "SKL-USD"}
+    # the later trade jumped an id: SKL-USD recovers from the REST history, holding
+    # its live trades meanwhile; the other products go on
+    assert of_type(out, FetchTrades) == [
+        FetchTrades("SKL-USD", "/products/SKL-USD/trades?limit=1000")
+    ]
+    assert feed.recovering == {"SKL-USD"} and feed.stats.gaps == 1
+    assert len(of_type(out, Trade)) == 107 - 53 + 1  # SKL-USD: only its last_match
 
 
 def test_repeated_ticker_is_dropped(rec: Recorded) -> None:
@@ -352,7 +360,8 @@ def test_reconnect_rebuilds_books_and_repeats_no_trade(rec: Recorded) -> None:
 def test_level2_batch_channel(rec: Recorded) -> None:
     feed = CoinbaseFeed(["SKL-USD"], ["book"], rec.markets, book_channel="level2_batch")
     assert sent(feed.on_open(0.0)) == [
-        {"type": "subscribe", "product_ids": ["SKL-USD"], "channels": ["level2_batch"]}
+        {"type": "subscribe", "product_ids": ["SKL-USD"],
+         "channels": ["level2_batch", "heartbeat"]}
     ]
     feed.on_message(rec.frames[rec.index("snapshot", "SKL-USD")][1], 1.0)
     assert sent(feed.resync("SKL-USD", "asked")) == [
@@ -445,3 +454,264 @@ def test_heartbeat_and_subscriptions(rec: Recorded) -> None:
     assert feed.on_message(beat, 5.0) == [] and feed.last_heartbeat == 5.0
     assert feed.on_message(rec.frames[0][1], 6.0) == []  # the subscriptions answer
     assert feed.stats.malformed == 0
+
+
+# -- trade recovery: reconnects and jumps in trade ids ----------------------------------
+#
+# The venue of the emulator plays the whole tape (``route`` of every frame, as the
+# emulator does), so its REST history ``/products/<id>/trades`` holds exactly what
+# was played; the feed misses some of the frames, as over a dropped connection.
+
+
+@attrs.frozen
+class Tape:
+    captures: tuple  # the Capture objects the venue is built on
+    frames: tuple  # every Received frame of the recorded connection
+    opened: float
+    symbols: tuple[str, ...]  # the recorded products, as tickwire symbols
+    markets: dict[str, str]
+
+    def feed(self, channels=("trades",)) -> CoinbaseFeed:
+        return CoinbaseFeed(list(self.symbols), list(channels), self.markets)
+
+    def venue(self) -> CoinbaseVenue:
+        return CoinbaseVenue(list(self.captures))
+
+    def matches(self, indexes=None) -> list[tuple[str, int]]:
+        """``(product, trade_id)`` of the match/last_match frames, in tape order."""
+        out = []
+        for i, frame in enumerate(self.frames):
+            m = json.loads(frame.text)
+            if m["type"] in ("match", "last_match") and (indexes is None or i in indexes):
+                out.append((m["product_id"], m["trade_id"]))
+        return out
+
+    def nth_match(self, n: int, product: str | None = None) -> int:
+        """Index in ``frames`` of the ``n``th ``match`` frame (of ``product``)."""
+        hits = [
+            i for i, f in enumerate(self.frames)
+            if (m := json.loads(f.text))["type"] == "match"
+            and (product is None or m["product_id"] == product)
+        ]
+        return hits[n]
+
+
+@pytest.fixture(scope="module")
+def tape(captures: Path, rec: Recorded) -> Tape:
+    recorded = (read_capture(captures / "COINBASE.0"), read_capture(captures / "COINBASE.ws.28.0"))
+    (conn,) = recorded[1].connections
+    symbols = tuple(rec.markets[p] for p in rec.products)
+    return Tape(recorded, conn.received, conn.opened, symbols, rec.markets)
+
+
+@attrs.define
+class Player:
+    """Plays the tape through a venue and a feed; answers ``FetchTrades`` from the
+    venue's REST history. ``recovered`` are the trades ``on_trades`` delivered."""
+
+    feed: CoinbaseFeed
+    venue: CoinbaseVenue
+    out: list = attrs.Factory(list)
+    pending: list = attrs.Factory(list)
+    fetched: list = attrs.Factory(list)
+    recovered: list = attrs.Factory(list)
+
+    def take(self, outputs: list) -> None:
+        self.pending += of_type(outputs, FetchTrades)
+        self.fetched += of_type(outputs, FetchTrades)
+        self.out += [o for o in outputs if not isinstance(o, FetchTrades)]
+
+    def answer(self, ts: float, bodies: dict | None = None) -> None:
+        """Answer every pending fetch (and the next pages they ask for); ``bodies``
+        replaces the venue's answer for some symbols (used once each)."""
+        bodies = dict(bodies or {})
+        while self.pending:
+            fetch = self.pending.pop(0)
+            body = bodies.pop(fetch.symbol, None)
+            if body is None:
+                status, body = self.venue.rest(fetch.target)
+                assert status == 200, (fetch, body)
+            got = self.feed.on_trades(fetch.symbol, body, ts)
+            self.recovered += of_type(got, Trade)
+            self.take(got)
+
+
+def play(
+    tape: Tape,
+    *,
+    lost: range = range(0),
+    silent: range = range(0),
+    reconnect: bool = True,
+    answer_at: int | None = None,
+    bodies: dict | None = None,
+) -> Player:
+    """Every frame goes through the venue; the feed misses ``lost`` (the connection
+    drops at ``lost.start`` and, if ``reconnect``, comes back at ``lost.stop``) and
+    ``silent`` (frames played before the new subscription took effect). Fetches are
+    answered at once, except those of the reconnect: at frame ``answer_at``."""
+    feed = tape.feed()
+    player = Player(feed, tape.venue())
+    player.take(feed.on_open(tape.opened))
+    answer_at = lost.stop if answer_at is None else answer_at
+    for i, frame in enumerate(tape.frames):
+        if reconnect and lost and i == lost.stop:
+            player.take(feed.on_open(frame.ts))
+        player.venue.route(frame)
+        if i in lost or i in silent:
+            continue
+        player.take(feed.on_message(frame.text, frame.ts))
+        if i >= answer_at:
+            player.answer(frame.ts, bodies)
+    player.answer(tape.frames[-1].ts)
+    return player
+
+
+def by_product(pairs) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for product, trade_id in pairs:
+        out.setdefault(product, []).append(str(trade_id))
+    return out
+
+
+def assert_every_trade_once_in_order(tape: Tape, trades: list[Trade]) -> None:
+    recorded = by_product(tape.matches())
+    assert by_product((t.symbol, t.id) for t in trades) == recorded
+    assert all(ids == sorted(ids, key=int) for ids in recorded.values())
+    # and each is the recorded trade (the REST history has the same fields)
+    fields = {
+        (m["product_id"], str(m["trade_id"])): (m["price"], m["size"], m["side"], m["time"])
+        for f in tape.frames
+        if (m := json.loads(f.text))["type"] in ("match", "last_match")
+    }
+    for t in trades:
+        price, size, maker_side, time = fields[t.symbol, t.id]
+        assert (t.price, t.size, t.ts) == (price, size, parse_time(time))
+        assert t.side == {"buy": "sell", "sell": "buy"}[maker_side]
+
+
+@pytest.mark.parametrize("limit", [1000, 4])
+def test_trades_missed_while_disconnected_come_from_the_rest_history(
+    tape: Tape, limit: int, monkeypatch
+) -> None:
+    monkeypatch.setattr(coinbase, "TRADES_LIMIT", limit)
+    lost = range(tape.nth_match(20), tape.nth_match(60))
+    # live frames keep coming (held) while the REST answers are awaited
+    answer_at = tape.nth_match(66)
+    player = play(tape, lost=lost, answer_at=answer_at)
+    trades = of_type(player.out, Trade)
+    assert_every_trade_once_in_order(tape, trades)
+    missed = {(p, str(i)) for p, i in tape.matches(lost)}
+    held = {(p, str(i)) for p, i in tape.matches(range(lost.stop, answer_at + 1))}
+    assert len(missed) == 40 and len(held) == 7
+    recovered = {(t.symbol, t.id) for t in player.recovered}
+    assert missed <= recovered <= missed | held
+    # every held live trade was also in the history: delivered once, counted
+    assert player.feed.stats.duplicates == len(held & recovered) == len(held)
+    assert not of_type(player.out, Gap) and player.feed.stats.gaps == 0
+    # one fetch per product at the reconnect (each had its last_match), then older pages
+    first = [f for f in player.fetched if "after=" not in f.target]
+    assert sorted(f.symbol for f in first) == sorted(tape.symbols)
+    assert all(f.target == f"/products/{f.symbol}/trades?limit={limit}" for f in first)
+    pages = [f for f in player.fetched if "after=" in f.target]
+    assert bool(pages) == (limit == 4)
+    assert not player.feed.recovering
+
+
+def test_a_rest_answer_older_than_the_live_stream_is_read_again(tape: Tape) -> None:
+    """The REST answer was taken before trades that the live stream, starting later,
+    did not see either: the newest page is read once more and covers them."""
+    lost = range(tape.nth_match(20), tape.nth_match(40))
+    silent = range(lost.stop, tape.nth_match(50))  # not yet subscribed again
+    feed, venue = tape.feed(), tape.venue()
+    player = Player(feed, venue)
+    player.take(feed.on_open(tape.opened))
+    early: dict[str, bytes] = {}
+    answer_at = tape.nth_match(55)
+    for i, frame in enumerate(tape.frames):
+        if i == lost.stop:
+            player.take(feed.on_open(frame.ts))
+            early = {f.symbol: venue.rest(f.target)[1] for f in player.pending}
+        venue.route(frame)
+        if i in lost or i in silent:
+            continue
+        player.take(feed.on_message(frame.text, frame.ts))
+        if i == answer_at:
+            player.answer(frame.ts, early)  # answers taken at the reconnect
+    player.answer(tape.frames[-1].ts)
+    assert_every_trade_once_in_order(tape, of_type(player.out, Trade))
+    assert not of_type(player.out, Gap)
+    again = [f for f in player.fetched[10:] if "after=" not in f.target]
+    hidden = {p for p, _ in tape.matches(silent)}
+    live = {p for p, _ in tape.matches(range(silent.stop, answer_at + 1))}
+    assert {f.symbol for f in again} == hidden & live != set()
+
+
+def test_ids_the_history_does_not_hold_are_a_gap(tape: Tape) -> None:
+    lost = range(tape.nth_match(20), tape.nth_match(60))
+    skl = [i for p, i in tape.matches(lost) if p == "SKL-USD"]
+    assert len(skl) > 3
+    # the history answered for SKL-USD lacks the two oldest missed trades
+    venue = tape.venue()
+    for frame in tape.frames[: lost.stop]:
+        venue.route(frame)
+    page = json.loads(venue.rest("/products/SKL-USD/trades?limit=1000")[1])
+    short = json.dumps([t for t in page if t["trade_id"] not in skl[:2]])
+    player = play(tape, lost=lost, bodies={"SKL-USD": short})
+    gaps = of_type(player.out, Gap)
+    assert [(g.symbol, g.stream, g.from_id, g.to_id) for g in gaps] == [
+        ("SKL-USD", "trades", str(skl[0]), str(skl[1]))
+    ]
+    skl_out = [o for o in player.out if isinstance(o, Trade | Gap) and o.symbol == "SKL-USD"]
+    gap_at = skl_out.index(gaps[0])
+    assert skl_out[gap_at + 1].id == str(skl[2])  # the gap sits where the ids are missing
+    trades = of_type(player.out, Trade)
+    delivered = by_product((t.symbol, t.id) for t in trades)
+    recorded = by_product(tape.matches())
+    assert delivered["SKL-USD"] == [i for i in recorded["SKL-USD"] if int(i) not in skl[:2]]
+    assert {p: ids for p, ids in delivered.items() if p != "SKL-USD"} == {
+        p: ids for p, ids in recorded.items() if p != "SKL-USD"
+    }
+
+
+def test_a_jump_in_live_trade_ids_is_recovered(tape: Tape) -> None:
+    dropped = tape.nth_match(3, "SKL-USD")
+    player = play(tape, lost=range(dropped, dropped + 1), reconnect=False)
+    assert_every_trade_once_in_order(tape, of_type(player.out, Trade))
+    (product, trade_id), = tape.matches(range(dropped, dropped + 1))
+    # the history also holds the live trade that showed the jump (the venue played
+    # it before the feed got it): it goes out once
+    assert [(t.symbol, t.id) for t in player.recovered] == [
+        (product, str(trade_id)), (product, str(trade_id + 1))
+    ]
+    assert player.fetched == [FetchTrades(product, f"/products/{product}/trades?limit=1000")]
+    assert player.feed.stats.gaps == 1 and not of_type(player.out, Gap)
+    assert player.feed.stats.duplicates == 1
+
+
+def test_an_unusable_page_ends_the_recovery_with_a_gap(rec: Recorded) -> None:
+    feed = new_feed(rec)
+    last = rec.frames[rec.index("match", "SKL-USD", 0)]
+    feed.on_message(last[1], last[0])
+    later = json.loads(rec.frames[rec.index("match", "SKL-USD", 3)][1])
+    out = feed.on_message(json.dumps(later), 5.0)  # ids in between were missed
+    assert out == [FetchTrades("SKL-USD", "/products/SKL-USD/trades?limit=1000")]
+    out = feed.on_trades("SKL-USD", b'{"message":"Internal server error"}', 6.0)
+    first_missing = json.loads(last[1])["trade_id"] + 1
+    assert [type(o) for o in out] == [Malformed, Gap, Trade]
+    assert (out[1].from_id, out[1].to_id) == (str(first_missing), str(later["trade_id"] - 1))
+    assert out[2].id == str(later["trade_id"]) and not feed.recovering
+    assert feed.on_trades("SKL-USD", b"[]", 7.0) == []  # nothing asked for: ignored
+
+
+def test_heartbeat_channel_is_subscribed_and_the_venue_accepts_it(rec: Recorded, tape) -> None:
+    feed, venue = tape.feed(ALL_CHANNELS), tape.venue()
+    keys: set[str] = set()
+    replies = [json.loads(r) for s in of_type(feed.on_open(0.0), Send)
+               for r in venue.on_client_message(keys, s.text)]
+    assert [r["type"] for r in replies] == ["subscriptions"]
+    (beats,) = [c for c in replies[0]["channels"] if c["name"] == "heartbeat"]
+    assert sorted(beats["product_ids"]) == sorted(rec.products)
+    assert {f"heartbeat:{p}" for p in rec.products} <= keys
+    beat = json.dumps({"type": "heartbeat", "sequence": 1, "last_trade_id": 1568300,
+                       "product_id": "SKL-USD", "time": "2021-04-17T16:43:40.000000Z"})
+    assert feed.on_message(beat, 9.0) == [] and feed.last_heartbeat == 9.0

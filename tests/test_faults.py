@@ -235,3 +235,49 @@ async def test_coinbase_connection_closed_mid_stream_rebuilds_books(captures: Pa
     assert books == expected
     ids = [t["id"] for t in trades]
     assert len(ids) == len(set(ids))  # never twice
+
+
+BINANCE = ("BINANCE.0", "BINANCE.ws.1.0", "BINANCE.http.0.0")
+
+
+async def test_binance_trade_missed_while_disconnected_is_recovered_once(captures: Path) -> None:
+    """The connection is closed at the frame of the LRC-BTC trade: that trade never
+    arrives live. After the reconnect the collector fetches the REST aggTrades the
+    exchange (the emulator) has seen, and the client gets both recorded trades, each
+    once, with contiguous seq; the books resync and end exact."""
+    from tests.test_binance_protocol import independent_books
+    from tests.test_replay_binance import recorded
+
+    frames, snapshots = recorded(captures)
+    tape = merge_frames([read_capture(captures / f) for f in BINANCE])
+    lrc = next(n for n, f in enumerate(tape, 1) if "lrcbtc@aggTrade" in f.text)
+    async with trio.open_nursery() as nursery:
+        replay = await nursery.start(partial(
+            serve_replay, [captures / f for f in BINANCE], fast_config(), 20.0,
+            {"binance": Faults(close=frozenset({lrc}))}))
+        got: list[dict] = []
+        async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{replay.app.port}") as ws:
+            await ws.get_message()
+            await request(ws, {"op": "subscribe", "id": 1, "channels": ["trades", "system"],
+                               "symbols": ["binance:*"], "history": 1000})
+
+            async def read() -> None:
+                while True:
+                    got.extend(messages(await ws.get_message()))
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(read)
+                await settle(replay, "binance")
+                inner.cancel_scope.cancel()
+        collector = replay.app.collectors["binance"]
+        books = await served_books(replay.app.port, "binance")
+        nursery.cancel_scope.cancel()
+    assert replay.emulators["binance"].connections_total == 2
+    trades = [m for m in got if m["type"] == "trade"]
+    recorded_ids = [str(json.loads(f.text)["data"]["a"]) for f in frames if "@aggTrade" in f.text]
+    assert sorted(t["id"] for t in trades) == sorted(recorded_ids)
+    for symbol in ("NKN-USDT", "LRC-BTC"):
+        assert [t["seq"] for t in trades if t["symbol"] == symbol] == [1]
+    assert not [m for m in got if m["type"] == "gap"]
+    assert books == independent_books(frames, snapshots)
+    assert collector.state_counts["reconnecting"] == 1

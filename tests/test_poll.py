@@ -14,7 +14,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import attrs
 import ccxt
 import orjson
 import pytest
@@ -27,7 +26,7 @@ from daemon.collectors.poll import (
     decimal_text,
     poll_period,
 )
-from daemon.config import ReconnectConfig
+from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.errors import FeedDisconnected, FeedProtocolError, ccxt_errors
 from daemon.events import FeedState, Gap, Ticker, Trade
 from daemon.exchanges.base import FeedStats
@@ -42,18 +41,9 @@ NATIVE = {"NKNUSDT": "NKN-USDT", "BLZETH": "BLZ-ETH", "LRCBTC": "LRC-BTC", "RUNE
 FAST = ReconnectConfig(base=0.05, cap=0.2)
 
 
-@attrs.frozen(kw_only=True)
-class PollConfig:
-    """``ExchangeConfig`` with the fields polling adds (``mode = "poll"``,
-    ``interval``), until ``daemon.config`` has them."""
-
-    symbols: list[str]
-    channels: list[str] = attrs.field(factory=lambda: ["trades", "book", "ticker"])
-    mode: str = "poll"
-    depth: int = 100
-    rest_url: str = ""
-    ws_url: str = ""
-    interval: float = 2.0
+def poll_config(**fields: Any) -> ExchangeConfig:
+    """An exchange configured for polling."""
+    return ExchangeConfig(mode="poll", **fields)
 
 
 def recorded(captures: Path) -> tuple[list[tuple], dict[str, list[tuple[str, str, str, str]]]]:
@@ -130,8 +120,8 @@ async def test_poll_delivers_recorded_trades_once_and_the_latest_tickers(capture
 
         emulator.venue.rest = rest  # type: ignore[method-assign]  # before serve() takes it
         address = await nursery.start(emulator.serve)
-        cfg = PollConfig(symbols=SYMBOLS, rest_url=address.rest_url, interval=0.05)
-        collector = PollCollector("binance", cfg, FAST, send)  # type: ignore[arg-type]
+        cfg = poll_config(symbols=SYMBOLS, rest_url=address.rest_url, interval=0.05)
+        collector = PollCollector("binance", cfg, FAST, send)
         assert collector.requests_per_round == 5  # one bookTicker call + 4 aggTrades calls
         assert collector.period == pytest.approx(0.25)  # 0.05 s raised to 5 x 50 ms
         async with trio.open_nursery() as polling:
@@ -145,6 +135,7 @@ async def test_poll_delivers_recorded_trades_once_and_the_latest_tickers(capture
                 await emulator.finished.wait()
             await wait_for(polled(collector, 2))
             polling.cancel_scope.cancel()
+        report = collector.statistics()
         elapsed = trio.current_time() - began
         nursery.cancel_scope.cancel()
     events = drain(receive)
@@ -169,6 +160,9 @@ async def test_poll_delivers_recorded_trades_once_and_the_latest_tickers(capture
 
     assert not [e for e in events if isinstance(e, Gap)]
     assert [s.state for s in states(events)] == ["connecting", "subscribed"]
+    assert report["mode"] == "poll" and report["state"] == "subscribed"
+    assert report["counters"]["trades"] == 2 and report["frames"] == collector.stats.messages
+    assert set(report["symbols"]) == {"NKN-USDT", "LRC-BTC", "BLZ-ETH"}
     # every request waited for ccxt's rateLimit (50 ms) since the one before, and
     # rounds (each starts with the bookTicker request) are a period apart
     assert collector.stats.messages <= elapsed / collector.spacing + 1
@@ -188,9 +182,9 @@ async def test_many_polls_of_an_unchanged_exchange_deliver_nothing_twice(capture
         emulator.started.set()
         with trio.fail_after(10):
             await emulator.finished.wait()
-        cfg = PollConfig(symbols=["NKN-USDT", "LRC-BTC"], channels=["ticker", "trades"],
+        cfg = poll_config(symbols=["NKN-USDT", "LRC-BTC"], channels=["ticker", "trades"],
                          rest_url=address.rest_url, interval=0.05)
-        collector = PollCollector("binance", cfg, FAST, send)  # type: ignore[arg-type]
+        collector = PollCollector("binance", cfg, FAST, send)
         rounds = 15
         async with trio.open_nursery() as polling:
             await polling.start(collector.run)
@@ -231,8 +225,8 @@ async def test_rest_failures_are_retried_with_backoff_and_polling_recovers(captu
         nursery.start_soon(collect)
         address = await nursery.start(emulator.serve)
         emulator.started.set()  # no WebSocket client: start the tape by hand
-        cfg = PollConfig(symbols=["NKN-USDT", "LRC-BTC"], rest_url=address.rest_url, interval=0.05)
-        collector = PollCollector("binance", cfg, FAST, send)  # type: ignore[arg-type]
+        cfg = poll_config(symbols=["NKN-USDT", "LRC-BTC"], rest_url=address.rest_url, interval=0.05)
+        collector = PollCollector("binance", cfg, FAST, send)
         await nursery.start(collector.run)
         await wait_for(lambda: collector.state_counts["failed"] >= 3)
         outage = False
@@ -267,8 +261,8 @@ async def test_a_refused_connection_is_a_failed_state_retried(captures: Path) ->
     port = sock.getsockname()[1]
     sock.close()  # nothing listens there now: connections are refused
     send, receive = trio.open_memory_channel[Any](1000)
-    cfg = PollConfig(symbols=["NKN-USDT"], rest_url=f"http://127.0.0.1:{port}", interval=0.05)
-    collector = PollCollector("binance", cfg, FAST, send)  # type: ignore[arg-type]
+    cfg = poll_config(symbols=["NKN-USDT"], rest_url=f"http://127.0.0.1:{port}", interval=0.05)
+    collector = PollCollector("binance", cfg, FAST, send)
     async with trio.open_nursery() as nursery:
         await nursery.start(collector.run)
         await wait_for(lambda: collector.state_counts["failed"] >= 2)
@@ -282,8 +276,8 @@ async def test_a_symbol_the_exchange_does_not_list_is_an_error_not_a_retry(captu
     send, _receive = trio.open_memory_channel[Any](1000)
     async with trio.open_nursery() as nursery:
         address = await nursery.start(emulator_of(captures, speed=None).serve)
-        cfg = PollConfig(symbols=["NKN-USDT", "NOT-LISTED"], rest_url=address.rest_url)
-        collector = PollCollector("binance", cfg, FAST, send)  # type: ignore[arg-type]
+        cfg = poll_config(symbols=["NKN-USDT", "NOT-LISTED"], rest_url=address.rest_url)
+        collector = PollCollector("binance", cfg, FAST, send)
         with trio.fail_after(20), pytest.raises(ValueError, match="lists no market NOT-LISTED"):
             await collector.run()
         nursery.cancel_scope.cancel()
@@ -297,17 +291,17 @@ def test_the_poll_period_respects_the_exchange_rate_limit() -> None:
     assert poll_period(0.05, 50, 5) == pytest.approx(0.25)  # raised to 5 x 50 ms
     assert poll_period(1.0, 1000, 4) == 4.0
     send, _ = trio.open_memory_channel[Any](1)
-    binance = PollCollector("binance", PollConfig(symbols=SYMBOLS, interval=0.05), FAST, send)  # type: ignore[arg-type]
+    binance = PollCollector("binance", poll_config(symbols=SYMBOLS, interval=0.05), FAST, send)
     assert (binance.requests_per_round, binance.spacing) == (5, 0.05)  # fetch_bids_asks: 1 call
-    trades_only = PollConfig(symbols=SYMBOLS, channels=["trades"], interval=0.05)
-    assert PollCollector("binance", trades_only, FAST, send).period == pytest.approx(0.2)  # type: ignore[arg-type]
+    trades_only = poll_config(symbols=SYMBOLS, channels=["trades"], interval=0.05)
+    assert PollCollector("binance", trades_only, FAST, send).period == pytest.approx(0.2)
     # Kraken (rateLimit 1000 ms) has no fetch_bids_asks: one ticker call per symbol
-    kraken = PollCollector("kraken", PollConfig(symbols=["BTC-USD", "ETH-USD"]), FAST, send)  # type: ignore[arg-type]
+    kraken = PollCollector("kraken", poll_config(symbols=["BTC-USD", "ETH-USD"]), FAST, send)
     assert (kraken.requests_per_round, kraken.period) == (4, 4.0)
-    default = PollCollector("binance", attrs.evolve(PollConfig(symbols=["BTC-USDT"])), FAST, send)  # type: ignore[arg-type]
+    default = PollCollector("binance", poll_config(symbols=["BTC-USDT"]), FAST, send)
     assert default.period == 2.0
     with pytest.raises(ValueError, match="ccxt knows no exchange"):
-        PollCollector("no-such-exchange", PollConfig(symbols=["BTC-USD"]), FAST, send)  # type: ignore[arg-type]
+        PollCollector("no-such-exchange", poll_config(symbols=["BTC-USD"]), FAST, send)
 
 
 def test_ccxt_errors_map_to_feed_errors_and_bugs_propagate() -> None:

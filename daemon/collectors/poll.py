@@ -2,14 +2,15 @@
 
 Theory of operation
 -------------------
-``PollCollector.run`` builds nothing on the network until it runs: it loads the
-exchange's markets through ccxt, checks that every configured ``BASE-QUOTE`` is a
-ccxt market ``BASE/QUOTE``, then polls in rounds, one round every ``period``
-seconds, until cancelled. A round is:
+``PollCollector.run`` loads the exchange's markets through ccxt, checks that
+every configured ``BASE-QUOTE`` is a ccxt market ``BASE/QUOTE``, then polls in
+rounds, one round every ``period`` seconds (``cfg.interval``, see "Rate limit"),
+until cancelled. A round is:
 
 1. tickers: one ``fetch_bids_asks(symbols)`` when ccxt has it for the exchange,
    else one ``fetch_ticker(symbol)`` per symbol; a ``Ticker`` goes out only when
-   the top of book of its symbol changed since the last one published;
+   the top of book of its symbol changed since the last one published, and only
+   with both sides and their sizes (an empty side has no ticker);
 2. trades: one ``fetch_trades(symbol, since, limit)`` per symbol, handed to that
    symbol's ``TradeTracker`` (pure, below), which drops the trades already seen
    and emits the new ones in time/id order, with a ``Gap`` where the answer cannot
@@ -43,8 +44,9 @@ Decimal strings: ccxt turns prices and sizes into floats. A value is taken as th
 exchange sent it from the raw answer (``info``: Binance's ``bidPrice``/``bidQty``
 and aggTrade ``p``/``q``, and the usual names of other exchanges) when a raw
 string there parses to the same float; otherwise the float is written in plain
-positional notation from its shortest ``repr`` (``6.37e-06`` -> ``"0.00000637"``),
-which is the decimal the exchange sent, minus trailing zeros.
+positional notation from its shortest ``repr`` (``6.37e-06`` -> ``"0.00000637"``):
+the decimal the exchange sent minus its trailing zeros, for up to 15 significant
+digits (beyond that a float cannot hold it).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from decimal import Decimal
 from functools import partial
 from typing import Any
 
+import attrs
 import trio
 
 from daemon.config import ExchangeConfig, ReconnectConfig
@@ -67,8 +70,6 @@ from daemon.supervise import Backoff
 
 log = logging.getLogger(__name__)
 
-#: Seconds between rounds when the config has no ``interval``.
-DEFAULT_INTERVAL = 2.0
 #: ccxt's per-request timeout (ms): a worker thread never outlives it by much.
 TIMEOUT_MS = 10_000
 #: Trades asked per ``fetch_trades`` call; exchanges whose maximum is known.
@@ -360,7 +361,7 @@ class PollCollector:
             + (n if "trades" in self.channels else 0)
         )
         self.spacing = float(self.api.rateLimit) / 1000
-        self.interval = float(getattr(cfg, "interval", DEFAULT_INTERVAL))
+        self.interval = cfg.interval
         self.period = poll_period(self.interval, self.api.rateLimit, self.requests_per_round)
         if self.period > self.interval:
             log.info("%s: poll interval raised from %.3gs to %.3gs (rate limit %sms x %d requests)",
@@ -374,6 +375,8 @@ class PollCollector:
         self.state_counts: Counter[str] = Counter()
         self.backoff = Backoff(reconnect.base, reconnect.cap)
         self._next_request = -math.inf  # trio clock: the earliest start of the next request
+        self.last_answer: float | None = None  # trio clock of the last REST answer
+        self.last_event: dict[str, float] = {}  # symbol -> trio clock of its last event
         self._markets_loaded = False
 
     # -- the lifecycle -----------------------------------------------------------------
@@ -453,7 +456,7 @@ class PollCollector:
             return
         self.last_tickers[symbol] = top
         self.stats.tickers += 1
-        await self.out.send(event)
+        await self._publish(event)
 
     async def _poll_trades(self, symbol: str) -> None:
         tracker = self.trades[symbol]
@@ -462,7 +465,11 @@ class PollCollector:
             f"trades {symbol}", self.api.fetch_trades, self.markets[symbol], since, tracker.limit
         )
         for event in tracker.page(answer, since, time.time()):
-            await self.out.send(event)
+            await self._publish(event)
+
+    async def _publish(self, event: Event) -> None:
+        self.last_event[event.symbol] = trio.current_time()
+        await self.out.send(event)
 
     async def _call(self, what: str, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` in a worker thread, at most one request per ``rateLimit``."""
@@ -474,7 +481,28 @@ class PollCollector:
         with ccxt_errors(f"{self.exchange} {what}"):
             answer = await trio.to_thread.run_sync(partial(fn, *args), limiter=self.limiter)
         self.stats.messages += 1
+        self.last_answer = trio.current_time()
         return answer
+
+    def statistics(self) -> dict[str, Any]:
+        """The same report as ``NativeCollector.statistics``: state, counters, and
+        ages in seconds of the last REST answer (``last_frame_age``) and of the last
+        event per symbol; plus the poll ``period`` and ``requests_per_round``."""
+        now = trio.current_time()
+        return {
+            "exchange": self.exchange,
+            "mode": "poll",
+            "state": self.state,
+            "states": dict(self.state_counts),
+            "frames": self.stats.messages,
+            "last_frame_age": round(now - self.last_answer, 3) if self.last_answer else None,
+            "symbols": {
+                symbol: round(now - at, 3) for symbol, at in sorted(self.last_event.items())
+            },
+            "counters": attrs.asdict(self.stats),
+            "period": self.period,
+            "requests_per_round": self.requests_per_round,
+        }
 
     async def set_state(self, state: str, detail: str = "") -> None:
         """Record a feed state change and publish it on the ``system`` channel."""

@@ -10,8 +10,8 @@ One combined stream (``/stream?streams=a/b/c``) carries, per symbol,
 ``<sym>@aggTrade`` -> ``Trade``, ``<sym>@bookTicker`` -> ``Ticker`` and
 ``<sym>@depth@100ms`` -> the L2 book. Each book is kept by Binance's procedure:
 
-1. buffer the depth events of the stream and ask for a REST snapshot
-   (``FetchSnapshot`` of ``/api/v3/depth?symbol=X&limit=1000``);
+1. on connecting, ask for a REST snapshot (``FetchSnapshot`` of
+   ``/api/v3/depth?symbol=X&limit=1000``) and buffer the depth events meanwhile;
 2. on the snapshot (``lastUpdateId`` L), drop buffered events with ``u <= L``;
    the first event kept must have ``U <= L+1 <= u``; every later one
    ``U == previous u + 1``;
@@ -141,8 +141,9 @@ class BinanceFeed:
         self.books = {}
         if "book" in self.channels:
             for symbol in self.native:
-                self.books[symbol] = _BookSync()
+                sync = self.books[symbol] = _BookSync()
                 out.append(self._state(symbol, now, "resyncing", "connected"))
+                out += self._fetch(symbol, sync)  # events are buffered meanwhile
         return out
 
     def book(self, symbol: str) -> L2Book | None:
