@@ -19,7 +19,9 @@ import trio
 
 from daemon import __version__
 from daemon.broadcast.server import BroadcastServer
+from daemon.collectors.fallback import CCXT_IDS, Fallback
 from daemon.collectors.native import NativeCollector
+from daemon.collectors.poll import PollCollector
 from daemon.collectors.venues import venue
 from daemon.config import Config
 from daemon.dispatch import Dispatcher
@@ -48,6 +50,7 @@ class App:
         hello = {"type": "welcome", "server": "tickwire", "version": __version__, "epoch": self.epoch}
         self.server = BroadcastServer(self.dispatcher, config.server, hello)
         self.collectors: dict[str, Any] = {}
+        self.fallbacks: dict[str, Fallback] = {}
         self.port: int | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -56,20 +59,39 @@ class App:
         async with trio.open_nursery() as root:
             await root.start(self.dispatcher.serve)
             self.port = await root.start(self.server.serve)
+            reconnect = self.config.reconnect
             for name, exchange in self.config.exchanges.items():
-                collector = NativeCollector(
-                    venue(name), exchange, self.config.reconnect, self.dispatcher.open_source()
-                )
+                collector: Any
+                if exchange.mode == "poll":
+                    collector = PollCollector(name, exchange, reconnect, self.dispatcher.open_source())
+                else:
+                    collector = NativeCollector(
+                        venue(name), exchange, reconnect, self.dispatcher.open_source()
+                    )
                 self.collectors[name] = collector
                 await root.start(partial(self._supervised, name, collector))
+                if exchange.mode == "native" and exchange.fallback_after > 0:
+                    fallback = Fallback(
+                        collector,
+                        partial(self._fallback_poller, name, exchange),
+                        exchange.fallback_after,
+                    )
+                    self.fallbacks[name] = fallback
+                    await root.start(fallback.run)
             log.info(
                 "tickwire %s started: epoch %s, %d feeds, ws://%s:%d",
                 __version__, self.epoch, len(self.collectors), self.config.server.host, self.port,
             )
             task_status.started(self.port)
 
+    def _fallback_poller(self, name: str, exchange: Any) -> PollCollector:
+        return PollCollector(
+            name, exchange, self.config.reconnect, self.dispatcher.open_source(),
+            ccxt_id=CCXT_IDS.get(name, name), label="fallback: ",
+        )
+
     async def _supervised(
-        self, name: str, collector: NativeCollector, *, task_status: trio.TaskStatus[None]
+        self, name: str, collector: Any, *, task_status: trio.TaskStatus[None]
     ) -> None:
         first = True
 

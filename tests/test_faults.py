@@ -281,3 +281,54 @@ async def test_binance_trade_missed_while_disconnected_is_recovered_once(capture
     assert not [m for m in got if m["type"] == "gap"]
     assert books == independent_books(frames, snapshots)
     assert collector.state_counts["reconnecting"] == 1
+
+
+async def test_the_polling_fallback_engages_while_the_feed_is_down_and_hands_back(
+    captures: Path,
+) -> None:
+    """The emulator's WebSocket refuses the collector (the exchange's stream is
+    down, its REST is up): after `fallback_after` the ccxt poller serves the
+    symbols (both recorded trades arrive, from REST); when the stream is back the
+    breaker closes and the poller stops."""
+    from daemon.app import App
+    from daemon.config import ExchangeConfig
+    from daemon.replay.emulator import Emulator
+
+    async with trio.open_nursery() as nursery:
+        emulator = Emulator([read_capture(captures / f) for f in BINANCE], speed=None)
+        address = await nursery.start(emulator.serve)
+        emulator.started.set()  # the tape plays for REST even with no stream client
+        with trio.fail_after(10):
+            await emulator.finished.wait()
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", 0))  # a port where nothing answers yet
+        dead_port = listener.getsockname()[1]
+        listener.close()
+        config = attrs.evolve(fast_config(), exchanges={"binance": ExchangeConfig(
+            symbols=["NKN-USDT", "LRC-BTC"], channels=["trades", "ticker"],
+            rest_url=address.rest_url, ws_url=f"ws://127.0.0.1:{dead_port}",
+            interval=0.1, fallback_after=0.5)})
+        app = App(config)
+        await nursery.start(app.run)
+        got: list[dict] = []
+        async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{app.port}") as ws:
+            await ws.get_message()
+            await request(ws, {"op": "subscribe", "id": 1, "channels": ["trades", "system"],
+                               "symbols": ["binance:*"], "history": 100})
+            fallback = app.fallbacks["binance"]
+            with trio.fail_after(20):
+                while len([m for m in got if m["type"] == "trade"]) < 2:
+                    got.extend(messages(await ws.get_message()))
+            assert fallback.state == "open" and fallback.transitions["open"] == 1
+            # the stream comes back: point the collector at the emulator again
+            app.collectors["binance"].ws_url = address.ws_url
+            with trio.fail_after(20):
+                while not any(m.get("state") == "native" for m in got):
+                    got.extend(messages(await ws.get_message()))
+            assert fallback.state == "closed" and fallback.transitions["closed"] == 1
+        nursery.cancel_scope.cancel()
+    states = [m["state"] for m in got if m["type"] == "feed_state"]
+    assert "fallback" in states and states.index("fallback") < states.index("native")
+    trades = [m for m in got if m["type"] == "trade"]
+    assert sorted(t["id"] for t in trades) == ["15683430", "9213679"]
+    assert fallback.poller is None

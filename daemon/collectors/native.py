@@ -75,6 +75,7 @@ class NativeCollector:
         self.frames = 0
         self.connected_since: float | None = None
         self.backoff = Backoff(reconnect.base, reconnect.cap)
+        self._changed = trio.Event()
 
     # -- the lifecycle -----------------------------------------------------------------
 
@@ -214,10 +215,16 @@ class NativeCollector:
             "counters": attrs.asdict(stats) if stats is not None else {},
         }
 
+    async def wait_state_change(self) -> None:
+        """Return at the next ``set_state``."""
+        await self._changed.wait()
+
     async def set_state(self, state: str, detail: str = "") -> None:
         """Record a connection state change and publish it on the ``system`` channel."""
         self.state = state
         self.state_counts[state] += 1
+        self._changed.set()
+        self._changed = trio.Event()
         now = time.time()
         await self.out.send(
             FeedState(exchange=self.exchange, symbol="*", ts=now, recv_ts=now, state=state, detail=detail)

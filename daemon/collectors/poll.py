@@ -342,12 +342,16 @@ class PollCollector:
         cfg: ExchangeConfig,
         reconnect: ReconnectConfig,
         out: trio.MemorySendChannel[Event],
+        *,
+        ccxt_id: str | None = None,
+        label: str = "",
     ) -> None:
         self.exchange = exchange
         self.cfg = cfg
         self.reconnect = reconnect
         self.out = out
-        self.api = make_exchange(exchange, cfg.rest_url)
+        self.label = label  # a prefix of state details ("fallback: ")
+        self.api = make_exchange(ccxt_id or exchange, cfg.rest_url)
         self.limiter = trio.CapacityLimiter(1)
         self.markets = {symbol: ccxt_symbol(symbol) for symbol in cfg.symbols}
         self.channels = [c for c in POLL_CHANNELS if c in cfg.channels]
@@ -510,5 +514,6 @@ class PollCollector:
         self.state_counts[state] += 1
         now = time.time()
         await self.out.send(FeedState(
-            exchange=self.exchange, symbol="*", ts=now, recv_ts=now, state=state, detail=detail
+            exchange=self.exchange, symbol="*", ts=now, recv_ts=now, state=state,
+            detail=self.label + detail,
         ))
