@@ -84,9 +84,19 @@ def _speed(ctx: click.Context, param: click.Parameter, value: str) -> float | No
 @click.option("--listen", default=None, help="HOST:PORT of the broadcast server.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML configuration for everything but the exchanges.")
-def replay(captures: tuple[str, ...], speed: float | None, listen: str | None, config_path: str | None) -> None:
+@click.option("--loop", is_flag=True,
+              help="Play the captures again and again, each pass continuing the last "
+                   "(ids, sequence numbers and times shifted; books kept consistent).")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Exchange messages per second (per exchange), overriding --speed.")
+def replay(
+    captures: tuple[str, ...], speed: float | None, listen: str | None, config_path: str | None,
+    loop: bool, rate: float | None,
+) -> None:
     """Run the daemon on recorded traffic: each exchange's capture files are served by
     an emulator on 127.0.0.1, and the collectors connect to it as to the exchange."""
+    from functools import partial
+
     import attrs
 
     from daemon.config import ServerConfig
@@ -103,7 +113,9 @@ def replay(captures: tuple[str, ...], speed: float | None, listen: str | None, c
 
     async def start(*, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
-            replay = await nursery.start(serve_replay, captures, config, speed)
+            replay = await nursery.start(
+                partial(serve_replay, captures, config, speed, loop=loop, rate=rate)
+            )
             task_status.started()
             await replay.wait_finished()
             log.info("replay: every capture played; still serving (Ctrl-C to stop)")

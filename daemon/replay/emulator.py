@@ -14,13 +14,26 @@ that does not read holds the tape, as a TCP window would.
 A connection that comes later (a reconnect) joins the tape where it is: what it
 missed is gone, as on a real exchange, and its collector must recover. Faults
 (``tape.Faults``) are injected by frame number.
+
+Looping (``loop``): the tape plays again and again; pass ``k`` (from 0) plays the
+frames the venue's ``shift(frame, k)`` makes of each recorded frame (pass 0: the
+recording as it is), so that every pass continues the last one: trade ids,
+sequence numbers and exchange times shifted by ``k`` spans, books kept consistent
+(each venue's docstring says how). With ``speed``, pass ``k`` starts ``k`` times the
+venue's ``prepare_loop`` period after the first. Faults apply to the first pass
+only (their frame numbers are tape numbers of that pass). ``passes`` bounds the
+number of passes (tests); ``None`` loops until cancelled.
+
+Rate (``rate``): exchange frames per second, overriding the recorded timing:
+frame ``n`` (counted over every pass) leaves ``n / rate`` seconds after the start.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import attrs
 import trio
@@ -46,6 +59,21 @@ class Venue(Protocol):
     def route(self, frame: Received) -> str | None: ...
     def corrupt_checksum(self, text: str) -> str: ...
     def rest(self, target: str) -> tuple[int, bytes]: ...
+
+
+class LoopingVenue(Venue, Protocol):
+    """A venue that can play its tape in a loop (``--loop``)."""
+
+    def prepare_loop(self, tape: list[Received]) -> float:
+        """Learn the spans to shift by from the whole tape, before anything plays;
+        return the period of one pass in seconds (what exchange times shift by)."""
+        ...
+
+    def shift(self, frame: Received, pass_number: int) -> list[str]:
+        """The frames to play for recorded ``frame`` in pass ``pass_number`` (>= 1):
+        usually one, shifted; none for a frame that only makes sense once; an extra
+        one where the venue must bring its books back to the recording's."""
+        ...
 
 
 def make_venue(exchange: str, captures: list[Capture]) -> Venue:
@@ -86,10 +114,15 @@ class EmulatorAddress:
 
 
 class Emulator:
-    """Plays ``captures`` (all of one exchange) at ``speed`` with ``faults``.
+    """Plays ``captures`` (all of one exchange) at ``speed`` with ``faults``;
+    ``loop``, ``passes`` and ``rate`` as the module docstring says (``rate``, in
+    frames per second, overrides ``speed``).
 
     After ``serve`` has started: ``address`` has the URLs, ``finished`` is set at
-    the end of the tape, ``sent`` counts frames sent per connection total.
+    the end of the tape (of the last pass), ``sent`` counts frames sent per
+    connection total, ``pass_number`` is the pass playing (from 0), ``played`` the
+    frames played over all passes, ``play_started`` the trio time the tape started.
+    Raises ``ValueError`` when the venue cannot loop.
     """
 
     def __init__(
@@ -98,6 +131,10 @@ class Emulator:
         speed: float | None = 1.0,
         faults: Faults = NO_FAULTS,
         host: str = "127.0.0.1",
+        *,
+        loop: bool = False,
+        passes: int | None = None,
+        rate: float | None = None,
     ) -> None:
         exchanges = {exchange_of(url) for capture in captures for url in capture.urls}
         exchanges.discard(None)
@@ -109,6 +146,24 @@ class Emulator:
         self.speed = speed
         self.faults = faults
         self.host = host
+        if rate is not None and rate <= 0:
+            raise ValueError(f"rate must be greater than 0, not {rate}")
+        if passes is not None and passes < 1:
+            raise ValueError(f"passes must be at least 1, not {passes}")
+        self.rate = rate
+        self.loop = loop or (passes is not None and passes > 1)
+        self.passes = passes if self.loop else 1
+        self.period = 0.0
+        self._looper: LoopingVenue | None = None
+        if self.loop:
+            if not hasattr(self.venue, "shift"):
+                raise ValueError(f"the {self.exchange} emulator cannot loop")
+            self._looper = cast(LoopingVenue, self.venue)
+            # before anything plays: the venue learns the recording's first state
+            self.period = self._looper.prepare_loop(self.tape)
+        self.pass_number = 0
+        self.played = 0
+        self.play_started: float | None = None  # trio time the tape started
         self.connections: set[_Connection] = set()
         self.started = trio.Event()
         self.finished = trio.Event()
@@ -175,47 +230,68 @@ class Emulator:
             self.finished.set()
             return
         first = self.tape[0].ts
-        start = trio.current_time()
-        faults = self.faults
-        for number, frame in enumerate(self.tape, 1):
-            self.position = number
-            if self.speed is not None:
-                await trio.sleep_until(start + (frame.ts - first) / self.speed)
-            if number in faults.stall:
-                await trio.sleep(faults.stall[number])
-                start += faults.stall[number]
-            key = self.venue.route(frame)
-            if key is None:
-                continue
-            targets = [c for c in self.connections if key in c.keys and not c.closed]
-            if number in faults.close:
-                for conn in targets:
-                    conn.closed = True
-                    with trio.move_on_after(2):
-                        await conn.ws.aclose(1001, "emulator: fault injected")
-                continue
-            if number in faults.drop:
-                continue
-            text = frame.text
-            if number in faults.corrupt_checksum:
-                text = self.venue.corrupt_checksum(text)
-            if number in faults.malformed:
-                text = text[: len(text) // 2]
-            for conn in targets:
-                try:
-                    async with conn.lock:
-                        if key not in conn.keys:
-                            continue  # unsubscribed while the tape waited
-                        await conn.send.send(text)
-                        if number in faults.repeat:
-                            await conn.send.send(text)
-                    self.sent += 1
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    conn.closed = True
-            if self.speed is None:
-                await trio.lowlevel.checkpoint()
+        start = self.play_started = trio.current_time()
+        passes = itertools.count() if self.passes is None else range(self.passes)
+        for pass_number in passes:
+            self.pass_number = pass_number
+            faults = self.faults if pass_number == 0 else NO_FAULTS
+            offset = pass_number * self.period
+            for number, frame in enumerate(self.tape, 1):
+                self.position = number
+                if self.rate is not None:
+                    await trio.sleep_until(start + self.played / self.rate)
+                elif self.speed is not None:
+                    await trio.sleep_until(start + (offset + frame.ts - first) / self.speed)
+                self.played += 1
+                if number in faults.stall:
+                    await trio.sleep(faults.stall[number])
+                    start += faults.stall[number]
+                if pass_number == 0:
+                    await self._play_frame(number, frame, faults)
+                else:
+                    assert self._looper is not None
+                    shifted_ts = frame.ts + offset
+                    for text in self._looper.shift(frame, pass_number):
+                        await self._play_frame(number, Received(shifted_ts, text), NO_FAULTS)
+                if self.speed is None and self.rate is None:
+                    await trio.lowlevel.checkpoint()
+            log.info(
+                "emulator %s: pass %d finished, %d frames", self.exchange, pass_number + 1,
+                len(self.tape),
+            )
         self.finished.set()
-        log.info("emulator %s: replay finished, %d frames", self.exchange, len(self.tape))
+        log.info("emulator %s: replay finished, %d frames", self.exchange, self.played)
+
+    async def _play_frame(self, number: int, frame: Received, faults: Faults) -> None:
+        """Advance the venue by one frame and send it to its connections."""
+        key = self.venue.route(frame)
+        if key is None:
+            return
+        targets = [c for c in self.connections if key in c.keys and not c.closed]
+        if number in faults.close:
+            for conn in targets:
+                conn.closed = True
+                with trio.move_on_after(2):
+                    await conn.ws.aclose(1001, "emulator: fault injected")
+            return
+        if number in faults.drop:
+            return
+        text = frame.text
+        if number in faults.corrupt_checksum:
+            text = self.venue.corrupt_checksum(text)
+        if number in faults.malformed:
+            text = text[: len(text) // 2]
+        for conn in targets:
+            try:
+                async with conn.lock:
+                    if key not in conn.keys:
+                        continue  # unsubscribed while the tape waited
+                    await conn.send.send(text)
+                    if number in faults.repeat:
+                        await conn.send.send(text)
+                self.sent += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                conn.closed = True
 
     def statistics(self) -> dict[str, Any]:
         """Where the tape is and what was sent."""
@@ -223,6 +299,8 @@ class Emulator:
             "exchange": self.exchange,
             "position": self.position,
             "frames": len(self.tape),
+            "pass": self.pass_number,
+            "played": self.played,
             "sent": self.sent,
             "connections": len(self.connections),
             "finished": self.finished.is_set(),

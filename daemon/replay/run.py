@@ -29,7 +29,8 @@ class Replay:
     emulators: dict[str, Emulator]
 
     async def wait_finished(self) -> None:
-        """Return once every emulator has played its whole tape."""
+        """Return once every emulator has played its whole tape (never while one
+        loops without a bound on its passes)."""
         for emulator in self.emulators.values():
             await emulator.finished.wait()
 
@@ -53,12 +54,19 @@ async def serve_replay(
     speed: float | None = 1.0,
     faults: dict[str, Faults] | None = None,
     *,
+    loop: bool = False,
+    rate: float | None = None,
+    passes: int | None = None,
     task_status: trio.TaskStatus[Replay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run emulators for ``paths`` and the daemon on them until cancelled.
 
     ``config`` gives everything but the exchanges, which come from the captures
-    (their recorded symbols and channels); ``faults`` by exchange id.
+    (their recorded symbols and channels); ``faults`` by exchange id. ``loop``
+    plays every tape again and again, each pass continuing the last (``passes``:
+    at most that many, for tests); ``rate`` is in exchange frames per second per
+    emulator and overrides ``speed`` (see ``daemon.replay.emulator``). Raises
+    ``ValueError`` when an exchange's emulator cannot loop.
     """
     faults = faults or {}
     groups = group_captures(paths)
@@ -66,7 +74,10 @@ async def serve_replay(
         emulators: dict[str, Emulator] = {}
         exchanges: dict[str, ExchangeConfig] = {}
         for exchange, captures in groups.items():
-            emulator = Emulator(captures, speed=speed, faults=faults.get(exchange, NO_FAULTS))
+            emulator = Emulator(
+                captures, speed=speed, faults=faults.get(exchange, NO_FAULTS),
+                loop=loop, passes=passes, rate=rate,
+            )
             address = await nursery.start(emulator.serve)
             emulators[exchange] = emulator
             symbols, channels = emulator.venue.subscriptions(captures)

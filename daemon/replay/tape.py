@@ -2,12 +2,14 @@
 and the faults a test can inject into it.
 
 Frames are numbered from 1 in tape order; faults name frames by that number.
+A looping tape (``--loop``) plays again every ``loop_period``.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 
 import attrs
 
@@ -50,3 +52,19 @@ def merge_frames(captures: Iterable[Capture]) -> list[Received]:
         [frame for conn in capture.connections for frame in conn.received] for capture in captures
     ]
     return list(heapq.merge(*streams, key=lambda frame: frame.ts))
+
+
+def loop_period(tape: Sequence[Received], exchange_times: Iterable[float] = ()) -> float:
+    """The period of one pass of ``tape`` when it loops, in seconds: the longer of its
+    recorded span and the span of the exchange times its frames carry
+    (``exchange_times``, epoch s), plus the mean gap between frames, rounded up to
+    the millisecond. Shifting every time of pass ``k`` by ``k`` periods keeps them
+    all increasing from one pass to the next."""
+    if not tape:
+        return 0.0
+    span = tape[-1].ts - tape[0].ts
+    times = list(exchange_times)
+    if times:
+        span = max(span, max(times) - min(times))
+    gap = span / (len(tape) - 1) if len(tape) > 1 else 1.0
+    return math.ceil((span + max(gap, 0.001)) * 1000) / 1000

@@ -8,6 +8,23 @@
   from the book as it stands at this moment of the replay: the recorded snapshot
   with every depth event of the tape since applied (its ``lastUpdateId`` is the
   last applied ``u``).
+- Looping (``--loop``; ``prepare_loop`` then ``shift`` per frame, pass ``k`` >= 1).
+  Per symbol, pass ``k`` adds ``k`` spans to every id: order book update ids (depth
+  ``U``/``u``, bookTicker ``u``) by ``last u - first U + 2`` (one id more than the
+  recording used, see below), aggregate trade ids ``a`` by their span, trade ids
+  (``f``/``l``, kline ``f``/``L``) by theirs, and every exchange time (``E``,
+  ``T``, kline ``t``/``T``) by ``k`` periods in ms (``tape.loop_period``). So pass
+  ``k``'s first depth event has ``U`` = the last ``u`` of pass ``k-1`` + 1.
+  Books: the depth events recorded up to the REST snapshot's ``lastUpdateId`` L
+  were made against a book nobody has; in pass 0 a collector drops them by
+  Binance's procedure. Later passes replace them with one depth event, played
+  where the symbol's first one was, that turns the venue's current book into the
+  recorded snapshot (levels in excess set to ``0.00000000``, missing or changed
+  ones set) and takes their whole id range, from the reserved id on (``first U -
+  1``, shifted) to the last of them; the events after L then apply exactly as
+  recorded (the first of them straddles L, and applies to the snapshot as in pass
+  0). The emulated REST depth is the venue's book, so it follows: after that event
+  it is the recorded snapshot with its ids shifted.
 """
 
 from __future__ import annotations
@@ -19,6 +36,7 @@ import orjson
 
 from daemon.book import L2Book
 from daemon.replay.capture import Capture, Received
+from daemon.replay.tape import loop_period
 
 
 class _Book:
@@ -52,6 +70,16 @@ class BinanceVenue:
         self._agg_frames: dict[str, list[str]] = {}  # NKNUSDT -> aggTrade frames in order
         self._agg_trades: dict[str, list[dict[str, Any]]] = {}  # the parsed prefix of those
         self._symbol_ids: frozenset[str] | None = None  # exchangeInfo's, parsed when asked
+        # looping (module doc), from prepare_loop: per symbol, what a pass adds to its ids
+        self._update_span: dict[str, int] = {}
+        self._agg_span: dict[str, int] = {}
+        self._trade_span: dict[str, int] = {}
+        self._period_ms = 0
+        self._once: set[Received] = set()  # depth events replaced in later passes
+        #: first depth frame of a symbol -> (symbol, first id, last id) of the event
+        #: that brings the book back to the recorded snapshot, before shifting
+        self._resets: dict[Received, tuple[str, int, int]] = {}
+        self._snapshots: dict[str, tuple[list, list]] = {}  # the recorded REST books
 
     def subscriptions(self, captures: list[Capture]) -> tuple[list[str], list[str]]:
         """``(symbols, channels)`` the recorded connections subscribed, as tickwire
@@ -125,6 +153,120 @@ class BinanceVenue:
         elif stream.endswith("@aggTrade"):
             self._agg_frames.setdefault(stream[:-9].upper(), []).append(text)
         return stream
+
+    # -- looping ----------------------------------------------------------------------
+
+    def prepare_loop(self, tape: list[Received]) -> float:
+        """Learn, from the whole tape and the recorded REST books (before anything
+        plays), the spans to shift by and the depth events to replace in later
+        passes (module doc); return the period of a pass in seconds."""
+        depth: dict[str, list[tuple[Received, int, int]]] = {}
+        update_ids: dict[str, list[int]] = {}
+        agg_ids: dict[str, list[int]] = {}
+        trade_ids: dict[str, list[int]] = {}
+        times: list[float] = []
+        for frame in tape:
+            try:
+                data = orjson.loads(frame.text)["data"]
+                symbol, kind = data["s"], data.get("e")
+                if kind == "depthUpdate":
+                    depth.setdefault(symbol, []).append((frame, int(data["U"]), int(data["u"])))
+                elif kind == "aggTrade":
+                    agg_ids.setdefault(symbol, []).append(int(data["a"]))
+                    trade_ids.setdefault(symbol, []).extend((int(data["f"]), int(data["l"])))
+                    times.append(int(data["T"]) / 1000)
+                elif kind is None and "u" in data:  # bookTicker
+                    update_ids.setdefault(symbol, []).append(int(data["u"]))
+                if "E" in data:
+                    times.append(int(data["E"]) / 1000)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # not a stream frame: played unchanged
+        for symbol, events in depth.items():
+            first, last = events[0][1], events[-1][2]
+            self._update_span[symbol] = last - first + 2
+            state = self.books.get(symbol)
+            if state is None:
+                continue  # no recorded snapshot: no book to bring back
+            before = [event for event in events if event[2] <= state.last_update_id]
+            self._once.update(event[0] for event in before)
+            self._resets[events[0][0]] = (symbol, first - 1, before[-1][2] if before else first - 1)
+            bids, asks = state.book.levels()
+            self._snapshots[symbol] = (list(bids), list(asks))
+        for symbol, ids in update_ids.items():
+            self._update_span.setdefault(symbol, max(ids) - min(ids) + 1)
+        for spans, ids_of in ((self._agg_span, agg_ids), (self._trade_span, trade_ids)):
+            for symbol, ids in ids_of.items():
+                spans[symbol] = max(ids) - min(ids) + 1
+        period = loop_period(tape, times)
+        self._period_ms = round(period * 1000)
+        return period
+
+    def shift(self, frame: Received, pass_number: int) -> list[str]:
+        """The frames pass ``pass_number`` (>= 1) plays for recorded ``frame``
+        (module doc): the frame with its ids and times shifted, preceded by the
+        book-restoring depth event at a symbol's first depth frame; nothing for a
+        depth event that one replaces."""
+        out: list[str] = []
+        reset = self._resets.get(frame)
+        if reset is not None:
+            out.append(self._back_to_snapshot(frame, *reset, pass_number))
+        if frame not in self._once:
+            out.append(self._shifted(frame.text, pass_number))
+        return out
+
+    def _shifted(self, text: str, k: int) -> str:
+        try:
+            frame = orjson.loads(text)
+            data = frame["data"]
+            symbol = data["s"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return text
+        ms = k * self._period_ms
+        updates = k * self._update_span.get(symbol, 0)
+        trades = k * self._trade_span.get(symbol, 0)
+        kind = data.get("e")
+        if "E" in data:
+            data["E"] += ms
+        if kind == "depthUpdate":
+            data["U"] += updates
+            data["u"] += updates
+        elif kind == "aggTrade":
+            data["a"] += k * self._agg_span.get(symbol, 0)
+            data["f"] += trades
+            data["l"] += trades
+            data["T"] += ms
+        elif kind == "kline":
+            kline = data["k"]
+            kline["t"] += ms
+            kline["T"] += ms
+            for key in ("f", "L"):
+                if kline.get(key, -1) >= 0:
+                    kline[key] += trades
+        elif kind is None and "u" in data:  # bookTicker
+            data["u"] += updates
+        return orjson.dumps(frame).decode()
+
+    def _back_to_snapshot(
+        self, frame: Received, symbol: str, first: int, last: int, k: int
+    ) -> str:
+        """The depth event, ids ``first``..``last`` shifted to pass ``k``, that turns
+        the venue's book of ``symbol`` into the recorded snapshot."""
+        recorded = orjson.loads(frame.text)
+        target = L2Book()
+        target.load(*self._snapshots[symbol])
+        current = self.books[symbol].book
+        changes: list[list[list[str]]] = []
+        for have, want in ((current.bids, target.bids), (current.asks, target.asks)):
+            side = [[price, "0.00000000"] for key, (price, _) in have.items() if key not in want]
+            side += [[price, size] for key, (price, size) in want.items()
+                     if have.get(key) != (price, size)]
+            changes.append(side)
+        shift = k * self._update_span[symbol]
+        data = {
+            "e": "depthUpdate", "E": recorded["data"]["E"] + k * self._period_ms, "s": symbol,
+            "U": first + shift, "u": last + shift, "b": changes[0], "a": changes[1],
+        }
+        return orjson.dumps({"stream": recorded["stream"], "data": data}).decode()
 
     def corrupt_checksum(self, text: str) -> str:
         """Binance depth events carry no checksum: corrupt the update id instead."""

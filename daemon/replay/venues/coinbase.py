@@ -34,6 +34,30 @@ Theory of operation
 5. Level2 has no checksum: ``corrupt_checksum`` makes a frame that crosses the
    book instead (a bid far above the best ask), which a Coinbase collector must
    detect as a corrupt book.
+6. Looping (``--loop``; ``prepare_loop`` then ``shift`` per frame, pass ``k`` >= 1).
+   Every pass must read as the continuation of the last one on a single
+   connection, so:
+
+   - per product, ``trade_id`` grows by the span of the recorded ``match`` ids
+     (last - first + 1: pass ``k``'s first trade follows the last one of pass
+     ``k-1``, no gap, no repeat) and ``sequence`` by the span of the recorded
+     sequences (still increasing, per channel too); every ``time`` moves by ``k``
+     periods (``tape.loop_period``), whole milliseconds, format kept;
+   - what Coinbase sends only in answer to a subscription is not played again:
+     ``last_match``, the ticker of a trade that is not among the recorded
+     ``match`` frames (the product's last trade before the recording), and the
+     ``subscriptions`` replies;
+   - books: the recorded l2updates were made against the books that followed the
+     recorded ``snapshot``, while pass ``k`` starts from the books pass ``k-1``
+     left. A level2 client takes a ``snapshot`` as a new book at any time, but
+     Coinbase never sends one unasked, so a pass does not either: where the
+     recording has a product's ``snapshot``, later passes play instead one
+     ``l2update`` that turns the venue's current book into that snapshot (every
+     level it lacks set, every level it has in excess removed with size ``"0"``;
+     nothing if they are equal). The l2updates that follow then apply exactly as
+     recorded, and each pass ends with the recording's final books. An l2update
+     recorded before its product's snapshot (none on the capture) is not played
+     again: its book was unknown, and the snapshot's state replaces it anyway.
 
 REST: ``/products`` (and ``/products/<id>``) as recorded;
 ``/products/<id>/trades`` from the matches played so far, newest first, with
@@ -44,16 +68,21 @@ the current book. Anything else: 404.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import attrs
 import orjson
 from sortedcontainers import SortedDict
 
 from daemon.book import BookError, L2Book
 from daemon.replay.capture import Capture, Received
+from daemon.replay.tape import loop_period
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +104,38 @@ TRADES_LIMIT, TRADES_MAX_LIMIT = 100, 1000
 #: ``/products/<id>/book?level=2``: levels per side (Coinbase: top 50).
 BOOK_LEVEL2_DEPTH = 50
 _NOT_FOUND = b'{"message":"NotFound"}'
+#: The fields a looping pass shifts (rule 6): ``"trade_id":N`` (or ``"N"``),
+#: ``"sequence":N`` and ``"time":"..."``.
+_SHIFTED = re.compile(r'"(trade_id|sequence|time)":("[^"]*"|\d+)')
+_PRODUCT = re.compile(r'"product_id":"([^"]*)"')
+_FRACTION = re.compile(r"\.(\d+)")
+
+
+@attrs.define
+class _Spans:
+    """How much one product's numbers grow per pass (rule 6)."""
+
+    trade_ids: int = 0
+    sequences: int = 0
+
+
+def _shifted_time(text: str, shift: timedelta) -> str:
+    """An ISO-8601 time moved by ``shift`` (whole milliseconds), written as Coinbase
+    writes it (``2021-04-17T16:43:37.075687Z``: the same number of fraction digits,
+    at least 3); ``text`` unchanged if it is not such a time."""
+    try:
+        when = datetime.fromisoformat(text) + shift
+    except ValueError:
+        return text
+    if not text.endswith("Z") or when.tzinfo is None:
+        return when.isoformat()
+    fraction = _FRACTION.search(text)
+    digits = max(len(fraction.group(1)) if fraction else 0, 3)
+    return f"{when:%Y-%m-%dT%H:%M:%S}.{when.microsecond:06d}"[: 20 + digits] + "Z"
+
+
+def _iso(ts: float) -> str:
+    return f"{datetime.fromtimestamp(ts, UTC):%Y-%m-%dT%H:%M:%S.%f}Z"
 
 
 class _Rejected(ValueError):
@@ -144,6 +205,10 @@ class CoinbaseVenue:
         self.books: dict[str, L2Book] = {}
         self.trades: dict[str, SortedDict] = {}
         self.sequence: dict[str, int] = {}  # product id -> last match/ticker sequence
+        # looping (rule 6), from prepare_loop
+        self._spans: dict[str, _Spans] = {}
+        self._once: set[Received] = set()  # recorded frames later passes leave out
+        self._period = 0.0
 
     def subscriptions(self, captures: list[Capture]) -> tuple[list[str], list[str]]:
         """``(symbols, channels)`` the recorded connections subscribed, as tickwire
@@ -352,6 +417,103 @@ class CoinbaseVenue:
             changes.append(["buy", price, "1"])
         msg["changes"] = changes
         return orjson.dumps(msg).decode()
+
+    # -- looping ----------------------------------------------------------------------
+
+    def prepare_loop(self, tape: list[Received]) -> float:
+        """Learn, from the whole tape, the spans to shift by and the frames not to play
+        again (rule 6); return the period of a pass in seconds."""
+        decoded: list[tuple[Received, dict[str, Any]]] = []
+        for frame in tape:
+            try:
+                msg = orjson.loads(frame.text)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(msg, dict):
+                decoded.append((frame, msg))
+        match_ids: dict[str, list[int]] = {}
+        for _, msg in decoded:
+            if msg.get("type") == "match" and type(msg.get("trade_id")) is int:
+                match_ids.setdefault(msg["product_id"], []).append(msg["trade_id"])
+        booked: set[str] = set()
+        sequences: dict[str, list[int]] = {}
+        times: list[float] = []
+        for frame, msg in decoded:
+            kind, product = msg.get("type"), msg.get("product_id")
+            once = (
+                kind in ("subscriptions", "last_match")
+                or (kind == "ticker" and msg.get("trade_id") not in match_ids.get(product, ()))
+                or (kind == "l2update" and product not in booked)
+            )
+            if kind == "snapshot":
+                booked.add(product)
+            if once:
+                self._once.add(frame)
+                continue
+            if type(msg.get("sequence")) is int:
+                sequences.setdefault(product, []).append(msg["sequence"])
+            if isinstance(msg.get("time"), str):
+                with contextlib.suppress(ValueError):
+                    times.append(datetime.fromisoformat(msg["time"]).timestamp())
+        for product in set(match_ids) | set(sequences):
+            ids, seqs = match_ids.get(product), sequences.get(product)
+            self._spans[product] = _Spans(
+                trade_ids=max(ids) - min(ids) + 1 if ids else 0,
+                sequences=max(seqs) - min(seqs) + 1 if seqs else 0,
+            )
+        self._period = loop_period(tape, times)
+        return self._period
+
+    def shift(self, frame: Received, pass_number: int) -> list[str]:
+        """The frames pass ``pass_number`` (>= 1) plays for recorded ``frame``
+        (rule 6): none, the frame shifted, or for a ``snapshot`` the ``l2update``
+        that brings the current book back to it."""
+        if frame in self._once:
+            return []
+        text = frame.text
+        start = text.find('"type":"') + 8
+        if start >= 8 and text.startswith("snapshot", start):
+            return self._back_to_snapshot(text, frame.ts + pass_number * self._period)
+        found = _PRODUCT.search(text)
+        spans = self._spans.get(found.group(1), _Spans()) if found else _Spans()
+        moved = timedelta(milliseconds=round(pass_number * self._period * 1000))
+
+        def replace(match: re.Match[str]) -> str:
+            name, value = match.group(1), match.group(2)
+            if name == "time":
+                quoted = value[1:-1] if value.startswith('"') else value
+                return f'"time":"{_shifted_time(quoted, moved)}"'
+            span = spans.trade_ids if name == "trade_id" else spans.sequences
+            if value.startswith('"'):
+                digits = value[1:-1]
+                if not digits.isdigit():
+                    return match.group(0)
+                return f'"{name}":"{int(digits) + pass_number * span}"'
+            return f'"{name}":{int(value) + pass_number * span}'
+
+        return [_SHIFTED.sub(replace, text)]
+
+    def _back_to_snapshot(self, text: str, ts: float) -> list[str]:
+        """The ``l2update`` that turns the product's current book into the recorded
+        snapshot ``text`` (nothing when they are equal)."""
+        try:
+            msg = orjson.loads(text)
+            product = msg["product_id"]
+            target = L2Book()
+            target.load([lv[:2] for lv in msg["bids"]], [lv[:2] for lv in msg["asks"]])
+        except (orjson.JSONDecodeError, KeyError, TypeError, IndexError, BookError):
+            return [text]  # not a usable snapshot: played as recorded
+        current = self.books.get(product) or L2Book()
+        changes: list[list[str]] = []
+        for name, have, want in (("buy", current.bids, target.bids),
+                                 ("sell", current.asks, target.asks)):
+            changes += [[name, price, "0"] for key, (price, _) in have.items() if key not in want]
+            changes += [[name, price, size] for key, (price, size) in want.items()
+                        if have.get(key) != (price, size)]
+        if not changes:
+            return []
+        update = {"type": "l2update", "product_id": product, "changes": changes, "time": _iso(ts)}
+        return [orjson.dumps(update).decode()]
 
     # -- REST -----------------------------------------------------------------------
 

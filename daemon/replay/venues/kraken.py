@@ -47,11 +47,27 @@ Theory of operation
    EService:Unavailable`` before the pair's recorded snapshot has played). Any
    other path is ``404 {"error":["EGeneral:Unknown method"]}``; request errors are
    Kraken's ``EQuery:``/``EGeneral:`` messages in a 200 answer, as Kraken sends them.
+7. Looping (``--loop``; ``prepare_loop`` then ``shift`` per frame, pass ``k`` >= 1).
+   v1 has no trade ids or sequence numbers: trades are told apart by their time
+   (a collector keys them by it), so every time a frame carries (trade times,
+   book level times) moves by ``k`` periods (``tape.loop_period`` over the
+   recorded trade and update times: a pass's first trade is later than the last
+   one's), as a decimal string with its digits kept. Books: where the recording
+   has a pair's snapshot, later passes play instead one book *update* that turns
+   the venue's current book into that snapshot (levels it has in excess removed
+   with volume ``0.00000000``, then every level it lacks or holds at another
+   volume set), with the checksum ``c`` of the result (Kraken's CRC32 over the top
+   10 asks and bids, computed here), so the recorded updates that follow apply
+   and check exactly as recorded. Kraken does not resend a snapshot unasked, so
+   neither does a pass. Book updates recorded before their pair's snapshot (none
+   on the captures) and the recorded ``systemStatus``/``subscriptionStatus``
+   frames are not played again; tickers and heartbeats are, unchanged.
 """
 
 from __future__ import annotations
 
 import itertools
+import zlib
 from decimal import Decimal, InvalidOperation
 from operator import neg
 from typing import Any
@@ -62,6 +78,7 @@ import orjson
 from sortedcontainers import SortedDict
 
 from daemon.replay.capture import Capture, Received
+from daemon.replay.tape import loop_period
 
 ASSET_PAIRS = "/0/public/AssetPairs"
 TRADES = "/0/public/Trades"
@@ -196,6 +213,9 @@ class KrakenVenue:
         self.books: dict[str, Book] = {}
         self.trades: dict[str, list[_Trade]] = {}
         self._tickers: dict[str, str] = {}  # pair -> latest ticker frame played
+        # looping (rule 7), from prepare_loop
+        self._once: set[Received] = set()  # recorded frames later passes leave out
+        self._period = Decimal(0)
 
     def _learn(self, text: str, fallback: dict[tuple[str, str], dict[str, Any]]) -> None:
         """Recorded channelIDs from ``subscriptionStatus`` frames (else from data)."""
@@ -413,6 +433,93 @@ class KrakenVenue:
                 return orjson.dumps(message).decode()
         return text
 
+    # -- looping ----------------------------------------------------------------------
+
+    def prepare_loop(self, tape: list[Received]) -> float:
+        """Learn, from the whole tape, the frames not to play again and the period of
+        a pass (rule 7); return the period in seconds."""
+        booked: set[str] = set()
+        times: list[float] = []
+        for frame in tape:
+            message = _loads(frame.text)
+            if isinstance(message, dict):
+                if message.get("event") in ("systemStatus", "subscriptionStatus"):
+                    self._once.add(frame)
+                continue
+            if not _is_data(message):
+                continue
+            name, pair, payload = message[-2].partition("-")[0], message[-1], message[1:-2]
+            try:
+                if name == "trade":
+                    times += [float(entry[2]) for entry in payload[0]]
+                elif name == "book":
+                    if "as" in payload[0] or "bs" in payload[0]:
+                        booked.add(pair)
+                    elif pair not in booked:
+                        self._once.add(frame)
+                    else:
+                        times += [float(lv[2]) for part in payload
+                                  for lv in part.get("a", []) + part.get("b", [])]
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                pass  # recorded garbage: shifted as far as it can be
+        period = loop_period(tape, times)
+        self._period = Decimal(round(period * 1000)) / 1000
+        return period
+
+    def shift(self, frame: Received, pass_number: int) -> list[str]:
+        """The frames pass ``pass_number`` (>= 1) plays for recorded ``frame``
+        (rule 7): none, the frame with its times moved, or for a book snapshot the
+        update that brings the current book back to it."""
+        if frame in self._once:
+            return []
+        message = _loads(frame.text)
+        if not _is_data(message):
+            return [frame.text]
+        name, payload = message[-2].partition("-")[0], message[1:-2]
+        moved = self._period * pass_number
+        try:
+            if name == "trade":
+                for entry in payload[0]:
+                    entry[2] = _moved(entry[2], moved)
+            elif name == "book":
+                first = payload[0]
+                if "as" in first or "bs" in first:
+                    return self._back_to_snapshot(message, moved, frame.ts)
+                for part in payload:
+                    for level in part.get("a", []) + part.get("b", []):
+                        level[2] = _moved(level[2], moved)
+            else:
+                return [frame.text]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, InvalidOperation):
+            return [frame.text]  # recorded garbage is played as recorded
+        return [orjson.dumps(message).decode()]
+
+    def _back_to_snapshot(self, message: list, moved: Decimal, ts: float) -> list[str]:
+        """The book update that turns the pair's current book into the recorded
+        snapshot ``message`` (nothing when they are equal), with its checksum."""
+        pair, snapshot = message[-1], message[1]
+        target = Book(self.recorded_depth)
+        target.apply(snapshot.get("as", []), snapshot.get("bs", []))
+        current = self.books.get(pair) or Book(self.recorded_depth)
+        removed_at = _moved(f"{ts:.6f}", moved)
+        parts: dict[str, list[list[str]]] = {}
+        for key, have, want in (("a", current.asks, target.asks), ("b", current.bids, target.bids)):
+            changes = [[level[0], "0.00000000", removed_at]
+                       for price, level in have.items() if price not in want]
+            changes += [[level[0], level[1], _moved(level[2], moved)]
+                        for price, level in want.items()
+                        if (have.get(price) or [None, None])[:2] != level[:2]]
+            if changes:
+                parts[key] = changes
+        if not parts:
+            return []
+        asks, bids = target.levels(_CHECKSUM_LEVELS)
+        checksum = str(_checksum(asks, bids))
+        body = [{"a": parts["a"]}, {"b": parts["b"], "c": checksum}] if len(parts) == 2 else [
+            {**parts, "c": checksum}
+        ]
+        return [orjson.dumps([message[0], *body, message[-2], pair]).decode()]
+
     # -- REST -----------------------------------------------------------------------
 
     def rest(self, target: str) -> tuple[int, bytes]:
@@ -478,6 +585,25 @@ class KrakenVenue:
 
         result = {self.pairs[wsname].rest: {"asks": rows(asks), "bids": rows(bids)}}
         return 200, orjson.dumps({"error": [], "result": result})
+
+
+#: Levels per side in Kraken's book checksum.
+_CHECKSUM_LEVELS = 10
+
+
+def _checksum(asks: list[list[str]], bids: list[list[str]]) -> int:
+    """Kraken's v1 book checksum: CRC32 of the top 10 asks (ascending) then bids
+    (descending), each as price then volume, dot removed, leading zeros stripped."""
+    text = "".join(
+        level[0].replace(".", "").lstrip("0") + level[1].replace(".", "").lstrip("0")
+        for level in [*asks, *bids]
+    )
+    return zlib.crc32(text.encode())
+
+
+def _moved(time: str, by: Decimal) -> str:
+    """A decimal time string moved by ``by`` seconds, its fraction digits kept."""
+    return str(Decimal(time) + by)
 
 
 def _loads(text: str | bytes) -> Any:
