@@ -15,6 +15,7 @@ import time
 from functools import partial
 from typing import Any
 
+import attrs
 import trio
 
 from daemon import __version__
@@ -24,7 +25,7 @@ from daemon.collectors.native import NativeCollector
 from daemon.collectors.poll import PollCollector
 from daemon.collectors.venues import venue
 from daemon.config import Config
-from daemon.dispatch import Dispatcher
+from daemon.dispatch import Dispatcher, Retention
 from daemon.supervise import Backoff, supervise
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,13 @@ class App:
         self.started_at = time.time()
         self.dispatcher = Dispatcher(
             config.dispatch.buffer,
-            {"trades": config.history.trades, "system": config.history.system},
+            {
+                channel: Retention(retention.size, retention.max_age)
+                for channel, retention in attrs.asdict(config.history, recurse=False).items()
+            },
         )
         hello = {"type": "welcome", "server": "tickwire", "version": __version__, "epoch": self.epoch}
-        self.server = BroadcastServer(self.dispatcher, config.server, hello)
+        self.server = BroadcastServer(self.dispatcher, config.server, hello, config.auth)
         self.collectors: dict[str, Any] = {}
         self.fallbacks: dict[str, Fallback] = {}
         self.port: int | None = None

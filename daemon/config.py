@@ -44,19 +44,47 @@ def _listen(instance: Any, attribute: attrs.Attribute, value: str) -> None:
         raise ValueError(f"{attribute.name}: must be HOST:PORT, got {value!r}")
 
 
+def _one_of(*choices: str) -> Any:
+    def check(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+        if value not in choices:
+            raise ValueError(
+                f"{attribute.name}: {value!r} is not one of {', '.join(choices)}"
+            )
+
+    return check
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     """The broadcast WebSocket server.
 
-    ``listen``: ``HOST:PORT``; ``client_queue``: events queued per client before the
-    slow-consumer policy applies; ``max_message_size``: largest client frame in
-    bytes (larger closes with 1009); ``max_batch``: most events in one frame.
+    ``listen``: ``HOST:PORT``; ``client_queue``: messages queued per client before
+    its slow-consumer policy applies (books and tickers conflate, trades close the
+    client with 4008); ``max_message_size``: largest client frame in bytes (larger
+    closes with 1009); ``max_batch`` / ``max_frame_bytes``: most messages and bytes
+    in one batched frame; ``ping_interval`` / ``ping_timeout``: keepalive, seconds
+    (no pong in time closes with 4001); ``handshake_timeout``: seconds to complete the
+    upgrade; ``idle_timeout``: seconds a client may stay without any subscription;
+    ``max_connections`` (total) and ``max_connections_per_ip``;
+    ``max_subscriptions``: channel x symbol pairs per client;
+    ``max_messages_per_second``: client requests per second (past it ``rate_limited``
+    errors, and close 4029 when it goes on for ``rate_limit_grace`` seconds).
     """
 
     listen: str = attrs.field(default="127.0.0.1:8765", validator=_listen)
     client_queue: int = attrs.field(default=4096, validator=_positive)
     max_message_size: int = attrs.field(default=65536, validator=_positive)
     max_batch: int = attrs.field(default=256, validator=_positive)
+    max_frame_bytes: int = attrs.field(default=1 << 20, validator=_positive)
+    ping_interval: float = attrs.field(default=20.0, validator=_positive)
+    ping_timeout: float = attrs.field(default=20.0, validator=_positive)
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    idle_timeout: float = attrs.field(default=300.0, validator=_positive)
+    max_connections: int = attrs.field(default=10_000, validator=_positive)
+    max_connections_per_ip: int = attrs.field(default=1000, validator=_positive)
+    max_subscriptions: int = attrs.field(default=1000, validator=_positive)
+    max_messages_per_second: float = attrs.field(default=50.0, validator=_positive)
+    rate_limit_grace: float = attrs.field(default=5.0, validator=_positive)
 
     @property
     def host(self) -> str:
@@ -65,6 +93,29 @@ class ServerConfig:
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+
+@attrs.frozen(kw_only=True)
+class TokenConfig:
+    """One client token: ``sha256`` is the hex SHA-256 of the token (the token itself
+    is never stored); ``channels`` and ``symbols`` (patterns as in ``subscribe``)
+    bound what it may subscribe to."""
+
+    name: str
+    sha256: str = attrs.field(validator=attrs.validators.matches_re(r"^[0-9a-f]{64}$"))
+    channels: list[str] = attrs.field(factory=lambda: ["*"])
+    symbols: list[str] = attrs.field(factory=lambda: ["*"])
+
+
+@attrs.frozen(kw_only=True)
+class AuthConfig:
+    """Client authentication. ``enabled``: ``auto`` (on when the server listens on a
+    non-loopback address), ``on`` or ``off``; ``origins``: browser ``Origin``s
+    allowed (empty: any)."""
+
+    enabled: str = attrs.field(default="auto", validator=_one_of("auto", "on", "off"))
+    tokens: list[TokenConfig] = attrs.field(factory=list)
+    origins: list[str] = attrs.field(factory=list)
 
 
 @attrs.frozen(kw_only=True)
@@ -82,11 +133,22 @@ class DispatchConfig:
 
 
 @attrs.frozen(kw_only=True)
-class HistoryConfig:
-    """Events retained per stream for late joiners and recovery."""
+class RetentionConfig:
+    """Messages kept per stream of a channel: the last ``size``, none older than
+    ``max_age`` seconds (late joiners' ``history`` and ``since`` recovery)."""
 
-    trades: int = attrs.field(default=1000, validator=_positive)
-    system: int = attrs.field(default=100, validator=_positive)
+    size: int = attrs.field(validator=_positive)
+    max_age: float = attrs.field(validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class HistoryConfig:
+    """Retention per channel."""
+
+    trades: RetentionConfig = RetentionConfig(size=1000, max_age=3600.0)
+    book: RetentionConfig = RetentionConfig(size=1000, max_age=60.0)
+    ticker: RetentionConfig = RetentionConfig(size=100, max_age=60.0)
+    system: RetentionConfig = RetentionConfig(size=100, max_age=86400.0)
 
 
 @attrs.frozen(kw_only=True)
@@ -99,16 +161,6 @@ class ReconnectConfig:
     cap: float = attrs.field(default=30.0, validator=_positive)
     stale_after: float = attrs.field(default=30.0, validator=_positive)
     healthy_after: float = attrs.field(default=60.0, validator=_positive)
-
-
-def _one_of(*choices: str) -> Any:
-    def check(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-        if value not in choices:
-            raise ValueError(
-                f"{attribute.name}: {value!r} is not one of {', '.join(choices)}"
-            )
-
-    return check
 
 
 def _channels(instance: Any, attribute: attrs.Attribute, value: list[str]) -> None:
@@ -156,6 +208,7 @@ class Config:
     """The whole daemon configuration (see ``daemon/default.toml``)."""
 
     server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
     admin: AdminConfig = AdminConfig()
     dispatch: DispatchConfig = DispatchConfig()
     history: HistoryConfig = HistoryConfig()

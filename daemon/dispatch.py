@@ -9,19 +9,20 @@ socket. Nothing is dropped here.
 
 For each event the dispatcher, in one synchronous step:
 
-1. finds its stream (``channel:exchange:symbol``) and gives it the next ``seq``
-   (from 1, contiguous);
-2. encodes it once (``daemon.wire``) into the text every subscriber gets;
-3. drops a trade whose id the stream already carried (two sources, one trade),
-   counting it in ``duplicates``;
-4. keeps what late joiners need: the current L2 book of a ``book`` stream, the
-   latest ``ticker``, the last N ``trades`` and ``system`` events;
-5. hands the text to every subscriber of the stream with ``deliver``, which never
-   blocks: a subscriber that cannot keep up applies its own named policy.
+1. finds its stream (``channel:exchange:symbol``); a trade whose id the stream
+   already carried (two sources, one trade) is dropped and counted in
+   ``duplicates``;
+2. gives it the stream's next ``seq`` (from 1, contiguous) and encodes it once
+   (``daemon.wire``) into the ``Message`` every subscriber gets;
+3. keeps what late joiners and reconnecting clients need: the current L2 book of
+   a ``book`` stream, the latest ``ticker``, and the last messages of every stream
+   within its channel's retention (count and age) for ``since`` recovery;
+4. hands the message to every subscriber of the stream with ``deliver``, which
+   never blocks: a subscriber that cannot keep up applies its own named policy.
 
 ``subscribe`` runs synchronously too, so a new subscriber's initial messages (book
-snapshot, latest ticker, history) and the live events that follow them are
-contiguous in ``seq``: no event can slip in between.
+snapshot, latest ticker, history, recovered messages) and the live events that
+follow them are contiguous in ``seq``: no event can slip in between.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 import attrs
@@ -50,38 +52,75 @@ TRADE_IDS_KEPT = 10_000
 SYMBOL_PATTERN = re.compile(r"^(\*|[a-z0-9_.]+:(\*|[A-Z0-9.]+-[A-Z0-9.]+))$")
 
 
+@attrs.frozen
+class Retention:
+    """How much of a channel's streams is kept: the last ``size`` messages, none
+    older than ``max_age`` seconds."""
+
+    size: int
+    max_age: float
+
+
+@attrs.define(slots=True, eq=False)
+class Message:
+    """One encoded event of one stream, shared by every subscriber.
+
+    ``payload``: the JSON bytes; ``recv_ts``: when tickwire received the source frame
+    (epoch s, for latency); ``at``: when it was published (monotonic s, for
+    retention); ``frame``: the WebSocket frame of the payload alone, built once by
+    the first session that sends it alone, then reused by all.
+    """
+
+    stream: Stream
+    seq: int
+    payload: bytes
+    recv_ts: float
+    at: float
+    frame: bytes | None = None
+
+
 class Subscriber(Protocol):
     """What the dispatcher needs of a subscriber (a broadcast session)."""
 
-    def deliver(self, stream: Stream, seq: int, text: str) -> None:
-        """Take one encoded event without blocking (queue it or apply a policy)."""
+    def deliver(self, message: Message) -> None:
+        """Take one message without blocking (queue it or apply a policy)."""
 
 
 @attrs.define(eq=False)
 class Stream:
     """One ``channel:exchange:symbol`` stream and what it retains.
 
-    ``seq``: the last sequence number given; ``history``: ``(seq, text)`` of the
-    last events (trades, system); ``book``: the current L2 book (book streams);
-    ``latest``: ``(seq, text)`` of the last event (tickers and books).
+    ``seq``: the last sequence number given; ``history``: the retained messages;
+    ``book``: the current L2 book (book streams); ``latest``: the last ticker.
     """
 
     key: str
     channel: str
     exchange: str
     symbol: str
+    retention: Retention | None = None
     seq: int = 0
-    history: deque[tuple[int, str]] | None = None
+    history: deque[Message] = attrs.field(factory=deque)
     book: L2Book | None = None
     book_event: Event | None = None
-    latest: tuple[int, str] | None = None
+    latest: Message | None = None
     subscribers: set[Subscriber] = attrs.field(factory=set)
-    #: recent trade ids (trades streams): a trade id is delivered once, whichever
-    #: source (native feed, REST recovery, polling fallback) brings it
     trade_ids: set[str] = attrs.field(factory=set)
     trade_order: deque[str] = attrs.field(factory=deque)
 
-    def snapshot_text(self) -> str | None:
+    def retain(self, message: Message) -> None:
+        """Keep ``message`` within this channel's retention."""
+        if self.retention is None:
+            return
+        history = self.history
+        history.append(message)
+        if len(history) > self.retention.size:
+            history.popleft()
+        oldest = message.at - self.retention.max_age
+        while history and history[0].at < oldest:
+            history.popleft()
+
+    def snapshot_message(self, **extra: object) -> Message | None:
         """The current book as a ``book_snapshot`` at this stream's ``seq``."""
         if self.book is None or self.book_event is None:
             return None
@@ -91,7 +130,19 @@ class Stream:
             exchange=ref.exchange, symbol=ref.symbol, ts=ref.ts, recv_ts=ref.recv_ts,
             bids=bids, asks=asks,
         )
-        return orjson.dumps(event_dict(event, self.seq)).decode()
+        payload = orjson.dumps(event_dict(event, self.seq, **extra))
+        return Message(self, self.seq, payload, ref.recv_ts, time.monotonic())
+
+    def since(self, seq: int) -> list[Message] | None:
+        """The retained messages after ``seq``, or ``None`` if some are no longer
+        retained (or ``seq`` is ahead of the stream)."""
+        if seq > self.seq:
+            return None
+        if seq == self.seq:
+            return []
+        if not self.history or self.history[0].seq > seq + 1:
+            return None
+        return [m for m in self.history if m.seq > seq]
 
 
 @attrs.frozen
@@ -118,14 +169,13 @@ def matches(pattern: str, exchange: str, symbol: str) -> bool:
 class Dispatcher:
     """Numbers, encodes, retains and fans out events (see the module docstring).
 
-    ``buffer``: bound of the input channel; ``history``: events retained per
-    stream by channel (``{"trades": 1000, "system": 100}``).
+    ``buffer``: bound of the input channel; ``retention``: per channel name.
     """
 
-    def __init__(self, buffer: int, history: dict[str, int]) -> None:
+    def __init__(self, buffer: int, retention: Mapping[str, Retention]) -> None:
         self._send, self._receive = trio.open_memory_channel[Event](buffer)
         self._buffer = buffer
-        self.history_sizes = dict(history)
+        self.retention = dict(retention)
         self.streams: dict[str, Stream] = {}
         self.subscriptions: dict[Subscriber, set[tuple[str, str]]] = {}
         self.events = 0
@@ -149,10 +199,9 @@ class Dispatcher:
         key = f"{channel}:{exchange}:{symbol}"
         stream = self.streams.get(key)
         if stream is None:
-            size = self.history_sizes.get(channel)
             stream = Stream(
                 key=key, channel=channel, exchange=exchange, symbol=symbol,
-                history=deque(maxlen=size) if size else None,
+                retention=self.retention.get(channel),
             )
             self.streams[key] = stream
             for subscriber, pairs in self.subscriptions.items():
@@ -164,11 +213,10 @@ class Dispatcher:
         """Number, encode, retain and deliver one event; never blocks.
 
         A trade whose id the stream carried among its last ``TRADE_IDS_KEPT`` is
-        dropped and counted in ``duplicates``.
-
-        A book update for a stream that has no book yet, or with levels that are not
-        decimals, is a source's bug: it is counted in ``rejected``, logged, and not
-        numbered, so clients never see a hole in ``seq``.
+        dropped and counted in ``duplicates``. A book update for a stream that has
+        no book yet, or with levels that are not decimals, is a source's bug: it is
+        counted in ``rejected``, logged, and not numbered, so clients never see a
+        hole in ``seq``.
         """
         stream = self._stream(event.CHANNEL, event.exchange, event.symbol)
         if isinstance(event, Trade):
@@ -194,16 +242,17 @@ class Dispatcher:
             return
         self.events += 1
         stream.seq += 1
-        seq = stream.seq
-        text = orjson.dumps(event_dict(event, seq)).decode()
+        message = Message(
+            stream, stream.seq, orjson.dumps(event_dict(event, stream.seq)), event.recv_ts,
+            time.monotonic(),
+        )
         if isinstance(event, BookSnapshot | BookUpdate):
             stream.book_event = event
         elif isinstance(event, Ticker):
-            stream.latest = (seq, text)
-        if stream.history is not None:
-            stream.history.append((seq, text))
+            stream.latest = message
+        stream.retain(message)
         for subscriber in list(stream.subscribers):
-            subscriber.deliver(stream, seq, text)
+            subscriber.deliver(message)
 
     # -- subscriptions ----------------------------------------------------------------
 
@@ -213,15 +262,22 @@ class Dispatcher:
         channels: Iterable[str],
         patterns: Iterable[str],
         history: int = 0,
-    ) -> list[str]:
-        """Add ``channels`` x ``patterns`` for ``subscriber``; return its initial
-        messages, in order: per matching stream the current book snapshot, the latest
-        ticker, or up to ``history`` retained trades / system events (newest last).
-        Streams already subscribed are not sent again."""
+        since: Mapping[str, int] | None = None,
+    ) -> tuple[list[Message], dict[str, bool]]:
+        """Add ``channels`` x ``patterns`` for ``subscriber``.
+
+        Returns its initial messages, in order, and for each stream named in
+        ``since`` (``{stream key: last seq seen}``) whether it was recovered. Per
+        newly matched stream: with ``since`` and every missed message retained,
+        exactly the missed messages; otherwise the current book snapshot, the
+        latest ticker, or up to ``history`` retained trades / system events.
+        """
+        since = since or {}
         pairs = self.subscriptions.setdefault(subscriber, set())
         new_pairs = {(c, p) for c in channels for p in patterns} - pairs
         pairs |= new_pairs
-        initial: list[str] = []
+        initial: list[Message] = []
+        recovered = {key: False for key in since}
         for stream in self.streams.values():
             if subscriber in stream.subscribers:
                 continue
@@ -231,19 +287,24 @@ class Dispatcher:
             ):
                 continue
             stream.subscribers.add(subscriber)
+            if stream.key in since:
+                missed = stream.since(since[stream.key])
+                if missed is not None:
+                    recovered[stream.key] = True
+                    initial.extend(missed)
+                    continue
             initial.extend(self.initial_messages(stream, history))
-        return initial
+        return initial, recovered
 
-    def initial_messages(self, stream: Stream, history: int) -> list[str]:
+    def initial_messages(self, stream: Stream, history: int) -> list[Message]:
         """What a new subscriber of ``stream`` gets before live events."""
         if stream.channel == "book":
-            text = stream.snapshot_text()
-            return [text] if text is not None else []
+            message = stream.snapshot_message()
+            return [message] if message is not None else []
         if stream.latest is not None:
-            return [stream.latest[1]]
-        if stream.history is not None and history > 0:
-            retained = list(stream.history)[-history:]
-            return [text for _, text in retained]
+            return [stream.latest]
+        if history > 0 and stream.channel in ("trades", "system"):
+            return list(stream.history)[-history:]
         return []
 
     def unsubscribe(
@@ -261,7 +322,8 @@ class Dispatcher:
 
     def remove(self, subscriber: Subscriber) -> None:
         """Forget a subscriber entirely (it disconnected)."""
-        self.subscriptions.pop(subscriber, None)
+        if self.subscriptions.pop(subscriber, None) is None:
+            return
         for stream in self.streams.values():
             stream.subscribers.discard(subscriber)
 

@@ -13,10 +13,10 @@ import trio_websocket
 
 from daemon.broadcast.server import BroadcastServer
 from daemon.config import ServerConfig
-from daemon.dispatch import Dispatcher
+from daemon.dispatch import Dispatcher, Retention
 from daemon.events import BookSnapshot
 from daemon.replay.capture import read_capture
-from tests.helpers import messages, receive_until, request
+from tests.helpers import apply_levels, as_plain, messages, receive_until, request
 
 HELLO = {"type": "welcome", "server": "tickwire", "version": "test", "epoch": "e1"}
 
@@ -29,7 +29,7 @@ class Running:
 
 
 async def start(nursery: trio.Nursery, **server: object) -> Running:
-    dispatcher = Dispatcher(64, {"trades": 100, "system": 10})
+    dispatcher = Dispatcher(64, {"trades": Retention(100, 60.0), "system": Retention(10, 60.0)})
     config = ServerConfig(listen="127.0.0.1:0", **server)
     broadcast = BroadcastServer(dispatcher, config, HELLO)
     await nursery.start(dispatcher.serve)
@@ -83,70 +83,121 @@ async def test_an_oversized_frame_closes_with_1009() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_a_client_that_stops_reading_is_closed_as_a_slow_consumer(captures: Path) -> None:
-    """Real NKN-USDT depth snapshots (1000 levels a side, ~70 KB each) published
-    again and again: the client that does not read fills its socket, then its queue,
-    and is closed with 1008; the one beside it receives every event, in order."""
-    body = orjson.loads(read_capture(captures / "BINANCE.http.0.0").rest[0].body)
-    snapshot = BookSnapshot(
+def nkn_book_events(captures: Path) -> list:
+    """The real NKN-USDT book: the REST snapshot (1000 levels a side), then every
+    recorded depth update after it, as events."""
+    from daemon.events import BookUpdate
+    from daemon.replay.capture import read_capture as read
+
+    body = orjson.loads(read(captures / "BINANCE.http.0.0").rest[0].body)
+    events = [BookSnapshot(
         exchange="binance", symbol="NKN-USDT", ts=1.0, recv_ts=1.0,
         bids=tuple(map(tuple, body["bids"])), asks=tuple(map(tuple, body["asks"])),
-    )
-    count = 600  # ~40 MB: more than loopback socket buffers hold
+    )]
+    for frame in read(captures / "BINANCE.ws.1.0").connections[0].received:
+        data = orjson.loads(frame.text)["data"]
+        if "nknusdt@depth" in frame.text and data["u"] > body["lastUpdateId"]:
+            events.append(BookUpdate(
+                exchange="binance", symbol="NKN-USDT", ts=data["E"] / 1000, recv_ts=1.0,
+                bids=tuple(map(tuple, data["b"])), asks=tuple(map(tuple, data["a"]))))
+    return events
+
+
+async def slow_and_fast(
+    running: Running, channels: list[str], events: list, settle, chunk: int = 1
+) -> tuple:
+    """A fast client reads everything as it comes; a slow one reads nothing until
+    every event is published and the fast one has it all, then reads what it has.
+    The exchange is slower than the fast client: ``chunk`` events, then the next
+    ones once the fast client has them."""
+    subscribe = {"op": "subscribe", "id": 1, "channels": channels, "symbols": ["binance:*"]}
+    async with (
+        trio_websocket.open_websocket_url(running.url, max_message_size=1 << 26) as fast,
+        trio_websocket.open_websocket_url(running.url, max_message_size=1 << 26) as slow,
+    ):
+        for ws in (fast, slow):
+            await ws.get_message()
+            await request(ws, subscribe)
+            await receive_until(ws, lambda m: m["type"] == "ack")
+        fast_got: list[dict] = []
+        async with running.dispatcher.open_source() as source:
+            for start_at in range(0, len(events), chunk):
+                part = events[start_at:start_at + chunk]
+                for event in part:
+                    await source.send(event)
+                with trio.fail_after(10):
+                    while len(fast_got) < start_at + len(part):
+                        fast_got.extend(messages(await fast.get_message()))
+        slow_got: list[dict] = []
+        closed = None
+        with trio.fail_after(30):
+            try:
+                while not settle(slow_got):
+                    slow_got.extend(messages(await slow.get_message()))
+            except trio_websocket.ConnectionClosed as exc:
+                closed = exc.reason
+    return fast_got, slow_got, closed
+
+
+async def test_a_slow_book_client_gets_a_conflated_snapshot_equal_to_the_true_book(
+    captures: Path,
+) -> None:
+    events = nkn_book_events(captures)
+    big = events[0]
+    # the 70 KB snapshot again and again fills the slow client's socket, then its queue
+    stream = [big] * 300 + events[1:]
     async with trio.open_nursery() as nursery:
         running = await start(nursery, client_queue=32)
-        subscribe = {"op": "subscribe", "id": 1, "channels": ["book"], "symbols": ["binance:*"]}
-        async with (
-            trio_websocket.open_websocket_url(running.url, max_message_size=1 << 26) as fast,
-            trio_websocket.open_websocket_url(running.url, max_message_size=1 << 26) as slow,
-        ):
-            for ws in (fast, slow):
-                await ws.get_message()
-                await request(ws, subscribe)
-                await receive_until(ws, lambda m: m["type"] == "ack")
+        final_seq = len(stream)
 
-            # the exchange is slower than the fast client: one event, then the next
-            # once the fast client has it
-            progress_send, progress_receive = trio.open_memory_channel[int](count)
+        def settled(got: list[dict]) -> bool:
+            return bool(got) and got[-1]["seq"] == final_seq
 
-            async def publish() -> None:
-                async with running.dispatcher.open_source() as source:
-                    for _ in range(count):
-                        await source.send(snapshot)
-                        await progress_receive.receive()
+        fast, slow, closed = await slow_and_fast(running, ["book"], stream, settled)
+        assert [m["seq"] for m in fast] == list(range(1, final_seq + 1))
+        assert not any(m.get("conflated") for m in fast)
+        assert closed is None
+        conflated = [m for m in slow if m.get("conflated")]
+        assert conflated and conflated[-1]["type"] == "book_snapshot"
+        true_book = running.dispatcher.streams["book:binance:NKN-USDT"].book.levels()
+        last_snapshot = [m for m in slow if m["type"] == "book_snapshot"][-1]
+        after = slow[slow.index(last_snapshot) + 1:]
+        bids, asks = as_plain(last_snapshot["bids"]), as_plain(last_snapshot["asks"])
+        for update in after:  # updates after it apply to it in order
+            assert update["type"] == "book_update"
+            apply_levels(bids, update["bids"])
+            apply_levels(asks, update["asks"])
+        assert (bids, asks) == (as_plain(true_book[0]), as_plain(true_book[1]))
+        seqs = [m["seq"] for m in slow if m["type"] != "ack"]
+        assert seqs == sorted(seqs) and len(seqs) < final_seq
+        assert running.server.conflations >= 1 and running.server.slow_consumers == 0
+        nursery.cancel_scope.cancel()
 
-            slow_result: dict[str, object] = {}
 
-            async def read_slow_once_closed() -> None:
-                # the slow client reads nothing until the policy has closed it,
-                # then reads on: it gets what was queued for it, then 1008
-                with trio.fail_after(30):
-                    while running.server.slow_consumers == 0:
-                        await trio.sleep(0.01)
-                    received = 0
-                    try:
-                        while True:
-                            received += len(messages(await slow.get_message()))
-                    except trio_websocket.ConnectionClosed as exc:
-                        slow_result.update(reason=exc.reason, received=received)
+async def test_a_slow_trades_client_is_closed_with_4008_and_the_fast_one_gets_all(
+    captures: Path,
+) -> None:
+    from daemon.events import Trade
 
-            nursery.start_soon(publish)
-            nursery.start_soon(read_slow_once_closed)
-            seqs = []
-            with trio.fail_after(60):
-                while len(seqs) < count:
-                    for message in messages(await fast.get_message()):
-                        assert message["type"] == "book_snapshot"
-                        seqs.append(message["seq"])
-                        progress_send.send_nowait(message["seq"])
-            assert seqs == list(range(1, count + 1))
-            assert running.server.slow_consumers == 1
-            with trio.fail_after(30):
-                while "reason" not in slow_result:
-                    await trio.sleep(0.01)
-            assert slow_result["reason"].code == 1008
-            assert slow_result["reason"].reason == "slow consumer"
-            assert 0 < slow_result["received"] < count
+    frames = read_capture(captures / "BINANCE.ws.1.0").connections[0].received
+    data = next(orjson.loads(f.text)["data"] for f in frames if "@aggTrade" in f.text)
+    # the recorded trade, repeated with the ids that follow it: more trades than
+    # loopback socket buffers hold
+    trades = [
+        Trade(exchange="binance", symbol="NKN-USDT", ts=data["T"] / 1000, recv_ts=1.0,
+              id=str(data["a"] + i), price=data["p"], size=data["q"], side="buy")
+        for i in range(80_000)
+    ]
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery, client_queue=256)
+        fast, slow, closed = await slow_and_fast(
+            running, ["trades"], trades, lambda got: False, chunk=100)
+        assert [m["seq"] for m in fast] == list(range(1, len(trades) + 1))
+        assert closed is not None and (closed.code, closed.reason) == (4008, "slow consumer")
+        received = [m for m in slow if m["type"] == "trade"]
+        assert [m["seq"] for m in received] == list(range(1, len(received) + 1))  # no hole
+        assert 0 < len(received) < len(trades)
+        assert running.server.slow_consumers == 1
         nursery.cancel_scope.cancel()
 
 

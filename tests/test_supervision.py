@@ -5,7 +5,6 @@ dispatcher to the exchange socket."""
 from __future__ import annotations
 
 import random
-from functools import partial
 from pathlib import Path
 
 import attrs
@@ -141,16 +140,16 @@ async def test_a_full_dispatcher_stops_the_collector_reading_and_nothing_is_lost
 
 
 async def test_the_dispatcher_delivers_a_trade_id_once_whatever_the_source() -> None:
-    from daemon.dispatch import Dispatcher
+    from daemon.dispatch import Dispatcher, Message, Retention
 
     class Recorder:
         def __init__(self) -> None:
-            self.got: list[tuple[int, str]] = []
+            self.got: list[tuple[int, bytes]] = []
 
-        def deliver(self, stream, seq: int, text: str) -> None:
-            self.got.append((seq, text))
+        def deliver(self, message: Message) -> None:
+            self.got.append((message.seq, message.payload))
 
-    dispatcher = Dispatcher(8, {"trades": 10})
+    dispatcher = Dispatcher(8, {"trades": Retention(10, 60.0)})
     recorder = Recorder()
     dispatcher.subscribe(recorder, ["trades"], ["*"])
     trade = Trade(exchange="binance", symbol="NKN-USDT", ts=1.0, recv_ts=1.0, id="15683430",

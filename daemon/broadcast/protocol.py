@@ -2,7 +2,8 @@
 
 Client ops (see docs/protocol.md)::
 
-    {"op":"subscribe","id":1,"channels":["trades","book"],"symbols":["binance:*"],"history":100}
+    {"op":"subscribe","id":1,"channels":["trades","book"],"symbols":["binance:*"],"history":100,
+     "since":{"trades:binance:NKN-USDT":1234},"epoch":"...","throttle_ms":250}
     {"op":"unsubscribe","id":2,"channels":["trades"],"symbols":["binance:*"]}
     {"op":"ping","id":3}
 
@@ -26,6 +27,9 @@ INVALID_REQUEST = "invalid_request"
 UNKNOWN_OP = "unknown_op"
 UNKNOWN_CHANNEL = "unknown_channel"
 INVALID_SYMBOL = "invalid_symbol"
+FORBIDDEN = "forbidden"
+RATE_LIMITED = "rate_limited"
+TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
 
 MAX_HISTORY = 1000
 
@@ -43,12 +47,17 @@ class RequestError(ValueError):
 
 @attrs.frozen
 class Subscribe:
-    """Subscribe to ``channels`` x ``symbols``; ``history``: retained trades to send."""
+    """Subscribe to ``channels`` x ``symbols``; ``history``: retained trades to send;
+    ``since``: ``{stream: last seq seen}`` to recover, with the ``epoch`` it was seen
+    in; ``throttle_ms``: at most one book or ticker message per stream per interval."""
 
     id: Any
     channels: tuple[str, ...]
     symbols: tuple[str, ...]
     history: int = 0
+    since: dict[str, int] = attrs.field(factory=dict)
+    epoch: str | None = None
+    throttle_ms: int = 0
 
 
 @attrs.frozen
@@ -88,7 +97,9 @@ def parse_request(text: str | bytes) -> Request:
         _only(obj, {"op", "id"}, request_id)
         return Ping(id=request_id)
     if op in ("subscribe", "unsubscribe"):
-        allowed = {"op", "id", "channels", "symbols"} | ({"history"} if op == "subscribe" else set())
+        allowed = {"op", "id", "channels", "symbols"} | (
+            {"history", "since", "epoch", "throttle_ms"} if op == "subscribe" else set()
+        )
         _only(obj, allowed, request_id)
         channels = _strings(obj, "channels", request_id)
         for channel in channels:
@@ -111,8 +122,25 @@ def parse_request(text: str | bytes) -> Request:
         history = obj.get("history", 0)
         if isinstance(history, bool) or not isinstance(history, int) or history < 0:
             raise RequestError(INVALID_REQUEST, "history must be a non-negative integer", request_id)
+        since = obj.get("since", {})
+        if not isinstance(since, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in since.items()
+        ):
+            raise RequestError(
+                INVALID_REQUEST, "since must map stream names to sequence numbers", request_id)
+        epoch = obj.get("epoch")
+        if epoch is not None and not isinstance(epoch, str):
+            raise RequestError(INVALID_REQUEST, "epoch must be a string", request_id)
+        if since and epoch is None:
+            raise RequestError(INVALID_REQUEST, "since needs the epoch it was seen in", request_id)
+        throttle = obj.get("throttle_ms", 0)
+        if isinstance(throttle, bool) or not isinstance(throttle, int) or not 0 <= throttle <= 60_000:
+            raise RequestError(
+                INVALID_REQUEST, "throttle_ms must be an integer from 0 to 60000", request_id)
         return Subscribe(
-            id=request_id, channels=channels, symbols=symbols, history=min(history, MAX_HISTORY)
+            id=request_id, channels=channels, symbols=symbols, history=min(history, MAX_HISTORY),
+            since=since, epoch=epoch, throttle_ms=throttle,
         )
     if op is None:
         raise RequestError(INVALID_REQUEST, "missing op", request_id)

@@ -1,16 +1,27 @@
-"""The broadcast WebSocket server: accepts clients and runs a ``Session`` for each."""
+"""The broadcast WebSocket server: accepts clients, enforces connection limits and
+authentication, and runs a ``Session`` for each.
+
+Listening is trio's TCP listener; each connection is upgraded by wsproto
+(``connection.py``) within ``handshake_timeout``. A refused upgrade gets an HTTP
+status: 401 (no or unknown token), 403 (Origin not allowed), 429 (too many
+connections from that address), 503 (too many connections). On shutdown every
+client is closed with 1001 (sessions are shielded from the cancellation itself,
+so that no frame is cut; see ``Session.run``).
+"""
 
 from __future__ import annotations
 
 import logging
-from functools import partial
+from collections import Counter
 from typing import Any
 
 import trio
-import trio_websocket
+from hdrh.histogram import HdrHistogram
 
+from daemon.broadcast.auth import Authenticator, Grant
+from daemon.broadcast.connection import ConnectionClosed, Rejection, ServerConnection
 from daemon.broadcast.session import CLOSE_GOING_AWAY, Session
-from daemon.config import ServerConfig
+from daemon.config import AuthConfig, ServerConfig
 from daemon.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -20,63 +31,102 @@ class BroadcastServer:
     """Serves ``dispatcher``'s streams on ``config.listen``.
 
     ``hello`` is the ``welcome`` message every client gets first. Counters:
-    ``connections`` accepted, ``slow_consumers`` disconnected by policy.
+    ``connections`` accepted, ``rejected`` upgrades by status, ``slow_consumers``
+    closed (4008), ``conflations`` (backlogs replaced by the latest state),
+    ``ping_timeouts`` (4001). ``latency``: receive-to-client-write, microseconds.
     """
 
-    def __init__(self, dispatcher: Dispatcher, config: ServerConfig, hello: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        config: ServerConfig,
+        hello: dict[str, Any],
+        auth: AuthConfig | None = None,
+    ) -> None:
         self.dispatcher = dispatcher
         self.config = config
         self.hello = hello
+        self.auth = Authenticator(auth or AuthConfig(), config.host)
         self.sessions: set[Session] = set()
+        self.per_address: Counter[str] = Counter()
         self.connections = 0
+        self.rejected: Counter[int] = Counter()
         self.slow_consumers = 0
+        self.conflations = 0
+        self.ping_timeouts = 0
+        self.latency = HdrHistogram(1, 60_000_000, 3)
         self.port: int | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; ``started(port)`` once the socket listens."""
+        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                partial(
-                    trio_websocket.serve_websocket,
-                    self._handle,
-                    self.config.host,
-                    self.config.port,
-                    None,
-                    max_message_size=self.config.max_message_size,
-                    connect_timeout=10,
-                    disconnect_timeout=2,
-                )
-            )
-            self.port = server.port
+            nursery.start_soon(trio.serve_listeners, self._handle, listeners)
             nursery.start_soon(self._drain_on_shutdown)
-            log.info("broadcast: listening on ws://%s:%d", self.config.host, server.port)
-            task_status.started(server.port)
+            log.info("broadcast: listening on ws://%s:%d%s", self.config.host, self.port,
+                     " (authentication on)" if self.auth.enabled else "")
+            task_status.started(self.port)
 
     async def _drain_on_shutdown(self) -> None:
-        """When the server is cancelled, close every client with 1001 (sessions are
-        shielded from the cancellation itself; see ``Session.run``)."""
         try:
             await trio.sleep_forever()
         finally:
             for session in list(self.sessions):
                 session.close(CLOSE_GOING_AWAY, "server shutting down")
 
-    async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
-        session = Session(ws, self.dispatcher, self.config, self.hello, self._slow_consumer)
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        # serve_listeners ends on a handler's exception: everything is caught here
+        try:
+            address = stream.socket.getpeername()
+            remote = f"{address[0]}:{address[1]}"
+            ip = address[0]
+        except OSError:
+            await stream.aclose()
+            return
+        self.per_address[ip] += 1
+        try:
+            await self._upgrade_and_serve(stream, remote, ip)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("broadcast: client %s: unexpected error", remote)
+        finally:
+            self.per_address[ip] -= 1
+            if not self.per_address[ip]:
+                del self.per_address[ip]
+            await stream.aclose()
+
+    async def _upgrade_and_serve(self, stream: trio.SocketStream, remote: str, ip: str) -> None:
+        conn = ServerConnection(stream, self.config.max_message_size)
+        with trio.move_on_after(self.config.handshake_timeout) as handshake_scope:
+            handshake = await conn.receive_handshake()
+        if handshake_scope.cancelled_caught:
+            log.info("broadcast: client %s: no handshake in time", remote)
+            return
+        refusal = self._admit(ip)
+        verdict: Grant | Rejection = refusal or self.auth.check(handshake)
+        if isinstance(verdict, Rejection):
+            self.rejected[verdict.status] += 1
+            log.info("broadcast: client %s refused: %d %s", remote, verdict.status, verdict.reason)
+            await conn.reject(verdict)
+            return
+        await conn.accept()
+        session = Session(conn, remote, self.dispatcher, self.config, self.hello, verdict, self)
         self.connections += 1
         self.sessions.add(session)
-        log.info("broadcast: client %s connected", session.remote)
+        log.info("broadcast: client %s connected (%s)", remote, verdict.name)
         try:
             await session.run()
         finally:
             self.sessions.discard(session)
-            log.info(
-                "broadcast: client %s left (%s %s), sent %d",
-                session.remote, session.close_code or ws.closed and ws.closed.code,
-                session.close_reason, session.sent,
-            )
+            log.info("broadcast: client %s left (%s %s), sent %d",
+                     remote, session.close_code or (conn.closed and conn.closed.code),
+                     session.close_reason, session.counters.sent)
 
-    def _slow_consumer(self, session: Session) -> None:
-        self.slow_consumers += 1
-        log.warning("broadcast: client %s closed as a slow consumer", session.remote)
+    def _admit(self, ip: str) -> Rejection | None:
+        if len(self.sessions) >= self.config.max_connections:
+            return Rejection(503, "too many connections")
+        if self.per_address[ip] > self.config.max_connections_per_ip:
+            return Rejection(429, "too many connections from this address")
+        return None

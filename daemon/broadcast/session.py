@@ -1,99 +1,199 @@
 """One client connection: its subscriptions, its bounded queue, its writer.
 
-The dispatcher calls ``deliver`` synchronously for every event of a subscribed
-stream; the text is the one encoding every client shares. ``deliver`` never
-blocks: it puts the text in this client's bounded queue with ``send_nowait``.
-When the queue is full the client is a **slow consumer**: the policy today is
-``disconnect``, counted, and the client is closed with code 1008 and reason
-``slow consumer`` (it can reconnect and subscribe again). The frame being written
-is finished first, so the close frame is never cut into another frame.
+Theory of operation
+-------------------
+The dispatcher calls ``deliver`` synchronously for every message of a subscribed
+stream; the message is the one encoding every client shares, and when it leaves
+alone, the one frame too. ``deliver`` never blocks: it appends to this client's
+queue. When the queue holds ``client_queue`` messages the client is a **slow
+consumer**, and the policy depends on the data:
 
-The writer batches: when several messages are pending they leave in one frame, a
-JSON array; with one pending it leaves alone, at once.
+- ``book`` and ``ticker`` streams **conflate**: the stream's queued messages are
+  taken out and one marker takes their place; when the writer reaches it, it
+  sends the stream's state at that moment (the current ``book_snapshot``, the
+  latest ``ticker``) marked ``"conflated": true``. Later messages of a marked
+  stream are not queued: the marker already stands for them. Never a stale book.
+- ``trades`` and ``system`` are lossless: the client is closed with **4008**
+  ``slow consumer``, and can resume with ``since``.
+
+``throttle_ms`` on a subscription uses the same marker: at most one message per
+``book`` or ``ticker`` stream per interval, the latest state wins.
+
+The writer batches: the messages pending when it wakes leave in one frame (a JSON
+array, at most ``max_batch`` messages and ``max_frame_bytes``); one pending
+message leaves at once in its own frame, prebuilt and shared by all clients. A
+close never cuts a frame: the writer finishes the frame it is writing first.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections import deque
 from typing import Any
 
+import attrs
 import trio
-import trio_websocket
 
-from daemon.broadcast.protocol import Ping, RequestError, Subscribe, parse_request
+from daemon.broadcast.auth import Grant
+from daemon.broadcast.connection import ConnectionClosed, ServerConnection
+from daemon.broadcast.frames import batch_payload, text_frame
+from daemon.broadcast.protocol import (
+    FORBIDDEN,
+    RATE_LIMITED,
+    TOO_MANY_SUBSCRIPTIONS,
+    Ping,
+    RequestError,
+    Subscribe,
+    parse_request,
+)
 from daemon.config import ServerConfig
-from daemon.dispatch import Dispatcher, Stream
+from daemon.dispatch import Dispatcher, Message, Stream, matches
 from daemon.wire import encode
 
 log = logging.getLogger(__name__)
 
-CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
+CLOSE_SLOW_CONSUMER = 4008
+CLOSE_PING_TIMEOUT = 4001
+CLOSE_IDLE = 4000
+CLOSE_RATE_LIMITED = 4029
 SLOW_CONSUMER = "slow consumer"
-#: Seconds a closing client gets to take the frame being written.
+#: Channels whose backlog conflates to the latest state; the others are lossless.
+CONFLATED = frozenset({"book", "ticker"})
+#: Seconds a closing client gets to take the frame being written and the close frame.
 CLOSE_TIMEOUT = 5.0
-#: Seconds then given to the close handshake (at shutdown trio-websocket's reader is
-#: already cancelled and the client's reply is never read: the TCP close follows).
-HANDSHAKE_TIMEOUT = 1.0
+
+
+@attrs.define(eq=False, slots=True)
+class Marker:
+    """Stands in a queue for a conflated or throttled stream's latest state."""
+
+    stream: Stream
+
+
+@attrs.define
+class SessionCounters:
+    """What a session did: messages and frames sent, bytes written, conflations
+    (backlogs replaced by the latest state), throttled messages, requests refused
+    for the rate limit."""
+
+    sent: int = 0
+    frames: int = 0
+    bytes: int = 0
+    conflated: int = 0
+    throttled: int = 0
+    rate_limited: int = 0
 
 
 class Session:
     """A connected client (see the module docstring).
 
-    Counters: ``sent`` messages, ``frames`` written, ``dropped`` messages that could
-    not be queued (then the client is closed as a slow consumer).
+    ``server`` gives the epoch, the latency histogram and the policy counters.
     """
 
     def __init__(
         self,
-        ws: trio_websocket.WebSocketConnection,
+        conn: ServerConnection,
+        remote: str,
         dispatcher: Dispatcher,
         config: ServerConfig,
         hello: dict[str, Any],
-        on_slow_consumer: Any = None,
+        grant: Grant,
+        server: Any,
     ) -> None:
-        self.ws = ws
+        self.conn = conn
+        self.remote = remote
         self.dispatcher = dispatcher
         self.config = config
         self.hello = hello
-        self.on_slow_consumer = on_slow_consumer
-        self.remote = f"{ws.remote.address}:{ws.remote.port}" if hasattr(ws.remote, "port") else str(ws.remote)
-        self._send, self._receive = trio.open_memory_channel[str](config.client_queue)
-        self._scope = trio.CancelScope(shield=True)
-        self._read_scope = trio.CancelScope()
-        self._mid_frame = False
+        self.grant = grant
+        self.server = server
+        self.queue: deque[Message | Marker | bytes] = deque()  # bytes: a control message
+        self.marked: set[Stream] = set()
+        self.throttles: dict[tuple[str, str], float] = {}  # (channel, pattern) -> seconds
+        self.last_sent: dict[Stream, float] = {}
+        self.due: dict[Stream, float] = {}
+        self.counters = SessionCounters()
         self.close_code: int | None = None
         self.close_reason = ""
-        self.sent = 0
-        self.frames = 0
-        self.dropped = 0
+        self.connected_at = trio.current_time()
+        self._wake = trio.Event()
+        self._scope = trio.CancelScope(shield=True)
+        self._read_scope = trio.CancelScope()
+        self._tokens = config.max_messages_per_second
+        self._refilled = trio.current_time()
+        self._over_since: float | None = None
+        self._pong_due: float | None = None
+        self._ping_count = 0
 
     # -- called by the dispatcher --------------------------------------------------------
 
-    def deliver(self, stream: Stream, seq: int, text: str) -> None:
-        """Queue one encoded event; a full queue closes the client (slow consumer)."""
-        self._queue(text)
-
-    def _queue(self, text: str) -> None:
+    def deliver(self, message: Message, initial: bool = False) -> None:
+        """Queue one message, or apply the throttle or the slow-consumer policy.
+        ``initial`` messages (history, recovery, snapshots: bounded by retention)
+        are queued past the bound."""
         if self.close_code is not None:
             return
-        try:
-            self._send.send_nowait(text)
-        except trio.WouldBlock:
-            self.dropped += 1
-            self.close(CLOSE_POLICY, SLOW_CONSUMER)
-            if self.on_slow_consumer is not None:
-                self.on_slow_consumer(self)
+        stream = message.stream
+        if stream in self.marked:
+            return  # a marker in the queue already stands for the latest state
+        if stream.channel in CONFLATED and self.throttles:
+            interval = self._throttle(stream)
+            if interval:
+                now = trio.current_time()
+                due = self.last_sent.get(stream, -math.inf) + interval
+                if now < due:
+                    self.counters.throttled += 1
+                    self.marked.add(stream)
+                    self.due[stream] = due
+                    self._wake.set()
+                    return
+                self.last_sent[stream] = now
+        if len(self.queue) >= self.config.client_queue and not initial:
+            if stream.channel in CONFLATED:
+                self._conflate(stream)
+                return
+            self.server.slow_consumers += 1
+            log.warning("broadcast: client %s closed as a slow consumer", self.remote)
+            self.close(CLOSE_SLOW_CONSUMER, SLOW_CONSUMER)
+            return
+        self.queue.append(message)
+        self._wake.set()
+
+    def _conflate(self, stream: Stream) -> None:
+        self.counters.conflated += 1
+        self.server.conflations += 1
+        self.queue = deque(
+            item for item in self.queue
+            if not (isinstance(item, Message) and item.stream is stream)
+        )
+        self.marked.add(stream)
+        self.queue.append(Marker(stream))
+        self._wake.set()
+
+    def _throttle(self, stream: Stream) -> float:
+        return max(
+            (seconds for (channel, pattern), seconds in self.throttles.items()
+             if channel == stream.channel and matches(pattern, stream.exchange, stream.symbol)),
+            default=0.0,
+        )
+
+    def _control(self, message: dict[str, Any]) -> None:
+        """Queue a control message (ack, error, pong): never conflated, never dropped."""
+        if self.close_code is None:
+            self.queue.append(encode(message))
+            self._wake.set()
 
     def close(self, code: int, reason: str, timeout: float = CLOSE_TIMEOUT) -> None:
-        """Close this client with ``code``: no more events are queued, the frame being
-        written is finished (within ``timeout`` seconds), then the close handshake."""
+        """Close this client with ``code``: nothing more is queued, the frame being
+        written is finished (within ``timeout`` seconds), then the close frame."""
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
             self.dispatcher.remove(self)
-            self._receive.close()  # the writer stops after the frame it is writing
             self._read_scope.cancel()
+            self._wake.set()
         self._scope.deadline = min(self._scope.deadline, trio.current_time() + timeout)
 
     # -- the connection's tasks ----------------------------------------------------------
@@ -105,93 +205,238 @@ class Session:
         ``close(1001, ...)`` instead, so that no frame is cut in the middle and the
         client gets its close code.
         """
+        cut = False
         with self._scope:
             try:
-                self._queue(encode(self.hello).decode())
+                self._control(self.hello)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write)
+                    keepalive = trio.CancelScope()
+                    nursery.start_soon(self._keepalive, keepalive)
                     with self._read_scope:
                         await self._read()
+                    keepalive.cancel()
                     if self.close_code is None:  # the client left
                         nursery.cancel_scope.cancel()
+                    else:
+                        self._wake.set()  # the writer stops after the frame it is writing
             finally:
                 self.dispatcher.remove(self)
+        cut = self._scope.cancelled_caught and self._writing
         with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + HANDSHAKE_TIMEOUT
-            if self._mid_frame:
-                # The client stopped reading in the middle of a frame and the time
-                # ran out: a close frame now would land inside that frame. Drop the
-                # TCP connection instead (trio-websocket has no public abort).
-                await self.ws._stream.aclose()
-            if self.ws.closed is None and self.close_code is not None:
-                await self.ws.aclose(self.close_code, self.close_reason)
+            scope.deadline = trio.current_time() + 1.0
+            if cut:
+                await self.conn.abort()  # a close frame now would land inside a frame
+            elif self.close_code is not None:
+                await self.conn.close(self.close_code, self.close_reason)
+                with trio.move_on_after(1.0):  # the client's close reply, or its TCP close
+                    try:
+                        while True:
+                            await self.conn.get_message()
+                    except ConnectionClosed:
+                        pass
+            await self.conn.stream.aclose()
+
+    _writing = False
 
     async def _read(self) -> None:
         while True:
             try:
-                message = await self.ws.get_message()
-            except trio_websocket.ConnectionClosed:
+                text = await self.conn.get_message()
+            except ConnectionClosed as exc:
+                if exc.code in (1003, 1009):  # we closed it: message too big, binary
+                    self.close(exc.code, exc.reason)
                 return
-            self.handle(message)
+            if self._rate_limited():
+                continue
+            self.handle(text)
 
-    def handle(self, message: str | bytes) -> None:
-        """Answer one client frame: ``ack`` + initial messages, ``pong`` or ``error``."""
-        try:
-            request = parse_request(message)
-        except RequestError as exc:
-            self._queue(
-                encode({"type": "error", "id": exc.request_id, "code": exc.code,
-                        "message": exc.message}).decode()
-            )
-            return
-        if isinstance(request, Ping):
-            self._queue(encode({"type": "pong", "id": request.id}).decode())
-        elif isinstance(request, Subscribe):
-            initial = self.dispatcher.subscribe(
-                self, request.channels, request.symbols, request.history
-            )
-            self._queue(encode({"type": "ack", "id": request.id, "op": "subscribe",
-                                "channels": request.channels,
-                                "symbols": request.symbols}).decode())
-            for text in initial:
-                self._queue(text)
+    def _rate_limited(self) -> bool:
+        now = trio.current_time()
+        rate = self.config.max_messages_per_second
+        self._tokens = min(rate, self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            self._over_since = None
+            return False
+        self.counters.rate_limited += 1
+        if self._over_since is None:
+            self._over_since = now
+        if now - self._over_since >= self.config.rate_limit_grace:
+            self.close(CLOSE_RATE_LIMITED, "rate limited")
         else:
-            self.dispatcher.unsubscribe(self, request.channels, request.symbols)
-            self._queue(encode({"type": "ack", "id": request.id, "op": "unsubscribe",
-                                "channels": request.channels,
-                                "symbols": request.symbols}).decode())
+            self._control({"type": "error", "id": None, "code": RATE_LIMITED,
+                           "message": f"more than {rate:g} requests per second"})
+        return True
+
+    def handle(self, text: str) -> None:
+        """Answer one client request: ``ack`` + initial messages, ``pong`` or
+        ``error``."""
+        try:
+            request = parse_request(text)
+            if isinstance(request, Ping):
+                self._control({"type": "pong", "id": request.id})
+            elif isinstance(request, Subscribe):
+                self._subscribe(request)
+            else:
+                self.dispatcher.unsubscribe(self, request.channels, request.symbols)
+                for channel in request.channels:
+                    for symbol in request.symbols:
+                        self.throttles.pop((channel, symbol), None)
+                self._control({"type": "ack", "id": request.id, "op": "unsubscribe",
+                               "channels": request.channels, "symbols": request.symbols})
+        except RequestError as exc:
+            self._control({"type": "error", "id": exc.request_id, "code": exc.code,
+                           "message": exc.message})
+
+    def _subscribe(self, request: Subscribe) -> None:
+        for channel in request.channels:
+            for symbol in request.symbols:
+                if not self.grant.allows(channel, symbol):
+                    raise RequestError(
+                        FORBIDDEN, f"this token may not subscribe to {channel} {symbol}",
+                        request.id)
+        pairs = self.dispatcher.subscriptions.get(self, set())
+        new = {(c, s) for c in request.channels for s in request.symbols} - pairs
+        if len(pairs) + len(new) > self.config.max_subscriptions:
+            raise RequestError(
+                TOO_MANY_SUBSCRIPTIONS,
+                f"at most {self.config.max_subscriptions} channel x symbol pairs", request.id)
+        since = request.since
+        epoch_ok = request.epoch is None or request.epoch == self.hello["epoch"]
+        if request.throttle_ms:
+            for pair in new:
+                self.throttles[pair] = request.throttle_ms / 1000
+        initial, recovered = self.dispatcher.subscribe(
+            self, request.channels, request.symbols, request.history,
+            since if epoch_ok else None,
+        )
+        ack: dict[str, Any] = {"type": "ack", "id": request.id, "op": "subscribe",
+                               "channels": request.channels, "symbols": request.symbols}
+        if since:
+            ack["recovered"] = {key: recovered.get(key, False) for key in since}
+            ack["epoch"] = self.hello["epoch"]
+        self._control(ack)
+        for message in initial:
+            self.deliver(message, initial=True)
 
     async def _write(self) -> None:
         try:
             await self._write_frames()
-        except (trio.ClosedResourceError, trio_websocket.ConnectionClosed):
-            pass
+        except ConnectionClosed:
+            pass  # the client left; the reader sees it too
 
     async def _write_frames(self) -> None:
-        receive = self._receive
-        max_batch = self.config.max_batch
-        async for first in receive:
-            batch = [first]
-            while len(batch) < max_batch:
-                try:
-                    batch.append(receive.receive_nowait())
-                except trio.WouldBlock:
+        max_batch, max_bytes = self.config.max_batch, self.config.max_frame_bytes
+        latency = getattr(self.server, "latency", None)
+        while self.close_code is None:
+            if not self.queue:
+                self._wake = trio.Event()
+                next_due = min(self.due.values(), default=math.inf)
+                with trio.move_on_at(next_due):
+                    await self._wake.wait()
+                self._release_due()
+                continue
+            payloads: list[bytes] = []
+            single: Message | None = None
+            size = 0
+            first_recv = 0.0
+            while self.queue and len(payloads) < max_batch:
+                item = self.queue[0]
+                payload = self._render(item)
+                if payload is None:
+                    self.queue.popleft()
+                    continue
+                if payloads and size + len(payload) > max_bytes:
                     break
-            frame = first if len(batch) == 1 else "[" + ",".join(batch) + "]"
-            self._mid_frame = True
-            await self.ws.send_message(frame)
-            self._mid_frame = False
-            self.sent += len(batch)
-            self.frames += 1
+                self.queue.popleft()
+                payloads.append(payload)
+                size += len(payload) + 1
+                single = item if isinstance(item, Message) else None
+                if isinstance(item, Message):
+                    first_recv = first_recv or item.recv_ts
+            if not payloads:
+                continue
+            if len(payloads) == 1 and single is not None:
+                if single.frame is None:
+                    single.frame = text_frame(single.payload)
+                frame = single.frame
+            else:
+                frame = text_frame(payloads[0] if len(payloads) == 1 else batch_payload(payloads))
+            self._writing = True
+            await self.conn.send_frames(frame)
+            self._writing = False
+            counters = self.counters
+            counters.sent += len(payloads)
+            counters.frames += 1
+            counters.bytes += len(frame)
+            if latency is not None and first_recv:
+                latency.record_value(max(1, int((time.time() - first_recv) * 1e6)))
+
+    def _render(self, item: Message | Marker | bytes) -> bytes | None:
+        if isinstance(item, bytes):
+            return item
+        if isinstance(item, Message):
+            return item.payload
+        stream = item.stream
+        self.marked.discard(stream)
+        self.last_sent[stream] = trio.current_time()
+        if stream.channel == "book":
+            message = stream.snapshot_message(conflated=True)
+            return message.payload if message is not None else None
+        if stream.latest is None:
+            return None
+        return stream.latest.payload[:-1] + b',"conflated":true}'
+
+    def _release_due(self) -> None:
+        now = trio.current_time()
+        for stream, due in list(self.due.items()):
+            if due <= now:
+                del self.due[stream]
+                self.queue.append(Marker(stream))
+
+    async def _keepalive(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._keepalive_loop()
+
+    async def _keepalive_loop(self) -> None:
+        """Ping every ``ping_interval``; no pong within ``ping_timeout`` closes the
+        client (4001). A client with no subscription for ``idle_timeout`` is closed
+        (4000)."""
+        config = self.config
+        self.conn.on_pong = self._pong
+        idle_since = self.connected_at
+        while self.close_code is None:
+            await trio.sleep(min(config.ping_interval, config.idle_timeout))
+            now = trio.current_time()
+            if self._pong_due is not None and now >= self._pong_due:
+                self.server.ping_timeouts += 1
+                self.close(CLOSE_PING_TIMEOUT, "ping timeout")
+                return
+            if self.dispatcher.subscriptions.get(self):
+                idle_since = now
+            elif now - idle_since >= config.idle_timeout:
+                self.close(CLOSE_IDLE, "idle")
+                return
+            if self._pong_due is None:
+                self._ping_count += 1
+                self._pong_due = now + config.ping_timeout
+                try:
+                    await self.conn.ping(str(self._ping_count).encode())
+                except ConnectionClosed:
+                    return
+
+    def _pong(self, payload: bytes) -> None:
+        self._pong_due = None
 
     def statistics(self) -> dict[str, Any]:
-        """This client's figures: address, queue depth, sent, frames, dropped."""
+        """This client's figures: address, queue depth, subscriptions, counters."""
         return {
             "remote": self.remote,
-            "queue": self._send.statistics().current_buffer_used,
-            "sent": self.sent,
-            "frames": self.frames,
-            "dropped": self.dropped,
+            "grant": self.grant.name,
+            "queue": len(self.queue),
+            **attrs.asdict(self.counters),
             "subscriptions": sorted(
                 f"{c}:{p}" for c, p in self.dispatcher.subscriptions.get(self, ())
             ),
