@@ -258,7 +258,8 @@ class Session:
         self._refilled = now
         if self._tokens >= 1:
             self._tokens -= 1
-            self._over_since = None
+            if self._tokens >= rate / 2:  # the client slowed down: forgiven
+                self._over_since = None
             return False
         self.counters.rate_limited += 1
         if self._over_since is None:
