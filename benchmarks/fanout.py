@@ -1,0 +1,600 @@
+"""Fan-out benchmark: tickwire against a minimal ``websockets.broadcast`` server.
+
+    python benchmarks/fanout.py                          # the whole table (~5 min)
+    python benchmarks/fanout.py --clients 1,10,100 --seconds 5
+    python benchmarks/fanout.py --markdown results.md    # also write the tables
+
+Needs the ``bench`` extra (``pip install -e '.[bench]'``: the ``websockets``
+library, for the peer) and the recorded traffic (``--captures``, default
+``$TICKWIRE_CAPTURES`` or ``../shared/captures`` beside the repository).
+
+What runs, for each N in ``--clients`` and each server:
+
+- **tickwire**: ``tickwire replay COINBASE.0 COINBASE.ws.28.0 --loop`` as a
+  subprocess (emulator, collector, dispatcher and broadcast server in one
+  process, as deployed), at ``--rate`` exchange frames per second (latency run)
+  or ``--speed max`` (throughput run).
+- **peer**: this script's ``peer`` command, a minimal asyncio server written with
+  ``websockets`` that sends every event to every connection with
+  ``websockets.broadcast``. It is fed the same events: it loops the same capture
+  through the same venue code (``CoinbaseVenue.shift``/``route``) and the same
+  protocol parser (``CoinbaseFeed.on_message``, stamping ``recv_ts`` when it takes
+  the frame), numbers each stream and encodes each event once exactly as the
+  dispatcher does, at the same frame rate. It does less than tickwire: no
+  WebSocket hop between an emulator and a collector, no retention, no
+  subscriptions. Throughput run: it broadcasts as fast as it can but waits while
+  any connection has more than 1 MiB unsent (``websockets.broadcast`` has no
+  backpressure; without this its buffers grow without bound). tickwire gets no
+  such help: its clients' queues are raised (``client_queue``) so that the
+  throughput run measures the write path rather than the slow-consumer policy.
+- **load clients**: ``--client-procs`` processes sharing the N connections, each
+  a raw non-blocking WebSocket client (``selectors``) that subscribes to
+  everything, checks ``seq`` per stream (a hole is a gap), answers pings, and
+  records, for every message carrying ``recv_ts``, the latency
+  ``time.time()`` at receipt minus ``recv_ts`` (same machine, same clock), in
+  10 us buckets. Counting starts after ``--warmup`` seconds and lasts
+  ``--seconds``.
+
+Server CPU comes from ``/proc/<pid>/stat`` (user + system over the window, 100 %
+= one core; "clients' CPU" is the load clients' total, the rest of the machine)
+and RSS from ``/proc/<pid>/status``. "RSS/conn" is (RSS with the N
+clients - RSS before they connected) / N. The idle run connects ``--idle``
+connections that never subscribe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import itertools
+import multiprocessing as mp
+import os
+import platform
+import selectors
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+CAPTURE_FILES = ("COINBASE.0", "COINBASE.ws.28.0")
+BUCKET_US = 10  # latency histogram resolution
+BUCKETS = 200_000  # 0 .. 2 s; later ones go to the last bucket
+PEER_HIGH_WATER = 1 << 20  # bytes unsent on one connection before the peer waits
+IDLE_RATE = 10.0  # exchange frames per second during the idle run
+CHANNEL = {"trade": "trades", "book_snapshot": "book", "book_update": "book",
+           "ticker": "ticker", "feed_state": "system", "gap": "system"}
+SUBSCRIBE = orjson.dumps({"op": "subscribe", "id": 1, "channels": ["trades", "book", "ticker",
+                                                                  "system"], "symbols": ["*"]})
+
+
+# -- the load client (one process, many connections) ----------------------------------
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client frame."""
+    mask = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x80 | opcode, 0x80 | n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + body
+
+
+class _Conn:
+    __slots__ = ("sock", "buf", "pos", "parts", "seqs", "closed")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.pos = 0
+        self.parts: list[bytes] = []  # a fragmented message so far
+        self.seqs: dict[tuple[str, str, str], int] = {}
+        self.closed = False
+
+
+def _connect(port: int, subscribe: bool) -> _Conn:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        head += chunk
+    status, _, rest = head.partition(b"\r\n\r\n")
+    if b" 101 " not in status.split(b"\r\n")[0] + b" ":
+        raise ConnectionError(f"handshake refused: {status[:80]!r}")
+    conn = _Conn(sock)
+    conn.buf += rest
+    if subscribe:
+        sock.sendall(_frame(0x1, SUBSCRIBE))
+    sock.setblocking(False)
+    return conn
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self.deliveries = 0
+        self.gaps = 0
+        self.frames = 0
+        self.closed = 0
+        self.hist = array("q", bytes(8 * BUCKETS))
+
+
+def _consume(conn: _Conn, now: float, counts: _Counts, measuring: bool) -> None:
+    """Parse every complete frame in ``conn.buf``."""
+    buf, pos, end = conn.buf, conn.pos, len(conn.buf)
+    while end - pos >= 2:
+        b0, b1 = buf[pos], buf[pos + 1]
+        length, head = b1 & 0x7F, 2
+        if length == 126:
+            if end - pos < 4:
+                break
+            length, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
+        elif length == 127:
+            if end - pos < 10:
+                break
+            length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
+        if end - pos < head + length:
+            break
+        payload = bytes(buf[pos + head:pos + head + length])
+        pos += head + length
+        opcode = b0 & 0x0F
+        if opcode == 0x9:  # ping
+            conn.sock.setblocking(True)
+            conn.sock.sendall(_frame(0xA, payload))
+            conn.sock.setblocking(False)
+            continue
+        if opcode == 0x8:
+            conn.closed = True
+            counts.closed += 1
+            break
+        if opcode in (0x1, 0x2, 0x0):
+            conn.parts.append(payload)
+            if not b0 & 0x80:
+                continue
+            message = b"".join(conn.parts)
+            conn.parts.clear()
+            _message(conn, message, now, counts, measuring)
+    if pos:
+        del buf[:pos]
+    conn.pos = 0
+
+
+def _message(conn: _Conn, text: bytes, now: float, counts: _Counts, measuring: bool) -> None:
+    parsed = orjson.loads(text)
+    seqs = conn.seqs
+    hist = counts.hist
+    if measuring:
+        counts.frames += 1
+    for m in parsed if isinstance(parsed, list) else (parsed,):
+        seq = m.get("seq")
+        if seq is None:
+            continue
+        key = (CHANNEL.get(m["type"], m["type"]), m["exchange"], m["symbol"])
+        last = seqs.get(key)
+        seqs[key] = seq
+        if last is not None and seq != last + 1 and not (
+            m["type"] == "book_snapshot" and seq == last
+        ):
+            counts.gaps += 1
+        if measuring:
+            counts.deliveries += 1
+            bucket = int((now - m["recv_ts"]) * (1_000_000 / BUCKET_US))
+            hist[min(max(bucket, 0), BUCKETS - 1)] += 1
+
+
+def client_process(port: int, count: int, subscribe: bool, control: Any) -> None:
+    """Hold ``count`` connections; obey ``start``/``stop``/``quit`` on ``control``."""
+    try:
+        conns = [_connect(port, subscribe) for _ in range(count)]
+    except OSError as exc:
+        control.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    selector = selectors.DefaultSelector()
+    for conn in conns:
+        selector.register(conn.sock, selectors.EVENT_READ, conn)
+    control.send(("ready", count))
+    counts = _Counts()
+    measuring = False
+    while True:
+        if control.poll():
+            command = control.recv()
+            if command == "start":
+                counts = _Counts()
+                for conn in conns:  # gaps are counted from here on
+                    conn.seqs.clear()
+                measuring = True
+            elif command == "stop":
+                measuring = False
+                hist = {i: n for i, n in enumerate(counts.hist) if n}
+                control.send(("result", counts.deliveries, counts.gaps, counts.frames,
+                              counts.closed, hist))
+            elif command == "quit":
+                break
+        for key, _ in selector.select(timeout=0.02):
+            conn = key.data
+            try:
+                data = conn.sock.recv(1 << 18)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                if not conn.closed:
+                    conn.closed = True
+                    counts.closed += 1
+                selector.unregister(conn.sock)
+                continue
+            conn.buf += data
+            _consume(conn, time.time(), counts, measuring)
+    for conn in conns:
+        conn.sock.close()
+
+
+# -- the peer: websockets.broadcast -----------------------------------------------------
+
+
+async def _peer(port: int, captures: Path, rate: float | None) -> None:
+    import websockets
+    from websockets.asyncio.server import broadcast, serve
+
+    from daemon.events import Event
+    from daemon.exchanges.base import Send
+    from daemon.exchanges.coinbase import CoinbaseFeed, parse_markets
+    from daemon.replay.capture import Received, read_capture
+    from daemon.replay.tape import merge_frames
+    from daemon.replay.venues.coinbase import CoinbaseVenue
+    from daemon.wire import event_dict
+
+    files = [read_capture(captures / name) for name in CAPTURE_FILES]
+    tape = merge_frames(files)
+    venue = CoinbaseVenue(files)
+    period = venue.prepare_loop(tape)
+    symbols, channels = venue.subscriptions(files)
+    feed = CoinbaseFeed(symbols, channels, parse_markets(venue.products_body))
+    keys = venue.open("/")
+    for output in feed.on_open(time.time()):
+        if isinstance(output, Send):
+            for reply in venue.on_client_message(keys, output.text):
+                feed.on_message(reply, time.time())
+    seqs: dict[tuple[str, str, str], int] = {}
+
+    subscribed: set[Any] = set()
+
+    async def handler(ws: Any) -> None:
+        try:
+            async for _ in ws:  # any request subscribes the connection to everything
+                subscribed.add(ws)
+        finally:
+            subscribed.discard(ws)
+
+    async with serve(handler, "127.0.0.1", port, compression=None, max_queue=16,
+                     ping_interval=20, ping_timeout=20):
+        print(f"peer listening on {port} (websockets {websockets.__version__})", flush=True)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        played = 0
+        for k in itertools.count():
+            for frame in tape:
+                if rate is not None:
+                    delay = start + played / rate - loop.time()
+                    if delay > 0 or played % 8 == 0:  # behind time, still serve the loop
+                        await asyncio.sleep(max(delay, 0))
+                elif played % 8 == 0:
+                    await asyncio.sleep(0)
+                    # polls the buffers: websockets has no event for "drained below"
+                    while any(c.transport.get_write_buffer_size() > PEER_HIGH_WATER  # noqa: ASYNC110
+                              for c in subscribed):
+                        await asyncio.sleep(0.0005)
+                played += 1
+                for text in [frame.text] if k == 0 else venue.shift(frame, k):
+                    if venue.route(Received(frame.ts + k * period, text)) not in keys:
+                        continue
+                    for output in feed.on_message(text, time.time()):
+                        if not isinstance(output, Event):
+                            continue
+                        stream = (output.CHANNEL, output.exchange, output.symbol)
+                        seq = seqs[stream] = seqs.get(stream, 0) + 1
+                        broadcast(subscribed, orjson.dumps(event_dict(output, seq)), text=True)
+
+
+# -- measuring a server process -----------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            _connect(port, subscribe=False).sock.close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not listen in time")
+
+
+def tickwire_config(directory: Path, max_mode: bool) -> Path:
+    """A config for the bench: quiet logs, limits above the bench's load."""
+    import attrs
+
+    from daemon.config import ServerConfig
+
+    fields = attrs.fields_dict(ServerConfig)
+    server = {"client_queue": 100_000 if max_mode else 4096}
+    for name, value in (("max_connections", 20_000), ("max_connections_per_ip", 20_000)):
+        if name in fields:
+            server[name] = value
+    lines = ['log_level = "warning"', "", "[server]"]
+    lines += [f"{name} = {value}" for name, value in server.items()]
+    path = directory / ("max.toml" if max_mode else "rate.toml")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_server(kind: str, port: int, rate: float | None, captures: Path,
+                 workdir: Path) -> tuple[subprocess.Popen, list[str]]:
+    files = [str(captures / name) for name in CAPTURE_FILES]
+    timing = ["--rate", f"{rate:g}"] if rate else ["--speed", "max"]
+    if kind == "tickwire":
+        config = tickwire_config(workdir, rate is None)
+        command = [sys.executable, "-m", "daemon.cli", "replay", *files, "--loop",
+                   *timing, "--listen", f"127.0.0.1:{port}", "--config", str(config)]
+    else:
+        command = [sys.executable, str(Path(__file__).resolve()), "peer", "--port", str(port),
+                   "--captures", str(captures)] + (["--rate", f"{rate:g}"] if rate else [])
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE if kind == "tickwire" else subprocess.DEVNULL)
+    return proc, command
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def percentile(hist: dict[int, int], q: float) -> float | None:
+    total = sum(hist.values())
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for bucket in sorted(hist):
+        seen += hist[bucket]
+        if seen >= rank:
+            return (bucket + 0.5) * BUCKET_US / 1000  # ms
+    return None
+
+
+def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir: Path,
+        subscribe: bool = True) -> dict[str, Any]:
+    """One server, N clients, one window; the figures."""
+    port = free_port()
+    proc, command = start_server(kind, port, rate, args.captures, workdir)
+    clients: list[tuple[Any, Any]] = []
+    try:
+        wait_listening(port, proc)
+        time.sleep(args.warmup)
+        rss_before = rss_bytes(proc.pid)
+        procs = max(1, min(args.client_procs, n))
+        shares = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+        context = mp.get_context("fork")
+        for share in shares:
+            parent, child = context.Pipe()
+            worker = context.Process(target=client_process, args=(port, share, subscribe, child),
+                                     daemon=True)
+            worker.start()
+            clients.append((worker, parent))
+        for _, pipe in clients:
+            if not pipe.poll(120):
+                raise RuntimeError("a load client did not connect in time")
+            status = pipe.recv()
+            if status[0] != "ready":
+                raise RuntimeError(f"load client: {status[1]}")
+        time.sleep(args.warmup)
+        client_cpu0 = sum(cpu_seconds(worker.pid) for worker, _ in clients)
+        cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        for _, pipe in clients:
+            pipe.send("start")
+        time.sleep(args.seconds)
+        for _, pipe in clients:
+            pipe.send("stop")
+        cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
+        client_cpu1 = sum(cpu_seconds(worker.pid) for worker, _ in clients)
+        rss_after = rss_bytes(proc.pid)
+        deliveries = gaps = frames = closed = 0
+        hist: dict[int, int] = {}
+        for _, pipe in clients:
+            if not pipe.poll(60):
+                raise RuntimeError("a load client did not answer")
+            _, d, g, f, c, h = pipe.recv()
+            deliveries, gaps, frames, closed = deliveries + d, gaps + g, frames + f, closed + c
+            for bucket, count in h.items():
+                hist[bucket] = hist.get(bucket, 0) + count
+        window = t1 - t0
+        if proc.poll() is not None:
+            closed = max(closed, n)  # the server died
+        return {
+            "server": kind, "clients": n, "mode": f"{rate:g}/s" if rate else "max",
+            "events": deliveries / window / n, "deliveries": deliveries / window,
+            "frames": frames / window, "gaps": gaps, "closed": closed,
+            "p50": percentile(hist, 0.50), "p99": percentile(hist, 0.99),
+            "p999": percentile(hist, 0.999), "cpu": (cpu1 - cpu0) / window * 100,
+            "client_cpu": (client_cpu1 - client_cpu0) / window * 100,
+            "rss": rss_after, "rss_conn": (rss_after - rss_before) / n,
+            "command": shlex.join(command),
+        }
+    finally:
+        for worker, pipe in clients:
+            with contextlib.suppress(OSError):
+                pipe.send("quit")
+            worker.join(5)
+            if worker.is_alive():
+                worker.kill()
+        stop(proc)
+
+
+# -- reporting ------------------------------------------------------------------------------
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| server | N | mode | events/s per client | deliveries/s | gaps | closed | "
+            "p50 ms | p99 ms | p999 ms | CPU % | RSS MiB | RSS/conn KiB | clients' CPU % |")
+    lines = [head, "|" + " --- |" * 14]
+    for r in rows:  # RSS/conn means little below 100 connections
+        per_conn = f"{r['rss_conn'] / 1024:.1f}" if r["clients"] >= 100 else "-"
+        lines.append(
+            f"| {r['server']} | {r['clients']} | {r['mode']} | {r['events']:,.0f} | "
+            f"{r['deliveries']:,.0f} | {r['gaps']} | {r['closed']} | {_ms(r['p50'])} | "
+            f"{_ms(r['p99'])} | {_ms(r['p999'])} | {r['cpu']:.0f} | "
+            f"{r['rss'] / 2**20:.1f} | {per_conn} | {r['client_cpu']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict[str, Any]]) -> str:
+    by = {(r["server"], r["clients"], r["mode"]): r for r in rows}
+    lines = ["| N | mode | deliveries/s tickwire / peer | p99 tickwire / peer |",
+             "| --- | --- | --- | --- |"]
+    for (server, n, mode), r in by.items():
+        peer = by.get(("peer", n, mode))
+        if server != "tickwire" or peer is None:
+            continue
+        speed = f"{r['deliveries'] / peer['deliveries']:.2f}x" if peer["deliveries"] else "-"
+        p99 = (f"{r['p99'] / peer['p99']:.2f}" if r["p99"] and peer["p99"] else "-")
+        lines.append(f"| {n} | {mode} | {speed} | {p99} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next((line.split(":", 1)[1].strip() for line in out.splitlines()
+                      if line.startswith("Model name")), "")
+    except OSError:
+        pass
+    try:
+        import websockets
+        peer = f"websockets {websockets.__version__}"
+    except ImportError:
+        peer = "websockets not installed"
+    return (f"{os.cpu_count()} CPUs ({model or platform.processor()}), "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+            f"{peer}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    peer = sub.add_parser("peer", help="run the websockets.broadcast peer server")
+    peer.add_argument("--port", type=int, required=True)
+    peer.add_argument("--captures", type=Path, required=True)
+    peer.add_argument("--rate", type=float, default=None)
+    default_captures = os.environ.get("TICKWIRE_CAPTURES") or str(REPO.parent / "shared/captures")
+    parser.add_argument("--clients", default="1,10,100,1000",
+                        help="numbers of client connections, comma separated")
+    parser.add_argument("--rate", type=float, default=1000.0,
+                        help="exchange frames per second of the latency run (~events/s)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="measuring window")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    parser.add_argument("--client-procs", type=int, default=2,
+                        help="load client processes sharing the connections")
+    parser.add_argument("--idle", type=int, default=1000,
+                        help="idle connections for the RSS run (0: skip)")
+    parser.add_argument("--servers", default="tickwire,peer")
+    parser.add_argument("--modes", default="rate,max", help="rate, max or both")
+    parser.add_argument("--captures", type=Path, default=Path(default_captures))
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="also write the result tables to this file")
+    args = parser.parse_args(argv)
+    if args.command == "peer":
+        asyncio.run(_peer(args.port, args.captures, args.rate))
+        return
+    if not all((args.captures / name).is_file() for name in CAPTURE_FILES):
+        parser.error(f"no Coinbase capture in {args.captures} (use --captures)")
+    servers = args.servers.split(",")
+    modes = [args.rate if m == "rate" else None for m in args.modes.split(",")]
+    rows: list[dict[str, Any]] = []
+    idle: list[dict[str, Any]] = []
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in [int(x) for x in args.clients.split(",")]:
+            for rate in modes:
+                for kind in servers:
+                    row = run(kind, n, rate, args, Path(tmp))
+                    rows.append(row)
+                    print(table([row]).splitlines()[-1], flush=True)
+        if args.idle:
+            for kind in servers:  # a slow feed, so that RSS moves with connections only
+                row = run(kind, args.idle, IDLE_RATE, args, Path(tmp), subscribe=False)
+                row["mode"] = "idle"
+                idle.append(row)
+                print(table([row]).splitlines()[-1], flush=True)
+    command = shlex.join([Path(sys.executable).name, "benchmarks/fanout.py",
+                          *(argv if argv is not None else sys.argv[1:])])
+    report = "\n\n".join([
+        f"Command: `{command}` ({time.time() - started:.0f} s)",
+        f"Machine: {machine()}",
+        table(rows),
+        "Ratios (tickwire / peer, same run):\n\n" + ratios(rows),
+        *(["Idle connections (connected, not subscribed):\n\n" + table(idle)] if idle else []),
+        "Commands:\n\n" + "\n".join(f"- `{c}`" for c in
+                                    dict.fromkeys(r["command"] for r in rows + idle)),
+    ])
+    print()
+    print(report)
+    if args.markdown:
+        args.markdown.write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
