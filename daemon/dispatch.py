@@ -188,10 +188,18 @@ class Dispatcher:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Publish every event from the sources until cancelled."""
-        async with self._receive:
+        receive = self._receive
+        async with receive:
             task_status.started()
-            async for event in self._receive:
+            async for event in receive:
                 self.publish(event)
+                # drain what is already queued without a schedule point per event
+                for _ in range(255):
+                    try:
+                        event = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    self.publish(event)
 
     # -- publishing ---------------------------------------------------------------------
 

@@ -177,7 +177,10 @@ class NativeCollector:
                 log.warning("%s: skipped a frame: %s: %s", self.exchange, output.reason, output.text)
             else:
                 self.last_event[output.symbol] = trio.current_time()
-                await self.out.send(output)
+                try:
+                    self.out.send_nowait(output)
+                except trio.WouldBlock:
+                    await self.out.send(output)  # the dispatcher is full: wait (backpressure)
 
     async def _fetch(self, http, kind: str, request: FetchSnapshot | FetchTrades, inbox_send) -> None:
         """GET a book snapshot or a trade history page and queue its body as ``kind``;
