@@ -409,7 +409,11 @@ def test_malformed_frames_are_counted_not_raised(rec: Recorded) -> None:
         out = feed.on_message(text, 1.0)
         assert len(of_type(out, Malformed)) == 1, name
         assert feed.stats.malformed == before + 1, name
-        assert not of_type(out, Trade) and not of_type(out, Send), name
+        assert not of_type(out, Trade), name
+        # an unreadable frame may have been a book update (l2update has no sequence to
+        # reveal the loss later): the books it may belong to are rebuilt, nothing else
+        for message in sent(out):
+            assert message["channels"] == ["level2"], name
 
 
 @pytest.mark.parametrize("kind", ["l2update", "snapshot"])
@@ -540,15 +544,14 @@ def play(
     tape: Tape,
     *,
     lost: range = range(0),
-    silent: range = range(0),
     reconnect: bool = True,
     answer_at: int | None = None,
     bodies: dict | None = None,
 ) -> Player:
     """Every frame goes through the venue; the feed misses ``lost`` (the connection
-    drops at ``lost.start`` and, if ``reconnect``, comes back at ``lost.stop``) and
-    ``silent`` (frames played before the new subscription took effect). Fetches are
-    answered at once, except those of the reconnect: at frame ``answer_at``."""
+    drops at ``lost.start`` and, if ``reconnect``, comes back at ``lost.stop``).
+    Pending fetches are answered after each frame from ``answer_at`` on (default:
+    the reconnect), with ``bodies`` instead of the venue's answer for some symbols."""
     feed = tape.feed()
     player = Player(feed, tape.venue())
     player.take(feed.on_open(tape.opened))
@@ -557,7 +560,7 @@ def play(
         if reconnect and lost and i == lost.stop:
             player.take(feed.on_open(frame.ts))
         player.venue.route(frame)
-        if i in lost or i in silent:
+        if i in lost:
             continue
         player.take(feed.on_message(frame.text, frame.ts))
         if i >= answer_at:

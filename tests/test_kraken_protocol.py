@@ -13,10 +13,12 @@ from decimal import Decimal
 import pytest
 
 from daemon.book import L2Book
-from daemon.events import BookSnapshot, BookUpdate, FeedState, Ticker, Trade
-from daemon.exchanges.base import Malformed, Send
+from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
+from daemon.exchanges import kraken
+from daemon.exchanges.base import FetchTrades, Malformed, Send
 from daemon.exchanges.kraken import KrakenFeed, parse_markets
 from daemon.replay.capture import Received, read_capture
+from daemon.replay.venues.kraken import KrakenVenue
 
 BOOK_CAPTURE = "KRAKEN.ws.50.0"
 
@@ -387,3 +389,306 @@ def test_tickers_one_event_per_frame(captures, markets):
                                                            m[1]["a"][0], m[1]["a"][2])
     assert (tickers[0].symbol, tickers[0].bid_size) == ("WAVES-EUR", "185.18432037")
     assert feed.stats.malformed == 0
+
+
+# -- trade recovery after a reconnect ---------------------------------------------------
+#
+# The venue of the emulator plays the whole tape (``route`` of every frame), so its
+# REST history ``/0/public/Trades`` holds exactly what was played; the feed misses
+# the frames of a dropped connection. The venue also answers the feed's subscribe
+# frames, as the emulator does, and a frame reaches the feed only through a routing
+# key its connection holds.
+
+TRADE_CAPTURE = "KRAKEN.ws.48.0"
+
+
+@pytest.fixture(scope="module")
+def trade_tape(captures):
+    recorded = [read_capture(captures / "KRAKEN.0"), read_capture(captures / TRADE_CAPTURE)]
+    (conn,) = recorded[1].connections
+    return recorded, conn
+
+
+def _trade_frames(frames) -> list[int]:
+    return [i for i, f in enumerate(frames) if _data(f.text, "trade") is not None]
+
+
+class Link:
+    """The feed, the venue, and the emulated connection between them. ``out``: what
+    the feed returned (no ``Send``/``FetchTrades``); ``recovered``: trades that
+    ``on_trades`` delivered; ``fetched``: every ``FetchTrades``."""
+
+    def __init__(self, feed: KrakenFeed, venue: KrakenVenue) -> None:
+        self.feed, self.venue = feed, venue
+        self.keys: set[str] = set()
+        self.out: list = []
+        self.opens: list[list] = []
+        self.pending: list[FetchTrades] = []
+        self.fetched: list[FetchTrades] = []
+        self.recovered: list[Trade] = []
+
+    def connect(self, now: float) -> None:
+        self.keys = set()
+        outputs = self.feed.on_open(now)
+        self.opens.append(outputs)
+        for text in self.venue.greeting():
+            self.take(self.feed.on_message(text, now), now)
+        self.take(outputs, now)
+
+    def take(self, outputs: list, now: float) -> None:
+        for output in outputs:
+            if isinstance(output, Send):
+                for reply in self.venue.on_client_message(self.keys, output.text):
+                    self.take(self.feed.on_message(reply, now), now)
+            elif isinstance(output, FetchTrades):
+                self.pending.append(output)
+                self.fetched.append(output)
+            else:
+                self.out.append(output)
+
+    def deliver(self, frame: Received) -> None:
+        """The emulator's step: route the frame, send it if the connection holds its key."""
+        key = self.venue.route(frame)
+        if key is not None and key in self.keys:
+            self.take(self.feed.on_message(frame.text, frame.ts), frame.ts)
+
+    def answer(self, now: float, bodies: dict | None = None) -> None:
+        """Answer every pending fetch from the venue's REST history (``bodies``
+        replaces the first answer for some symbols)."""
+        bodies = dict(bodies or {})
+        while self.pending:
+            fetch = self.pending.pop(0)
+            body = bodies.pop(fetch.symbol, None)
+            if body is None:
+                status, body = self.venue.rest(fetch.target)
+                assert status == 200, (fetch, body)
+            got = self.feed.on_trades(fetch.symbol, body, now)
+            self.recovered += [o for o in got if isinstance(o, Trade)]
+            self.take(got, now)
+
+
+def _play_trades(markets, recorded, frames, *, lost=range(0), answer_at=None,
+                 answer_first=False, bodies=None) -> Link:
+    """Play ``frames``; the connection drops at ``lost.start`` and comes back at
+    ``lost.stop`` (frames in ``lost`` go through the venue only). The fetches are
+    answered at frame ``answer_at`` (default: ``lost.stop``), after it reached the
+    feed, or before if ``answer_first``."""
+    conn = recorded[1].connections[0]
+    link = Link(_feed(markets, conn, ["trades"]), KrakenVenue(recorded))
+    link.connect(conn.opened)
+    answer_at = lost.stop if answer_at is None else answer_at
+    for i, frame in enumerate(frames):
+        if lost and i == lost.stop:
+            link.connect(frame.ts)
+        if i in lost:
+            link.venue.route(frame)
+            continue
+        if answer_first and i == answer_at:
+            link.venue.route(frame)  # played, and in the history: in flight to the feed
+            link.answer(frame.ts, bodies)
+            link.take(link.feed.on_message(frame.text, frame.ts), frame.ts)
+            continue
+        link.deliver(frame)
+        if i >= answer_at:
+            link.answer(frame.ts, bodies)
+    link.answer(frames[-1].ts)
+    return link
+
+
+def _same_time(frames) -> list[Received]:
+    """The tape with the two XMR/USD trades of one message at one time, as the fills
+    of one taker order are (the capture has no such trades)."""
+    out = []
+    for frame in frames:
+        data = _data(frame.text, "trade")
+        if data is not None and len(data[1]) == 2 and data[-1] == "XMR/USD":
+            data[1][1][2] = data[1][0][2]
+            frame = Received(ts=frame.ts, text=json.dumps(data))
+        out.append(frame)
+    return out
+
+
+def _clean_trades(markets, recorded, frames) -> list[Trade]:
+    conn = recorded[1].connections[0]
+    feed = _feed(markets, conn, ["trades"])
+    return [o for o in _run(feed, conn, frames) if isinstance(o, Trade)]
+
+
+def _as_recorded(trades: list[Trade]) -> list[tuple]:
+    return [(t.symbol, t.id, t.price, t.size, t.side, t.ts) for t in trades]
+
+
+@pytest.mark.parametrize("same_time", [False, True])
+def test_trades_missed_while_disconnected_come_from_the_rest_history(
+    trade_tape, markets, same_time
+):
+    recorded, conn = trade_tape
+    frames = _same_time(conn.received) if same_time else list(conn.received)
+    at = _trade_frames(frames)
+    assert len(at) == 8
+    # the 4th and 5th trade messages (XMR/USD 2 trades, SC/EUR 2 trades) are missed;
+    # the 6th (SC/EUR) arrives live while the REST answers are awaited
+    lost = range(at[3], at[5])
+    link = _play_trades(markets, recorded, frames, lost=lost, answer_at=at[5])
+    trades = [o for o in link.out if isinstance(o, Trade)]
+    clean = _clean_trades(markets, recorded, frames)
+    assert len(clean) == 10
+    assert _as_recorded(trades) == [t for t in _as_recorded(clean)
+                                    if t[1] in {x.id for x in trades}]  # per-pair order
+    assert sorted(_as_recorded(trades)) == sorted(_as_recorded(clean))  # each once
+    if same_time:
+        assert [t.id for t in clean if t.symbol == "XMR-USD"][2:] == [
+            "1618678150.826417-0", "1618678150.826417-1"]
+    missed = {(t.symbol, t.id) for t in clean if t.ts > 1618678150 and t.ts < 1618678157.9}
+    assert len(missed) == 4
+    recovered = {(t.symbol, t.id) for t in link.recovered}
+    held = (markets["SC/EUR"], "1618678157.908269-0")
+    assert recovered == missed | {held}  # the held live trade was recovered too: once
+    assert link.feed.stats.duplicates == 1 and link.feed.stats.trades == 10
+    assert not [o for o in link.out if isinstance(o, Gap | Malformed)]
+    # asked for when the pair's trade subscription is confirmed, not by on_open
+    assert not [o for o in link.opens[1] if isinstance(o, FetchTrades)]
+    assert link.fetched == [
+        FetchTrades("XMR-USD", "/0/public/Trades?pair=XMRUSD&since=1618678145715784000&count=1000"),
+        FetchTrades("SC-EUR", "/0/public/Trades?pair=SCEUR&since=1618678145920707000&count=1000"),
+    ]
+    assert not link.feed.recovering
+
+
+def test_recovered_trades_are_not_repeated_when_they_also_arrive_live(trade_tape, markets):
+    """The history is read while a live message is in flight: the message brings
+    trades already recovered, with the same ids (time, k): not delivered again."""
+    recorded, conn = trade_tape
+    frames = _same_time(conn.received)
+    at = _trade_frames(frames)
+    lost = range(at[2] + 1, at[3])  # no trade lost; then XMR/USD's two-trade message
+    # is played (in the history) but still in flight when the history is read
+    link = _play_trades(markets, recorded, frames, lost=lost, answer_at=at[3],
+                        answer_first=True)
+    trades = [o for o in link.out if isinstance(o, Trade)]
+    assert sorted(_as_recorded(trades)) == sorted(_as_recorded(
+        _clean_trades(markets, recorded, frames)))
+    assert [(t.symbol, t.id) for t in link.recovered] == [
+        ("XMR-USD", "1618678150.826417-0"), ("XMR-USD", "1618678150.826417-1")]
+    assert link.feed.stats.duplicates == 2  # the in-flight message's two trades
+
+
+def test_history_pages_are_followed(trade_tape, markets, monkeypatch):
+    """With pages of 3 trades, each next page starts a microsecond before the last
+    trade of the previous one (so it starts with that trade again)."""
+    monkeypatch.setattr(kraken, "TRADES_LIMIT", 3)
+    recorded, conn = trade_tape
+    frames = _same_time(conn.received)
+    at = _trade_frames(frames)
+    link = _play_trades(markets, recorded, frames, lost=range(at[2] + 1, at[7] + 1))
+    trades = [o for o in link.out if isinstance(o, Trade)]
+    assert sorted(_as_recorded(trades)) == sorted(_as_recorded(
+        _clean_trades(markets, recorded, frames)))
+    assert len(link.recovered) == 7
+    assert [f.target for f in link.fetched] == [
+        "/0/public/Trades?pair=XMRUSD&since=1618678145715784000&count=3",
+        "/0/public/Trades?pair=SCEUR&since=1618678145920707000&count=3",
+        "/0/public/Trades?pair=XMRUSD&since=1618678150826416000&count=3",
+        "/0/public/Trades?pair=SCEUR&since=1618678155720581000&count=3",
+        "/0/public/Trades?pair=SCEUR&since=1618678157946107000&count=3",
+    ]
+    assert not [o for o in link.out if isinstance(o, Gap)]
+
+
+def test_a_full_page_within_one_microsecond_is_a_gap(trade_tape, markets, monkeypatch):
+    monkeypatch.setattr(kraken, "TRADES_LIMIT", 2)
+    recorded, conn = trade_tape
+    frames = _same_time(conn.received)
+    at = _trade_frames(frames)
+    link = _play_trades(markets, recorded, frames, lost=range(at[2] + 1, at[7] + 1))
+    xmr = [o for o in link.out if isinstance(o, Trade | Gap) and o.symbol == "XMR-USD"]
+    assert [o.id if isinstance(o, Trade) else "gap" for o in xmr] == [
+        "1618678142.557535-0", "1618678145.715785-0", "1618678150.826417-0",
+        "1618678150.826417-1", "gap"]
+    assert "within one microsecond" in xmr[-1].detail
+
+
+def test_a_history_without_the_last_delivered_trade_is_a_gap(trade_tape, markets):
+    recorded, conn = trade_tape
+    frames = list(conn.received)
+    at = _trade_frames(frames)
+    lost = range(at[3], at[5])
+    venue = KrakenVenue(recorded)
+    for frame in frames[: lost.stop]:
+        venue.route(frame)
+    answer = json.loads(venue.rest(
+        "/0/public/Trades?pair=XMRUSD&since=1618678145715784000&count=1000")[1])
+    (rows,) = [v for k, v in answer["result"].items() if k != "last"]
+    assert len(rows) == 3  # the last delivered trade, then the two missed
+    del rows[:2]  # a history without the last delivered trade nor the first missed
+    link = _play_trades(markets, recorded, frames, lost=lost,
+                        bodies={"XMR-USD": json.dumps(answer)})
+    xmr = [o for o in link.out if isinstance(o, Trade | Gap) and o.symbol == "XMR-USD"]
+    assert [o.id if isinstance(o, Trade) else "gap" for o in xmr] == [
+        "1618678142.557535-0", "1618678145.715785-0", "gap", "1618678150.827816-0"]
+    gap = xmr[2]
+    assert gap.stream == "trades" and (gap.from_id, gap.to_id) == ("", "")
+    assert "1618678145.715785-0 and 1618678150.827816-0" in gap.detail
+    assert link.feed.stats.gaps == 1
+
+
+def test_an_unreadable_history_answer_is_a_gap_and_releases_held_trades(trade_tape, markets):
+    recorded, conn = trade_tape
+    frames = list(conn.received)
+    at = _trade_frames(frames)
+    lost = range(at[3], at[5])
+    busy = '{"error":["EGeneral:Too many requests"]}'
+    link = _play_trades(markets, recorded, frames, lost=lost, answer_at=at[5],
+                        bodies={"SC-EUR": busy})
+    sc = [o for o in link.out if getattr(o, "symbol", None) == "SC-EUR" or
+          isinstance(o, Malformed)]
+    assert [type(o) for o in sc] == [Trade, Malformed, Gap, Trade, Trade, Trade]
+    assert "Too many requests" in sc[1].reason
+    assert "after 1618678145.920708-0" in sc[2].detail
+    assert [t.id for t in sc[3:]] == [  # held, then live again
+        "1618678157.908269-0", "1618678157.946108-0", "1618678158.135041-0"]
+    assert not link.feed.recovering
+
+
+def test_a_pair_without_a_delivered_trade_fetches_nothing(trade_tape, markets):
+    recorded, conn = trade_tape
+    link = _play_trades(markets, recorded, list(conn.received), lost=range(10, 12))
+    assert link.fetched == [] and link.feed.on_trades("XMR-USD", b"{}", 1.0) == []
+
+
+def test_a_page_that_ends_inside_a_run_of_one_time_numbers_the_rest_alike(
+    markets, monkeypatch
+):
+    """Page 1 ends with the first of two trades at one time; page 2 (from a
+    microsecond before) starts with both: the second gets k=1, as live."""
+    feed = KrakenFeed(["XMR-USD"], ["trades"], markets)
+    subscribed = json.dumps({"channelID": 993, "channelName": "trade", "event":
+                             "subscriptionStatus", "pair": "XMR/USD", "status": "subscribed",
+                             "subscription": {"name": "trade"}})
+
+    def row(time: float, price: str = "354.0") -> list:
+        return [price, "1.0", time, "b", "m", "", 1]  # REST times are numbers
+
+    def page(*rows) -> str:
+        return json.dumps({"error": [], "result": {"XXMRZUSD": list(rows), "last": "0"}})
+
+    feed.on_open(0.0)
+    feed.on_message(subscribed, 1.0)
+    trade = '[993,[["354.1","1.0","1618678100.000001","s","l",""]],"trade","XMR/USD"]'
+    assert [t.id for t in feed.on_message(trade, 1.0)] == ["1618678100.000001-0"]
+    feed.on_open(2.0)
+    assert feed.on_message(subscribed, 2.0) == [FetchTrades(
+        "XMR-USD", "/0/public/Trades?pair=XMRUSD&since=1618678100000000000&count=1000")]
+    monkeypatch.setattr(kraken, "TRADES_LIMIT", 3)
+    out = feed.on_trades("XMR-USD", page(row(1618678100.000001, "354.1"),
+                                         row(1618678101.5), row(1618678102.25)), 3.0)
+    assert [getattr(o, "id", None) for o in out[:2]] == [
+        "1618678101.500000-0", "1618678102.250000-0"]
+    assert out[2] == FetchTrades(
+        "XMR-USD", "/0/public/Trades?pair=XMRUSD&since=1618678102249999000&count=3")
+    out = feed.on_trades("XMR-USD", page(row(1618678102.25), row(1618678102.25, "354.2")), 3.1)
+    assert [(t.id, t.price) for t in out] == [("1618678102.250000-1", "354.2")]
+    live = ('[993,[["354.0","1.0","1618678102.250000","b","m",""],'
+            '["354.2","1.0","1618678102.250000","b","m",""]],"trade","XMR/USD"]')
+    assert feed.on_message(live, 3.2) == []  # the same two trades, live: same ids
+    assert feed.stats.duplicates == 2 and feed.stats.trades == 4

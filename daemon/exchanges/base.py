@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 if TYPE_CHECKING:
-    from daemon.events import Event
+    pass
 
 
 @attrs.frozen

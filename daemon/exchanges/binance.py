@@ -135,9 +135,15 @@ class BinanceFeed:
         URL); after a reconnect, the trades missed meanwhile are fetched."""
         out: list = []
         self.opens += 1
+        held_before, self.recovering = self.recovering, {}  # fetches died with the connection
         if self.opens > 1 and "trades" in self.channels:
             for symbol in self.native:
                 out += self._recover_trades(symbol)
+        for symbol, held in held_before.items():
+            if symbol in self.recovering:
+                self.recovering[symbol].extend(held)
+            else:
+                out += self._emit_trades(symbol, held)
         self.books = {}
         if "book" in self.channels:
             for symbol in self.native:

@@ -287,7 +287,8 @@ class CoinbaseFeed:
         try:
             msg = orjson.loads(text)
         except orjson.JSONDecodeError:
-            return [malformed(self.stats, "not JSON", _text(text))]
+            return [malformed(self.stats, "not JSON", _text(text)),
+                    *self._resync_unreadable(_text(text), recv_ts)]
         if not isinstance(msg, dict):
             return [malformed(self.stats, "not a JSON object", _text(text))]
         kind = msg.get("type")
@@ -307,6 +308,21 @@ class CoinbaseFeed:
             ):
                 out += self._resync(symbol, reason, recv_ts)
             return out
+
+    def _resync_unreadable(self, text: str, recv_ts: float) -> list:
+        """An unreadable frame may have been a book update, and ``l2update`` has no
+        sequence to show the loss later: resync the book it names, or every synced
+        book when it names none we can read."""
+        if '"l2update"' not in text and '"snapshot"' not in text and '"product_id"' in text:
+            return []  # it names itself as something else (a match, a ticker)
+        found = re.search(r'"product_id"\s*:\s*"([^"]+)"', text)
+        symbol = self._symbol.get(found.group(1)) if found else None
+        targets = [symbol] if symbol is not None else list(self._synced)
+        out: list = []
+        for target in targets:
+            if target in self._books and target in self._synced:
+                out += self._resync(target, "unreadable frame", recv_ts)
+        return out
 
     def resync(self, symbol: str, reason: str, now: float | None = None) -> list:
         """Rebuild one book: ``FeedState`` ``resyncing`` (``detail=reason``) and the
@@ -341,7 +357,8 @@ class CoinbaseFeed:
             page = [self._trade(symbol, row, recv_ts) for row in rows]
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             reason = f"bad trades page: {type(exc).__name__}: {exc}"
-            return [malformed(self.stats, reason, _text(body)), *self._end_recovery(symbol, recv_ts)]
+            out: list = [malformed(self.stats, reason, _text(body))]
+            return out + self._end_recovery(symbol, recv_ts)
         ids = [int(t.id) for t in page]
         for trade_id, trade in zip(ids, page, strict=True):
             if trade_id > recovery.floor:

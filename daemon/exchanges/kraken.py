@@ -23,11 +23,39 @@ Theory of operation
    ``c``. A match publishes a ``BookUpdate``; a mismatch, or a malformed book frame,
    resyncs that pair alone: unsubscribe, subscribe, and ignore its updates until
    Kraken's next snapshot.
-5. Nothing here raises on exchange input: unusable frames become ``Malformed``.
+5. Trades. v1 trades carry no id: each gets ``"<time>-<k>"``, the time rounded to
+   the microsecond (v1's own precision: ``"1618678142.557535"``, unchanged) and
+   ``k`` the count of earlier trades of the pair at that same time. Live, ``k`` is
+   counted within the connection, which is the pair's count if Kraken sends all the
+   trades of one time (the fills of one taker order) in one message, so that no
+   connection starts inside such a run (assumed: the capture has no two trades of a
+   pair at one time to check it on). Trades go out in ``(time, k)`` order, each
+   once: a trade whose key is not above the last delivered is a duplicate.
+6. Recovery. After a reconnect, every pair with a delivered trade recovers what the
+   connection missed from REST ``/0/public/Trades?pair=<altname>&since=<ns>``
+   (``FetchTrades``; the altname is the wsname without its ``/``, as for all 293
+   pairs of the recorded AssetPairs). It is asked for when Kraken confirms the
+   pair's new trade subscription, not at ``on_open``: the history is then read
+   after the live stream has started, so it reaches the first live trade and no
+   trade falls between the two unseen (without ids, such a hole could not be
+   detected). ``since`` is one microsecond before the last delivered trade, so the
+   answer starts at a time boundary, with that trade itself: ``k`` is counted on
+   the REST rows from there exactly as the live path counts it, keys compare across
+   both, and a trade recovered and also received live goes out once. Live trades
+   of the pair are held meanwhile; the recovered ones newer than the last
+   delivered go out first, then the held ones newer still. A full page (1000)
+   asks for the next one with ``since`` one microsecond before its last trade (not
+   its ``last``, which would skip trades at that time beyond the page's end). A
+   ``Gap`` (``stream="trades"``, no ids: its detail names the trades around it)
+   reports an answer that cannot be read, a history that does not hold the last
+   delivered trade while holding later ones, or a page of 1000 trades at one
+   microsecond. A reconnect forgets recoveries in flight and starts over.
+7. Nothing here raises on exchange input: unusable frames become ``Malformed``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
 from decimal import Decimal, InvalidOperation
@@ -35,11 +63,15 @@ from decimal import Decimal, InvalidOperation
 import orjson
 
 from daemon.book import L2Book
-from daemon.events import BookSnapshot, BookUpdate, FeedState, Ticker, Trade
-from daemon.exchanges.base import FeedStats, Send, malformed, normalize_symbol
+from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
+from daemon.exchanges.base import FeedStats, FetchTrades, Send, malformed, normalize_symbol
 
 #: REST path (on ``https://api.kraken.com``) of the market list ``parse_markets`` reads.
 MARKETS_TARGET = "/0/public/AssetPairs"
+#: REST path of the trade history (``?pair=<altname>&since=<ns>&count=<n>``).
+TRADES_TARGET = "/0/public/Trades"
+#: Trades per page of the REST history (Kraken's largest ``count``).
+TRADES_LIMIT = 1000
 #: Book depths Kraken v1 accepts in a ``book`` subscription.
 DEPTHS = (10, 25, 100, 500, 1000)
 #: Kraken's legacy asset names that differ from the usual ticker.
@@ -49,6 +81,9 @@ _SUBSCRIPTION = {"trades": "trade", "book": "book", "ticker": "ticker"}
 _CHANNEL = {name: channel for channel, name in _SUBSCRIPTION.items()}
 _SIDES = {"b": "buy", "s": "sell"}
 _CHECKSUM_LEVELS = 10
+_MICROSECOND = Decimal("0.000001")
+#: A trade's place in its pair's history: (time to the microsecond, k).
+_Key = tuple[Decimal, int]
 
 
 class _Bad(ValueError):
@@ -125,6 +160,38 @@ def _time(value: object) -> float:
     return seconds
 
 
+def _trade_time(value: object) -> Decimal:
+    """A trade time, a string (WebSocket) or a number (REST, read as ``Decimal``), in
+    epoch seconds rounded to the microsecond; else ``_Bad``."""
+    try:
+        ok = isinstance(value, str | int | Decimal) and not isinstance(value, bool)
+        number = Decimal(value) if ok else None
+    except InvalidOperation:
+        number = None
+    if number is None or not number.is_finite() or number < 0:
+        raise _Bad(f"not a trade time: {value!r}")
+    return number.quantize(_MICROSECOND)
+
+
+def _ns(when: Decimal) -> int:
+    return int(when * 1_000_000_000)
+
+
+def _text(text: str | bytes) -> str:
+    return text if isinstance(text, str) else text.decode("utf-8", "replace")
+
+
+class _Recovery:
+    """The trade recovery of one pair in progress (module doc, rule 6)."""
+
+    __slots__ = ("since", "first_page", "held")
+
+    def __init__(self, since: int) -> None:
+        self.since = since  # ns, of the page asked for
+        self.first_page = True
+        self.held: list[tuple[_Key, Trade]] = []  # live trades received meanwhile
+
+
 def _levels(raw: object) -> list[tuple[str, str, float]]:
     """Validated ``[price, volume, time(, "r")]`` levels as ``(price, volume, time)``."""
     if not isinstance(raw, list):
@@ -154,6 +221,10 @@ def book_checksum(book: L2Book) -> int:
     return zlib.crc32((_checksum_part(asks) + _checksum_part(bids)).encode())
 
 
+def _id(key: _Key) -> str:
+    return f"{key[0]}-{key[1]}"
+
+
 class KrakenFeed:
     """The protocol state of one Kraken v1 connection (see ``daemon.exchanges.base``).
 
@@ -161,7 +232,8 @@ class KrakenFeed:
     ``parse_markets``); ``channels``: a subset of ``("trades", "book", "ticker")``;
     ``depth``: the book subscription depth, one of ``DEPTHS``. Raises ``ValueError``
     on anything else. ``last_heartbeat`` is the ``recv_ts`` of the latest heartbeat
-    (``None`` before one), ``system_status`` the latest ``systemStatus`` status.
+    (``None`` before one), ``system_status`` the latest ``systemStatus`` status,
+    ``recovering`` the symbols whose trades are being recovered (module doc, rule 6).
     """
 
     exchange = "kraken"
@@ -191,8 +263,17 @@ class KrakenFeed:
         self._books = {s: L2Book(depth) for s in self.symbols} if "book" in channels else {}
         self._synced: set[str] = set()
         self._channel_ids: dict[int, tuple[str, str]] = {}  # channelID -> (channel, symbol)
-        self._trade_run: dict[str, tuple[str, int]] = {}  # symbol -> (time, trades at it)
+        self._trade_run: dict[str, _Key] = {}  # symbol -> (time, k) of the connection
+        self._last_trade: dict[str, _Key] = {}  # symbol -> key last delivered, kept
+        self._to_recover: set[str] = set()  # after a reconnect, until subscribed
+        self._recovering: dict[str, _Recovery] = {}
+        self._opens = 0
         self._now = 0.0  # latest time handed in, for events of resync()
+
+    @property
+    def recovering(self) -> frozenset[str]:
+        """Symbols whose trades are being recovered (their live trades are held)."""
+        return frozenset(self._recovering)
 
     # -- connection ------------------------------------------------------------------
 
@@ -209,11 +290,19 @@ class KrakenFeed:
     def on_open(self, now: float) -> list:
         """Forget every channelID and book, and return what to send on a new connection:
         one ``Send`` subscribe per channel (all pairs), then a ``FeedState``
-        ``resyncing`` per book symbol."""
+        ``resyncing`` per book symbol. After a reconnect, each pair with a delivered
+        trade will recover the trades missed once its trade subscription is
+        confirmed (module doc, rule 6)."""
         self._now = now
+        self._opens += 1
         self._channel_ids.clear()
         self._synced.clear()
         self._trade_run.clear()
+        self._recovering.clear()  # answers to the old connection's fetches never come
+        self._to_recover = (
+            {s for s in self.symbols if s in self._last_trade}
+            if self._opens > 1 and "trades" in self.channels else set()
+        )
         for book in self._books.values():
             book.clear()
         out: list = [self._frame("subscribe", c, self.symbols) for c in self.channels]
@@ -246,6 +335,50 @@ class KrakenFeed:
     def on_snapshot(self, symbol: str, body: str, recv_ts: float) -> list:
         """Nothing: Kraken sends book snapshots over the WebSocket."""
         return []
+
+    def on_trades(self, symbol: str, body: str | bytes, recv_ts: float) -> list:
+        """Take one answer of the REST trade history asked for by ``FetchTrades``
+        (``{"error": [], "result": {<pair>: [[price, volume, time, side, ordertype,
+        misc, id], ...], "last": ns}}``).
+
+        Returns the recovered trades newer than the last delivered, then either the
+        ``FetchTrades`` of the next page or the live trades held meanwhile; a
+        ``Gap`` where trades may be lost, and ``Malformed`` for an unusable answer
+        (module doc, rule 6).
+        """
+        recovery = self._recovering.get(symbol)
+        if recovery is None:
+            return []  # not asked for (or asked for by a connection since closed)
+        self._now = recv_ts
+        last = self._last_trade[symbol]
+        try:
+            page = self._history(symbol, body, recv_ts)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            out: list = [
+                malformed(self.stats, f"bad Trades answer: {exc}", _text(body)),
+                self._gap(symbol, recv_ts, f"trades after {_id(last)} may be missing: "
+                          "the trade history could not be read"),
+            ]
+            return out + self._end_recovery(symbol)
+        out = []
+        if recovery.first_page:
+            recovery.first_page = False
+            keys = [key for key, _ in page]
+            newer = [key for key in keys if key > last]
+            if newer and last not in keys:
+                out.append(self._gap(symbol, recv_ts, (
+                    f"trades between {_id(last)} and {_id(min(newer))} may be missing: "
+                    "the trade history does not hold the last trade delivered")))
+        out += self._deliver(symbol, page, live=False)
+        if len(page) >= TRADES_LIMIT:
+            since = _ns(page[-1][0][0]) - 1000
+            if since > recovery.since:
+                recovery.since = since
+                return [*out, self._fetch_trades(symbol, since)]
+            out.append(self._gap(symbol, recv_ts, (
+                f"trades after {_id(page[-1][0])} may be missing: a page of "
+                f"{TRADES_LIMIT} trades within one microsecond")))
+        return out + self._end_recovery(symbol)
 
     def book(self, symbol: str) -> L2Book | None:
         """The synced book of ``symbol`` (cut to ``depth``), or ``None`` while unsynced
@@ -312,48 +445,118 @@ class KrakenFeed:
 
     def _on_subscription(self, message: dict, text: str) -> list:
         status = message.get("status")
+        sub = message.get("subscription")
+        name = sub.get("name") if isinstance(sub, dict) else None
+        symbol = self._symbol.get(message.get("pair"))
+        # the trade subscription of a reconnected pair is answered: recover its
+        # missed trades now (module doc, rule 6); the history is readable either way
+        out = []
+        if status in ("subscribed", "error") and name == "trade" and symbol in self._to_recover:
+            self._to_recover.discard(symbol)
+            out = self._recover(symbol)
         if status == "error":
             reason = f"subscription error: {message.get('errorMessage')}"
-            return [malformed(self.stats, reason, text)]
+            return [malformed(self.stats, reason, text), *out]
         channel_id = message.get("channelID")
-        name = (message.get("subscription") or {}).get("name")
-        symbol = self._symbol.get(message.get("pair"))
         if status == "subscribed":
             if type(channel_id) is not int or _CHANNEL.get(name) not in self.channels or not symbol:
                 return [malformed(self.stats, "subscription not asked for", text)]
             self._channel_ids[channel_id] = (_CHANNEL[name], symbol)
         elif status == "unsubscribed":
             self._channel_ids.pop(channel_id, None)
-        return []
+        return out
 
     def _on_trades(self, symbol: str, payload: list, recv_ts: float) -> list:
         """``[[price, volume, time, side, orderType, misc], ...]`` -> ``Trade``s.
 
-        Kraken v1 has no trade id: the id is ``"<time>-<k>"``, the time string as sent
-        and ``k`` the count of earlier trades of this stream with that same time
-        (usually the index within the message), so ids are deterministic and unique
-        within a connection as long as trade times do not go backwards.
+        Kraken v1 has no trade id: the id is ``"<time>-<k>"`` (module doc, rule 5),
+        ``k`` counted over this connection's trades of the pair, so ids are
+        deterministic and unique as long as trade times do not go backwards. Held
+        while the pair recovers; trades not newer than the last delivered dropped.
         """
         if len(payload) != 1 or not isinstance(payload[0], list):
             raise _Bad("trade payload is not one list")
+        key = self._trade_run.get(symbol)
         trades = []
-        run_time, run = self._trade_run.get(symbol, ("", 0))
         for entry in payload[0]:
-            price, size, time, side = entry[0], entry[1], entry[2], entry[3]
-            _decimal(price)
-            _decimal(size)
-            ts = _time(time)
-            if side not in _SIDES:
-                raise _Bad(f"trade side {side!r}")
-            run = run + 1 if time == run_time else 0
-            run_time = time
-            trades.append(
-                Trade(exchange=self.exchange, symbol=symbol, ts=ts, recv_ts=recv_ts,
-                      id=f"{time}-{run}", price=price, size=size, side=_SIDES[side])
-            )
-        self._trade_run[symbol] = (run_time, run)
-        self.stats.trades += len(trades)
-        return trades
+            key, trade = self._trade(symbol, entry, key, recv_ts)
+            trades.append((key, trade))
+        if key is not None:
+            self._trade_run[symbol] = key
+        recovery = self._recovering.get(symbol)
+        if recovery is not None:
+            recovery.held += trades
+            return []
+        return self._deliver(symbol, trades)
+
+    def _trade(
+        self, symbol: str, entry: list, previous: _Key | None, recv_ts: float
+    ) -> tuple[_Key, Trade]:
+        """One trade entry (WebSocket ``[price, volume, time, side, ...]``, or a REST
+        row, whose time is a number) that follows the trade keyed ``previous``: its
+        key and ``Trade``. Raises ``_Bad`` (or ``IndexError``) on a bad entry."""
+        price, size, time, side = entry[0], entry[1], entry[2], entry[3]
+        _decimal(price)
+        _decimal(size)
+        when = _trade_time(time)
+        if side not in _SIDES:
+            raise _Bad(f"trade side {side!r}")
+        same_time = previous is not None and previous[0] == when
+        key = (when, previous[1] + 1 if same_time else 0)
+        trade = Trade(exchange=self.exchange, symbol=symbol, ts=float(when), recv_ts=recv_ts,
+                      id=_id(key), price=price, size=size, side=_SIDES[side])
+        return key, trade
+
+    def _deliver(self, symbol: str, trades: list[tuple[_Key, Trade]], live: bool = True) -> list:
+        """The trades whose key is above the last delivered, in the order given; the
+        others are dropped, and counted as duplicates if ``live`` (REST pages
+        overlap the last delivered trade by design)."""
+        out = []
+        for key, trade in trades:
+            last = self._last_trade.get(symbol)
+            if last is not None and key <= last:
+                if live:
+                    self.stats.duplicates += 1
+                continue
+            self._last_trade[symbol] = key
+            self.stats.trades += 1
+            out.append(trade)
+        return out
+
+    def _recover(self, symbol: str) -> list:
+        """Start recovering the trades after the last delivered one of ``symbol``."""
+        since = _ns(self._last_trade[symbol][0]) - 1000  # a microsecond before it
+        self._recovering[symbol] = _Recovery(since)
+        return [self._fetch_trades(symbol, since)]
+
+    def _fetch_trades(self, symbol: str, since: int) -> FetchTrades:
+        altname = self._wsname[symbol].replace("/", "")
+        target = f"{TRADES_TARGET}?pair={altname}&since={since}&count={TRADES_LIMIT}"
+        return FetchTrades(symbol, target)
+
+    def _history(self, symbol: str, body: str | bytes, recv_ts: float) -> list:
+        """The ``(key, Trade)`` list of a Trades answer, ``k`` counted from its first
+        row; raises ``ValueError`` (``_Bad``), ``KeyError``, ... on a bad answer."""
+        answer = json.loads(body, parse_float=Decimal)  # times exact, as sent
+        errors = answer.get("error") or []
+        if any(str(e).startswith("E") for e in errors):
+            raise _Bad(f"Kraken error {errors}")
+        rows = [v for k, v in answer["result"].items() if k != "last"]
+        if len(rows) != 1 or not isinstance(rows[0], list):
+            raise _Bad("no list of trades in the result")
+        page, key = [], None
+        for row in rows[0]:
+            key, trade = self._trade(symbol, row, key, recv_ts)
+            page.append((key, trade))
+        return page
+
+    def _end_recovery(self, symbol: str) -> list:
+        return self._deliver(symbol, self._recovering.pop(symbol).held)
+
+    def _gap(self, symbol: str, now: float, detail: str) -> Gap:
+        self.stats.gaps += 1
+        return Gap(exchange=self.exchange, symbol=symbol, ts=now, recv_ts=now,
+                   stream="trades", detail=detail)
 
     def _on_ticker(self, symbol: str, payload: list, recv_ts: float) -> list:
         """``{"a": [price, wholeLotVolume, lotVolume], "b": [...], ...}`` -> ``Ticker``.
