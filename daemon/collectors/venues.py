@@ -54,7 +54,11 @@ def _coinbase() -> Venue:
         ws_url="wss://ws-feed.exchange.coinbase.com",
         markets_target=coinbase.MARKETS_TARGET,
         parse_markets=coinbase.parse_markets,
-        make_feed=lambda cfg, markets: coinbase.CoinbaseFeed(cfg.symbols, cfg.channels, markets),
+        # level2_batch: the public form of level2 (level2 itself now needs an
+        # authenticated connection); the same snapshot and l2update messages
+        make_feed=lambda cfg, markets: coinbase.CoinbaseFeed(
+            cfg.symbols, cfg.channels, markets, book_channel="level2_batch"
+        ),
     )
 
 
