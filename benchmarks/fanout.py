@@ -32,12 +32,15 @@ What runs, for each N in ``--clients`` and each server:
   everything, checks ``seq`` per stream (a hole is a gap), answers pings, and
   records, for every message carrying ``recv_ts``, the latency
   ``time.time()`` at receipt minus ``recv_ts`` (same machine, same clock), in
-  10 us buckets. Counting starts after ``--warmup`` seconds and lasts
-  ``--seconds``.
+  10 us buckets. Counting starts once every client has caught up (has had an
+  event less than 0.5 s old: after its initial books, which tickwire sends and
+  the peer does not; at most 20 s, "caught up" tells how many did), then
+  ``--warmup`` seconds, and lasts ``--seconds``.
 
 Server CPU comes from ``/proc/<pid>/stat`` (user + system over the window, 100 %
-= one core; "clients' CPU" is the load clients' total, the rest of the machine)
-and RSS from ``/proc/<pid>/status``. "RSS/conn" is (RSS with the N
+= one core; "clients' CPU" is the load clients' total; "other CPU" is what the
+rest of the machine used meanwhile, from ``/proc/stat``: anything above a few %
+means the figures were disturbed) and RSS from ``/proc/<pid>/status``. "RSS/conn" is (RSS with the N
 clients - RSS before they connected) / N. The idle run connects ``--idle``
 connections that never subscribe.
 """
@@ -73,6 +76,8 @@ BUCKET_US = 10  # latency histogram resolution
 BUCKETS = 200_000  # 0 .. 2 s; later ones go to the last bucket
 PEER_HIGH_WATER = 1 << 20  # bytes unsent on one connection before the peer waits
 IDLE_RATE = 10.0  # exchange frames per second during the idle run
+LIVE = 0.5  # seconds: a client whose events are this fresh has caught up
+CATCH_UP = 20.0  # seconds a client waits for that before the window anyway
 CHANNEL = {"trade": "trades", "book_snapshot": "book", "book_update": "book",
            "ticker": "ticker", "feed_state": "system", "gap": "system"}
 SUBSCRIBE = orjson.dumps({"op": "subscribe", "id": 1, "channels": ["trades", "book", "ticker",
@@ -97,7 +102,7 @@ def _frame(opcode: int, payload: bytes) -> bytes:
 
 
 class _Conn:
-    __slots__ = ("sock", "buf", "pos", "parts", "seqs", "closed")
+    __slots__ = ("sock", "buf", "pos", "parts", "seqs", "closed", "live")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -106,9 +111,10 @@ class _Conn:
         self.parts: list[bytes] = []  # a fragmented message so far
         self.seqs: dict[tuple[str, str, str], int] = {}
         self.closed = False
+        self.live = False  # has had an event less than LIVE seconds old
 
 
-def _connect(port: int, subscribe: bool) -> _Conn:
+def _connect(port: int) -> _Conn:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     key = base64.b64encode(os.urandom(16)).decode()
@@ -128,9 +134,6 @@ def _connect(port: int, subscribe: bool) -> _Conn:
         raise ConnectionError(f"handshake refused: {status[:80]!r}")
     conn = _Conn(sock)
     conn.buf += rest
-    if subscribe:
-        sock.sendall(_frame(0x1, SUBSCRIBE))
-    sock.setblocking(False)
     return conn
 
 
@@ -204,22 +207,42 @@ def _message(conn: _Conn, text: bytes, now: float, counts: _Counts, measuring: b
             counts.deliveries += 1
             bucket = int((now - m["recv_ts"]) * (1_000_000 / BUCKET_US))
             hist[min(max(bucket, 0), BUCKETS - 1)] += 1
+        elif not conn.live and now - m["recv_ts"] < LIVE:
+            conn.live = True
 
 
 def client_process(port: int, count: int, subscribe: bool, control: Any) -> None:
     """Hold ``count`` connections; obey ``start``/``stop``/``quit`` on ``control``."""
+    # every connection of every process first, then the subscriptions (on the
+    # parent's word): a server streaming to some clients may starve the handshakes
+    # of the others
     try:
-        conns = [_connect(port, subscribe) for _ in range(count)]
+        conns = [_connect(port) for _ in range(count)]
+        control.send(("connected", count))
+        if control.recv() != "subscribe":
+            return
+        for conn in conns:
+            if subscribe:
+                conn.sock.sendall(_frame(0x1, SUBSCRIBE))
+            conn.sock.setblocking(False)
     except OSError as exc:
         control.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     selector = selectors.DefaultSelector()
     for conn in conns:
         selector.register(conn.sock, selectors.EVENT_READ, conn)
-    control.send(("ready", count))
     counts = _Counts()
     measuring = False
+    # ready once every connection has caught up with the stream (its initial
+    # books and history read), or after CATCH_UP seconds
+    deadline = time.monotonic() + CATCH_UP
+    ready = not subscribe
+    if ready:
+        control.send(("ready", count))
     while True:
+        if not ready and (time.monotonic() > deadline or all(c.live for c in conns)):
+            ready = True
+            control.send(("ready", sum(c.live for c in conns)))
         if control.poll():
             command = control.recv()
             if command == "start":
@@ -329,6 +352,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -348,7 +378,7 @@ def wait_listening(port: int, proc: subprocess.Popen, seconds: float = 60) -> No
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            _connect(port, subscribe=False).sock.close()
+            _connect(port).sock.close()
             return
         except OSError:
             time.sleep(0.1)
@@ -429,14 +459,21 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
                                      daemon=True)
             worker.start()
             clients.append((worker, parent))
-        for _, pipe in clients:
-            if not pipe.poll(120):
-                raise RuntimeError("a load client did not connect in time")
-            status = pipe.recv()
-            if status[0] != "ready":
-                raise RuntimeError(f"load client: {status[1]}")
+        caught_up = 0
+        for expected in ("connected", "ready"):
+            for _, pipe in clients:
+                if not pipe.poll(120):
+                    raise RuntimeError(f"a load client was not {expected} in time")
+                status = pipe.recv()
+                if status[0] != expected:
+                    raise RuntimeError(f"load client: {status[1]}")
+                caught_up += status[1] if expected == "ready" else 0
+            if expected == "connected":
+                for _, pipe in clients:
+                    pipe.send("subscribe")
         time.sleep(args.warmup)
         client_cpu0 = sum(cpu_seconds(worker.pid) for worker, _ in clients)
+        busy0 = machine_busy_seconds()
         cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
         for _, pipe in clients:
             pipe.send("start")
@@ -445,6 +482,7 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
             pipe.send("stop")
         cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
         client_cpu1 = sum(cpu_seconds(worker.pid) for worker, _ in clients)
+        busy1 = machine_busy_seconds()
         rss_after = rss_bytes(proc.pid)
         deliveries = gaps = frames = closed = 0
         hist: dict[int, int] = {}
@@ -465,8 +503,10 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
             "p50": percentile(hist, 0.50), "p99": percentile(hist, 0.99),
             "p999": percentile(hist, 0.999), "cpu": (cpu1 - cpu0) / window * 100,
             "client_cpu": (client_cpu1 - client_cpu0) / window * 100,
+            "other_cpu": max(0.0, ((busy1 - busy0) - (cpu1 - cpu0) - (client_cpu1 - client_cpu0))
+                             / window * 100),
             "rss": rss_after, "rss_conn": (rss_after - rss_before) / n,
-            "command": shlex.join(command),
+            "command": shlex.join(command), "caught_up": caught_up,
         }
     finally:
         for worker, pipe in clients:
@@ -482,20 +522,26 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
 
 
 def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+    if value is None:
+        return "-"
+    return f"> {BUCKETS * BUCKET_US // 1000}" if value >= BUCKETS * BUCKET_US / 1000 - 0.01 else (
+        f"{value:.2f}")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| server | N | mode | events/s per client | deliveries/s | gaps | closed | "
-            "p50 ms | p99 ms | p999 ms | CPU % | RSS MiB | RSS/conn KiB | clients' CPU % |")
-    lines = [head, "|" + " --- |" * 14]
+    head = ("| server | N | caught up | mode | events/s per client | deliveries/s | gaps | "
+            "closed | p50 ms | p99 ms | p999 ms | CPU % | RSS MiB | RSS/conn KiB | clients' CPU % | "
+            "other CPU % |")
+    lines = [head, "|" + " --- |" * 16]
     for r in rows:  # RSS/conn means little below 100 connections
         per_conn = f"{r['rss_conn'] / 1024:.1f}" if r["clients"] >= 100 else "-"
         lines.append(
-            f"| {r['server']} | {r['clients']} | {r['mode']} | {r['events']:,.0f} | "
+            f"| {r['server']} | {r['clients']} | {r['caught_up']} | {r['mode']} | "
+            f"{r['events']:,.0f} | "
             f"{r['deliveries']:,.0f} | {r['gaps']} | {r['closed']} | {_ms(r['p50'])} | "
             f"{_ms(r['p99'])} | {_ms(r['p999'])} | {r['cpu']:.0f} | "
-            f"{r['rss'] / 2**20:.1f} | {per_conn} | {r['client_cpu']:.0f} |"
+            f"{r['rss'] / 2**20:.1f} | {per_conn} | {r['client_cpu']:.0f} | "
+            f"{r['other_cpu']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -544,7 +590,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="numbers of client connections, comma separated")
     parser.add_argument("--rate", type=float, default=1000.0,
                         help="exchange frames per second of the latency run (~events/s)")
-    parser.add_argument("--seconds", type=float, default=6.0, help="measuring window")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measuring window")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
     parser.add_argument("--client-procs", type=int, default=2,
                         help="load client processes sharing the connections")
