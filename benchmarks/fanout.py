@@ -530,8 +530,8 @@ def _ms(value: float | None) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| server | N | caught up | mode | events/s per client | deliveries/s | gaps | "
-            "closed | p50 ms | p99 ms | p999 ms | CPU % | RSS MiB | RSS/conn KiB | clients' CPU % | "
-            "other CPU % |")
+            "closed | p50 ms | p99 ms | p999 ms | CPU % | RSS MiB | RSS/conn KiB | "
+            "clients' CPU % | other CPU % |")
     lines = [head, "|" + " --- |" * 16]
     for r in rows:  # RSS/conn means little below 100 connections
         per_conn = f"{r['rss_conn'] / 1024:.1f}" if r["clients"] >= 100 else "-"
