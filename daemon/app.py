@@ -1,10 +1,18 @@
-"""The nursery tree: dispatcher, broadcast server and collectors under one root.
+"""The nursery tree: dispatcher, broadcast server, admin socket, metrics, feeds and
+the reporter under one root.
 
 Startup is ordered with ``nursery.start``: the dispatcher first (so sources have
-somewhere to send), then the broadcast server (listening), then one supervised
-collector per exchange. The dispatcher and the server are critical: if either
-raises, the root nursery ends and the daemon exits with the error. A collector is
-not: it is restarted with backoff (``daemon.supervise``).
+somewhere to send), the admin socket (a second daemon on the same socket stops
+there, before it takes any port), the broadcast server (listening), the metrics
+endpoint (when configured), one supervised feed per exchange (its
+collector and, for a native one, its polling fallback), and last the reporter.
+Then, and only then, systemd hears ``READY=1``.
+
+The dispatcher, the server and the admin socket are critical: if one raises, the
+root nursery ends and the daemon exits with the error. A feed is not: its collector
+is restarted with backoff (``daemon.supervise``). Each feed runs under its own
+cancel scope, so a reload (SIGHUP) restarts just the feeds whose configuration
+changed; clients stay connected and their streams go on.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -19,13 +28,27 @@ import attrs
 import trio
 
 from daemon import __version__
+from daemon.admin import AdminServer, Replies, socket_path
 from daemon.broadcast.server import BroadcastServer
 from daemon.collectors.fallback import CCXT_IDS, Fallback
 from daemon.collectors.native import NativeCollector
 from daemon.collectors.poll import PollCollector
 from daemon.collectors.venues import venue
-from daemon.config import Config
+from daemon.config import Config, ConfigError, ExchangeConfig
 from daemon.dispatch import Dispatcher, Retention
+from daemon.health import (
+    CRITICAL,
+    NONCRITICAL,
+    DispatcherHealth,
+    FeedHealth,
+    ListenerHealth,
+    Reporter,
+    ServerHealth,
+    summary,
+)
+from daemon.logs import set_level
+from daemon.metrics import MetricsServer, make_registry
+from daemon.notify import Notifier
 from daemon.supervise import Backoff, supervise
 
 log = logging.getLogger(__name__)
@@ -36,12 +59,27 @@ def new_epoch() -> str:
     return f"{int(time.time())}-{secrets.token_hex(4)}"
 
 
+@attrs.define(eq=False)
+class Feed:
+    """One exchange's running feed: its collector, fallback, health and scope."""
+
+    name: str
+    config: ExchangeConfig
+    collector: Any
+    fallback: Fallback | None
+    health: FeedHealth
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+
 class App:
     """One daemon instance built from ``config``. After ``run`` has started:
-    ``port`` is the broadcast server's port."""
+    ``port`` is the broadcast server's port, ``admin.path`` the admin socket,
+    ``metrics_port`` the metrics endpoint's port (or ``None``)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
+        self.notifier = notifier if notifier is not None else Notifier()
         self.epoch = new_epoch()
         self.started_at = time.time()
         self.dispatcher = Dispatcher(
@@ -51,42 +89,114 @@ class App:
                 for channel, retention in attrs.asdict(config.history, recurse=False).items()
             },
         )
-        hello = {"type": "welcome", "server": "tickwire", "version": __version__, "epoch": self.epoch}
+        hello = {"type": "welcome", "server": "tickwire", "version": __version__,
+                 "epoch": self.epoch}
         self.server = BroadcastServer(self.dispatcher, config.server, hello, config.auth)
+        self.feeds: dict[str, Feed] = {}
         self.collectors: dict[str, Any] = {}
         self.fallbacks: dict[str, Fallback] = {}
         self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.registry = make_registry(self)
+        self.admin = AdminServer(socket_path(config.admin.socket), Replies(self).answer)
+        self.metrics: MetricsServer | None = None
+        if config.metrics.listen:
+            self.metrics = MetricsServer(self.registry, config.metrics.host, config.metrics.port)
+        self._health = [
+            DispatcherHealth(self.dispatcher, config.reporter),
+            ServerHealth(self.server),
+            ListenerHealth("admin", self.admin, CRITICAL),
+        ]
+        if self.metrics is not None:
+            self._health.append(ListenerHealth("metrics", self.metrics, NONCRITICAL))
+        self.reporter = Reporter(
+            self.components, self.dispatcher.open_source(), self.notifier, config.reporter,
+            time.monotonic(),
+        )
+        self._root: trio.Nursery | None = None
+        self._reload_lock = trio.Lock()
+
+    def components(self) -> list[Any]:
+        """Every component's health object, feeds last."""
+        return [*self._health, *(feed.health for feed in self.feeds.values())]
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the whole tree until cancelled; ``started(port)`` once everything has
-        started and the server listens."""
+        started and the server listens. ``STOPPING=1`` goes out as soon as the tree
+        is cancelled (or fails)."""
         async with trio.open_nursery() as root:
+            self._root = root
+            root.start_soon(self._stopping)
             await root.start(self.dispatcher.serve)
+            await root.start(self.admin.serve)  # first: a second daemon stops here
             self.port = await root.start(self.server.serve)
-            reconnect = self.config.reconnect
+            if self.metrics is not None:
+                self.metrics_port = await root.start(self.metrics.serve)
             for name, exchange in self.config.exchanges.items():
-                collector: Any
-                if exchange.mode == "poll":
-                    collector = PollCollector(name, exchange, reconnect, self.dispatcher.open_source())
-                else:
-                    collector = NativeCollector(
-                        venue(name), exchange, reconnect, self.dispatcher.open_source()
-                    )
-                self.collectors[name] = collector
-                await root.start(partial(self._supervised, name, collector))
-                if exchange.mode == "native" and exchange.fallback_after > 0:
-                    fallback = Fallback(
-                        collector,
-                        partial(self._fallback_poller, name, exchange),
-                        exchange.fallback_after,
-                    )
-                    self.fallbacks[name] = fallback
-                    await root.start(fallback.run)
+                await self._start_feed(name, exchange)
+            self.reporter.tick(notify=False)
+            self.notifier.ready(summary(self.reporter.health, self.reporter.checks))
+            await root.start(self.reporter.run)
             log.info(
-                "tickwire %s started: epoch %s, %d feeds, ws://%s:%d",
-                __version__, self.epoch, len(self.collectors), self.config.server.host, self.port,
+                "tickwire %s started: epoch %s, %d feeds, ws://%s:%d, admin %s",
+                __version__, self.epoch, len(self.feeds), self.config.server.host, self.port,
+                self.admin.path,
             )
             task_status.started(self.port)
+
+    async def _stopping(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.notifier.stopping("stopping: closing clients")
+
+    # -- feeds -------------------------------------------------------------------------
+
+    def _make_feed(self, name: str, exchange: ExchangeConfig) -> Feed:
+        collector: Any
+        if exchange.mode == "poll":
+            collector = PollCollector(name, exchange, self.config.reconnect,
+                                      self.dispatcher.open_source())
+        else:
+            collector = NativeCollector(venue(name), exchange, self.config.reconnect,
+                                        self.dispatcher.open_source())
+        fallback = None
+        if exchange.mode == "native" and exchange.fallback_after > 0:
+            fallback = Fallback(collector, partial(self._fallback_poller, name, exchange),
+                                exchange.fallback_after)
+        health = FeedHealth(name, collector, fallback, self.dispatcher, self.config.reporter)
+        return Feed(name, exchange, collector, fallback, health)
+
+    async def _start_feed(self, name: str, exchange: ExchangeConfig) -> None:
+        assert self._root is not None
+        feed = self._make_feed(name, exchange)
+        self.feeds[name] = feed
+        self.collectors[name] = feed.collector
+        if feed.fallback is not None:
+            self.fallbacks[name] = feed.fallback
+        else:
+            self.fallbacks.pop(name, None)
+        await self._root.start(self._run_feed, feed)
+
+    async def _run_feed(self, feed: Feed, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            with feed.scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(partial(self._supervised, feed.name, feed.collector))
+                    if feed.fallback is not None:
+                        await nursery.start(feed.fallback.run)
+                    task_status.started()
+        finally:
+            if feed.fallback is not None and feed.fallback.poller is not None:
+                feed.fallback.poller.out.close()
+            feed.done.set()
+
+    async def _stop_feed(self, name: str) -> None:
+        feed = self.feeds.pop(name)
+        self.collectors.pop(name, None)
+        self.fallbacks.pop(name, None)
+        feed.scope.cancel()
+        await feed.done.wait()
 
     def _fallback_poller(self, name: str, exchange: Any) -> PollCollector:
         return PollCollector(
@@ -117,3 +227,46 @@ class App:
                 f"collector {name}", attempt, Backoff(reconnect.base, reconnect.cap),
                 reconnect.healthy_after,
             )
+
+    # -- reload ------------------------------------------------------------------------
+
+    async def reload(self, load: Callable[[], Config]) -> list[str]:
+        """Re-read the configuration with ``load()`` and apply its exchanges (and log
+        level): stop the feeds that are gone, restart those whose settings changed,
+        start the new ones; the other feeds, the server and its clients are not
+        touched. Settings that need a restart are logged; a configuration that does
+        not load is logged and changes nothing. systemd hears ``RELOADING=1`` first
+        and ``READY=1`` when done. Returns what changed, e.g. ``["restarted kraken"]``."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            changes: list[str] = []
+            try:
+                config = load()
+            except ConfigError as exc:
+                log.error("reload: config error: %s; the running configuration stays", exc)
+                self.notifier.ready(f"reload failed: {exc}")
+                return changes
+            try:
+                old = self.config.exchanges
+                new = config.exchanges
+                for name in [n for n in old if n not in new or new[n] != old[n]]:
+                    await self._stop_feed(name)
+                for name, exchange in new.items():
+                    if old.get(name) != exchange:
+                        await self._start_feed(name, exchange)
+                        changes.append(f"{'restarted' if name in old else 'started'} {name}")
+                changes += [f"stopped {name}" for name in old if name not in new]
+                if config.log_level != self.config.log_level:
+                    set_level(config.log_level)
+                    changes.append(f"log level {config.log_level}")
+                for section in ("server", "admin", "metrics", "dispatch", "history",
+                                "reconnect", "reporter", "auth"):
+                    if getattr(config, section, None) != getattr(self.config, section, None):
+                        log.warning("reload: [%s] changed; it applies at the next start", section)
+                self.config = attrs.evolve(self.config, exchanges=dict(new),
+                                           log_level=config.log_level)
+                log.info("reload: %s", ", ".join(changes) if changes else "nothing changed")
+            finally:
+                self.reporter.tick(notify=False)
+                self.notifier.ready(summary(self.reporter.health, self.reporter.checks))
+            return changes

@@ -26,15 +26,53 @@ def _config(path: str | None) -> Config:
         sys.exit(2)
 
 
-async def _until_signal(start: Callable[..., Awaitable[Any]]) -> None:
-    """Start ``start`` in a nursery, and cancel it all on SIGINT or SIGTERM."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+async def _until_signal(
+    start: Callable[..., Awaitable[Any]],
+    reload: Callable[[], Awaitable[Any]] | None = None,
+) -> None:
+    """Start ``start`` in a nursery, and cancel it all on SIGINT or SIGTERM. SIGHUP
+    calls ``reload`` (when there is none it is logged and ignored)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(start)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if reload is None:
+                        log.warning("received SIGHUP: nothing to reload here; ignored")
+                    else:
+                        log.info("received SIGHUP: reloading the configuration")
+                        await reload()
+                    continue
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _run_daemon(main: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    """``trio.run(main, *args)``; a startup error of ours (the admin socket is taken,
+    the metrics port is busy) is one line on stderr and exit 1."""
+    from daemon.admin import AdminSocketError
+    from daemon.metrics import MetricsError
+
+    startup = (AdminSocketError, MetricsError)
+    try:
+        trio.run(main, *args)
+    except BaseExceptionGroup as group:
+        ours, rest = group.split(startup)
+        if ours is None or rest is not None:
+            raise
+        error: BaseException = ours
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        _cannot_start(error)
+    except startup as exc:
+        _cannot_start(exc)
+
+
+def _cannot_start(error: BaseException) -> None:
+    log.error("cannot start: %s", error)
+    click.echo(f"tickwire: {error}", err=True)
+    sys.exit(1)
 
 
 @click.group()
@@ -53,7 +91,11 @@ def run(config_path: str | None) -> None:
     config = _config(config_path)
     setup_logging(config.log_level)
     app = App(config)
-    trio.run(_until_signal, app.run)
+
+    async def reload() -> None:
+        await app.reload(lambda: load_config(config_path))
+
+    _run_daemon(_until_signal, app.run, reload)
 
 
 @main.command("check-config")
@@ -120,7 +162,38 @@ def replay(
             await replay.wait_finished()
             log.info("replay: every capture played; still serving (Ctrl-C to stop)")
 
-    trio.run(_until_signal, start)
+    _run_daemon(_until_signal, start)
+
+
+def _socket_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--socket", "socket_path", type=click.Path(dir_okay=False),
+        help="The daemon's admin socket (default: $RUNTIME_DIRECTORY/admin.sock, "
+        "$XDG_RUNTIME_DIR/tickwire/admin.sock or /tmp/tickwire-$UID/admin.sock, "
+        "then /run/tickwire/admin.sock).",
+    )(function)
+
+
+@main.command()
+@_socket_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw reply (one JSON object).")
+def status(socket_path: str | None, as_json: bool) -> None:
+    """Show the running daemon's health, feeds and clients. Exit code: 0 healthy,
+    1 degraded, 2 unhealthy or unreachable."""
+    from daemon.statuscli import status_command
+
+    sys.exit(status_command(socket_path, as_json))
+
+
+@main.command()
+@_socket_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw reply (one JSON object).")
+def clients(socket_path: str | None, as_json: bool) -> None:
+    """Show the running daemon's clients: address, subscriptions, queue, counters.
+    Exit code as for ``status``."""
+    from daemon.statuscli import clients_command
+
+    sys.exit(clients_command(socket_path, as_json))
 
 
 @main.command()

@@ -120,9 +120,48 @@ class AuthConfig:
 
 @attrs.frozen(kw_only=True)
 class AdminConfig:
-    """The admin Unix socket; an empty ``socket`` picks the default path."""
+    """The admin Unix socket; an empty ``socket`` picks the default path
+    (``$RUNTIME_DIRECTORY/admin.sock``, ``$XDG_RUNTIME_DIR/tickwire/admin.sock``, else
+    ``/tmp/tickwire-$UID/admin.sock``)."""
 
     socket: str = ""
+
+
+def _listen_or_off(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value:
+        _listen(instance, attribute, value)
+
+
+@attrs.frozen(kw_only=True)
+class MetricsConfig:
+    """Prometheus metrics over HTTP at ``http://listen/metrics``; an empty
+    ``listen`` (the default) serves none."""
+
+    listen: str = attrs.field(default="", validator=_listen_or_off)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+@attrs.frozen(kw_only=True)
+class ReporterConfig:
+    """Health reporting, in seconds. ``interval``: between two ``status`` events;
+    ``check``: between two health checks (a transition is published within that);
+    ``recent``: how long a reconnect, resync, gap, checksum mismatch or rejected
+    event keeps its component degraded; ``silent_after``: a connected feed silent
+    that long is degraded; ``book_silent_after``: a book without an update that long
+    is degraded (0: never)."""
+
+    interval: float = attrs.field(default=10.0, validator=_positive)
+    check: float = attrs.field(default=1.0, validator=_positive)
+    recent: float = attrs.field(default=60.0, validator=_non_negative)
+    silent_after: float = attrs.field(default=10.0, validator=_positive)
+    book_silent_after: float = attrs.field(default=300.0, validator=_non_negative)
 
 
 @attrs.frozen(kw_only=True)
@@ -210,6 +249,8 @@ class Config:
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     admin: AdminConfig = AdminConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    reporter: ReporterConfig = ReporterConfig()
     dispatch: DispatchConfig = DispatchConfig()
     history: HistoryConfig = HistoryConfig()
     reconnect: ReconnectConfig = ReconnectConfig()

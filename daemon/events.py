@@ -146,8 +146,66 @@ class Gap:
     detail: str = ""
 
 
-Event = Trade | BookSnapshot | BookUpdate | Ticker | FeedState | Gap
-EVENT_TYPES: tuple[type, ...] = (Trade, BookSnapshot, BookUpdate, Ticker, FeedState, Gap)
+@attrs.frozen(kw_only=True)
+class ComponentHealth:
+    """One daemon component as a ``Status`` event lists it (not an event itself).
+
+    ``criticality``: ``critical`` (its failure makes the daemon unhealthy) or
+    ``degraded`` (a feed: its failure makes the daemon degraded); ``health``:
+    ``healthy``, ``degraded`` or ``unhealthy``; ``reason`` says why, for people.
+    """
+
+    name: str
+    criticality: str
+    health: str
+    reason: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class Status:
+    """The daemon's health, every ``reporter.interval`` seconds, on the ``status``
+    channel; ``exchange`` is ``"tickwire"`` and ``symbol`` ``"*"``.
+
+    ``health``: ``healthy``, ``degraded`` or ``unhealthy``; ``uptime`` in seconds.
+    """
+
+    TYPE: ClassVar[str] = "status"
+    CHANNEL: ClassVar[str] = "status"
+
+    exchange: str
+    symbol: str
+    ts: float
+    recv_ts: float
+    health: str
+    uptime: float
+    components: tuple[ComponentHealth, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class HealthChange:
+    """A component's health changed, on the ``system`` channel (``exchange``
+    ``"tickwire"``, ``symbol`` ``"*"``): ``component`` went from ``previous`` to
+    ``health``; ``daemon`` is the daemon's health after the change."""
+
+    TYPE: ClassVar[str] = "health_change"
+    CHANNEL: ClassVar[str] = "system"
+
+    exchange: str
+    symbol: str
+    ts: float
+    recv_ts: float
+    component: str
+    criticality: str
+    health: str
+    previous: str
+    daemon: str
+    reason: str = ""
+
+
+Event = Trade | BookSnapshot | BookUpdate | Ticker | FeedState | Gap | Status | HealthChange
+EVENT_TYPES: tuple[type, ...] = (
+    Trade, BookSnapshot, BookUpdate, Ticker, FeedState, Gap, Status, HealthChange,
+)
 #: Every channel name an event can be published on.
 CHANNELS: tuple[str, ...] = tuple(dict.fromkeys(cls.CHANNEL for cls in EVENT_TYPES))
 

@@ -31,5 +31,16 @@ def captures() -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _own_runtime_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every test's daemons (in process or subprocesses) put their default admin
+    socket, ``$XDG_RUNTIME_DIR/tickwire/admin.sock``, in a folder of their own: tests,
+    and test runs side by side, never find each other's daemon there."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("run")))
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     _captures_dir()  # fail the whole run at once when the variable points nowhere

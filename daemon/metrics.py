@@ -1,0 +1,315 @@
+"""Metrics: one Prometheus registry, read at scrape time, served over HTTP.
+
+Nothing is counted on the hot path for metrics: every figure already exists as a
+component's counter or ``statistics()``, and ``TickwireCollector.collect`` reads
+them when Prometheus scrapes (or the admin socket asks). Health and the derived
+figures (messages per second, book ages) come from the reporter's checks
+(``daemon.health``), so a metric and ``tickwire status`` never disagree.
+
+The HTTP endpoint is a small trio server (h11): ``GET /metrics`` answers the text
+exposition of ``registry``, generated in the trio thread, so components are never
+read from another thread. It is off unless ``metrics.listen`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import h11
+import trio
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+from daemon import __version__
+from daemon.health import RATE_WINDOW
+
+log = logging.getLogger(__name__)
+
+#: Health as a number: ``tickwire_health`` and ``tickwire_component_health``.
+HEALTH_VALUES = {"healthy": 0, "degraded": 1, "unhealthy": 2}
+#: Session counters of messages a client did not get as such, by policy.
+DROP_POLICIES = {"dropped": "disconnect", "conflated": "conflate", "throttled": "throttle"}
+#: Feed counters exported as ``tickwire_feed_<name>_total``.
+FEED_COUNTERS = {
+    "messages": "Messages (frames or REST answers) received from the exchange.",
+    "trades": "Trades produced.",
+    "book_updates": "Book updates produced.",
+    "tickers": "Tickers produced.",
+    "snapshots": "Book snapshots produced.",
+    "resyncs": "Books found broken and rebuilt.",
+    "gaps": "Sequence or trade id gaps detected.",
+    "malformed": "Frames skipped as unusable.",
+    "reconnects": "Reconnections (reconnecting, stale, failed).",
+}
+#: Seconds a scrape connection may take to send its request.
+REQUEST_TIMEOUT = 10.0
+
+
+class MetricsError(Exception):
+    """The metrics endpoint cannot listen (one line, for people)."""
+
+
+def _gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+def _counter(name: str, doc: str, labels: list[str] | None = None) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=labels)
+
+
+class TickwireCollector:
+    """A prometheus_client custom collector over a running ``App``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def describe(self) -> list[Metric]:
+        return []  # dynamic: families depend on the running feeds and clients
+
+    def collect(self) -> Iterator[Metric]:
+        app = self.app
+        health, checks = app.reporter.report()
+        yield from self._daemon(app, health, checks)
+        yield from self._feeds([c for c in checks if c.kind == "feed"])
+        yield from self._dispatcher(app)
+        yield from self._server(app)
+
+    def _daemon(self, app: Any, health: str, checks: list) -> Iterator[Metric]:
+        info = _gauge("tickwire_info", "The daemon's version and epoch.", ["version", "epoch"])
+        info.add_metric([__version__, app.epoch], 1)
+        yield info
+        yield GaugeMetricFamily("tickwire_uptime_seconds", "Seconds since start.",
+                                value=app.reporter.uptime())
+        yield GaugeMetricFamily("tickwire_health",
+                                "The daemon's health: 0 healthy, 1 degraded, 2 unhealthy.",
+                                value=HEALTH_VALUES[health])
+        component = _gauge("tickwire_component_health",
+                           "A component's health: 0 healthy, 1 degraded, 2 unhealthy.",
+                           ["component", "criticality"])
+        for check in checks:
+            component.add_metric([check.name, check.criticality], HEALTH_VALUES[check.health])
+        yield component
+        dropped = _counter("tickwire_reporter_events_dropped",
+                           "Status and health events not published: the dispatcher was full.")
+        dropped.add_metric([], app.reporter.dropped)
+        yield dropped
+
+    def _feeds(self, checks: list) -> Iterator[Metric]:
+        label = ["exchange"]
+        counters = {key: _counter(f"tickwire_feed_{key}", doc, label)
+                    for key, doc in FEED_COUNTERS.items()}
+        checksums = _counter("tickwire_feed_checksums", "Book checksums verified, by result.",
+                             ["exchange", "result"])
+        rate = _gauge("tickwire_feed_messages_per_second",
+                      f"Messages per second over the last {RATE_WINDOW:g}s.", label)
+        age = _gauge("tickwire_feed_last_message_age_seconds",
+                     "Seconds since the last message from the exchange.", label)
+        up = _gauge("tickwire_feed_up", "1 while the feed's connection is up.", label)
+        book_age = _gauge("tickwire_book_last_update_age_seconds",
+                          "Seconds since the book's last snapshot or update.",
+                          ["exchange", "symbol"])
+        book_synced = _gauge("tickwire_book_synced", "1 while the book is synced.",
+                             ["exchange", "symbol"])
+        for check in checks:
+            f = check.figures
+            exchange = f["exchange"]
+            for key, family in counters.items():
+                family.add_metric([exchange], f.get(key) or 0)
+            checksums.add_metric([exchange, "ok"], f.get("checksum_ok") or 0)
+            checksums.add_metric([exchange, "mismatch"], f.get("checksum_mismatch") or 0)
+            if f.get("messages_per_second") is not None:
+                rate.add_metric([exchange], f["messages_per_second"])
+            if f.get("last_message_age") is not None:
+                age.add_metric([exchange], f["last_message_age"])
+            up.add_metric([exchange], 1 if f["state"] == "subscribed" else 0)
+            for symbol, book in f.get("books", {}).items():
+                book_synced.add_metric([exchange, symbol], 1 if book["synced"] else 0)
+                if book["age"] is not None:
+                    book_age.add_metric([exchange, symbol], book["age"])
+        yield from counters.values()
+        yield from (checksums, rate, age, up, book_age, book_synced)
+
+    def _dispatcher(self, app: Any) -> Iterator[Metric]:
+        stats = app.dispatcher.statistics()
+        for name, doc, value in (
+            ("events", "Events numbered and fanned out.", stats.events),
+            ("rejected", "Events rejected (a source's bug).", stats.rejected),
+            ("duplicates", "Trades dropped: their id was already delivered.", stats.duplicates),
+        ):
+            yield CounterMetricFamily(f"tickwire_dispatcher_{name}", doc, value=value)
+        for name, doc, value in (
+            ("streams", "Streams known.", stats.streams),
+            ("subscribers", "Subscribers.", stats.subscribers),
+            ("buffer_used", "Events waiting in the input channel.", stats.buffer_used),
+            ("buffer_size", "Bound of the input channel.", stats.buffer_size),
+            ("buffer_fill_ratio", "Input channel fill, 0 to 1 (degraded from 0.8).",
+             stats.buffer_used / stats.buffer_size if stats.buffer_size else 0),
+            ("tasks_waiting_send", "Sources waiting to send (backpressure).",
+             stats.tasks_waiting_send),
+        ):
+            yield GaugeMetricFamily(f"tickwire_dispatcher_{name}", doc, value=value)
+        seq = _counter("tickwire_stream_events", "Events numbered on a stream: its last seq.",
+                       ["channel", "exchange", "symbol"])
+        for stream in list(app.dispatcher.streams.values()):
+            seq.add_metric([stream.channel, stream.exchange, stream.symbol], stream.seq)
+        yield seq
+
+    def _server(self, app: Any) -> Iterator[Metric]:
+        server = app.server
+        sessions = list(server.sessions)
+        yield GaugeMetricFamily("tickwire_clients", "Connected clients.", value=len(sessions))
+        yield CounterMetricFamily("tickwire_connections", "Client connections accepted.",
+                                  value=server.connections)
+        yield CounterMetricFamily("tickwire_slow_consumers",
+                                  "Clients closed by the slow-consumer policy.",
+                                  value=server.slow_consumers)
+        for attribute, name, doc in (
+            ("conflations", "tickwire_conflations", "Backlogs replaced by the latest state."),
+            ("ping_timeouts", "tickwire_ping_timeouts", "Clients closed for not answering pings."),
+        ):
+            if hasattr(server, attribute):
+                yield CounterMetricFamily(name, doc, value=getattr(server, attribute))
+        rejected = getattr(server, "rejected", None)
+        if rejected is not None:
+            family = _counter("tickwire_connections_rejected",
+                              "Client upgrades refused, by HTTP status.", ["status"])
+            for status, count in sorted(rejected.items()):
+                family.add_metric([str(status)], count)
+            yield family
+        label = ["client"]
+        queue = _gauge("tickwire_client_queue_depth", "Messages queued for the client.", label)
+        sent = _counter("tickwire_client_messages_sent", "Messages written to the client.", label)
+        frames = _counter("tickwire_client_frames_sent", "Frames written to the client.", label)
+        sent_bytes = _counter("tickwire_client_bytes_sent", "Bytes written to the client.", label)
+        drops = _counter("tickwire_client_dropped",
+                         "Messages the client did not get as such, by policy.",
+                         ["client", "policy"])
+        for session in sessions:
+            stats = session.statistics()
+            client = [str(stats.get("remote"))]
+            queue.add_metric(client, stats.get("queue", 0))
+            sent.add_metric(client, stats.get("sent", 0))
+            frames.add_metric(client, stats.get("frames", 0))
+            if "bytes_sent" in stats or "bytes" in stats:
+                sent_bytes.add_metric(client, stats.get("bytes_sent", stats.get("bytes", 0)))
+            for key, policy in DROP_POLICIES.items():
+                if key in stats:
+                    drops.add_metric([*client, policy], stats[key])
+        yield from (queue, sent, frames, sent_bytes, drops)
+        histogram = getattr(server, "latency", None)
+        if histogram is not None:
+            yield latency_summary(histogram)
+
+
+def latency_summary(histogram: Any) -> Metric:
+    """An HdrHistogram of microseconds as a Prometheus summary in seconds: p50, p99,
+    p99.9, count and sum."""
+    name = "tickwire_delivery_latency_seconds"
+    summary = Metric(name, "Receive (from the exchange) to client write.", "summary")
+    count = histogram.get_total_count()
+    for quantile, percentile in (("0.5", 50.0), ("0.99", 99.0), ("0.999", 99.9)):
+        value = histogram.get_value_at_percentile(percentile) / 1e6 if count else float("nan")
+        summary.add_sample(name, {"quantile": quantile}, value)
+    summary.add_sample(f"{name}_count", {}, count)
+    total = histogram.get_mean_value() * count / 1e6 if count else 0.0
+    summary.add_sample(f"{name}_sum", {}, total)
+    return summary
+
+
+def make_registry(app: Any) -> CollectorRegistry:
+    """The one registry: tickwire's collector, and the process and platform ones."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TickwireCollector(app))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+def samples(registry: CollectorRegistry) -> list[dict[str, Any]]:
+    """Every sample of ``registry`` as ``{"name", "labels", "value"}`` (admin socket)."""
+    return [
+        {"name": s.name, "labels": s.labels, "value": s.value}
+        for metric in registry.collect()
+        for s in metric.samples
+    ]
+
+
+class MetricsServer:
+    """``GET /metrics`` over HTTP/1.1 (h11), one request per connection.
+
+    ``address`` is ``HOST:PORT`` once listening (``None`` before); ``scrapes`` and
+    ``errors`` count requests.
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self.registry = registry
+        self.host = host
+        self.port = port
+        self.address: str | None = None
+        self.scrapes = 0
+        self.errors = 0
+
+    def statistics(self) -> dict[str, Any]:
+        return {"listen": self.address, "scrapes": self.scrapes, "errors": self.errors}
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled; ``started(port)``. Raises ``MetricsError`` when the
+        address cannot be bound."""
+        try:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        except OSError as exc:
+            raise MetricsError(
+                f"metrics: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from exc
+        port = listeners[0].socket.getsockname()[1]
+        self.address = f"{self.host}:{port}"
+        log.info("metrics: serving http://%s/metrics", self.address)
+        try:
+            task_status.started(port)
+            await trio.serve_listeners(self._handle, listeners)
+        finally:
+            self.address = None
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        # serve_listeners ends on a handler's exception: everything is caught here
+        try:
+            async with stream:
+                await self._answer(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                h11.RemoteProtocolError):
+            self.errors += 1
+        except Exception:
+            self.errors += 1
+            log.exception("metrics: a request failed")
+
+    async def _answer(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        with trio.fail_after(REQUEST_TIMEOUT):
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                    continue
+                break
+        if not isinstance(event, h11.Request):
+            return
+        target = event.target.split(b"?", 1)[0]
+        if event.method not in (b"GET", b"HEAD"):
+            status, body, ctype = 405, b"method not allowed\n", "text/plain; charset=utf-8"
+        elif target == b"/metrics":
+            self.scrapes += 1
+            status, body, ctype = 200, generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+        elif target == b"/":
+            status, body, ctype = 200, b"tickwire metrics: /metrics\n", "text/plain; charset=utf-8"
+        else:
+            status, body, ctype = 404, b"not found\n", "text/plain; charset=utf-8"
+        headers = [("content-type", ctype), ("content-length", str(len(body))),
+                   ("connection", "close")]
+        data = conn.send(h11.Response(status_code=status, headers=headers))
+        if event.method != b"HEAD":
+            data += conn.send(h11.Data(data=body))
+        data += conn.send(h11.EndOfMessage())
+        await stream.send_all(data)
