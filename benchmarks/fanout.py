@@ -27,6 +27,11 @@ What runs, for each N in ``--clients`` and each server:
   backpressure; without this its buffers grow without bound). tickwire gets no
   such help: its clients' queues are raised (``client_queue``) so that the
   throughput run measures the write path rather than the slow-consumer policy.
+  With ``--emulator process`` the emulator runs in a process of its own (this
+  script's ``emulate`` command) and the daemon is ``tickwire run`` with its
+  Coinbase feed pointed at it: the daemon's process then does only what it does
+  live (collector, dispatcher, broadcast server); the emulator's CPU is shown
+  apart.
 - **load clients**: ``--client-procs`` processes sharing the N connections, each
   a raw non-blocking WebSocket client (``selectors``) that subscribes to
   everything, checks ``seq`` per stream (a hole is a gap), answers pings, and
@@ -344,6 +349,26 @@ async def _peer(port: int, captures: Path, rate: float | None) -> None:
                         broadcast(subscribed, orjson.dumps(event_dict(output, seq)), text=True)
 
 
+# -- the emulator alone (``--emulator process``) ---------------------------------------
+
+
+async def _emulate(captures: Path, rate: float | None) -> None:
+    """Serve the looping Coinbase emulator; print where, and what to subscribe, as one
+    JSON line."""
+    import trio
+
+    from daemon.replay.capture import read_capture
+    from daemon.replay.emulator import Emulator
+
+    files = [read_capture(captures / name) for name in CAPTURE_FILES]
+    emulator = Emulator(files, speed=None, loop=True, rate=rate)
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(emulator.serve)
+        symbols, channels = emulator.venue.subscriptions(files)
+        print(orjson.dumps({"rest_url": address.rest_url, "ws_url": address.ws_url,
+                            "symbols": symbols, "channels": channels}).decode(), flush=True)
+
+
 # -- measuring a server process -----------------------------------------------------------
 
 
@@ -385,29 +410,46 @@ def wait_listening(port: int, proc: subprocess.Popen, seconds: float = 60) -> No
     raise RuntimeError("server did not listen in time")
 
 
-def tickwire_config(directory: Path, max_mode: bool) -> Path:
-    """A config for the bench: quiet logs, limits above the bench's load."""
+def tickwire_config(directory: Path, max_mode: bool, feed: dict[str, Any] | None = None,
+                    listen: str | None = None) -> Path:
+    """A config for the bench: quiet logs, limits above the bench's load; with
+    ``feed`` (from the ``emulate`` command), the Coinbase feed pointed at it."""
     import attrs
 
-    from daemon.config import ServerConfig
+    from daemon.config import Config, ServerConfig
 
     fields = attrs.fields_dict(ServerConfig)
-    server = {"client_queue": 100_000 if max_mode else 4096}
+    server: dict[str, Any] = {"client_queue": 100_000 if max_mode else 4096}
+    if listen is not None:
+        server["listen"] = f'"{listen}"'
     for name, value in (("max_connections", 20_000), ("max_connections_per_ip", 20_000)):
         if name in fields:
             server[name] = value
     lines = ['log_level = "warning"', "", "[server]"]
     lines += [f"{name} = {value}" for name, value in server.items()]
+    if "admin" in attrs.fields_dict(Config):  # a socket of its own, whatever else runs
+        lines += ["", "[admin]", f'socket = "{directory / "admin.sock"}"']
+    if feed is not None:
+        lines += ["", "[exchanges.coinbase]", f"symbols = {orjson.dumps(feed['symbols']).decode()}",
+                  f"channels = {orjson.dumps(feed['channels']).decode()}",
+                  f'rest_url = "{feed["rest_url"]}"', f'ws_url = "{feed["ws_url"]}"',
+                  "fallback_after = 0"]
     path = directory / ("max.toml" if max_mode else "rate.toml")
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def start_server(kind: str, port: int, rate: float | None, captures: Path,
-                 workdir: Path) -> tuple[subprocess.Popen, list[str]]:
+                 workdir: Path, emulator: subprocess.Popen | None = None,
+                 ) -> tuple[subprocess.Popen, list[str]]:
     files = [str(captures / name) for name in CAPTURE_FILES]
     timing = ["--rate", f"{rate:g}"] if rate else ["--speed", "max"]
-    if kind == "tickwire":
+    if kind == "tickwire" and emulator is not None:
+        assert emulator.stdout is not None
+        feed = orjson.loads(emulator.stdout.readline())
+        config = tickwire_config(workdir, rate is None, feed, listen=f"127.0.0.1:{port}")
+        command = [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)]
+    elif kind == "tickwire":
         config = tickwire_config(workdir, rate is None)
         command = [sys.executable, "-m", "daemon.cli", "replay", *files, "--loop",
                    *timing, "--listen", f"127.0.0.1:{port}", "--config", str(config)]
@@ -444,7 +486,14 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
         subscribe: bool = True) -> dict[str, Any]:
     """One server, N clients, one window; the figures."""
     port = free_port()
-    proc, command = start_server(kind, port, rate, args.captures, workdir)
+    emulator = None
+    if kind == "tickwire" and args.emulator == "process":
+        emulator = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "emulate", "--captures",
+             str(args.captures), *(["--rate", f"{rate:g}"] if rate else [])],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+    proc, command = start_server(kind, port, rate, args.captures, workdir, emulator)
     clients: list[tuple[Any, Any]] = []
     try:
         wait_listening(port, proc)
@@ -473,6 +522,7 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
                     pipe.send("subscribe")
         time.sleep(args.warmup)
         client_cpu0 = sum(cpu_seconds(worker.pid) for worker, _ in clients)
+        emu0 = cpu_seconds(emulator.pid) if emulator else 0.0
         busy0 = machine_busy_seconds()
         cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
         for _, pipe in clients:
@@ -482,6 +532,7 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
             pipe.send("stop")
         cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
         client_cpu1 = sum(cpu_seconds(worker.pid) for worker, _ in clients)
+        emu1 = cpu_seconds(emulator.pid) if emulator else 0.0
         busy1 = machine_busy_seconds()
         rss_after = rss_bytes(proc.pid)
         deliveries = gaps = frames = closed = 0
@@ -503,10 +554,13 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
             "p50": percentile(hist, 0.50), "p99": percentile(hist, 0.99),
             "p999": percentile(hist, 0.999), "cpu": (cpu1 - cpu0) / window * 100,
             "client_cpu": (client_cpu1 - client_cpu0) / window * 100,
-            "other_cpu": max(0.0, ((busy1 - busy0) - (cpu1 - cpu0) - (client_cpu1 - client_cpu0))
-                             / window * 100),
+            "emulator_cpu": (emu1 - emu0) / window * 100 if emulator else None,
+            "other_cpu": max(0.0, ((busy1 - busy0) - (cpu1 - cpu0) - (client_cpu1 - client_cpu0)
+                                   - (emu1 - emu0)) / window * 100),
             "rss": rss_after, "rss_conn": (rss_after - rss_before) / n,
-            "command": shlex.join(command), "caught_up": caught_up,
+            "command": shlex.join(command).replace(str(port), "PORT").replace(
+                str(workdir), "TMP"),
+            "caught_up": caught_up,
         }
     finally:
         for worker, pipe in clients:
@@ -516,6 +570,8 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
             if worker.is_alive():
                 worker.kill()
         stop(proc)
+        if emulator is not None:
+            stop(emulator)
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -531,8 +587,8 @@ def _ms(value: float | None) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| server | N | caught up | mode | events/s per client | deliveries/s | gaps | "
             "closed | p50 ms | p99 ms | p999 ms | CPU % | RSS MiB | RSS/conn KiB | "
-            "clients' CPU % | other CPU % |")
-    lines = [head, "|" + " --- |" * 16]
+            "clients' CPU % | emulator CPU % | other CPU % |")
+    lines = [head, "|" + " --- |" * 17]
     for r in rows:  # RSS/conn means little below 100 connections
         per_conn = f"{r['rss_conn'] / 1024:.1f}" if r["clients"] >= 100 else "-"
         lines.append(
@@ -541,6 +597,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['deliveries']:,.0f} | {r['gaps']} | {r['closed']} | {_ms(r['p50'])} | "
             f"{_ms(r['p99'])} | {_ms(r['p999'])} | {r['cpu']:.0f} | "
             f"{r['rss'] / 2**20:.1f} | {per_conn} | {r['client_cpu']:.0f} | "
+            f"{'-' if r['emulator_cpu'] is None else format(r['emulator_cpu'], '.0f')} | "
             f"{r['other_cpu']:.0f} |"
         )
     return "\n".join(lines)
@@ -585,6 +642,9 @@ def main(argv: list[str] | None = None) -> None:
     peer.add_argument("--port", type=int, required=True)
     peer.add_argument("--captures", type=Path, required=True)
     peer.add_argument("--rate", type=float, default=None)
+    emulate = sub.add_parser("emulate", help="run the looping Coinbase emulator alone")
+    emulate.add_argument("--captures", type=Path, required=True)
+    emulate.add_argument("--rate", type=float, default=None)
     default_captures = os.environ.get("TICKWIRE_CAPTURES") or str(REPO.parent / "shared/captures")
     parser.add_argument("--clients", default="1,10,100,1000",
                         help="numbers of client connections, comma separated")
@@ -597,6 +657,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--idle", type=int, default=1000,
                         help="idle connections for the RSS run (0: skip)")
     parser.add_argument("--servers", default="tickwire,peer")
+    parser.add_argument("--emulator", choices=("inside", "process"), default="inside",
+                        help="inside: `tickwire replay` (emulator in the daemon's process); "
+                             "process: the emulator in a process of its own and `tickwire "
+                             "run` pointed at it (the daemon then does what it does live)")
     parser.add_argument("--modes", default="rate,max", help="rate, max or both")
     parser.add_argument("--captures", type=Path, default=Path(default_captures))
     parser.add_argument("--markdown", type=Path, default=None,
@@ -604,6 +668,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "peer":
         asyncio.run(_peer(args.port, args.captures, args.rate))
+        return
+    if args.command == "emulate":
+        import trio
+
+        trio.run(_emulate, args.captures, args.rate)
         return
     if not all((args.captures / name).is_file() for name in CAPTURE_FILES):
         parser.error(f"no Coinbase capture in {args.captures} (use --captures)")
