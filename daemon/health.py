@@ -468,6 +468,7 @@ class Reporter:
         self.published = 0
         self.dropped = 0
         self._last: dict[str, str] = {}
+        self._broken: set[str] = set()
 
     def uptime(self) -> float:
         return round(time.monotonic() - self.started, 3)
@@ -475,17 +476,31 @@ class Reporter:
     def report(self) -> tuple[str, list[Check]]:
         """The daemon's health and every component's check, now."""
         now = trio.current_time()
-        checks = [component.check(now) for component in self.components()]
+        checks = [self._check(component, now) for component in self.components()]
         return daemon_health(checks), checks
+
+    def _check(self, component: Component, now: float, sample: bool = False) -> Check:
+        """``component``'s check; one that raises (a bug, a component whose figures
+        changed shape) is unhealthy, logged once, and never stops the reporter."""
+        try:
+            if sample:
+                component.sample(now)
+            check = component.check(now)
+        except Exception as exc:
+            if component.name not in self._broken:
+                self._broken.add(component.name)
+                log.exception("health: checking %s failed", component.name)
+            return Check(component.name, getattr(component, "kind", "?"),
+                         getattr(component, "criticality", CRITICAL), UNHEALTHY,
+                         f"health check failed: {type(exc).__name__}: {exc}")
+        self._broken.discard(component.name)
+        return check
 
     def tick(self, *, notify: bool = True) -> None:
         """Sample and check every component; publish what changed; send systemd the
         summary when ``notify`` (the caller may send it with ``READY=1``)."""
         now = trio.current_time()
-        components = list(self.components())
-        for component in components:
-            component.sample(now)
-        checks = [component.check(now) for component in components]
+        checks = [self._check(component, now, sample=True) for component in self.components()]
         health = daemon_health(checks)
         for check in checks:
             previous = self._last.get(check.name)

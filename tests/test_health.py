@@ -240,6 +240,24 @@ async def test_transitions_are_published_and_a_late_subscriber_gets_the_last_20(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_check_that_raises_is_unhealthy_and_the_reporter_goes_on() -> None:
+    @attrs.define
+    class Broken(Toggle):
+        def check(self, now: float) -> Check:
+            raise KeyError("frames")
+
+    dispatcher = Dispatcher(64, {})
+    feed = Toggle("feed:kraken")
+    reporter = Reporter(lambda: [feed, Broken("server", criticality=CRITICAL)],
+                        dispatcher.open_source(), Notifier({}), CONFIG, 0.0)
+    reporter.tick()
+    reporter.tick()
+    server = reporter.checks[1]
+    assert server.health == "unhealthy"
+    assert server.reason == "health check failed: KeyError: 'frames'"
+    assert reporter.health == "unhealthy" and reporter.report()[0] == "unhealthy"
+
+
 def test_status_and_health_change_events_round_trip_on_the_wire() -> None:
     status = Status(
         exchange="tickwire", symbol="*", ts=1.5, recv_ts=1.5, health="degraded", uptime=12.25,
