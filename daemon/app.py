@@ -34,6 +34,7 @@ from daemon.collectors.fallback import CCXT_IDS, Fallback
 from daemon.collectors.native import NativeCollector
 from daemon.collectors.poll import PollCollector
 from daemon.collectors.venues import venue
+from daemon.collectors.watch import WatchCollector
 from daemon.config import Config, ConfigError, ExchangeConfig
 from daemon.dispatch import Dispatcher, Retention
 from daemon.health import (
@@ -157,11 +158,14 @@ class App:
         if exchange.mode == "poll":
             collector = PollCollector(name, exchange, self.config.reconnect,
                                       self.dispatcher.open_source())
+        elif exchange.mode == "watch":
+            collector = WatchCollector(name, exchange, self.config.reconnect,
+                                       self.dispatcher.open_source())
         else:
             collector = NativeCollector(venue(name), exchange, self.config.reconnect,
                                         self.dispatcher.open_source())
         fallback = None
-        if exchange.mode == "native" and exchange.fallback_after > 0:
+        if exchange.mode in ("native", "watch") and exchange.fallback_after > 0:
             fallback = Fallback(collector, partial(self._fallback_poller, name, exchange),
                                 exchange.fallback_after)
         health = FeedHealth(name, collector, fallback, self.dispatcher, self.config.reporter)
@@ -201,7 +205,8 @@ class App:
     def _fallback_poller(self, name: str, exchange: Any) -> PollCollector:
         return PollCollector(
             name, exchange, self.config.reconnect, self.dispatcher.open_source(),
-            ccxt_id=CCXT_IDS.get(name, name), label="fallback: ",
+            ccxt_id=name if exchange.mode == "watch" else CCXT_IDS.get(name, name),
+            label="fallback: ",
         )
 
     async def _supervised(

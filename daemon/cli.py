@@ -131,9 +131,12 @@ def _speed(ctx: click.Context, param: click.Parameter, value: str) -> float | No
                    "(ids, sequence numbers and times shifted; books kept consistent).")
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Exchange messages per second (per exchange), overriding --speed.")
+@click.option("--via", type=click.Choice(["native", "ccxt"]), default="native",
+              show_default=True,
+              help="Collect through the native collectors, or through ccxt.pro (watch mode).")
 def replay(
     captures: tuple[str, ...], speed: float | None, listen: str | None, config_path: str | None,
-    loop: bool, rate: float | None,
+    loop: bool, rate: float | None, via: str,
 ) -> None:
     """Run the daemon on recorded traffic: each exchange's capture files are served by
     an emulator on 127.0.0.1, and the collectors connect to it as to the exchange."""
@@ -156,7 +159,7 @@ def replay(
     async def start(*, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             replay = await nursery.start(
-                partial(serve_replay, captures, config, speed, loop=loop, rate=rate)
+                partial(serve_replay, captures, config, speed, loop=loop, rate=rate, via=via)
             )
             task_status.started()
             await replay.wait_finished()

@@ -223,18 +223,20 @@ class ExchangeConfig:
     """One exchange feed.
 
     ``symbols``: ``BASE-QUOTE``; ``channels``: of ``trades``, ``book``, ``ticker``;
-    ``mode``: ``native`` (tickwire's own WebSocket client) or ``poll`` (ccxt REST
-    polling, any exchange id ccxt knows: trades and tickers); ``depth``: book
-    levels where the exchange takes a depth (Kraken); ``interval``: seconds between
+    ``mode``: ``native`` (tickwire's own WebSocket client), ``poll`` (ccxt REST
+    polling, any exchange id ccxt knows: trades and tickers) or ``watch`` (ccxt.pro
+    WebSocket streams, any exchange id ccxt.pro knows: trades, books, tickers);
+    ``depth``: book levels where the exchange takes a depth (Kraken, and the
+    ``watch`` mode); ``interval``: seconds between
     polls (raised to what the exchange's rate limit allows); ``fallback_after``:
-    seconds a native feed may be down before its symbols are polled through ccxt
+    seconds a native or watch feed may be down before its symbols are polled through ccxt
     until it is back (0: never); ``rest_url`` / ``ws_url``: override the exchange's
     base URLs (the replay emulator sets them).
     """
 
     symbols: list[str] = attrs.field(validator=_symbols)
     channels: list[str] = attrs.field(default=list(MARKET_CHANNELS), validator=_channels)
-    mode: str = attrs.field(default="native", validator=_one_of("native", "poll"))
+    mode: str = attrs.field(default="native", validator=_one_of("native", "poll", "watch"))
     depth: int = attrs.field(default=100, validator=_positive)
     interval: float = attrs.field(default=2.0, validator=_positive)
     fallback_after: float = attrs.field(default=30.0, validator=_non_negative)
@@ -276,6 +278,13 @@ class Config:
             unknown = [name for name in polled if name not in ccxt.exchanges]
             if unknown:
                 raise ValueError(f"exchanges: ccxt knows no exchange {unknown[0]!r}")
+        watched = [name for name, exchange in value.items() if exchange.mode == "watch"]
+        if watched:
+            import ccxt.pro
+
+            unknown = [name for name in watched if name not in ccxt.pro.exchanges]
+            if unknown:
+                raise ValueError(f"exchanges: ccxt.pro streams no exchange {unknown[0]!r}")
 
 
 def _strict(cls: type, name: str) -> Any:

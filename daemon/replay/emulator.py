@@ -26,6 +26,17 @@ number of passes (tests); ``None`` loops until cancelled.
 
 Rate (``rate``): exchange frames per second, overriding the recorded timing:
 frame ``n`` (counted over every pass) leaves ``n / rate`` seconds after the start.
+
+Start (``autostart``): the tape starts when a connection first subscribes; with
+``autostart=False`` only when ``started`` is set by the caller (a collector that
+subscribes over several connections, like ccxt.pro, is started once all are up).
+
+Per-connection views (``deliver``, optional): by default a frame goes, as recorded,
+to the connections whose keys hold its routing key. A venue whose exchange sends
+one event in several forms (Binance: wrapped on ``/stream``, bare on ``/ws``; an
+``aggTrade`` also served as the ``@trade`` stream ccxt.pro asks for) has
+``deliver(path, keys, key, text)``: the text a connection opened on ``path`` gets,
+or ``None`` when the frame is not for it.
 """
 
 from __future__ import annotations
@@ -59,6 +70,12 @@ class Venue(Protocol):
     def route(self, frame: Received) -> str | None: ...
     def corrupt_checksum(self, text: str) -> str: ...
     def rest(self, target: str) -> tuple[int, bytes]: ...
+
+
+class DeliveringVenue(Venue, Protocol):
+    """A venue that renders frames per connection (module doc, "Per-connection views")."""
+
+    def deliver(self, path: str, keys: set[str], key: str, text: str) -> str | None: ...
 
 
 class LoopingVenue(Venue, Protocol):
@@ -98,6 +115,7 @@ class _Connection:
     ws: trio_websocket.WebSocketConnection
     keys: set[str]
     send: trio.MemorySendChannel[str]
+    path: str = "/"
     closed: bool = False
     #: held while a client request's replies are queued, so no tape frame can
     #: slip between them (a frame before its book's snapshot would be lost)
@@ -135,6 +153,7 @@ class Emulator:
         loop: bool = False,
         passes: int | None = None,
         rate: float | None = None,
+        autostart: bool = True,
     ) -> None:
         exchanges = {exchange_of(url) for capture in captures for url in capture.urls}
         exchanges.discard(None)
@@ -151,6 +170,7 @@ class Emulator:
         if passes is not None and passes < 1:
             raise ValueError(f"passes must be at least 1, not {passes}")
         self.rate = rate
+        self.autostart = autostart
         self.loop = loop or (passes is not None and passes > 1)
         self.passes = passes if self.loop else 1
         self.period = 0.0
@@ -171,6 +191,14 @@ class Emulator:
         self.sent = 0
         self.connections_total = 0
         self.address: EmulatorAddress | None = None
+        self._deliver = cast(DeliveringVenue, self.venue).deliver if hasattr(
+            self.venue, "deliver") else None
+
+    def _text_for(self, conn: _Connection, key: str, text: str) -> str | None:
+        """What ``conn`` gets of a frame routed to ``key`` (``None``: nothing)."""
+        if self._deliver is None:
+            return text if key in conn.keys else None
+        return self._deliver(conn.path, conn.keys, key, text)
 
     async def serve(self, *, task_status: trio.TaskStatus[EmulatorAddress] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve REST and WebSocket on ``host`` (ports picked by the system)."""
@@ -193,7 +221,9 @@ class Emulator:
     async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
         send, receive = trio.open_memory_channel[str](CONNECTION_QUEUE)
-        conn = _Connection(ws=ws, keys=self.venue.open(request.path), send=send)
+        conn = _Connection(
+            ws=ws, keys=self.venue.open(request.path), send=send, path=request.path
+        )
         self.connections.add(conn)
         self.connections_total += 1
         try:
@@ -201,14 +231,14 @@ class Emulator:
                 nursery.start_soon(self._write, conn, receive)
                 for text in self.venue.greeting():  # e.g. Kraken's systemStatus
                     await send.send(text)
-                if conn.keys:
+                if conn.keys and self.autostart:
                     self.started.set()
                 while True:
                     text = await ws.get_message()
                     async with conn.lock:
                         for reply in self.venue.on_client_message(conn.keys, text):
                             await send.send(reply)
-                    if conn.keys:
+                    if conn.keys and self.autostart:
                         self.started.set()
         except* trio_websocket.ConnectionClosed:
             pass
@@ -267,7 +297,10 @@ class Emulator:
         key = self.venue.route(frame)
         if key is None:
             return
-        targets = [c for c in self.connections if key in c.keys and not c.closed]
+        targets = [
+            c for c in self.connections
+            if not c.closed and self._text_for(c, key, frame.text) is not None
+        ]
         if number in faults.close:
             for conn in targets:
                 conn.closed = True
@@ -276,16 +309,17 @@ class Emulator:
             return
         if number in faults.drop:
             return
-        text = frame.text
+        recorded = frame.text
         if number in faults.corrupt_checksum:
-            text = self.venue.corrupt_checksum(text)
-        if number in faults.malformed:
-            text = text[: len(text) // 2]
+            recorded = self.venue.corrupt_checksum(recorded)
         for conn in targets:
             try:
                 async with conn.lock:
-                    if key not in conn.keys:
+                    text = self._text_for(conn, key, recorded)
+                    if text is None:
                         continue  # unsubscribed while the tape waited
+                    if number in faults.malformed:
+                        text = text[: len(text) // 2]
                     await conn.send.send(text)
                     if number in faults.repeat:
                         await conn.send.send(text)

@@ -20,6 +20,9 @@ from daemon.replay.capture import Capture, exchange_of, read_capture
 from daemon.replay.emulator import Emulator
 from daemon.replay.tape import NO_FAULTS, Faults
 
+#: The exchanges whose emulators serve ccxt.pro (``via="ccxt"``).
+VIA_CCXT = ("binance", "binanceus")
+
 
 @attrs.define
 class Replay:
@@ -33,6 +36,15 @@ class Replay:
         loops without a bound on its passes)."""
         for emulator in self.emulators.values():
             await emulator.finished.wait()
+
+
+async def start_when_subscribed(emulator: Emulator, collector: object) -> None:
+    """Start ``emulator``'s tape once ``collector`` is first ``subscribed``: a
+    ccxt.pro collector subscribes over several connections, and the recording
+    started with every subscription in place."""
+    while getattr(collector, "state", None) != "subscribed":
+        await collector.wait_state_change()  # type: ignore[attr-defined]
+    emulator.started.set()
 
 
 def group_captures(paths: Sequence[str | Path]) -> dict[str, list[Capture]]:
@@ -57,6 +69,7 @@ async def serve_replay(
     loop: bool = False,
     rate: float | None = None,
     passes: int | None = None,
+    via: str = "native",
     task_status: trio.TaskStatus[Replay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run emulators for ``paths`` and the daemon on them until cancelled.
@@ -65,18 +78,27 @@ async def serve_replay(
     (their recorded symbols and channels); ``faults`` by exchange id. ``loop``
     plays every tape again and again, each pass continuing the last (``passes``:
     at most that many, for tests); ``rate`` is in exchange frames per second per
-    emulator and overrides ``speed`` (see ``daemon.replay.emulator``). Raises
-    ``ValueError`` when an exchange's emulator cannot loop.
+    emulator and overrides ``speed`` (see ``daemon.replay.emulator``). ``via``:
+    ``native`` (the native collectors) or ``ccxt`` (the ``watch`` mode: ccxt.pro
+    on the emulators, for the exchanges in ``VIA_CCXT``). Raises ``ValueError``
+    when an exchange's emulator cannot loop, or cannot serve ccxt.pro.
     """
+    if via not in ("native", "ccxt"):
+        raise ValueError(f"via must be 'native' or 'ccxt', not {via!r}")
     faults = faults or {}
     groups = group_captures(paths)
+    if via == "ccxt":
+        unserved = sorted(set(groups) - set(VIA_CCXT))
+        if unserved:
+            raise ValueError(f"the {unserved[0]} emulator cannot serve ccxt.pro yet "
+                             f"(--via ccxt replays {', '.join(VIA_CCXT)})")
     async with trio.open_nursery() as nursery:
         emulators: dict[str, Emulator] = {}
         exchanges: dict[str, ExchangeConfig] = {}
         for exchange, captures in groups.items():
             emulator = Emulator(
                 captures, speed=speed, faults=faults.get(exchange, NO_FAULTS),
-                loop=loop, passes=passes, rate=rate,
+                loop=loop, passes=passes, rate=rate, autostart=via == "native",
             )
             address = await nursery.start(emulator.serve)
             emulators[exchange] = emulator
@@ -89,7 +111,15 @@ async def serve_replay(
                 depth=getattr(emulator.venue, "recorded_depth", 1000),
                 rest_url=address.rest_url,
                 ws_url=address.ws_url,
+                mode="watch" if via == "ccxt" else "native",
             )
         app = App(attrs.evolve(config, exchanges=exchanges))
         await nursery.start(app.run)
+        for exchange, emulator in emulators.items():
+            if not emulator.autostart:
+                collector = app.collectors.get(exchange)
+                if collector is None:
+                    emulator.started.set()
+                else:
+                    nursery.start_soon(start_when_subscribed, emulator, collector)
         task_status.started(Replay(app=app, emulators=emulators))

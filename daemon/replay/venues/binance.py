@@ -3,7 +3,21 @@
 - WebSocket: ``/stream?streams=a/b/c`` (combined stream; also ``/ws/a/b``) gets only
   the recorded frames of the streams it names. ``SUBSCRIBE`` requests
   (``{"method":"SUBSCRIBE","params":[...],"id":1}``) add streams and are answered
-  ``{"result":null,"id":1}``, as Binance does.
+  ``{"result":null,"id":1}``, as Binance does. The path may start with the
+  exchange's host (``/stream.binance.com/ws/0``: ccxt.pro's URLs rebased on the
+  emulator keep it, since ccxt tells a market's type from its URL); a path segment
+  that is not a stream name (ccxt's stream index ``0``) names nothing. As on
+  Binance, a combined-stream connection gets ``{"stream":...,"data":{...}}`` and a
+  raw one (``/ws``) gets the event alone.
+- ``<symbol>@trade`` (raw trades, what ccxt.pro's ``watch_trades`` subscribes) is
+  served from the recorded ``aggTrade`` frames, since the capture has no raw
+  trades: each aggTrade becomes one trade event ``{"e":"trade","E","s","t","p",
+  "q","T","m","M"}`` with ``t`` = the aggregate trade id ``a`` (so the ids are the
+  ones the native collector publishes, and the dispatcher's de-duplication works
+  across native, poll and watch), ``p``/``q``/``T``/``m``/``M``/``E`` as recorded
+  (``q``: the aggregate's whole quantity); the raw trade ids ``f``..``l`` it
+  aggregates are dropped. On the real exchange ``@trade`` ids are raw trade ids,
+  which differ from aggTrade ids.
 - REST: ``/api/v3/exchangeInfo`` as recorded; ``/api/v3/depth?symbol=X&limit=N``
   from the book as it stands at this moment of the replay: the recorded snapshot
   with every depth event of the tape since applied (its ``lastUpdateId`` is the
@@ -29,6 +43,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -114,10 +129,26 @@ class BinanceVenue:
         parts = urlsplit(path)
         if parts.path.rstrip("/").endswith("/stream"):
             names = parse_qs(parts.query).get("streams", [""])[0]
-            return {s for s in names.split("/") if s}
+            return {s for s in names.split("/") if "@" in s}
         if "/ws/" in parts.path:
-            return {s for s in parts.path.split("/ws/", 1)[1].split("/") if s}
+            return {s for s in parts.path.split("/ws/", 1)[1].split("/") if "@" in s}
         return set()
+
+    def deliver(self, path: str, keys: set[str], key: str, text: str) -> str | None:
+        """The text a connection opened on ``path`` with streams ``keys`` gets of a
+        frame of stream ``key`` (module doc): the frame as recorded on a combined
+        stream, its event alone on a raw one, and an ``aggTrade`` as a ``@trade``
+        event to a connection that subscribed that; ``None`` when not subscribed."""
+        if key in keys:
+            return _bare_event(text) if _is_raw(path) else text
+        if key.endswith("@aggTrade"):
+            trade_key = key[:-9] + "@trade"
+            if trade_key in keys:
+                event = trade_from_agg_trade(orjson.loads(text)["data"])
+                if _is_raw(path):
+                    return orjson.dumps(event).decode()
+                return orjson.dumps({"stream": trade_key, "data": event}).decode()
+        return None
 
     def on_client_message(self, keys: set[str], text: str) -> list[str]:
         """Answer a client frame; ``SUBSCRIBE`` / ``UNSUBSCRIBE`` change ``keys``."""
@@ -390,3 +421,27 @@ class BinanceVenue:
 
 
 _INVALID_SYMBOL = b'{"code":-1121,"msg":"Invalid symbol."}'
+
+
+def trade_from_agg_trade(agg: dict[str, Any]) -> dict[str, Any]:
+    """A recorded ``aggTrade`` event as a ``@trade`` event (module doc: ``t`` is the
+    aggregate id ``a``; ``f``/``l`` dropped; the rest as recorded)."""
+    trade: dict[str, Any] = {"e": "trade", "E": agg.get("E"), "s": agg["s"], "t": agg["a"],
+                             "p": agg["p"], "q": agg["q"], "T": agg["T"], "m": agg["m"]}
+    if "M" in agg:
+        trade["M"] = agg["M"]
+    return trade
+
+
+@lru_cache(maxsize=256)
+def _is_raw(path: str) -> bool:
+    """Whether a connection to ``path`` is a raw stream (``/ws``: events alone)."""
+    return not urlsplit(path).path.rstrip("/").endswith("/stream")
+
+
+def _bare_event(text: str) -> str:
+    """The event of a combined-stream frame, as a raw stream sends it."""
+    try:
+        return orjson.dumps(orjson.loads(text)["data"]).decode()
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return text

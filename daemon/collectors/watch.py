@@ -1,0 +1,808 @@
+"""The ccxt.pro collector (mode ``watch``): any exchange ccxt streams over WebSocket,
+behind a thread bridge.
+
+Theory of operation
+-------------------
+ccxt.pro is asyncio-only; tickwire is trio. The two meet in a *bridge*:
+
+1. One worker thread per exchange runs its own asyncio event loop
+   (``asyncio.new_event_loop()``). The ccxt.pro exchange object is created, used
+   and closed (``await exchange.close()``) inside that loop only.
+2. In that loop, one asyncio task per watch: ``watch_trades(symbol)`` and
+   ``watch_order_book(symbol, depth)`` per symbol, and ``watch_bids_asks(symbols)``
+   for all symbols where the exchange has it, else ``watch_ticker(symbol)`` per
+   symbol. When a watch returns, the task copies what ccxt returned *before its
+   next await* (ccxt mutates its book sides and trade lists in place; nothing can
+   change them while the task runs) and hands the copy to trio.
+3. The hand-off is ``trio.from_thread.run(send.send, item)`` into a bounded trio
+   memory channel (``buffer``). It blocks the worker thread, and with it the whole
+   asyncio loop, while the channel is full: ccxt reads no socket until trio has
+   taken the item, so backpressure reaches the exchange's TCP window and nothing
+   is dropped (ccxt's caches only fill while its loop runs, and it does not run
+   while blocked).
+4. The trio side (``WatchCollector.run``) takes the items in order, turns them into
+   events with the pure functions below, and sends them to the dispatcher (which
+   waits when full: the channel fills, the worker waits, ccxt waits).
+
+Stopping: cancelling ``run`` closes the channel's receiving end, so a hand-off
+blocked in ``send`` raises ``BrokenResourceError`` in the worker, and asks the
+loop (``call_soon_threadsafe``) to set its stop event; either ends the watch
+tasks (an ``asyncio.TaskGroup``), then the loop closes the exchange (its
+WebSocket clients and HTTP session), shuts down its default executor and closes.
+The worker's last act closes the channel's sending end. trio joins the thread
+from a worker of its own (``trio.to_thread.run_sync(thread.join, timeout)``,
+shielded, so trio's thread never blocks) for at most ``JOIN_TIMEOUT`` seconds.
+No thread, socket or task outlives the collector.
+
+Recovery, owned by tickwire (ccxt.pro raises where a native collector recovers):
+
+- A book gap (ccxt's ``InvalidNonce``, including ``ChecksumError``) is counted
+  (``gaps``, ``resyncs``), the book's stream gets ``FeedState`` ``resyncing`` and
+  the watch starts again after the shared backoff (``daemon.supervise.Backoff``):
+  ccxt subscribes again and builds a new book from a fresh snapshot. Clients keep
+  the last good book meanwhile; the first whole book after it goes out as one
+  ``BookSnapshot`` (and ``synced``).
+- A lost connection (ccxt's ``NetworkError`` and kin, mapped by
+  ``daemon.errors.ccxt_errors``) makes the feed ``reconnecting`` and the watch
+  starts again after the backoff; books rebuild as above. A watch counts as up
+  again at its first result, or once it waited ``SETTLE`` seconds without an error
+  (a quiet symbol); when every watch is up the feed is ``subscribed`` again.
+- Trades: once a trade watch is up again, the trades since the newest one
+  delivered are fetched through ccxt's REST ``fetch_trades`` (up to
+  ``RECOVERY_PAGES`` pages); the collector's ``TradeTracker`` (from the poll mode)
+  drops every id already delivered, across re-watches and restarts, and reports
+  what cannot have been covered as a ``Gap``, as does an exchange without REST
+  trades. A live batch as large as ccxt's trade cache (``tradesLimit``, set to the
+  REST page size) may have lost trades in ccxt's cache: ``Gap`` too.
+- A frame ccxt cannot parse kills that connection's ccxt receive loop (an
+  exception in an asyncio callback): the loop's exception handler counts it
+  (``malformed``), and ccxt's keepalive, set to ``stale_after / 2``, declares the
+  connection dead after two missed pongs (``RequestTimeout``): re-watch as above.
+
+Books: ccxt keeps floats only, so a level's price and size are written from the
+float as the poll mode does (``decimal_text``: the shortest decimal of the float,
+the exchange's trailing zeros lost). Each result is diffed against the previous
+copy of that book (a dict per side): changed levels, and removed ones as size
+``"0"``, make one complete ``BookUpdate``. The diff costs O(depth) per result
+(dict look-ups, no sorting unless a level changed), which at depth 1000 is about
+the cost of the copy itself and far below sending the whole book as a
+``BookSnapshot`` at every update (O(depth) strings on the wire to every client).
+
+Tickers: ccxt resolves one future per message, and a ticker that arrives while
+nobody awaits it only lands in ccxt's cache (``bidsasks`` / ``tickers``). So after
+every result the task reads the cache of every symbol and hands over those that
+changed: the latest best bid/offer of each symbol is never missed (older ones may
+conflate, as a ticker stream may).
+
+Binance: ccxt.pro's ``watch_trades`` subscribes ``<symbol>@trade`` (raw trade ids),
+while the native collector and ccxt's REST ``fetch_trades`` use aggregate trades.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+from daemon.collectors.poll import (
+    TIMEOUT_MS,
+    TRADES_LIMIT,
+    TRADES_LIMITS,
+    TradeTracker,
+    _rebase,
+    ccxt_symbol,
+    decimal_text,
+    ticker_event,
+)
+from daemon.config import ExchangeConfig, ReconnectConfig
+from daemon.errors import FeedDisconnected, FeedError, ccxt_errors
+from daemon.events import BookSnapshot, BookUpdate, Event, FeedState, Gap, Levels
+from daemon.exchanges.base import FeedStats
+from daemon.supervise import Backoff
+
+log = logging.getLogger(__name__)
+
+#: Items the bridge's channel holds before the worker thread waits.
+BRIDGE_BUFFER = 64
+#: Seconds trio waits for the worker thread to end after a stop.
+JOIN_TIMEOUT = 10.0
+#: Seconds an exchange gets to close its connections and session.
+CLOSE_TIMEOUT = 5.0
+#: Seconds without an error after which a (re-)started watch counts as up.
+SETTLE = 1.0
+#: REST pages of trades fetched at most to recover a re-watch.
+RECOVERY_PAGES = 3
+#: Channels this collector can watch.
+WATCH_CHANNELS = ("trades", "book", "ticker")
+#: Prefix of the worker threads' names.
+THREAD_PREFIX = "tickwire-watch"
+
+
+# -- pure normalization: no threads, no trio, no ccxt -------------------------------------
+
+
+def level_text(value: float) -> str:
+    """A ccxt float as a decimal string, as the poll mode writes it."""
+    text = decimal_text(None, (), value)
+    if text is None:
+        raise ValueError(f"not a finite number: {value!r}")
+    return text
+
+
+def copy_side(side: Any) -> dict[float, float]:
+    """A copy of one ccxt book side (``[[price, size, ...], ...]``): ``{price: size}``."""
+    return {level[0]: level[1] for level in side}
+
+
+def side_levels(side: dict[float, float], descending: bool) -> Levels:
+    """All levels of a copied side, best first, as decimal strings."""
+    return tuple(
+        (level_text(price), level_text(size))
+        for price, size in sorted(side.items(), reverse=descending)
+    )
+
+
+def side_delta(old: dict[float, float], new: dict[float, float], descending: bool) -> Levels:
+    """The levels that turn ``old`` into ``new``: changed and new levels with their
+    size, removed ones with size ``"0"``; best first."""
+    changed = [(price, size) for price, size in new.items() if old.get(price) != size]
+    changed += [(price, 0.0) for price in old if price not in new]
+    if not changed:
+        return ()
+    changed.sort(reverse=descending)
+    return tuple(
+        (level_text(price), level_text(size) if size else "0") for price, size in changed
+    )
+
+
+class BookTracker:
+    """The published book of one symbol, from the copies of ccxt's book.
+
+    The first book after ``lost`` (and the very first) goes out as a
+    ``BookSnapshot`` with a ``synced`` state; the next ones as complete
+    ``BookUpdate`` deltas (none when nothing changed)."""
+
+    def __init__(self, exchange: str, symbol: str, stats: FeedStats) -> None:
+        self.exchange = exchange
+        self.symbol = symbol
+        self.stats = stats
+        self.synced = False
+        self.bids: dict[float, float] = {}
+        self.asks: dict[float, float] = {}
+
+    def book(self, bids: dict[float, float], asks: dict[float, float], ts: float,
+             recv_ts: float) -> list[Event]:
+        """Events for a new copy of the book."""
+        if not self.synced:
+            self.synced = True
+            self.bids, self.asks = bids, asks
+            self.stats.snapshots += 1
+            return [
+                BookSnapshot(
+                    exchange=self.exchange, symbol=self.symbol, ts=ts, recv_ts=recv_ts,
+                    bids=side_levels(bids, True), asks=side_levels(asks, False),
+                ),
+                self._state("synced", f"{len(bids)} bids, {len(asks)} asks", recv_ts),
+            ]
+        bid_delta = side_delta(self.bids, bids, True)
+        ask_delta = side_delta(self.asks, asks, False)
+        self.bids, self.asks = bids, asks
+        if not bid_delta and not ask_delta:
+            return []
+        self.stats.book_updates += 1
+        return [BookUpdate(exchange=self.exchange, symbol=self.symbol, ts=ts, recv_ts=recv_ts,
+                           bids=bid_delta, asks=ask_delta)]
+
+    def lost(self, gap: bool, detail: str, now: float) -> list[Event]:
+        """The book broke (``gap``) or its watch stopped: the next copy is a snapshot.
+        A ``resyncing`` state goes out once, when a synced book is lost."""
+        if gap:
+            self.stats.gaps += 1
+            self.stats.resyncs += 1
+        if not self.synced:
+            return []
+        self.synced = False
+        return [self._state("resyncing", detail, now)]
+
+    def _state(self, state: str, detail: str, now: float) -> FeedState:
+        return FeedState(exchange=self.exchange, symbol=self.symbol, ts=now, recv_ts=now,
+                         state=state, detail=detail)
+
+
+def trades_gap(exchange: str, symbol: str, detail: str, now: float) -> Gap:
+    """A ``Gap`` of trades whose ids are unknown."""
+    return Gap(exchange=exchange, symbol=symbol, ts=now, recv_ts=now, stream="trades",
+               detail=detail)
+
+
+def rebase_urls(urls: Any, rest_url: str, ws_url: str) -> Any:
+    """ccxt's ``urls["api"]`` (a string or nested dicts) with every ``http(s)`` URL
+    rebased on ``rest_url`` (path kept) and every ``ws(s)`` URL on ``ws_url`` with
+    the original host kept as the first path segment, since ccxt tells a market's
+    type from its URL: ``wss://stream.binance.com:9443/ws`` ->
+    ``ws://127.0.0.1:5001/stream.binance.com/ws``. An empty base keeps the URL."""
+    if isinstance(urls, dict):
+        return {key: rebase_urls(value, rest_url, ws_url) for key, value in urls.items()}
+    if not isinstance(urls, str) or "://" not in urls:
+        return urls
+    scheme, rest = urls.split("://", 1)
+    if scheme in ("ws", "wss"):
+        if not ws_url:
+            return urls
+        hostport, slash, path = rest.partition("/")
+        return f"{ws_url.rstrip('/')}/{hostport.split(':')[0]}{slash}{path}"
+    return _rebase(urls, rest_url) if rest_url else urls
+
+
+def make_pro_exchange(
+    exchange_id: str, rest_url: str = "", ws_url: str = "", *, keepalive_ms: int | None = None,
+    trades_limit: int | None = None,
+) -> Any:
+    """ccxt.pro's exchange object for ``exchange_id``: our REST timeout, spot markets
+    only, URLs rebased (``rebase_urls``), WebSocket keepalive at most
+    ``keepalive_ms``, trade cache of ``trades_limit``. Call it inside the asyncio
+    loop that will use it. Raises ``ValueError`` for an id ccxt.pro does not know."""
+    import ccxt.pro
+
+    if exchange_id not in ccxt.pro.exchanges:
+        raise ValueError(f"ccxt.pro streams no exchange {exchange_id!r}")
+    api = getattr(ccxt.pro, exchange_id)({"timeout": TIMEOUT_MS})
+    # only spot markets, as in the poll mode: tickwire's BASE-QUOTE are spot symbols
+    markets_option = api.options.get("fetchMarkets")
+    if isinstance(markets_option, dict) and "types" in markets_option:
+        markets_option["types"] = ["spot"]
+    elif isinstance(markets_option, list) and "spot" in markets_option:
+        api.options["fetchMarkets"] = ["spot"]
+    if trades_limit is not None:
+        api.options["tradesLimit"] = trades_limit
+    if keepalive_ms is not None:
+        current = api.streaming.get("keepAlive") or keepalive_ms
+        api.streaming = {**api.streaming, "keepAlive": min(current, keepalive_ms)}
+    if rest_url or ws_url:
+        api.urls["api"] = rebase_urls(api.urls["api"], rest_url, ws_url)
+    return api
+
+
+# -- the bridge: the asyncio side, in its worker thread ----------------------------------
+
+
+class _Stopped(Exception):
+    """The trio side is gone or asked to stop: the worker winds down."""
+
+
+@attrs.frozen
+class WatchPlan:
+    """What one bridge watches: ``markets`` maps ``BASE-QUOTE`` to ccxt's symbol."""
+
+    exchange: str
+    ccxt_id: str
+    markets: dict[str, str]
+    channels: tuple[str, ...]
+    depth: int
+    rest_url: str
+    ws_url: str
+    reconnect: ReconnectConfig
+    trades_limit: int
+    #: per symbol, the time (ms) of the newest trade already delivered, if any:
+    #: trades are recovered from there once the first watch is up
+    trades_since: dict[str, int] = attrs.field(factory=dict)
+
+
+class Bridge:
+    """One asyncio loop in one worker thread with one ccxt.pro exchange object.
+
+    ``hand_off(item)`` blocks until trio took the item (or raises once trio is
+    gone); ``done()`` is called last, from the worker thread. After the thread
+    ends, ``error`` holds what ended it, if anything but a stop."""
+
+    def __init__(self, plan: WatchPlan, hand_off: Callable[[tuple], object],
+                 done: Callable[[], object]) -> None:
+        self.plan = plan
+        self._hand_off = hand_off
+        self._done = done
+        self.thread = threading.Thread(
+            target=self._thread_main, name=f"{THREAD_PREFIX}-{plan.exchange}", daemon=True
+        )
+        self.error: BaseException | None = None
+        self.malformed = 0  # frames ccxt could not parse (its receive loop died)
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._pending: set[str] = set()  # watches not up yet
+        self._down: dict[str, str] = {}  # watches that failed, and why
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Ask the worker to wind down (from any thread); returns at once."""
+        self._stop.set()
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(stopping.set)
+
+    # -- the thread ------------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)  # this thread's own: ccxt and aiohttp may ask
+        loop.set_exception_handler(self._on_loop_error)
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        except BaseException as exc:  # noqa: BLE001 - handed to the trio side
+            if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            self.error = exc
+        finally:
+            try:
+                # what ccxt left running (its spawned snapshot fetches, closes)
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+                with contextlib.suppress(Exception):  # trio has finished: nobody to tell
+                    self._done()
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, json.JSONDecodeError):  # orjson's is one too
+            self.malformed += 1
+            log.warning("%s: ccxt could not parse a frame (%s): that connection is "
+                        "watched again once its keepalive fails", self.plan.exchange, exc)
+            return
+        log.error("%s: asyncio: %s", self.plan.exchange, context.get("message"),
+                  exc_info=exc)
+
+    async def _main(self) -> None:
+        self._stopping = asyncio.Event()
+        if self._stop.is_set():
+            return
+        plan = self.plan
+        exchange = make_pro_exchange(
+            plan.ccxt_id, plan.rest_url, plan.ws_url,
+            keepalive_ms=max(100, int(plan.reconnect.stale_after * 500)),
+            trades_limit=plan.trades_limit,
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._until_stopped())
+                await self._load_markets(exchange)
+                self._start_watches(group, exchange)
+        except* _Stopped:
+            pass
+        finally:
+            try:
+                await asyncio.wait_for(exchange.close(), CLOSE_TIMEOUT)
+            except TimeoutError:
+                log.error("%s: ccxt did not close within %ss", plan.exchange, CLOSE_TIMEOUT)
+
+    async def _until_stopped(self) -> None:
+        assert self._stopping is not None
+        await self._stopping.wait()
+        raise _Stopped
+
+    def _put(self, item: tuple) -> None:
+        """Hand ``item`` to trio; blocks this thread (and its loop) while trio is full."""
+        if self._stop.is_set():
+            raise _Stopped
+        try:
+            self._hand_off(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError,
+                trio.Cancelled) as exc:
+            raise _Stopped from exc
+
+    def _state(self, state: str, detail: str) -> None:
+        self._put(("state", state, detail))
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self.plan.reconnect.base, self.plan.reconnect.cap)
+
+    async def _load_markets(self, exchange: Any) -> None:
+        plan = self.plan
+        self._state("connecting", _public_ws(exchange))
+        backoff = self._backoff()
+        while True:
+            try:
+                with ccxt_errors(f"{plan.exchange} markets"):
+                    await exchange.load_markets()
+                break
+            except FeedError as exc:
+                delay = backoff.next_delay()
+                self._state("failed", f"market metadata: {exc}; retry in {delay:.2f}s")
+                await asyncio.sleep(delay)
+        missing = [s for s, market in plan.markets.items() if market not in exchange.markets]
+        if missing:
+            raise ValueError(f"{plan.exchange} lists no market {', '.join(missing)}")
+
+    def _start_watches(self, group: asyncio.TaskGroup, exchange: Any) -> None:
+        plan = self.plan
+        has = exchange.has
+        for symbol, market in plan.markets.items():
+            if "trades" in plan.channels:
+                self._pending.add(f"trades {symbol}")
+                group.create_task(self._trades(exchange, symbol, market))
+            if "book" in plan.channels:
+                self._pending.add(f"book {symbol}")
+                group.create_task(self._book(exchange, symbol, market))
+        if "ticker" in plan.channels:
+            if has.get("watchBidsAsks"):
+                self._pending.add("bids/asks")
+                group.create_task(self._tickers(exchange, "bids/asks", list(plan.markets)))
+            else:
+                for symbol in plan.markets:
+                    self._pending.add(f"ticker {symbol}")
+                    group.create_task(self._tickers(exchange, f"ticker {symbol}", [symbol]))
+
+    # -- watch states -----------------------------------------------------------------
+
+    def _up(self, what: str) -> None:
+        was_down = self._down.pop(what, None) is not None
+        was_pending = what in self._pending
+        self._pending.discard(what)
+        if (was_down or was_pending) and not self._pending and not self._down:
+            detail = "every watch streaming" if was_pending else f"{what}: watching again"
+            self._state("subscribed", detail)
+
+    def _failed(self, what: str, detail: str) -> None:
+        self._pending.discard(what)
+        first = not self._down
+        self._down[what] = detail
+        if first:
+            self._state("reconnecting", f"{what}: {detail}")
+
+    async def _settled(self, what: str, awaitable: Any,
+                       on_up: Callable[[], Any] | None = None) -> Any:
+        """Await a watch; a watch not up yet counts as up at its first result, or
+        after ``SETTLE`` seconds without an error (then ``on_up`` runs first)."""
+        if what not in self._pending and what not in self._down:
+            return await awaitable
+        future = asyncio.ensure_future(awaitable)
+        try:
+            done, _ = await asyncio.wait({future}, timeout=SETTLE)
+            if not done:
+                self._up(what)
+                if on_up is not None:
+                    await on_up()
+            return await future
+        finally:
+            if not future.done():
+                future.cancel()
+
+    async def _keep(self, what: str, step: Callable[[bool], Any],
+                    on_error: Callable[[FeedError, str], None] | None = None) -> None:
+        """``await step(again)`` forever; after a ccxt error, ``on_error`` and the
+        backoff, ``again`` is true; the backoff starts over after a healthy run."""
+        loop = asyncio.get_running_loop()
+        backoff = self._backoff()
+        again = False
+        while True:
+            started = loop.time()
+            try:
+                while True:
+                    await step(again)
+                    again = False
+            except FeedError as exc:
+                if loop.time() - started >= self.plan.reconnect.healthy_after:
+                    backoff.reset()
+                delay = backoff.next_delay()
+                detail = f"{exc}; watching again in {delay:.2f}s"
+                if on_error is not None:
+                    on_error(exc, detail)
+                self._failed(what, detail)
+                log.warning("%s: %s: %s", self.plan.exchange, what, detail)
+                again = True
+                await asyncio.sleep(delay)
+
+    # -- the watches ------------------------------------------------------------------
+
+    async def _trades(self, exchange: Any, symbol: str, market: str) -> None:
+        what = f"trades {symbol}"
+        newest: list[int | None] = [self.plan.trades_since.get(symbol)]
+        recover = [newest[0] is not None]
+
+        async def recover_now() -> None:
+            if recover[0]:
+                recover[0] = False
+                newest[0] = await self._recover(exchange, symbol, market, newest[0])
+
+        async def step(again: bool) -> None:
+            if again:
+                recover[0] = True
+            with ccxt_errors(f"{self.plan.exchange} {what}"):
+                trades = await self._settled(what, exchange.watch_trades(market), recover_now)
+                batch = [dict(trade) for trade in trades]
+                recv_ts = time.time()
+                self._up(what)
+                await recover_now()  # a first result came before SETTLE
+            for trade in batch:
+                stamp = trade.get("timestamp")
+                if stamp is not None and (newest[0] is None or stamp > newest[0]):
+                    newest[0] = stamp
+            self._put(("trades", symbol, batch, recv_ts, None))
+
+        await self._keep(what, step)
+
+    async def _recover(self, exchange: Any, symbol: str, market: str,
+                       since: int | None) -> int | None:
+        """Hand over the REST trades since ``since`` (ms; ``None``: the newest page);
+        returns the newest trade time seen."""
+        plan = self.plan
+        if not exchange.has.get("fetchTrades"):
+            self._put(("trades_gap", symbol, "no REST trade history to recover from: trades "
+                       "while the watch was down may be missing", time.time()))
+            return since
+        for _ in range(RECOVERY_PAGES):
+            with ccxt_errors(f"{plan.exchange} trades {symbol} (recovery)"):
+                page = await exchange.fetch_trades(market, since, plan.trades_limit)
+            batch = [dict(trade) for trade in page]
+            self._put(("trades", symbol, batch, time.time(), since))
+            stamps = [t["timestamp"] for t in batch if t.get("timestamp") is not None]
+            newest = max(stamps, default=since)
+            if since is None or len(batch) < plan.trades_limit or newest == since:
+                return newest
+            since = newest
+        self._put(("trades_gap", symbol, f"more than {RECOVERY_PAGES} pages of trades to "
+                   f"recover: trades after {since} may be missing", time.time()))
+        return since
+
+    async def _book(self, exchange: Any, symbol: str, market: str) -> None:
+        import ccxt
+
+        what = f"book {symbol}"
+        depth = self.plan.depth
+
+        async def step(again: bool) -> None:
+            with ccxt_errors(f"{self.plan.exchange} {what}"):
+                book = await self._settled(what, exchange.watch_order_book(market, depth))
+            bids, asks = copy_side(book["bids"]), copy_side(book["asks"])
+            stamp = book.get("timestamp")
+            recv_ts = time.time()
+            self._up(what)
+            self._put(("book", symbol, bids, asks, stamp, recv_ts))
+
+        def on_error(exc: FeedError, detail: str) -> None:
+            gap = isinstance(exc.__cause__, ccxt.InvalidNonce)  # ChecksumError is one
+            self._put(("book_lost", symbol, gap, detail, time.time()))
+
+        await self._keep(what, step, on_error)
+
+    async def _tickers(self, exchange: Any, what: str, symbols: list[str]) -> None:
+        markets = {symbol: self.plan.markets[symbol] for symbol in symbols}
+        bids_asks = what == "bids/asks"
+        # symbol -> the last ccxt ticker handed over (held, so identity is meaningful)
+        seen: dict[str, Any] = {}
+
+        async def step(again: bool) -> None:
+            with ccxt_errors(f"{self.plan.exchange} {what}"):
+                if bids_asks:
+                    watch = exchange.watch_bids_asks(list(markets.values()))
+                else:
+                    watch = exchange.watch_ticker(markets[symbols[0]])
+                await self._settled(what, watch)
+            recv_ts = time.time()
+            self._up(what)
+            cache = exchange.bidsasks if bids_asks else exchange.tickers
+            changed = []
+            for symbol, market in markets.items():
+                ticker = cache.get(market)
+                if ticker is not None and seen.get(symbol) is not ticker:
+                    seen[symbol] = ticker
+                    changed.append((symbol, dict(ticker)))
+            for symbol, ticker in changed:
+                self._put(("ticker", symbol, ticker, recv_ts))
+
+        await self._keep(what, step)
+
+
+def _public_ws(exchange: Any) -> str:
+    urls = exchange.urls.get("api", {}).get("ws") if isinstance(exchange.urls.get("api"),
+                                                                 dict) else None
+    while isinstance(urls, dict):
+        urls = urls.get("spot", urls.get("public", next(iter(urls.values()), "")))
+    return urls if isinstance(urls, str) else ""
+
+
+# -- the collector: the trio side ---------------------------------------------------------
+
+
+class WatchCollector:
+    """One exchange streamed through ccxt.pro (see the module docstring).
+
+    ``exchange``: the name events carry; ``ccxt_id``: ccxt's id (default: the
+    same); ``cfg``: symbols, channels, ``depth``, URL overrides; ``out``: a
+    dispatcher source channel; ``buffer``: the bridge's bound. Trade memory and
+    books survive a re-watch and a supervisor restart of ``run`` (they live on the
+    object): nothing is delivered twice, and a restart sends each book again as a
+    snapshot.
+    """
+
+    def __init__(
+        self,
+        exchange: str,
+        cfg: ExchangeConfig,
+        reconnect: ReconnectConfig,
+        out: trio.MemorySendChannel[Event],
+        *,
+        ccxt_id: str | None = None,
+        buffer: int = BRIDGE_BUFFER,
+    ) -> None:
+        self.exchange = exchange
+        self.ccxt_id = ccxt_id or exchange
+        self.cfg = cfg
+        self.reconnect = reconnect
+        self.out = out
+        self.buffer = buffer
+        self.markets = {symbol: ccxt_symbol(symbol) for symbol in cfg.symbols}
+        self.channels = tuple(c for c in WATCH_CHANNELS if c in cfg.channels)
+        self.stats = FeedStats()
+        self.trades_limit = TRADES_LIMITS.get(self.ccxt_id, TRADES_LIMIT)
+        self.trades = {s: TradeTracker(exchange, s, self.trades_limit, self.stats)
+                       for s in self.markets}
+        self.books = {s: BookTracker(exchange, s, self.stats) for s in self.markets}
+        self.last_tickers: dict[str, tuple[str, str, str, str]] = {}
+        self.state = "starting"
+        self.state_counts: Counter[str] = Counter()
+        self.items = 0
+        self.peak_buffer = 0
+        self.last_receive = 0.0  # trio clock of the last item
+        self.last_event: dict[str, float] = {}
+        self.bridge: Bridge | None = None
+        self.channel: trio.MemorySendChannel[tuple] | None = None
+        self._changed = trio.Event()
+
+    # -- the lifecycle -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stream until cancelled; ``started()`` at once (the state tells how far it
+        got). What ends the bridge other than a stop (a symbol the exchange does
+        not list, a bug) propagates: the supervisor restarts the collector."""
+        task_status.started()
+        now = time.time()
+        for book in self.books.values():  # a restart: every book is sent whole again
+            for event in book.lost(False, "collector restarted", now):
+                await self._publish(event)
+        token = trio.lowlevel.current_trio_token()
+        send, receive = trio.open_memory_channel[tuple](self.buffer)
+        plan = WatchPlan(
+            exchange=self.exchange, ccxt_id=self.ccxt_id, markets=dict(self.markets),
+            channels=self.channels, depth=self.cfg.depth, rest_url=self.cfg.rest_url,
+            ws_url=self.cfg.ws_url, reconnect=self.reconnect, trades_limit=self.trades_limit,
+            trades_since={s: t.last_ts for s, t in self.trades.items() if t.last_ts is not None},
+        )
+        bridge = Bridge(
+            plan,
+            hand_off=partial(trio.from_thread.run, send.send, trio_token=token),
+            done=partial(trio.from_thread.run_sync, send.close, trio_token=token),
+        )
+        self.bridge, self.channel = bridge, send
+        try:
+            async with receive:
+                bridge.start()
+                async for item in receive:
+                    # a waiting worker refills the slot at once: then this is the bound
+                    used = receive.statistics().current_buffer_used
+                    self.peak_buffer = max(self.peak_buffer, used)
+                    await self._handle(item)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._join(bridge)
+        if bridge.error is not None:
+            raise bridge.error
+        raise FeedDisconnected(f"{self.exchange}: the ccxt.pro bridge ended")
+
+    async def _join(self, bridge: Bridge) -> None:
+        bridge.stop()
+        if not bridge.thread.is_alive():
+            return
+        await trio.to_thread.run_sync(bridge.thread.join, JOIN_TIMEOUT)
+        if bridge.thread.is_alive():
+            log.error("%s: the ccxt.pro worker thread did not end within %ss",
+                      self.exchange, JOIN_TIMEOUT)
+
+    async def _handle(self, item: tuple) -> None:
+        self.items += 1
+        self.last_receive = trio.current_time()
+        kind = item[0]
+        if self.bridge is not None:
+            self.stats.malformed = self.bridge.malformed
+        if kind == "trades":
+            _, symbol, trades, recv_ts, since = item
+            self.stats.messages += 1
+            for event in self.trades[symbol].page(trades, since, recv_ts):
+                await self._publish(event)
+        elif kind == "book":
+            _, symbol, bids, asks, stamp, recv_ts = item
+            self.stats.messages += 1
+            ts = stamp / 1000 if stamp else recv_ts
+            for event in self.books[symbol].book(bids, asks, ts, recv_ts):
+                await self._publish(event)
+        elif kind == "ticker":
+            _, symbol, ticker, recv_ts = item
+            self.stats.messages += 1
+            await self._ticker(symbol, ticker, recv_ts)
+        elif kind == "book_lost":
+            _, symbol, gap, detail, now = item
+            for event in self.books[symbol].lost(gap, detail, now):
+                await self._publish(event)
+        elif kind == "trades_gap":
+            _, symbol, detail, now = item
+            self.stats.gaps += 1
+            await self._publish(trades_gap(self.exchange, symbol, detail, now))
+        elif kind == "state":
+            await self.set_state(item[1], item[2])
+        else:
+            raise AssertionError(f"unknown bridge item {kind!r}")
+
+    async def _ticker(self, symbol: str, ticker: dict[str, Any], recv_ts: float) -> None:
+        event = ticker_event(self.exchange, symbol, ticker, recv_ts)
+        if event is None:
+            return
+        top = (event.bid, event.bid_size, event.ask, event.ask_size)
+        if self.last_tickers.get(symbol) == top:
+            return
+        self.last_tickers[symbol] = top
+        self.stats.tickers += 1
+        await self._publish(event)
+
+    async def _publish(self, event: Event) -> None:
+        self.last_event[event.symbol] = trio.current_time()
+        await self.out.send(event)
+
+    def statistics(self) -> dict[str, Any]:
+        """The same report as ``NativeCollector.statistics`` (``frames`` counts the
+        items that crossed the bridge), plus the bridge: its buffer (used, bound,
+        peak), the worker waiting to hand off, and whether its thread is alive."""
+        now = trio.current_time()
+        channel = self.channel.statistics() if self.channel is not None else None
+        return {
+            "exchange": self.exchange,
+            "mode": "watch",
+            "state": self.state,
+            "states": dict(self.state_counts),
+            "frames": self.items,
+            "last_frame_age": round(now - self.last_receive, 3) if self.last_receive else None,
+            "symbols": {
+                symbol: round(now - at, 3) for symbol, at in sorted(self.last_event.items())
+            },
+            "counters": attrs.asdict(self.stats),
+            "bridge": {
+                "buffer_used": channel.current_buffer_used if channel else 0,
+                "buffer_size": self.buffer,
+                "peak_buffer": self.peak_buffer,
+                "waiting": channel.tasks_waiting_send if channel else 0,
+                "thread_alive": bool(self.bridge and self.bridge.thread.is_alive()),
+            },
+        }
+
+    async def wait_state_change(self) -> None:
+        """Return at the next ``set_state``."""
+        await self._changed.wait()
+
+    async def set_state(self, state: str, detail: str = "") -> None:
+        """Record a feed state change and publish it on the ``system`` channel."""
+        self.state = state
+        self.state_counts[state] += 1
+        self._changed.set()
+        self._changed = trio.Event()
+        now = time.time()
+        await self.out.send(FeedState(
+            exchange=self.exchange, symbol="*", ts=now, recv_ts=now, state=state, detail=detail,
+        ))
