@@ -29,7 +29,14 @@ from daemon.collectors.watch import (
     side_delta,
     side_levels,
 )
-from daemon.config import Config, ConfigError, ExchangeConfig, ReconnectConfig, structure_config
+from daemon.config import (
+    AdminConfig,
+    Config,
+    ConfigError,
+    ExchangeConfig,
+    ReconnectConfig,
+    structure_config,
+)
 from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
 from daemon.exchanges.base import FeedStats
 from daemon.replay.capture import read_capture
@@ -217,15 +224,18 @@ def check_contiguous(events: list[dict]) -> dict[str, list[int]]:
     return streams
 
 
-async def test_watch_mode_end_to_end_equals_the_native_collector(captures: Path) -> None:
+async def test_watch_mode_end_to_end_equals_the_native_collector(
+    captures: Path, tmp_path: Path,
+) -> None:
     """The same capture through ccxt.pro and through the native collector, side by
     side: every trade once with contiguous seq, tickers ending on the recorded
     best bid/offer, and final books equal to each other and to the recording."""
     frames, expected, trade_ids, last_tickers = recorded_binance(captures)
     results: dict[str, tuple] = {}
 
-    async def run(via: str) -> None:
-        results[via] = await replay_and_collect(captures, via)
+    async def run(via: str) -> None:  # two daemons in one process: an admin socket each
+        config = attrs.evolve(fast_config(), admin=AdminConfig(socket=str(tmp_path / via)))
+        results[via] = await replay_and_collect(captures, via, config=config)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run, "ccxt")
