@@ -104,13 +104,19 @@ def nkn_book_events(captures: Path) -> list:
 
 
 async def slow_and_fast(
-    running: Running, channels: list[str], events: list, settle, chunk: int = 1
+    running: Running, channels: list[str], events: list, settle, chunk: int = 1,
+    read_slow_when=None,
 ) -> tuple:
     """A fast client reads everything as it comes; a slow one reads nothing until
-    every event is published and the fast one has it all, then reads what it has.
+    ``read_slow_when()`` holds (by default: every event is published and the fast
+    one has it all), then reads what it has until ``settle(got)`` or its close.
     The exchange is slower than the fast client: ``chunk`` events, then the next
     ones once the fast client has them."""
     subscribe = {"op": "subscribe", "id": 1, "channels": channels, "symbols": ["binance:*"]}
+    published = trio.Event()
+    read_slow_when = read_slow_when or published.is_set
+    slow_got: list[dict] = []
+    closed = []
     async with (
         trio_websocket.open_websocket_url(running.url, max_message_size=1 << 26) as fast,
         trio_websocket.open_websocket_url(running.url, max_message_size=1 << 26) as slow,
@@ -119,24 +125,30 @@ async def slow_and_fast(
             await ws.get_message()
             await request(ws, subscribe)
             await receive_until(ws, lambda m: m["type"] == "ack")
+
+        async def read_slow() -> None:
+            with trio.fail_after(60):
+                while not read_slow_when():
+                    await trio.sleep(0.01)
+                try:
+                    while not settle(slow_got):
+                        slow_got.extend(messages(await slow.get_message()))
+                except trio_websocket.ConnectionClosed as exc:
+                    closed.append(exc.reason)
+
         fast_got: list[dict] = []
-        async with running.dispatcher.open_source() as source:
-            for start_at in range(0, len(events), chunk):
-                part = events[start_at:start_at + chunk]
-                for event in part:
-                    await source.send(event)
-                with trio.fail_after(10):
-                    while len(fast_got) < start_at + len(part):
-                        fast_got.extend(messages(await fast.get_message()))
-        slow_got: list[dict] = []
-        closed = None
-        with trio.fail_after(30):
-            try:
-                while not settle(slow_got):
-                    slow_got.extend(messages(await slow.get_message()))
-            except trio_websocket.ConnectionClosed as exc:
-                closed = exc.reason
-    return fast_got, slow_got, closed
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_slow)
+            async with running.dispatcher.open_source() as source:
+                for start_at in range(0, len(events), chunk):
+                    part = events[start_at:start_at + chunk]
+                    for event in part:
+                        await source.send(event)
+                    with trio.fail_after(10):
+                        while len(fast_got) < start_at + len(part):
+                            fast_got.extend(messages(await fast.get_message()))
+            published.set()
+    return fast_got, slow_got, closed[0] if closed else None
 
 
 async def test_a_slow_book_client_gets_a_conflated_snapshot_equal_to_the_true_book(
@@ -190,8 +202,12 @@ async def test_a_slow_trades_client_is_closed_with_4008_and_the_fast_one_gets_al
     ]
     async with trio.open_nursery() as nursery:
         running = await start(nursery, client_queue=256)
+        # the slow client reads from when it is closed: it gets what was queued for
+        # it, then the close frame (a client that never reads again would see the
+        # TCP connection dropped instead: a close frame cannot cut a frame)
         fast, slow, closed = await slow_and_fast(
-            running, ["trades"], trades, lambda got: False, chunk=100)
+            running, ["trades"], trades, lambda got: False, chunk=100,
+            read_slow_when=lambda: running.server.slow_consumers > 0)
         assert [m["seq"] for m in fast] == list(range(1, len(trades) + 1))
         assert closed is not None and (closed.code, closed.reason) == (4008, "slow consumer")
         received = [m for m in slow if m["type"] == "trade"]
