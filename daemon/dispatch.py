@@ -40,10 +40,14 @@ import orjson
 import trio
 
 from daemon.book import BookError, L2Book
-from daemon.events import BookSnapshot, BookUpdate, Event, Ticker, Trade
+from daemon.events import BookSnapshot, BookUpdate, Event, Trade
 from daemon.wire import event_dict
 
 log = logging.getLogger(__name__)
+
+#: Channels whose every event matters (late joiners get ``history`` of them); the
+#: others are state (``ticker``, ``status``): late joiners get the latest.
+LOSSLESS = frozenset({"trades", "system"})
 
 #: Trade ids remembered per stream to drop a trade that two sources both bring.
 TRADE_IDS_KEPT = 10_000
@@ -91,7 +95,8 @@ class Stream:
     """One ``channel:exchange:symbol`` stream and what it retains.
 
     ``seq``: the last sequence number given; ``history``: the retained messages;
-    ``book``: the current L2 book (book streams); ``latest``: the last ticker.
+    ``book``: the current L2 book (book streams); ``latest``: the last message of
+    any other stream (the latest ticker, status).
     """
 
     key: str
@@ -256,7 +261,7 @@ class Dispatcher:
         )
         if isinstance(event, BookSnapshot | BookUpdate):
             stream.book_event = event
-        elif isinstance(event, Ticker):
+        else:
             stream.latest = message
         stream.retain(message)
         for subscriber in list(stream.subscribers):
@@ -309,11 +314,9 @@ class Dispatcher:
         if stream.channel == "book":
             message = stream.snapshot_message()
             return [message] if message is not None else []
-        if stream.latest is not None:
-            return [stream.latest]
-        if history > 0 and stream.channel in ("trades", "system"):
-            return list(stream.history)[-history:]
-        return []
+        if stream.channel in LOSSLESS:
+            return list(stream.history)[-history:] if history > 0 else []
+        return [stream.latest] if stream.latest is not None else []
 
     def unsubscribe(
         self, subscriber: Subscriber, channels: Iterable[str], patterns: Iterable[str]

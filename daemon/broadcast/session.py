@@ -61,7 +61,7 @@ CLOSE_IDLE = 4000
 CLOSE_RATE_LIMITED = 4029
 SLOW_CONSUMER = "slow consumer"
 #: Channels whose backlog conflates to the latest state; the others are lossless.
-CONFLATED = frozenset({"book", "ticker"})
+CONFLATED = frozenset({"book", "ticker", "status"})
 #: Seconds a closing client gets to take the frame being written and the close frame.
 CLOSE_TIMEOUT = 5.0
 
