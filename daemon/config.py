@@ -54,8 +54,22 @@ def _one_of(*choices: str) -> Any:
     return check
 
 
+class _Listening:
+    """``host`` and ``port`` of a ``listen = "HOST:PORT"`` setting."""
+
+    listen: str
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
 @attrs.frozen(kw_only=True)
-class ServerConfig:
+class ServerConfig(_Listening):
     """The broadcast WebSocket server.
 
     ``listen``: ``HOST:PORT``; ``client_queue``: messages queued per client before
@@ -85,14 +99,6 @@ class ServerConfig:
     max_subscriptions: int = attrs.field(default=1000, validator=_positive)
     max_messages_per_second: float = attrs.field(default=50.0, validator=_positive)
     rate_limit_grace: float = attrs.field(default=5.0, validator=_positive)
-
-    @property
-    def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
 
 
 @attrs.frozen(kw_only=True)
@@ -133,19 +139,11 @@ def _listen_or_off(instance: Any, attribute: attrs.Attribute, value: str) -> Non
 
 
 @attrs.frozen(kw_only=True)
-class MetricsConfig:
+class MetricsConfig(_Listening):
     """Prometheus metrics over HTTP at ``http://listen/metrics``; an empty
     ``listen`` (the default) serves none."""
 
     listen: str = attrs.field(default="", validator=_listen_or_off)
-
-    @property
-    def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
 
 
 @attrs.frozen(kw_only=True)
