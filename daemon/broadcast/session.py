@@ -27,6 +27,7 @@ close never cuts a frame: the writer finishes the frame it is writing first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -229,12 +230,10 @@ class Session:
                 await self.conn.abort()  # a close frame now would land inside a frame
             elif self.close_code is not None:
                 await self.conn.close(self.close_code, self.close_reason)
-                with trio.move_on_after(1.0):  # the client's close reply, or its TCP close
-                    try:
-                        while True:
-                            await self.conn.get_message()
-                    except ConnectionClosed:
-                        pass
+                # the client's close reply, or its TCP close
+                with trio.move_on_after(1.0), contextlib.suppress(ConnectionClosed):
+                    while True:
+                        await self.conn.get_message()
             await self.conn.stream.aclose()
 
     _writing = False
