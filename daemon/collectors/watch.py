@@ -375,6 +375,11 @@ def make_pro_exchange(
         markets_option["types"] = ["spot"]
     elif isinstance(markets_option, list) and "spot" in markets_option:
         api.options["fetchMarkets"] = ["spot"]
+    if exchange_id in ("binance", "binanceus"):
+        # aggregate trades, as the native collector and the poller (ccxt's
+        # fetch_trades reads aggTrades) see them: one trade id for one trade
+        # whichever path brings it, so the dispatcher delivers it once
+        api.options["watchTrades"] = {**api.options.get("watchTrades", {}), "name": "aggTrade"}
     if trades_limit is not None:
         api.options["tradesLimit"] = trades_limit
     if keepalive_ms is not None:
