@@ -206,11 +206,14 @@ class FeedHealth:
 
     def _book_symbols(self) -> list[str]:
         collector = self.collector
-        if not hasattr(collector, "venue"):
+        if not hasattr(collector, "venue") and not hasattr(collector, "books"):
             return []  # a poll collector has no books
         return list(collector.cfg.symbols) if "book" in collector.cfg.channels else []
 
     def _synced(self, symbol: str) -> bool:
+        tracker = getattr(self.collector, "books", {}).get(symbol)  # watch mode
+        if tracker is not None:
+            return tracker.synced
         feed = getattr(self.collector, "feed", None)
         return feed is not None and feed.book(symbol) is not None
 
