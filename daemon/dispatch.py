@@ -32,7 +32,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 import attrs
@@ -186,6 +186,8 @@ class Dispatcher:
         self.events = 0
         self.rejected = 0
         self.duplicates = 0
+        #: called after each batch of events is published (the server writes then)
+        self.after_publish: Callable[[], None] | None = None
 
     def open_source(self) -> trio.MemorySendChannel[Event]:
         """A send channel for one source; close it (``async with``) when done."""
@@ -205,6 +207,8 @@ class Dispatcher:
                     except trio.WouldBlock:
                         break
                     self.publish(event)
+                if self.after_publish is not None:
+                    self.after_publish()
 
     # -- publishing ---------------------------------------------------------------------
 

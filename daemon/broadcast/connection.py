@@ -67,6 +67,9 @@ class ServerConnection:
         self.send_lock = trio.StrictFIFOLock()
         self.closed: ConnectionClosed | None = None
         self.on_pong: Callable[[bytes], None] | None = None
+        #: once set (by a session), every frame we send goes to it, in order, instead
+        #: of the stream: the session owns the write side (see ``Session``)
+        self.output: Callable[[bytes], None] | None = None
         self._text: list[str] = []
         self._size = 0
 
@@ -182,8 +185,12 @@ class ServerConnection:
             return
         self.closed = ConnectionClosed(code, reason)
         try:
+            data = self.ws.send(CloseConnection(code=code, reason=reason))
+            if self.output is not None:
+                self.output(data)
+                return
             async with self.send_lock:
-                await self.stream.send_all(self.ws.send(CloseConnection(code=code, reason=reason)))
+                await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
             pass
 
@@ -195,6 +202,12 @@ class ServerConnection:
     async def _send_event(self, event: object) -> None:
         if self.closed is not None and not isinstance(event, CloseConnection):
             raise self.closed
+        if self.output is not None:
+            try:
+                self.output(self.ws.send(event))
+            except LocalProtocolError as exc:
+                raise ConnectionClosed(1006, str(exc)) from None
+            return
         async with self.send_lock:
             try:
                 await self.stream.send_all(self.ws.send(event))

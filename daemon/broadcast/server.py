@@ -55,6 +55,9 @@ class BroadcastServer:
         self.conflations = 0
         self.ping_timeouts = 0
         self.latency = HdrHistogram(1, 60_000_000, 3)
+        #: sessions the dispatcher delivered to since the last flush
+        self.dirty: set[Session] = set()
+        dispatcher.after_publish = self.flush
         self.port: int | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -67,6 +70,12 @@ class BroadcastServer:
             log.info("broadcast: listening on ws://%s:%d%s", self.config.host, self.port,
                      " (authentication on)" if self.auth.enabled else "")
             task_status.started(self.port)
+
+    def flush(self) -> None:
+        """Write what the last batch of events queued, to every session it reached."""
+        dirty, self.dirty = self.dirty, set()
+        for session in dirty:
+            session.flush()
 
     async def _drain_on_shutdown(self) -> None:
         try:

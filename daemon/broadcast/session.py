@@ -30,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import socket
 import time
 from collections import deque
 from typing import Any
@@ -127,6 +129,8 @@ class Session:
         self._refilled = trio.current_time()
         self._over_since: float | None = None
         self._pong_due: float | None = None
+        self._out = bytearray()  # bytes the socket has not taken yet, in order
+        self._broken = False
         self._ping_count = 0
 
     # -- called by the dispatcher --------------------------------------------------------
@@ -161,7 +165,7 @@ class Session:
             self.close(CLOSE_SLOW_CONSUMER, SLOW_CONSUMER)
             return
         self.queue.append(message)
-        self._wake.set()
+        self.server.dirty.add(self)
 
     def _conflate(self, stream: Stream) -> None:
         self.counters.conflated += 1
@@ -172,7 +176,7 @@ class Session:
         )
         self.marked.add(stream)
         self.queue.append(Marker(stream))
-        self._wake.set()
+        self.server.dirty.add(self)
 
     def _throttle(self, stream: Stream) -> float:
         return max(
@@ -185,7 +189,6 @@ class Session:
         """Queue a control message (ack, error, pong): never conflated, never dropped."""
         if self.close_code is None:
             self.queue.append(encode(message))
-            self._wake.set()
 
     def close(self, code: int, reason: str, timeout: float = CLOSE_TIMEOUT) -> None:
         """Close this client with ``code``: nothing more is queued, the frame being
@@ -206,37 +209,41 @@ class Session:
         ``close(1001, ...)`` instead, so that no frame is cut in the middle and the
         client gets its close code.
         """
-        cut = False
-        with self._scope:
-            try:
-                self._control(self.hello)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._write)
-                    keepalive = trio.CancelScope()
-                    nursery.start_soon(self._keepalive, keepalive)
-                    with self._read_scope:
-                        await self._read()
-                    keepalive.cancel()
-                    if self.close_code is None:  # the client left
-                        nursery.cancel_scope.cancel()
-                    else:
-                        self._wake.set()  # the writer stops after the frame it is writing
-            finally:
-                self.dispatcher.remove(self)
-        cut = self._scope.cancelled_caught and self._writing
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + 1.0
-            if cut:
-                await self.conn.abort()  # a close frame now would land inside a frame
-            elif self.close_code is not None:
-                await self.conn.close(self.close_code, self.close_reason)
-                # the client's close reply, or its TCP close
-                with trio.move_on_after(1.0), contextlib.suppress(ConnectionClosed):
-                    while True:
-                        await self.conn.get_message()
-            await self.conn.stream.aclose()
-
-    _writing = False
+        self._open_output()
+        try:
+            with self._scope:
+                try:
+                    self._control(self.hello)
+                    self.flush()
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._write)
+                        keepalive = trio.CancelScope()
+                        nursery.start_soon(self._keepalive, keepalive)
+                        with self._read_scope:
+                            await self._read()
+                        keepalive.cancel()
+                        if self.close_code is None:  # the client left
+                            nursery.cancel_scope.cancel()
+                        else:
+                            self._wake.set()  # the writer finishes what it has begun
+                finally:
+                    self.dispatcher.remove(self)
+                    self.server.dirty.discard(self)
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + 1.0
+                if self._out and self._scope.cancelled_caught:
+                    pass  # a frame was cut by the timeout: no close frame after it
+                elif self.close_code is not None and not self._broken:
+                    await self.conn.close(self.close_code, self.close_reason)
+                    await self._drain()
+                    # the client's close reply, or its TCP close
+                    with trio.move_on_after(1.0), contextlib.suppress(ConnectionClosed):
+                        while True:
+                            await self.conn.get_message()
+        finally:
+            self.raw.close()
+            with trio.CancelScope(shield=True):
+                await self.conn.stream.aclose()
 
     async def _read(self) -> None:
         while True:
@@ -247,8 +254,10 @@ class Session:
                     self.close(exc.code, exc.reason)
                 return
             if self._rate_limited():
+                self.flush()
                 continue
             self.handle(text)
+            self.flush()
 
     def _rate_limited(self) -> bool:
         now = trio.current_time()
@@ -321,27 +330,72 @@ class Session:
         for message in initial:
             self.deliver(message, initial=True)
 
-    async def _write(self) -> None:
-        try:
-            await self._write_frames()
-        except ConnectionClosed:
-            pass  # the client left; the reader sees it too
+    # -- the write side ----------------------------------------------------------------
+    #
+    # Every byte to the client goes through ``_out`` in order: frames built from the
+    # queue, and wsproto's control frames (pong, ping, close: ``conn.output``). The
+    # bytes are written at once, without waiting, on a duplicate of the socket's file
+    # descriptor: by ``flush`` (the server calls it for every session the dispatcher
+    # delivered to, once per batch of events), after a request is answered, and by the
+    # writer task, which is only woken when the socket is full or a throttle is due.
+    # The queue is moved into ``_out`` only while ``_out`` is empty, so a client that
+    # does not read keeps its backlog in the bounded queue, where the slow-consumer
+    # policy sees it.
 
-    async def _write_frames(self) -> None:
+    def _open_output(self) -> None:
+        self.raw = socket.socket(fileno=os.dup(self.conn.stream.socket.fileno()))
+        self.raw.setblocking(False)
+        self.conn.output = self._emit
+
+    def flush(self) -> None:
+        """Move what is queued to the socket now, as far as it takes it."""
+        if not self._out and self.queue and self.close_code is None:
+            self._emit(self._build())
+
+    def _emit(self, data: bytes) -> None:
+        if self._broken:
+            return
+        if self._out:
+            self._out += data
+            return
+        try:
+            sent = self.raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._break()
+            return
+        if sent < len(data):
+            self._out += data[sent:]
+            self._wake.set()  # the writer task waits until the socket takes more
+
+    def _send_pending(self) -> None:
+        try:
+            sent = self.raw.send(self._out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._break()
+            return
+        del self._out[:sent]
+
+    def _break(self) -> None:
+        self._broken = True
+        self._out.clear()
+        self._read_scope.cancel()
+        self._wake.set()
+
+    def _build(self) -> bytes:
+        """Frames for everything queued: batches of at most ``max_batch`` messages
+        and ``max_frame_bytes``; a message alone is its shared prebuilt frame."""
         max_batch, max_bytes = self.config.max_batch, self.config.max_frame_bytes
-        latency = getattr(self.server, "latency", None)
-        while self.close_code is None:
-            if not self.queue:
-                self._wake = trio.Event()
-                next_due = min(self.due.values(), default=math.inf)
-                with trio.move_on_at(next_due):
-                    await self._wake.wait()
-                self._release_due()
-                continue
+        frames: list[bytes] = []
+        counters = self.counters
+        first_recv = 0.0
+        while self.queue:
             payloads: list[bytes] = []
             single: Message | None = None
             size = 0
-            first_recv = 0.0
             while self.queue and len(payloads) < max_batch:
                 item = self.queue[0]
                 payload = self._render(item)
@@ -364,15 +418,39 @@ class Session:
                 frame = single.frame
             else:
                 frame = text_frame(payloads[0] if len(payloads) == 1 else batch_payload(payloads))
-            self._writing = True
-            await self.conn.send_frames(frame)
-            self._writing = False
-            counters = self.counters
+            frames.append(frame)
             counters.sent += len(payloads)
             counters.frames += 1
             counters.bytes += len(frame)
-            if latency is not None and first_recv:
-                latency.record_value(max(1, int((time.time() - first_recv) * 1e6)))
+        latency = self.server.latency
+        if first_recv and latency is not None:
+            latency.record_value(max(1, int((time.time() - first_recv) * 1e6)))
+        return b"".join(frames)
+
+    async def _write(self) -> None:
+        """Wait for the socket when it is full, and for throttles when one is due."""
+        while not self._broken:
+            if self._out:
+                await trio.lowlevel.wait_writable(self.raw)
+                self._send_pending()
+                if not self._out:
+                    self.flush()
+                continue
+            if self.close_code is not None:
+                return
+            if self.queue:
+                self.flush()
+                continue
+            self._wake = trio.Event()
+            next_due = min(self.due.values(), default=math.inf)
+            with trio.move_on_at(next_due):
+                await self._wake.wait()
+            self._release_due()
+
+    async def _drain(self) -> None:
+        while self._out and not self._broken:
+            await trio.lowlevel.wait_writable(self.raw)
+            self._send_pending()
 
     def _render(self, item: Message | Marker | bytes) -> bytes | None:
         if isinstance(item, bytes):
