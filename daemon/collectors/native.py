@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from typing import Any
 
 import attrs
@@ -32,10 +31,11 @@ import httpx
 import trio
 import trio_websocket
 
+from daemon.collectors.state import CollectorState
 from daemon.collectors.venues import Venue
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.errors import FeedDisconnected, FeedError, FeedStale, feed_errors
-from daemon.events import Event, FeedState
+from daemon.events import Event
 from daemon.exchanges.base import FetchSnapshot, FetchTrades, Malformed, Send
 from daemon.supervise import Backoff
 
@@ -46,7 +46,7 @@ INBOX_SIZE = 64
 MAX_FRAME = 16 * 1024 * 1024
 
 
-class NativeCollector:
+class NativeCollector(CollectorState):
     """One exchange feed over the exchange's own WebSocket protocol.
 
     ``out`` is a dispatcher source channel; ``venue`` names the protocol and URLs;
@@ -68,14 +68,11 @@ class NativeCollector:
         self.rest_url = cfg.rest_url or venue.rest_url
         self.ws_url = cfg.ws_url or venue.ws_url
         self.feed: Any = None
-        self.state = "starting"
-        self.state_counts: Counter[str] = Counter()
+        self._init_state()
         self.last_receive = 0.0  # trio clock of the last frame
-        self.last_event: dict[str, float] = {}  # symbol -> trio clock of its last event
         self.frames = 0
         self.connected_since: float | None = None
         self.backoff = Backoff(reconnect.base, reconnect.cap)
-        self._changed = trio.Event()
 
     # -- the lifecycle -----------------------------------------------------------------
 
@@ -217,18 +214,3 @@ class NativeCollector:
             },
             "counters": attrs.asdict(stats) if stats is not None else {},
         }
-
-    async def wait_state_change(self) -> None:
-        """Return at the next ``set_state``."""
-        await self._changed.wait()
-
-    async def set_state(self, state: str, detail: str = "") -> None:
-        """Record a connection state change and publish it on the ``system`` channel."""
-        self.state = state
-        self.state_counts[state] += 1
-        self._changed.set()
-        self._changed = trio.Event()
-        now = time.time()
-        await self.out.send(
-            FeedState(exchange=self.exchange, symbol="*", ts=now, recv_ts=now, state=state, detail=detail)
-        )

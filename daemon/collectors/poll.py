@@ -54,7 +54,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -62,9 +61,10 @@ from typing import Any
 import attrs
 import trio
 
+from daemon.collectors.state import CollectorState
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.errors import FeedError, ccxt_errors
-from daemon.events import Event, FeedState, Gap, Ticker, Trade
+from daemon.events import Event, Gap, Ticker, Trade
 from daemon.exchanges.base import FeedStats
 from daemon.supervise import Backoff
 
@@ -326,7 +326,7 @@ def make_exchange(exchange_id: str, rest_url: str = "") -> Any:
 # -- the collector task -----------------------------------------------------------------
 
 
-class PollCollector:
+class PollCollector(CollectorState):
     """One exchange polled through ccxt's REST API (see the module docstring).
 
     ``exchange``: a ccxt exchange id; ``cfg``: symbols, channels (``ticker``,
@@ -374,13 +374,10 @@ class PollCollector:
         self.stats = FeedStats()
         limit = TRADES_LIMITS.get(exchange, TRADES_LIMIT)
         self.trades = {s: TradeTracker(exchange, s, limit, self.stats) for s in self.markets}
-        self.last_tickers: dict[str, tuple[str, str, str, str]] = {}
-        self.state = "starting"
-        self.state_counts: Counter[str] = Counter()
+        self._init_state()
         self.backoff = Backoff(reconnect.base, reconnect.cap)
         self._next_request = -math.inf  # trio clock: the earliest start of the next request
         self.last_answer: float | None = None  # trio clock of the last REST answer
-        self.last_event: dict[str, float] = {}  # symbol -> trio clock of its last event
         self._markets_loaded = False
 
     # -- the lifecycle -----------------------------------------------------------------
@@ -453,14 +450,8 @@ class PollCollector:
 
     async def _ticker(self, symbol: str, ticker: dict[str, Any], recv_ts: float) -> None:
         event = ticker_event(self.exchange, symbol, ticker, recv_ts)
-        if event is None:
-            return
-        top = (event.bid, event.bid_size, event.ask, event.ask_size)
-        if self.last_tickers.get(symbol) == top:
-            return
-        self.last_tickers[symbol] = top
-        self.stats.tickers += 1
-        await self._publish(event)
+        if event is not None:
+            await self.publish_ticker(event)
 
     async def _poll_trades(self, symbol: str) -> None:
         tracker = self.trades[symbol]
@@ -469,11 +460,7 @@ class PollCollector:
             f"trades {symbol}", self.api.fetch_trades, self.markets[symbol], since, tracker.limit
         )
         for event in tracker.page(answer, since, time.time()):
-            await self._publish(event)
-
-    async def _publish(self, event: Event) -> None:
-        self.last_event[event.symbol] = trio.current_time()
-        await self.out.send(event)
+            await self.publish(event)
 
     async def _call(self, what: str, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` in a worker thread, at most one request per ``rateLimit``."""
@@ -508,12 +495,3 @@ class PollCollector:
             "requests_per_round": self.requests_per_round,
         }
 
-    async def set_state(self, state: str, detail: str = "") -> None:
-        """Record a feed state change and publish it on the ``system`` channel."""
-        self.state = state
-        self.state_counts[state] += 1
-        now = time.time()
-        await self.out.send(FeedState(
-            exchange=self.exchange, symbol="*", ts=now, recv_ts=now, state=state,
-            detail=self.label + detail,
-        ))

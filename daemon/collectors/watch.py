@@ -95,7 +95,6 @@ import logging
 import threading
 import time
 from bisect import bisect_left
-from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -113,6 +112,7 @@ from daemon.collectors.poll import (
     decimal_text,
     ticker_event,
 )
+from daemon.collectors.state import CollectorState
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.errors import FeedDisconnected, FeedError, ccxt_errors
 from daemon.events import BookSnapshot, BookUpdate, Event, FeedState, Gap, Levels
@@ -752,7 +752,7 @@ def _public_ws(exchange: Any) -> str:
 # -- the collector: the trio side ---------------------------------------------------------
 
 
-class WatchCollector:
+class WatchCollector(CollectorState):
     """One exchange streamed through ccxt.pro (see the module docstring).
 
     ``exchange``: the name events carry; ``ccxt_id``: ccxt's id (default: the
@@ -786,16 +786,12 @@ class WatchCollector:
         self.trades = {s: TradeTracker(exchange, s, self.trades_limit, self.stats)
                        for s in self.markets}
         self.books = {s: BookTracker(exchange, s, self.stats) for s in self.markets}
-        self.last_tickers: dict[str, tuple[str, str, str, str]] = {}
-        self.state = "starting"
-        self.state_counts: Counter[str] = Counter()
+        self._init_state()
         self.items = 0
         self.peak_buffer = 0
         self.last_receive = 0.0  # trio clock of the last item
-        self.last_event: dict[str, float] = {}
         self.bridge: Bridge | None = None
         self.channel: trio.MemorySendChannel[tuple] | None = None
-        self._changed = trio.Event()
 
     # -- the lifecycle -----------------------------------------------------------------
 
@@ -807,7 +803,7 @@ class WatchCollector:
         now = time.time()
         for book in self.books.values():  # a restart: every book is sent whole again
             for event in book.lost(False, "collector restarted", now):
-                await self._publish(event)
+                await self.publish(event)
         token = trio.lowlevel.current_trio_token()
         send, receive = trio.open_memory_channel[tuple](self.buffer)
         plan = WatchPlan(
@@ -856,19 +852,19 @@ class WatchCollector:
             _, symbol, trades, recv_ts, since = item
             self.stats.messages += 1
             for event in self.trades[symbol].page(trades, since, recv_ts):
-                await self._publish(event)
+                await self.publish(event)
         elif kind == "book":
             _, symbol, bids, asks, stamp, recv_ts = item
             self.stats.messages += 1
             ts = stamp / 1000 if stamp else recv_ts
             for event in self.books[symbol].book(bids, asks, ts, recv_ts):
-                await self._publish(event)
+                await self.publish(event)
         elif kind == "book_changes":
             _, symbol, bids, asks, stamp, recv_ts = item
             self.stats.messages += 1
             ts = stamp / 1000 if stamp else recv_ts
             for event in self.books[symbol].changes(bids, asks, ts, recv_ts):
-                await self._publish(event)
+                await self.publish(event)
         elif kind == "ticker":
             _, symbol, ticker, recv_ts = item
             self.stats.messages += 1
@@ -876,11 +872,11 @@ class WatchCollector:
         elif kind == "book_lost":
             _, symbol, gap, detail, now = item
             for event in self.books[symbol].lost(gap, detail, now):
-                await self._publish(event)
+                await self.publish(event)
         elif kind == "trades_gap":
             _, symbol, detail, now = item
             self.stats.gaps += 1
-            await self._publish(trades_gap(self.exchange, symbol, detail, now))
+            await self.publish(trades_gap(self.exchange, symbol, detail, now))
         elif kind == "state":
             await self.set_state(item[1], item[2])
         else:
@@ -888,18 +884,8 @@ class WatchCollector:
 
     async def _ticker(self, symbol: str, ticker: dict[str, Any], recv_ts: float) -> None:
         event = ticker_event(self.exchange, symbol, ticker, recv_ts)
-        if event is None:
-            return
-        top = (event.bid, event.bid_size, event.ask, event.ask_size)
-        if self.last_tickers.get(symbol) == top:
-            return
-        self.last_tickers[symbol] = top
-        self.stats.tickers += 1
-        await self._publish(event)
-
-    async def _publish(self, event: Event) -> None:
-        self.last_event[event.symbol] = trio.current_time()
-        await self.out.send(event)
+        if event is not None:
+            await self.publish_ticker(event)
 
     def statistics(self) -> dict[str, Any]:
         """The same report as ``NativeCollector.statistics`` (``frames`` counts the
@@ -927,17 +913,3 @@ class WatchCollector:
             },
         }
 
-    async def wait_state_change(self) -> None:
-        """Return at the next ``set_state``."""
-        await self._changed.wait()
-
-    async def set_state(self, state: str, detail: str = "") -> None:
-        """Record a feed state change and publish it on the ``system`` channel."""
-        self.state = state
-        self.state_counts[state] += 1
-        self._changed.set()
-        self._changed = trio.Event()
-        now = time.time()
-        await self.out.send(FeedState(
-            exchange=self.exchange, symbol="*", ts=now, recv_ts=now, state=state, detail=detail,
-        ))
