@@ -449,7 +449,9 @@ async def test_backpressure_holds_the_bridge_at_its_bound_and_drops_nothing(
         running = trio.Event()  # stalled from the next event on
         emulator.started.set()
         with trio.fail_after(15):
-            while collector.channel.statistics().current_buffer_used < bound:  # noqa: ASYNC110
+            # full, and the worker blocked on its next hand-off
+            while (collector.channel.statistics().current_buffer_used < bound
+                   or collector.channel.statistics().tasks_waiting_send == 0):  # noqa: ASYNC110
                 await trio.sleep(0.02)
         items_while_stalled = collector.items
         samples = []
