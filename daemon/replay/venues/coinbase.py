@@ -59,7 +59,8 @@ Theory of operation
      recorded before its product's snapshot (none on the capture) is not played
      again: its book was unknown, and the snapshot's state replaces it anyway.
 
-REST: ``/products`` (and ``/products/<id>``) as recorded;
+REST: ``/products`` (and ``/products/<id>``) as recorded; ``/currencies`` derived
+from them (ccxt's ``load_markets`` asks for it);
 ``/products/<id>/trades`` from the matches played so far, newest first, with
 Coinbase's cursor parameters (``after``: older than that trade id, ``before``:
 newer, ``limit`` up to 1000, default 100); ``/products/<id>/book?level=1|2`` from
@@ -87,6 +88,8 @@ from daemon.replay.tape import loop_period
 log = logging.getLogger(__name__)
 
 PRODUCTS_PATH = "/products"
+#: Not recorded: derived from the products (ccxt's ``load_markets`` asks for it).
+CURRENCIES_PATH = "/currencies"
 #: Coinbase channel names accepted -> the channel they are keyed as.
 CHANNELS = {
     "level2": "level2",
@@ -526,6 +529,8 @@ class CoinbaseVenue:
             if self.products_body is None:
                 return 404, _NOT_FOUND
             return 200, self.products_body
+        if path == CURRENCIES_PATH:
+            return 200, self._currencies()
         segments = path.split("/")
         if len(segments) < 3 or segments[1] != "products":
             return 404, _NOT_FOUND
@@ -540,6 +545,23 @@ class CoinbaseVenue:
         if len(segments) == 4 and segments[3] == "book":
             return self._rest_book(product, query)
         return 404, _NOT_FOUND
+
+    def _currencies(self) -> bytes:
+        """``/currencies``: the recorded products' base and quote currencies, online,
+        with their smallest increment as precision (Coinbase's fields, fewer)."""
+        currencies: dict[str, dict[str, Any]] = {}
+        for body in self.products.values():
+            product = orjson.loads(body)
+            for side, increment in (("base_currency", "base_increment"),
+                                    ("quote_currency", "quote_increment")):
+                code = product.get(side)
+                if isinstance(code, str) and code not in currencies:
+                    currencies[code] = {
+                        "id": code, "name": code, "status": "online", "message": "",
+                        "max_precision": product.get(increment) or "0.00000001",
+                        "details": {"type": "crypto"},
+                    }
+        return orjson.dumps(list(currencies.values()))
 
     def _rest_trades(self, product: str, query: dict[str, str]) -> tuple[int, bytes]:
         """Trades newest first: ``after=ID`` older than ID, ``before=ID`` newer than
