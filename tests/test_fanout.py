@@ -16,7 +16,7 @@ import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Ping, Request
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
 from daemon.broadcast.auth import Authenticator
 from daemon.broadcast.server import BroadcastServer
@@ -443,4 +443,34 @@ async def test_random_bytes_get_a_defined_close(payload: bytes) -> None:
                 pass
         async with trio_websocket.open_websocket_url(running.url) as ws:  # still serving
             assert (await receive_until(ws, lambda m: True))[0]["type"] == "welcome"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_that_pings_but_never_reads_is_dropped(captures: Path) -> None:
+    """Its socket is full (a big book it does not read), so the pongs to its pings
+    pile up behind it: past the bound the server drops the connection instead of
+    holding them."""
+    from daemon.broadcast.session import MAX_PILED
+    from tests.test_broadcast import nkn_book_events
+
+    snapshot = nkn_book_events(captures)[0]
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery, client_queue=8)
+        port = int(running.url.rsplit(":", 1)[1])
+        client = RawClient(await trio.open_tcp_stream("127.0.0.1", port))
+        await client.handshake(port)
+        await client.stream.send_all(client.ws.send(TextMessage(data=orjson.dumps(
+            {"op": "subscribe", "id": 1, "channels": ["book"], "symbols": ["*"]}).decode())))
+        await publish(running, [snapshot] * 200)  # ~14 MB: more than the socket holds
+        await until_published(running, 200)
+        ping = client.ws.send(Ping(payload=b"x" * 120))
+        session = next(iter(running.server.sessions))
+        with trio.fail_after(20):
+            sent = 0
+            while running.server.sessions:
+                await client.stream.send_all(ping * 100)
+                sent += 100 * len(ping)
+                await trio.sleep(0)
+        assert sent > MAX_PILED
+        assert session._broken
         nursery.cancel_scope.cancel()

@@ -65,6 +65,8 @@ CLOSE_RATE_LIMITED = 4029
 SLOW_CONSUMER = "slow consumer"
 #: Channels whose backlog conflates to the latest state; the others are lossless.
 CONFLATED = frozenset({"book", "ticker", "status"})
+#: Control-frame bytes piled up behind a full socket before the client is dropped.
+MAX_PILED = 1 << 20
 #: Every LATENCY_SAMPLE-th write of a client goes into the latency histogram.
 LATENCY_SAMPLE = 8
 #: Seconds a closing client gets to take the frame being written and the close frame.
@@ -132,6 +134,7 @@ class Session:
         self._over_since: float | None = None
         self._pong_due: float | None = None
         self._out = bytearray()  # bytes the socket has not taken yet, in order
+        self._piled = 0  # control-frame bytes added to _out while it was not empty
         self._broken = False
         self._ping_count = 0
 
@@ -358,8 +361,16 @@ class Session:
         if self._broken:
             return
         if self._out:
+            # only control frames reach here while the socket is full (the queue
+            # waits there): pongs to a client that pings and never reads are bounded
             self._out += data
+            self._piled += len(data)
+            if self._piled > MAX_PILED:
+                log.warning("broadcast: client %s dropped: it does not read its control "
+                            "frames", self.remote)
+                self._break()
             return
+        self._piled = 0
         try:
             sent = self.raw.send(data)
         except BlockingIOError:
