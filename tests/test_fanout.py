@@ -470,7 +470,7 @@ async def test_a_client_that_pings_but_never_reads_is_dropped(captures: Path) ->
             while running.server.sessions:
                 await client.stream.send_all(ping * 100)
                 sent += 100 * len(ping)
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
         assert sent > MAX_PILED
         assert session._broken
         nursery.cancel_scope.cancel()
