@@ -287,6 +287,33 @@ async def test_binance_trade_missed_while_disconnected_is_recovered_once(capture
     assert collector.state_counts["reconnecting"] == 1
 
 
+async def start_feed_down(nursery: trio.Nursery, captures: Path, mode: str):
+    """The Binance emulator with its whole tape played (its REST knows every trade)
+    and a daemon whose `mode` feed of NKN-USDT and LRC-BTC points its WebSocket at a
+    port where nothing answers, with a 0.5 s polling fallback. Returns the started
+    daemon and the emulator's address."""
+    from daemon.app import App
+    from daemon.config import ExchangeConfig
+    from daemon.replay.emulator import Emulator
+
+    emulator = Emulator([read_capture(captures / f) for f in BINANCE], speed=None)
+    address = await nursery.start(emulator.serve)
+    emulator.started.set()  # the tape plays for REST even with no stream client
+    with trio.fail_after(10):
+        await emulator.finished.wait()
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))  # a port where nothing answers
+    dead_port = listener.getsockname()[1]
+    listener.close()
+    config = attrs.evolve(fast_config(), exchanges={"binance": ExchangeConfig(
+        symbols=["NKN-USDT", "LRC-BTC"], channels=["trades", "ticker"], mode=mode,
+        rest_url=address.rest_url, ws_url=f"ws://127.0.0.1:{dead_port}",
+        interval=0.1, fallback_after=0.5)})
+    app = App(config)
+    await nursery.start(app.run)
+    return app, address
+
+
 async def test_the_polling_fallback_engages_while_the_feed_is_down_and_hands_back(
     captures: Path,
 ) -> None:
@@ -294,26 +321,8 @@ async def test_the_polling_fallback_engages_while_the_feed_is_down_and_hands_bac
     down, its REST is up): after `fallback_after` the ccxt poller serves the
     symbols (both recorded trades arrive, from REST); when the stream is back the
     breaker closes and the poller stops."""
-    from daemon.app import App
-    from daemon.config import ExchangeConfig
-    from daemon.replay.emulator import Emulator
-
     async with trio.open_nursery() as nursery:
-        emulator = Emulator([read_capture(captures / f) for f in BINANCE], speed=None)
-        address = await nursery.start(emulator.serve)
-        emulator.started.set()  # the tape plays for REST even with no stream client
-        with trio.fail_after(10):
-            await emulator.finished.wait()
-        listener = trio.socket.socket()
-        await listener.bind(("127.0.0.1", 0))  # a port where nothing answers yet
-        dead_port = listener.getsockname()[1]
-        listener.close()
-        config = attrs.evolve(fast_config(), exchanges={"binance": ExchangeConfig(
-            symbols=["NKN-USDT", "LRC-BTC"], channels=["trades", "ticker"],
-            rest_url=address.rest_url, ws_url=f"ws://127.0.0.1:{dead_port}",
-            interval=0.1, fallback_after=0.5)})
-        app = App(config)
-        await nursery.start(app.run)
+        app, address = await start_feed_down(nursery, captures, "native")
         got: list[dict] = []
         async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{app.port}") as ws:
             await ws.get_message()

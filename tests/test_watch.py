@@ -523,24 +523,10 @@ async def test_binanceus_through_ccxt_pro(captures: Path) -> None:
 async def test_the_polling_fallback_serves_a_watch_feed_that_is_down(captures: Path) -> None:
     """ccxt.pro cannot reach the stream (its REST is up): after ``fallback_after``
     the poller serves the symbols' trades."""
-    from daemon.app import App
+    from tests.test_faults import start_feed_down
 
     async with trio.open_nursery() as nursery:
-        emulator = Emulator([read_capture(captures / f) for f in BINANCE], speed=None)
-        address = await nursery.start(emulator.serve)
-        emulator.started.set()  # the tape plays for REST even with no stream client
-        with trio.fail_after(10):
-            await emulator.finished.wait()
-        listener = trio.socket.socket()
-        await listener.bind(("127.0.0.1", 0))  # a port where nothing answers
-        dead_port = listener.getsockname()[1]
-        listener.close()
-        config = attrs.evolve(fast_config(), exchanges={"binance": ExchangeConfig(
-            symbols=["NKN-USDT", "LRC-BTC"], channels=["trades", "ticker"], mode="watch",
-            rest_url=address.rest_url, ws_url=f"ws://127.0.0.1:{dead_port}",
-            interval=0.1, fallback_after=0.5)})
-        app = App(config)
-        await nursery.start(app.run)
+        app, _ = await start_feed_down(nursery, captures, "watch")
         got: list[dict] = []
         async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{app.port}") as ws:
             await ws.get_message()

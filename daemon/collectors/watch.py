@@ -853,17 +853,13 @@ class WatchCollector(CollectorState):
             self.stats.messages += 1
             for event in self.trades[symbol].page(trades, since, recv_ts):
                 await self.publish(event)
-        elif kind == "book":
+        elif kind in ("book", "book_changes"):  # a whole copy, or the changed levels
             _, symbol, bids, asks, stamp, recv_ts = item
             self.stats.messages += 1
             ts = stamp / 1000 if stamp else recv_ts
-            for event in self.books[symbol].book(bids, asks, ts, recv_ts):
-                await self.publish(event)
-        elif kind == "book_changes":
-            _, symbol, bids, asks, stamp, recv_ts = item
-            self.stats.messages += 1
-            ts = stamp / 1000 if stamp else recv_ts
-            for event in self.books[symbol].changes(bids, asks, ts, recv_ts):
+            tracker = self.books[symbol]
+            apply = tracker.book if kind == "book" else tracker.changes
+            for event in apply(bids, asks, ts, recv_ts):
                 await self.publish(event)
         elif kind == "ticker":
             _, symbol, ticker, recv_ts = item
