@@ -159,8 +159,10 @@ class App:
             collector = PollCollector(name, exchange, self.config.reconnect,
                                       self.dispatcher.open_source())
         elif exchange.mode == "watch":
+            # ccxt's id of tickwire's exchange (``coinbase``: Coinbase Exchange)
             collector = WatchCollector(name, exchange, self.config.reconnect,
-                                       self.dispatcher.open_source())
+                                       self.dispatcher.open_source(),
+                                       ccxt_id=CCXT_IDS.get(name, name))
         else:
             collector = NativeCollector(venue(name), exchange, self.config.reconnect,
                                         self.dispatcher.open_source())
@@ -205,7 +207,7 @@ class App:
     def _fallback_poller(self, name: str, exchange: Any) -> PollCollector:
         return PollCollector(
             name, exchange, self.config.reconnect, self.dispatcher.open_source(),
-            ccxt_id=name if exchange.mode == "watch" else CCXT_IDS.get(name, name),
+            ccxt_id=CCXT_IDS.get(name, name),
             label="fallback: ",
         )
 

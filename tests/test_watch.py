@@ -161,23 +161,27 @@ async def settle(replay, exchange: str = "binance") -> None:
         while True:
             stats = replay.app.dispatcher.statistics()
             now = (collector.statistics()["frames"], stats.events, collector.state)
-            books = collector.books if hasattr(collector, "books") else collector.feed.books
+            if hasattr(collector, "books"):  # watch mode
+                synced = all(book.synced for book in collector.books.values())
+            else:
+                synced = all(collector.feed.book(s) is not None for s in collector.cfg.symbols)
             if (now == last and stats.buffer_used == 0 and collector.state == "subscribed"
-                    and all(book.synced for book in books.values())):
+                    and synced):
                 return
             last = now
             await trio.sleep(0.3)
 
 
-async def served_books(port: int) -> dict[str, tuple[dict, dict]]:
-    """The books a new subscriber gets."""
+async def served_books(port: int, exchange: str = "binance",
+                       count: int = len(SYMBOLS)) -> dict[str, tuple[dict, dict]]:
+    """The ``count`` books a new subscriber to ``exchange:*`` gets."""
     async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}") as ws:
         await ws.get_message()
         await request(ws, {"op": "subscribe", "id": 1, "channels": ["book"],
-                           "symbols": ["binance:*"]})
+                           "symbols": [f"{exchange}:*"]})
         books: dict[str, tuple[dict, dict]] = {}
         with trio.fail_after(10):
-            while len(books) < len(SYMBOLS):
+            while len(books) < count:
                 for m in messages(await ws.get_message()):
                     if m["type"] == "book_snapshot":
                         books[m["symbol"]] = (as_plain(m["bids"]), as_plain(m["asks"]))
@@ -185,19 +189,21 @@ async def served_books(port: int) -> dict[str, tuple[dict, dict]]:
 
 
 async def replay_and_collect(captures: Path, via: str, faults: Faults | None = None,
-                             speed: float | None = 10.0, config: Config | None = None):
-    """Replay the Binance capture through ``via`` with a client subscribed to
-    everything; returns the replay, what the client got, and the served books."""
+                             speed: float | None = 10.0, config: Config | None = None,
+                             files: tuple[str, ...] = BINANCE, exchange: str = "binance"):
+    """Replay ``files`` (default: the Binance capture) through ``via`` with a client
+    subscribed to everything of ``exchange``; returns the replay, what the client
+    got, and the served books."""
     got: list[dict] = []
     async with trio.open_nursery() as nursery:
         replay = await nursery.start(partial(
-            serve_replay, [captures / f for f in BINANCE], config or fast_config(), speed,
-            {"binance": faults} if faults else None, via=via))
+            serve_replay, [captures / f for f in files], config or fast_config(), speed,
+            {exchange: faults} if faults else None, via=via))
         async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{replay.app.port}") as ws:
             await ws.get_message()
             await request(ws, {"op": "subscribe", "id": 1,
                                "channels": ["trades", "book", "ticker", "system"],
-                               "symbols": ["binance:*"], "history": 1000})
+                               "symbols": [f"{exchange}:*"], "history": 1000})
 
             async def read() -> None:
                 while True:
@@ -205,10 +211,11 @@ async def replay_and_collect(captures: Path, via: str, faults: Faults | None = N
 
             async with trio.open_nursery() as inner:
                 inner.start_soon(read)
-                await settle(replay)
+                await settle(replay, exchange)
                 await trio.sleep(0.2)
                 inner.cancel_scope.cancel()
-        books = await served_books(replay.app.port)
+        collector = replay.app.collectors[exchange]
+        books = await served_books(replay.app.port, exchange, len(collector.cfg.symbols))
         nursery.cancel_scope.cancel()
     return replay, got, books
 

@@ -115,7 +115,7 @@ from daemon.collectors.poll import (
 from daemon.collectors.state import CollectorState
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.errors import FeedDisconnected, FeedError, ccxt_errors
-from daemon.events import BookSnapshot, BookUpdate, Event, FeedState, Gap, Levels
+from daemon.events import BookSnapshot, BookUpdate, Event, FeedState, Gap, Levels, Ticker
 from daemon.exchanges.base import FeedStats
 from daemon.supervise import Backoff
 
@@ -135,6 +135,12 @@ RECOVERY_PAGES = 3
 WATCH_CHANNELS = ("trades", "book", "ticker")
 #: Prefix of the worker threads' names.
 THREAD_PREFIX = "tickwire-watch"
+#: ccxt ids whose ccxt.pro signs public subscriptions: ``coinbaseexchange`` signs
+#: ``level2`` (``watch_order_book`` calls ``authenticate()``).
+SIGNS_PUBLIC = frozenset({"coinbaseexchange"})
+#: The ``secret`` given to ccxt.pro on overridden URLs (``make_pro_exchange``):
+#: base64, as Coinbase's HMAC key must be.
+PLACEHOLDER_SECRET = "dGlja3dpcmUtZW11bGF0b3I="
 
 
 # -- pure normalization: no threads, no trio, no ccxt -------------------------------------
@@ -331,6 +337,21 @@ def _tracked_classes() -> tuple:
     return _TRACKED
 
 
+def watch_ticker_event(exchange: str, symbol: str, ticker: dict[str, Any],
+                       recv_ts: float) -> Ticker | None:
+    """A ``Ticker`` from a ccxt.pro ticker, as the poll mode makes it
+    (``ticker_event``); a ticker with both prices but no sizes (Coinbase's 2021
+    ``ticker`` channel had none) has sizes ``""``, as the native collector writes
+    them. ``None`` when a price is missing."""
+    event = ticker_event(exchange, symbol, ticker, recv_ts)
+    if event is not None or ticker.get("bidVolume") is not None or ticker.get(
+            "askVolume") is not None:
+        return event
+    bare = ticker_event(exchange, symbol, {**ticker, "bidVolume": 0.0, "askVolume": 0.0},
+                        recv_ts)
+    return None if bare is None else attrs.evolve(bare, bid_size="", ask_size="")
+
+
 def trades_gap(exchange: str, symbol: str, detail: str, now: float) -> Gap:
     """A ``Gap`` of trades whose ids are unknown."""
     return Gap(exchange=exchange, symbol=symbol, ts=now, recv_ts=now, stream="trades",
@@ -356,6 +377,29 @@ def rebase_urls(urls: Any, rest_url: str, ws_url: str) -> Any:
     return _rebase(urls, rest_url) if rest_url else urls
 
 
+def _pro_class(exchange_id: str) -> type:
+    """ccxt.pro's exchange class for ``exchange_id``, or tickwire's subclass of it
+    where ccxt.pro drops part of the public stream (see the module doc)."""
+    import ccxt.pro
+
+    base = getattr(ccxt.pro, exchange_id)
+    if exchange_id != "coinbaseexchange":
+        return base
+
+    class CoinbaseExchange(base):  # type: ignore[misc, valid-type]
+        """``coinbaseexchange`` that hands ``last_match`` (the product's last trade,
+        which Coinbase sends once on a ``matches`` subscription) to ccxt's own
+        ``match`` handler: ccxt.pro ignores the message type."""
+
+        def handle_message(self, client: Any, message: Any) -> Any:
+            if (isinstance(message, dict) and message.get("type") == "last_match"
+                    and not client.url.endswith("?")):  # "?": ccxt's private feed
+                return self.handle_trade(client, message)
+            return super().handle_message(client, message)
+
+    return CoinbaseExchange
+
+
 def make_pro_exchange(
     exchange_id: str, rest_url: str = "", ws_url: str = "", *, keepalive_ms: int | None = None,
     trades_limit: int | None = None,
@@ -368,7 +412,7 @@ def make_pro_exchange(
 
     if exchange_id not in ccxt.pro.exchanges:
         raise ValueError(f"ccxt.pro streams no exchange {exchange_id!r}")
-    api = getattr(ccxt.pro, exchange_id)({"timeout": TIMEOUT_MS})
+    api = _pro_class(exchange_id)({"timeout": TIMEOUT_MS})
     # only spot markets, as in the poll mode: tickwire's BASE-QUOTE are spot symbols
     markets_option = api.options.get("fetchMarkets")
     if isinstance(markets_option, dict) and "types" in markets_option:
@@ -387,6 +431,14 @@ def make_pro_exchange(
         api.streaming = {**api.streaming, "keepAlive": min(current, keepalive_ms)}
     if rest_url or ws_url:
         api.urls["api"] = rebase_urls(api.urls["api"], rest_url, ws_url)
+        # ccxt.pro signs some public subscriptions (Coinbase Exchange's level2): with
+        # the URLs overridden (tickwire's emulator) it gets placeholder credentials,
+        # which the emulator does not check and a real exchange would refuse. Only
+        # there: credentials change what other exchanges' load_markets asks for.
+        for field, required in api.requiredCredentials.items():
+            if exchange_id in SIGNS_PUBLIC and required and not getattr(api, field, None):
+                setattr(api, field, PLACEHOLDER_SECRET if field == "secret" else
+                        f"tickwire-emulator-{field}")
     api.order_book = tracked_order_book  # sides that note their changes (module doc)
     return api
 
@@ -879,7 +931,7 @@ class WatchCollector(CollectorState):
             raise AssertionError(f"unknown bridge item {kind!r}")
 
     async def _ticker(self, symbol: str, ticker: dict[str, Any], recv_ts: float) -> None:
-        event = ticker_event(self.exchange, symbol, ticker, recv_ts)
+        event = watch_ticker_event(self.exchange, symbol, ticker, recv_ts)
         if event is not None:
             await self.publish_ticker(event)
 

@@ -30,6 +30,9 @@ frame ``n`` (counted over every pass) leaves ``n / rate`` seconds after the star
 Start (``autostart``): the tape starts when a connection first subscribes; with
 ``autostart=False`` only when ``started`` is set by the caller (a collector that
 subscribes over several connections, like ccxt.pro, is started once all are up).
+``wait_keys(wanted)`` returns once the open connections together hold every
+routing key in ``wanted``: what a caller waits for before it sets ``started``
+when a collector's subscriptions trickle in (ccxt.pro throttles its requests).
 
 Per-connection views (``deliver``, optional): by default a frame goes, as recorded,
 to the connections whose keys hold its routing key. A venue whose exchange sends
@@ -185,6 +188,7 @@ class Emulator:
         self.played = 0
         self.play_started: float | None = None  # trio time the tape started
         self.connections: set[_Connection] = set()
+        self._keys_changed = trio.Event()  # set, and replaced, after each client frame
         self.started = trio.Event()
         self.finished = trio.Event()
         self.position = 0
@@ -226,6 +230,8 @@ class Emulator:
         )
         self.connections.add(conn)
         self.connections_total += 1
+        self._keys_changed.set()  # keys from the path (Binance's streams)
+        self._keys_changed = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, conn, receive)
@@ -238,6 +244,8 @@ class Emulator:
                     async with conn.lock:
                         for reply in self.venue.on_client_message(conn.keys, text):
                             await send.send(reply)
+                    self._keys_changed.set()
+                    self._keys_changed = trio.Event()
                     if conn.keys and self.autostart:
                         self.started.set()
         except* trio_websocket.ConnectionClosed:
@@ -246,6 +254,15 @@ class Emulator:
             conn.closed = True
             self.connections.discard(conn)
             receive.close()  # a tape blocked on this connection moves on
+
+    def subscribed_keys(self) -> set[str]:
+        """The routing keys the open connections hold, together."""
+        return set().union(*(conn.keys for conn in self.connections if not conn.closed))
+
+    async def wait_keys(self, wanted: set[str]) -> None:
+        """Return once the open connections together hold every key in ``wanted``."""
+        while not wanted <= self.subscribed_keys():
+            await self._keys_changed.wait()
 
     async def _write(self, conn: _Connection, receive: trio.MemoryReceiveChannel[str]) -> None:
         try:

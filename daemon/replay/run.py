@@ -21,7 +21,7 @@ from daemon.replay.emulator import Emulator
 from daemon.replay.tape import NO_FAULTS, Faults
 
 #: The exchanges whose emulators serve ccxt.pro (``via="ccxt"``).
-VIA_CCXT = ("binance", "binanceus")
+VIA_CCXT = ("binance", "binanceus", "coinbase")
 
 
 @attrs.define
@@ -41,9 +41,19 @@ class Replay:
 async def start_when_subscribed(emulator: Emulator, collector: object) -> None:
     """Start ``emulator``'s tape once ``collector`` is first ``subscribed``: a
     ccxt.pro collector subscribes over several connections, and the recording
-    started with every subscription in place."""
+    started with every subscription in place.
+
+    ccxt.pro throttles its requests (Coinbase: one a 100 ms) and counts a quiet
+    watch as up after ``SETTLE`` seconds, maybe before its request went out: where
+    the venue names the routing keys a collector's symbols and channels make
+    (``watch_keys(symbols, channels)``), the tape also waits until the emulator's
+    connections hold all of them."""
     while getattr(collector, "state", None) != "subscribed":
         await collector.wait_state_change()  # type: ignore[attr-defined]
+    watch_keys = getattr(emulator.venue, "watch_keys", None)
+    cfg = getattr(collector, "cfg", None)
+    if watch_keys is not None and cfg is not None:
+        await emulator.wait_keys(watch_keys(cfg.symbols, cfg.channels))
     emulator.started.set()
 
 

@@ -59,6 +59,13 @@ Theory of operation
      recorded before its product's snapshot (none on the capture) is not played
      again: its book was unknown, and the snapshot's state replaces it anyway.
 
+ccxt.pro (``coinbaseexchange``, ``tickwire replay --via ccxt``) speaks this same
+feed: it subscribes one channel of one product per request (``level2`` signed,
+with placeholder credentials the venue does not check), and the replay starts the
+tape once the connections hold every key ``watch_keys`` names, as the recording
+started with every subscription in place. Level2 is the whole book: the replay
+gives such a collector a depth (``recorded_depth``) no book of a capture reaches.
+
 REST: ``/products`` (and ``/products/<id>``) as recorded; ``/currencies`` derived
 from them (ccxt's ``load_markets`` asks for it);
 ``/products/<id>/trades`` from the matches played so far, newest first, with
@@ -104,6 +111,9 @@ _TICKWIRE_CHANNEL = {"level2": "book", "ticker": "ticker", "matches": "trades"}
 SNAPSHOT_KEY = "level2-snapshot"
 #: ``/products/<id>/trades``: default and largest ``limit``.
 TRADES_LIMIT, TRADES_MAX_LIMIT = 100, 1000
+#: Levels per side a depth-taking collector is given (``recorded_depth``): level2
+#: is the whole book, and no book of a capture comes near this many levels.
+FULL_BOOK_DEPTH = 100_000
 #: ``/products/<id>/book?level=2``: levels per side (Coinbase: top 50).
 BOOK_LEVEL2_DEPTH = 50
 _NOT_FOUND = b'{"message":"NotFound"}'
@@ -193,6 +203,8 @@ class CoinbaseVenue:
     """
 
     exchange = "coinbase"
+    #: the depth a replay gives collectors that take one (level2 is the whole book)
+    recorded_depth = FULL_BOOK_DEPTH
 
     def __init__(self, captures: list[Capture]) -> None:
         self.products_body: bytes | None = None
@@ -238,6 +250,19 @@ class CoinbaseVenue:
                             symbols[symbol] = None
                             channels[channel] = None
         return list(symbols), list(channels)
+
+    def watch_keys(self, symbols: list[str], channels: list[str]) -> set[str]:
+        """The routing keys a connection holds once subscribed to ``channels``
+        (tickwire names) of ``symbols`` (``BASE-QUOTE``): ``"matches:SKL-GBP"``..."""
+        from daemon.exchanges.coinbase import parse_markets
+
+        markets = parse_markets(self.products_body) if self.products_body else {}
+        product_of = {symbol: product for product, symbol in markets.items()}
+        names = {tickwire: name for name, tickwire in _TICKWIRE_CHANNEL.items()}
+        return {
+            f"{names[channel]}:{product_of.get(symbol, symbol)}"
+            for symbol in symbols for channel in channels if channel in names
+        }
 
     # -- WebSocket ------------------------------------------------------------------
 
