@@ -76,7 +76,12 @@ class ServerConfig(_Listening):
     its slow-consumer policy applies (books and tickers conflate, trades close the
     client with 4008); ``max_message_size``: largest client frame in bytes (larger
     closes with 1009); ``max_batch`` / ``max_frame_bytes``: most messages and bytes
-    in one batched frame; ``ping_interval`` / ``ping_timeout``: keepalive, seconds
+    in one batched frame; ``write_delay_ms``: the coalescing window: an event that
+    comes within this many milliseconds of the last write waits for the rest of the
+    window and leaves in one write (and one batched frame) with the events that
+    come meanwhile, so that under load a client gets one write per window instead of
+    one per event; an event after a quiet window goes out at once (0: every batch
+    of events is written at once); ``ping_interval`` / ``ping_timeout``: keepalive, seconds
     (no pong in time closes with 4001); ``handshake_timeout``: seconds to complete the
     upgrade; ``idle_timeout``: seconds a client may stay without any subscription;
     ``max_connections`` (total) and ``max_connections_per_ip``;
@@ -90,6 +95,7 @@ class ServerConfig(_Listening):
     max_message_size: int = attrs.field(default=65536, validator=_positive)
     max_batch: int = attrs.field(default=256, validator=_positive)
     max_frame_bytes: int = attrs.field(default=1 << 20, validator=_positive)
+    write_delay_ms: float = attrs.field(default=1.0, validator=_non_negative)
     ping_interval: float = attrs.field(default=20.0, validator=_positive)
     ping_timeout: float = attrs.field(default=20.0, validator=_positive)
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)

@@ -169,6 +169,9 @@ class TickwireCollector:
         for attribute, name, doc in (
             ("conflations", "tickwire_conflations", "Backlogs replaced by the latest state."),
             ("ping_timeouts", "tickwire_ping_timeouts", "Clients closed for not answering pings."),
+            ("writes", "tickwire_broadcast_writes",
+             "Writes of queued events to the clients they reached (one per coalescing "
+             "window under load)."),
         ):
             if hasattr(server, attribute):
                 yield CounterMetricFamily(name, doc, value=getattr(server, attribute))

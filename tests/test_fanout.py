@@ -192,6 +192,47 @@ async def test_pending_events_leave_in_one_frame_in_order(captures: Path) -> Non
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("write_delay_ms", [300.0, 0.0])
+async def test_events_within_the_coalescing_window_leave_in_one_write(
+    captures: Path, write_delay_ms: float
+) -> None:
+    """An event after a quiet window goes out at once; those that come within the
+    window of the last write wait for its end and leave together (with no window,
+    each batch of events leaves at once in its own frame)."""
+    trades = [e for e in coinbase_events(captures) if isinstance(e, Trade)][:5]
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery, write_delay_ms=write_delay_ms)
+        async with trio_websocket.open_websocket_url(running.url) as ws, \
+                running.dispatcher.open_source() as source:
+            await ws.get_message()
+            await request(ws, {"op": "subscribe", "id": 1, "channels": ["trades"],
+                               "symbols": ["coinbase:*"]})
+            await receive_until(ws, lambda m: m["type"] == "ack")
+            writes = running.server.writes
+            frames = []
+            with trio.fail_after(10):
+                await source.send(trades[0])
+                frames.append(messages(await ws.get_message()))  # alone, at once
+                for trade in trades[1:4]:  # three batches within the window
+                    published = running.dispatcher.events
+                    await source.send(trade)
+                    await until_published(running, published + 1)
+                while sum(map(len, frames)) < 4:
+                    frames.append(messages(await ws.get_message()))
+                await trio.sleep(write_delay_ms / 1000 + 0.05)  # a quiet window
+                await source.send(trades[4])
+                frames.append(messages(await ws.get_message()))
+        got = [[m["id"] for m in frame] for frame in frames]
+        ids = [t.id for t in trades]
+        if write_delay_ms:
+            assert got == [ids[:1], ids[1:4], ids[4:]]
+            assert running.server.writes - writes == 3
+        else:
+            assert got == [[i] for i in ids]
+            assert running.server.writes - writes == 5
+        nursery.cancel_scope.cancel()
+
+
 # -- keepalive and limits ------------------------------------------------------------
 
 

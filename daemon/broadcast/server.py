@@ -12,6 +12,7 @@ so that no frame is cut; see ``Session.run``).
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from typing import Any
 
@@ -55,8 +56,12 @@ class BroadcastServer:
         self.conflations = 0
         self.ping_timeouts = 0
         self.latency = HdrHistogram(1, 60_000_000, 3)
-        #: sessions the dispatcher delivered to since the last flush
+        #: sessions the dispatcher delivered to since the last write
         self.dirty: set[Session] = set()
+        self.writes = 0  # flushes of the dirty sessions
+        self._next_write = -math.inf  # trio time before which a write waits
+        self._write_pending = False
+        self._write_wanted = trio.Event()
         dispatcher.after_publish = self.flush
         self.port: int | None = None
 
@@ -67,15 +72,44 @@ class BroadcastServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, self._handle, listeners)
             nursery.start_soon(self._drain_on_shutdown)
+            nursery.start_soon(self._coalesce)
             log.info("broadcast: listening on ws://%s:%d%s", self.config.host, self.port,
                      " (authentication on)" if self.auth.enabled else "")
             task_status.started(self.port)
 
     def flush(self) -> None:
-        """Write what the last batch of events queued, to every session it reached."""
+        """Called by the dispatcher after each batch of events: write what is queued
+        to every session it reached, now if the last write is at least
+        ``write_delay_ms`` old, else at the end of that window (``_coalesce``), with
+        whatever more the window brings."""
+        delay = self.config.write_delay_ms / 1000
+        if not delay:
+            self._write()
+            return
+        now = trio.current_time()
+        if now >= self._next_write:
+            self._write()
+            self._next_write = now + delay
+        elif not self._write_pending:
+            self._write_pending = True
+            self._write_wanted.set()
+
+    def _write(self) -> None:
         dirty, self.dirty = self.dirty, set()
+        if dirty:
+            self.writes += 1
         for session in dirty:
             session.flush()
+
+    async def _coalesce(self) -> None:
+        """Write at the end of each coalescing window that held an event."""
+        while True:
+            await self._write_wanted.wait()
+            self._write_wanted = trio.Event()
+            await trio.sleep_until(self._next_write)
+            self._write_pending = False
+            self._write()
+            self._next_write = trio.current_time() + self.config.write_delay_ms / 1000
 
     async def _drain_on_shutdown(self) -> None:
         try:

@@ -137,7 +137,11 @@ class NativeCollector(CollectorState):
                 message = await ws.get_message()
                 self.last_receive = trio.current_time()
                 self.frames += 1
-                await inbox.send(("frame", message, time.time()))
+                item = ("frame", message, time.time())
+                try:
+                    inbox.send_nowait(item)  # no schedule point per frame while there is room
+                except trio.WouldBlock:
+                    await inbox.send(item)
 
     async def _watchdog(self) -> None:
         limit = self.reconnect.stale_after
@@ -150,15 +154,21 @@ class NativeCollector(CollectorState):
     async def _process(self, ws, nursery, http, inbox_receive, inbox_send) -> None:
         feed = self.feed
         async for item in inbox_receive:
-            kind = item[0]
-            if kind == "frame":
-                outputs = feed.on_message(item[1], item[2])
-            elif kind == "snapshot":
-                outputs = feed.on_snapshot(item[1], item[2], item[3])
-            else:
-                outputs = feed.on_trades(item[1], item[2], item[3])
-            if outputs:
-                await self._handle(outputs, ws, nursery, http, inbox_send)
+            # what is already queued is handled without a schedule point per item
+            while True:
+                kind = item[0]
+                if kind == "frame":
+                    outputs = feed.on_message(item[1], item[2])
+                elif kind == "snapshot":
+                    outputs = feed.on_snapshot(item[1], item[2], item[3])
+                else:
+                    outputs = feed.on_trades(item[1], item[2], item[3])
+                if outputs:
+                    await self._handle(outputs, ws, nursery, http, inbox_send)
+                try:
+                    item = inbox_receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
         raise FeedDisconnected(f"{self.exchange}: stream ended")
 
     async def _handle(self, outputs: list, ws, nursery, http, inbox_send) -> None:
