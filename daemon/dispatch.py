@@ -112,6 +112,9 @@ class Stream:
     subscribers: set[Subscriber] = attrs.field(factory=set)
     trade_ids: set[str] = attrs.field(factory=set)
     trade_order: deque[str] = attrs.field(factory=deque)
+    #: encoded snapshots of the current book, by extra fields (``conflated``): every
+    #: subscriber of a moment shares one; cleared whenever the book changes
+    snapshots: dict[tuple, Message] = attrs.field(factory=dict)
 
     def retain(self, message: Message) -> None:
         """Keep ``message`` within this channel's retention."""
@@ -126,9 +129,14 @@ class Stream:
             history.popleft()
 
     def snapshot_message(self, **extra: object) -> Message | None:
-        """The current book as a ``book_snapshot`` at this stream's ``seq``."""
+        """The current book as a ``book_snapshot`` at this stream's ``seq``, encoded
+        once per book state (and ``extra``) for every subscriber that asks."""
         if self.book is None or self.book_event is None:
             return None
+        key = tuple(sorted(extra.items()))
+        cached = self.snapshots.get(key)
+        if cached is not None:
+            return cached
         bids, asks = self.book.levels()
         ref = self.book_event
         event = BookSnapshot(
@@ -136,7 +144,9 @@ class Stream:
             bids=bids, asks=asks,
         )
         payload = orjson.dumps(event_dict(event, self.seq, **extra))
-        return Message(self, self.seq, payload, ref.recv_ts, time.monotonic())
+        message = self.snapshots[key] = Message(
+            self, self.seq, payload, ref.recv_ts, time.monotonic())
+        return message
 
     def since(self, seq: int) -> list[Message] | None:
         """The retained messages after ``seq``, or ``None`` if some are no longer
@@ -244,6 +254,8 @@ class Dispatcher:
             stream.trade_order.append(event.id)
             if len(stream.trade_order) > TRADE_IDS_KEPT:
                 stream.trade_ids.discard(stream.trade_order.popleft())
+        if stream.snapshots and isinstance(event, BookSnapshot | BookUpdate):
+            stream.snapshots.clear()
         try:
             if isinstance(event, BookSnapshot):
                 book = L2Book()
