@@ -551,9 +551,12 @@ async def test_the_polling_fallback_serves_a_watch_feed_that_is_down(captures: P
     assert sorted(t["id"] for t in got if t["type"] == "trade") == ["15683430", "9213679"]
 
 
-async def test_replay_via_ccxt_refuses_an_exchange_it_cannot_serve(captures: Path) -> None:
-    with pytest.raises(ValueError, match="kraken emulator cannot serve ccxt.pro"):
-        await serve_replay([captures / "KRAKEN.0"], fast_config(), via="ccxt")
+async def test_replay_via_ccxt_serves_every_emulated_exchange(captures: Path) -> None:
+    from daemon.replay.run import VIA_CCXT
+
+    assert set(VIA_CCXT) == {"binance", "binanceus", "coinbase", "kraken"}
+    with pytest.raises(ValueError, match="via must be 'native' or 'ccxt'"):
+        await serve_replay([captures / "KRAKEN.0"], fast_config(), via="ws")
 
 
 def test_replay_help_offers_via(captures: Path) -> None:
