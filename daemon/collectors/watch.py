@@ -84,6 +84,23 @@ conflate, as a ticker stream may).
 
 Binance: ccxt.pro's ``watch_trades`` subscribes ``<symbol>@trade`` (raw trade ids),
 while the native collector and ccxt's REST ``fetch_trades`` use aggregate trades.
+
+Coinbase (tickwire's ``coinbase`` is ccxt's ``coinbaseexchange``): ccxt.pro signs
+``level2`` subscriptions, so with overridden URLs (the emulator) it gets
+placeholder credentials (``SIGNS_PUBLIC``); a real feed needs real ones. ccxt.pro
+drops ``last_match`` (the product's last trade, sent on subscribe), which the
+native collector delivers: tickwire's subclass hands it to ccxt's ``match``
+handler (``_pro_class``). The 2021 ``ticker`` channel has no sizes: such tickers
+go out with sizes ``""``, as the native collector writes them
+(``watch_ticker_event``).
+
+Kraken: ccxt.pro speaks WebSocket v2, where prices and sizes are JSON numbers:
+trades and tickers are written from floats too. Its ``watch_bids_asks`` keeps
+results in ``exchange.tickers``, read when ``bidsasks`` lacks the symbol. Its book
+checksum check is off by default (and in ccxt 4.5 cannot run on its float levels),
+so a Kraken book gap shows only as a closed connection. ccxt paces WebSocket
+requests with the REST rate limit (Kraken: one a second), so many symbols take a
+while to subscribe.
 """
 
 from __future__ import annotations
@@ -402,17 +419,18 @@ def _pro_class(exchange_id: str) -> type:
 
 def make_pro_exchange(
     exchange_id: str, rest_url: str = "", ws_url: str = "", *, keepalive_ms: int | None = None,
-    trades_limit: int | None = None,
+    trades_limit: int | None = None, config: dict[str, Any] | None = None,
 ) -> Any:
     """ccxt.pro's exchange object for ``exchange_id``: our REST timeout, spot markets
     only, URLs rebased (``rebase_urls``), WebSocket keepalive at most
-    ``keepalive_ms``, trade cache of ``trades_limit``. Call it inside the asyncio
+    ``keepalive_ms``, trade cache of ``trades_limit``; ``config``: more of ccxt's
+    constructor settings (``{"rateLimit": ms}``...). Call it inside the asyncio
     loop that will use it. Raises ``ValueError`` for an id ccxt.pro does not know."""
     import ccxt.pro
 
     if exchange_id not in ccxt.pro.exchanges:
         raise ValueError(f"ccxt.pro streams no exchange {exchange_id!r}")
-    api = _pro_class(exchange_id)({"timeout": TIMEOUT_MS})
+    api = _pro_class(exchange_id)({"timeout": TIMEOUT_MS, **(config or {})})
     # only spot markets, as in the poll mode: tickwire's BASE-QUOTE are spot symbols
     markets_option = api.options.get("fetchMarkets")
     if isinstance(markets_option, dict) and "types" in markets_option:
@@ -466,6 +484,8 @@ class WatchPlan:
     #: per symbol, the time (ms) of the newest trade already delivered, if any:
     #: trades are recovered from there once the first watch is up
     trades_since: dict[str, int] = attrs.field(factory=dict)
+    #: more of ccxt's constructor settings (``make_pro_exchange``)
+    ccxt_config: dict[str, Any] = attrs.field(factory=dict)
 
 
 class Bridge:
@@ -549,7 +569,7 @@ class Bridge:
         exchange = make_pro_exchange(
             plan.ccxt_id, plan.rest_url, plan.ws_url,
             keepalive_ms=max(100, int(plan.reconnect.stale_after * 500)),
-            trades_limit=plan.trades_limit,
+            trades_limit=plan.trades_limit, config=plan.ccxt_config,
         )
         try:
             async with asyncio.TaskGroup() as group:
@@ -780,10 +800,11 @@ class Bridge:
                 await self._settled(what, watch)
             recv_ts = time.time()
             self._up(what)
-            cache = exchange.bidsasks if bids_asks else exchange.tickers
+            # ccxt.pro's kraken keeps what watch_bids_asks brings in ``tickers``
+            caches = (exchange.bidsasks, exchange.tickers) if bids_asks else (exchange.tickers,)
             changed = []
             for symbol, market in markets.items():
-                ticker = cache.get(market)
+                ticker = next((c[market] for c in caches if market in c), None)
                 if ticker is not None and seen.get(symbol) is not ticker:
                     seen[symbol] = ticker
                     changed.append((symbol, dict(ticker)))
@@ -809,7 +830,10 @@ class WatchCollector(CollectorState):
 
     ``exchange``: the name events carry; ``ccxt_id``: ccxt's id (default: the
     same); ``cfg``: symbols, channels, ``depth``, URL overrides; ``out``: a
-    dispatcher source channel; ``buffer``: the bridge's bound. Trade memory and
+    dispatcher source channel; ``buffer``: the bridge's bound; ``ccxt_config``:
+    more of ccxt's constructor settings (tests pace ccxt's requests faster than
+    its default for the exchange with ``{"rateLimit": ms}``: ccxt.pro paces
+    WebSocket subscribe requests as REST calls, Kraken's one a second). Trade memory and
     books survive a re-watch and a supervisor restart of ``run`` (they live on the
     object): nothing is delivered twice, and a restart sends each book again as a
     snapshot.
@@ -824,8 +848,10 @@ class WatchCollector(CollectorState):
         *,
         ccxt_id: str | None = None,
         buffer: int = BRIDGE_BUFFER,
+        ccxt_config: dict[str, Any] | None = None,
     ) -> None:
         self.exchange = exchange
+        self.ccxt_config = dict(ccxt_config or {})
         self.ccxt_id = ccxt_id or exchange
         self.cfg = cfg
         self.reconnect = reconnect
@@ -863,6 +889,7 @@ class WatchCollector(CollectorState):
             channels=self.channels, depth=self.cfg.depth, rest_url=self.cfg.rest_url,
             ws_url=self.cfg.ws_url, reconnect=self.reconnect, trades_limit=self.trades_limit,
             trades_since={s: t.last_ts for s, t in self.trades.items() if t.last_ts is not None},
+            ccxt_config=self.ccxt_config,
         )
         bridge = Bridge(
             plan,
