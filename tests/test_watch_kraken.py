@@ -265,3 +265,64 @@ async def test_kraken_through_ccxt_pro_v2_equals_the_native_collector(
     print(f"\nkraken watch (v2): {len(trades)} trades, {updates} book updates, "
           f"{sum(isinstance(e, BookSnapshot) for e in events)} snapshots, {len(tickers)} "
           f"tickers, {stats['frames']} bridge items, {stats['counters']['resyncs']} resyncs")
+
+
+async def test_a_closed_kraken_v2_connection_recovers_the_trade_by_rest_id(
+    captures: Path,
+) -> None:
+    """The emulator closes ccxt's v2 connection at a trade frame (its trade never
+    arrives live): ccxt.pro watches again, the trade comes back from the REST
+    history, whose ids are the v2 ``trade_id``s, so every trade is delivered once;
+    the books rebuild from new snapshots and end as recorded."""
+    from daemon.exchanges.kraken import parse_markets
+    from daemon.replay.tape import Faults
+
+    captures_, tape = kraken_tape(captures)
+    expected_v1, recorded_trades, _ = v1_reference(tape)
+    markets = parse_markets(captures_[0].rest[0].body)
+    trade_frames = [n for n, f in enumerate(tape, 1) if '"trade"' in f.text
+                    and isinstance(json.loads(f.text), list)]
+    events: list = []
+    async with trio.open_nursery() as nursery:
+        emulator = Emulator(captures_, speed=None, autostart=False,
+                            faults=Faults(close=frozenset({trade_frames[3]})))
+        address = await nursery.start(emulator.serve)
+        symbols, channels = emulator.venue.subscriptions(captures_)
+        send, receive = trio.open_memory_channel(100_000)
+        cfg = ExchangeConfig(symbols=symbols, channels=channels, mode="watch", depth=DEPTH,
+                             rest_url=address.rest_url, ws_url=address.ws_url)
+        collector = WatchCollector("kraken", cfg, ReconnectConfig(base=0.05, cap=0.2), send,
+                                   ccxt_config={"rateLimit": 20})
+        nursery.start_soon(collector.run)
+        nursery.start_soon(start_when_subscribed, emulator, collector)
+        with trio.fail_after(30):
+            await emulator.finished.wait()
+            while not (collector.state == "subscribed"
+                       and all(b.synced for b in collector.books.values())):
+                await trio.sleep(0.05)
+            last = None
+            while last != collector.items:
+                last = collector.items
+                await trio.sleep(0.3)
+        connections = emulator.connections_total
+        nursery.cancel_scope.cancel()
+    send.close()
+    events = [e async for e in receive]
+    trades = [e for e in events if isinstance(e, Trade)]
+    assert len({(t.symbol, t.id) for t in trades}) == len(trades) == len(recorded_trades)
+    assert sorted((t.symbol, Decimal(t.price), Decimal(t.size)) for t in trades) == sorted(
+        (markets[p], Decimal(price), Decimal(size)) for p, price, size, *_ in recorded_trades)
+    assert not [e for e in events if isinstance(e, Gap)]
+    assert connections >= 2 and collector.state_counts["reconnecting"] >= 1
+    books: dict[str, L2Book] = {}
+    for event in events:
+        if isinstance(event, BookSnapshot):
+            books[event.symbol] = L2Book()
+            books[event.symbol].load(event.bids, event.asks)
+        elif isinstance(event, BookUpdate):
+            books[event.symbol].apply(event.bids, event.asks)
+    assert {s: (as_plain(b.levels()[0]), as_plain(b.levels()[1])) for s, b in books.items()} == {
+        markets[p]: book for p, book in expected_v1.items()}
+    print(f"\nkraken watch close: {len(trades)} trades, {connections} connections, "
+          f"{sum(isinstance(e, BookSnapshot) for e in events)} snapshots, "
+          f"{collector.stats.book_updates} book updates")
