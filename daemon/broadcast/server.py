@@ -82,6 +82,8 @@ class BroadcastServer:
         to every session it reached, now if the last write is at least
         ``write_delay_ms`` old, else at the end of that window (``_coalesce``), with
         whatever more the window brings."""
+        if not self.dirty:
+            return
         delay = self.config.write_delay_ms / 1000
         if not delay:
             self._write()

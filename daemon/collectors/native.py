@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 INBOX_SIZE = 64
 #: Largest exchange frame accepted (Kraken and Binance snapshots can be large).
 MAX_FRAME = 16 * 1024 * 1024
+#: trio-websocket's own message queue and read size (its defaults, 1 message and
+#: 4 KiB, cost a task switch per message and many reads per snapshot); bounded, so
+#: backpressure still reaches the socket
+WS_QUEUE = 64
+WS_RECEIVE_BYTES = 64 * 1024
 
 
 class NativeCollector(CollectorState):
@@ -116,7 +121,8 @@ class NativeCollector(CollectorState):
         try:
             with feed_errors(f"{self.exchange} stream"):
                 async with trio_websocket.open_websocket_url(
-                    url, max_message_size=MAX_FRAME, connect_timeout=10, disconnect_timeout=2
+                    url, max_message_size=MAX_FRAME, connect_timeout=10, disconnect_timeout=2,
+                    message_queue_size=WS_QUEUE, receive_buffer_size=WS_RECEIVE_BYTES,
                 ) as ws, trio.open_nursery() as nursery:
                     self.connected_since = trio.current_time()
                     self.last_receive = trio.current_time()
