@@ -235,7 +235,10 @@ class Emulator:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, conn, receive)
-                for text in self.venue.greeting():  # e.g. Kraken's systemStatus
+                # e.g. Kraken's systemStatus (v2's status on a v2 path: greeting_for)
+                greeting_for = getattr(self.venue, "greeting_for", None)
+                greeting = greeting_for(request.path) if greeting_for else self.venue.greeting()
+                for text in greeting:
                     await send.send(text)
                 if conn.keys and self.autostart:
                     self.started.set()

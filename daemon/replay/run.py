@@ -21,7 +21,7 @@ from daemon.replay.emulator import Emulator
 from daemon.replay.tape import NO_FAULTS, Faults
 
 #: The exchanges whose emulators serve ccxt.pro (``via="ccxt"``).
-VIA_CCXT = ("binance", "binanceus", "coinbase")
+VIA_CCXT = ("binance", "binanceus", "coinbase", "kraken")
 
 
 @attrs.define

@@ -41,13 +41,59 @@ Theory of operation
    cannot come from ``on_client_message`` (it answers frames): ``greeting()``
    returns it for the emulator to send when a connection opens.
 6. REST: ``/0/public/AssetPairs`` as recorded (``?pair=`` filters it);
+   ``/0/public/Assets`` derived from the recorded pairs (ccxt's ``load_markets``
+   asks for it: each pair's ``base`` and ``quote`` with the ``altname`` its
+   ``wsname`` gives, ``lot_decimals`` as the base's decimals);
    ``/0/public/Trades?pair=X&since=T`` from the trades the tape has played, for
    recovery after a reconnect (ids are the play order within the pair, from 1);
    ``/0/public/Depth?pair=X&count=N`` from the current book (``503
    EService:Unavailable`` before the pair's recorded snapshot has played). Any
    other path is ``404 {"error":["EGeneral:Unknown method"]}``; request errors are
    Kraken's ``EQuery:``/``EGeneral:`` messages in a 200 answer, as Kraken sends them.
-7. Looping (``--loop``; ``prepare_loop`` then ``shift`` per frame, pass ``k`` >= 1).
+7. WebSocket v2 (``wss://ws.kraken.com/v2``, what ccxt.pro's ``kraken`` speaks;
+   https://docs.kraken.com/api/docs/websocket-v2/book, ``.../trade``,
+   ``.../ticker``, ``.../status``, ``.../heartbeat``, ``.../ping``): a connection
+   whose path ends in ``/v2`` gets the v2 dialect, *translated from the v1
+   recording* (rule 8). Requests are told apart by their shape: v2 ones carry a
+   ``method`` (``subscribe`` / ``unsubscribe`` with ``params.channel`` and
+   ``params.symbol``; ``ping``). A v2 subscription adds the same routing keys as
+   its v1 twin (``book:XBT/CHF``...), so the tape routes one way for both.
+8. The v2 translation (``deliver``, per connection; the same text for every v2
+   connection of one frame):
+
+   - symbols: v2 names pairs ``BTC/CHF`` where v1 says ``XBT/CHF`` (``XBT`` ->
+     ``BTC``, ``XDG`` -> ``DOGE``, Kraken's documented v2 change);
+   - numbers: v2 sends prices and quantities as JSON numbers. The venue writes
+     the recorded v1 decimal strings as number literals, digits kept
+     (``"0.05120"`` -> ``0.05120``), so a client that parses decimals gets the
+     v1 strings back, precision included;
+   - book: ``{"channel":"book","type":"snapshot"|"update","data":[{"symbol",
+     "bids":[{"price","qty"}],"asks":[...],"checksum"(,"timestamp")}]}``, one
+     message per recorded book frame. v2 checksums every snapshot as well as every
+     update; the checksum is computed here from the venue's book after the frame,
+     by the v2 rule: CRC32 of the top 10 asks (low to high) then bids (high to
+     low), each price then quantity written at the pair's precision with the
+     ``.`` removed and leading zeros stripped. The recorded v1 strings are
+     written at that precision, so it is the v1 algorithm over the same levels
+     (and equals the recorded ``c`` wherever v1 had one). ``timestamp``: the
+     latest level time of the update, RFC 3339 with microseconds;
+   - trade: ``{"channel":"trade","type":"update","data":[{"symbol","side","price",
+     "qty","ord_type","trade_id","timestamp"}]}``, one message per recorded trade
+     frame. v1 has no trade ids; ``trade_id`` is the id REST ``/0/public/Trades``
+     gives the same trade (its play order within the pair, from 1), so a client
+     that recovers trades from REST deduplicates them by id across both;
+   - ticker: ``{"channel":"ticker","type":"snapshot"|"update","data":[{"symbol",
+     "bid","bid_qty","ask","ask_qty","last","volume","vwap","low","high",
+     "change","change_pct"}]}`` from the recorded v1 ticker (``*_qty``: the lot
+     volume; 24-hour figures), a snapshot of the latest one on subscribe. Every
+     recorded ticker frame is sent, whatever ``event_trigger`` asked (v1 had no
+     such choice);
+   - heartbeat ``{"channel":"heartbeat"}``; on connect the v2 ``status`` update
+     instead of v1's ``systemStatus``; ``ping`` -> ``pong``; a subscription is
+     acknowledged per symbol with ``{"method":"subscribe","result":{...},
+     "success":true,...}`` (refusals, as in rule 3, with ``"success":false`` and
+     Kraken's v2 ``error`` text), its snapshot after the acknowledgement.
+9. Looping (``--loop``; ``prepare_loop`` then ``shift`` per frame, pass ``k`` >= 1).
    v1 has no trade ids or sequence numbers: trades are told apart by their time
    (a collector keys them by it), so every time a frame carries (trade times,
    book level times) moves by ``k`` periods (``tape.loop_period`` over the
@@ -67,7 +113,9 @@ Theory of operation
 from __future__ import annotations
 
 import itertools
+import re
 import zlib
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from operator import neg
 from typing import Any
@@ -81,6 +129,8 @@ from daemon.replay.capture import Capture, Received
 from daemon.replay.tape import loop_period
 
 ASSET_PAIRS = "/0/public/AssetPairs"
+#: Not recorded: derived from the pairs (ccxt's ``load_markets`` asks for it).
+ASSETS = "/0/public/Assets"
 TRADES = "/0/public/Trades"
 DEPTH = "/0/public/Depth"
 #: Book depth Kraken v1 uses when a subscription names none.
@@ -213,7 +263,10 @@ class KrakenVenue:
         self.books: dict[str, Book] = {}
         self.trades: dict[str, list[_Trade]] = {}
         self._tickers: dict[str, str] = {}  # pair -> latest ticker frame played
-        # looping (rule 7), from prepare_loop
+        # v2 (rules 7-8): v2 symbol -> wsname; this frame's v2 text by routing key
+        self._v2_pairs = {v2_symbol(wsname): wsname for wsname in self.pairs}
+        self._v2_frame: dict[str, str | None] = {}
+        # looping (rule 9), from prepare_loop
         self._once: set[Received] = set()  # recorded frames later passes leave out
         self._period = Decimal(0)
 
@@ -277,6 +330,18 @@ class KrakenVenue:
                 symbols.update(dict.fromkeys(pairs))
         return list(symbols), list(channels)
 
+    def watch_keys(self, symbols: list[str], channels: list[str]) -> set[str]:
+        """The routing keys a connection holds once subscribed to ``channels``
+        (tickwire names) of ``symbols`` (``BASE-QUOTE``): ``"book:XBT/CHF"``..."""
+        from daemon.exchanges.kraken import parse_markets
+
+        body = self.static.get(ASSET_PAIRS)
+        markets = parse_markets(body.decode()) if body else {}
+        wsname = {symbol: pair for pair, symbol in markets.items() if pair in self.pairs}
+        names = {tickwire: name for name, tickwire in CHANNELS.items()}
+        return {f"{names[channel]}:{wsname[symbol]}" for symbol in symbols
+                for channel in channels if channel in names and symbol in wsname}
+
     # -- WebSocket ------------------------------------------------------------------
 
     def open(self, path: str) -> set[str]:
@@ -294,6 +359,8 @@ class KrakenVenue:
     def on_client_message(self, keys: set[str], text: str) -> list[str]:
         """Answer a client frame; ``subscribe`` / ``unsubscribe`` change ``keys``."""
         request = _loads(text)
+        if isinstance(request, dict) and "method" in request:
+            return self._v2_request(keys, request)
         if not isinstance(request, dict):
             return [_error("Malformed request")]
         reqid = request.get("reqid")
@@ -378,9 +445,166 @@ class KrakenVenue:
             [recorded["channelID"], {"as": asks, "bs": bids}, recorded["channelName"], pair]
         ).decode()
 
+    # -- WebSocket v2 (rules 7 and 8) -------------------------------------------------
+
+    def greeting_for(self, path: str) -> list[str]:
+        """What a new connection on ``path`` gets first: v2's ``status`` update on a
+        v2 path, else v1's ``systemStatus`` (``greeting``)."""
+        if not is_v2(path):
+            return self.greeting()
+        status = self._system_status or _SYSTEM_STATUS
+        number = (int(status.get("connectionID", 0)) + next(self._connection_ids)) % 2**64
+        data = {"api_version": "v2", "connection_id": number, "system": "online",
+                "version": "2.0.0"}
+        return [_dumps({"channel": "status", "data": [data], "type": "update"})]
+
+    def deliver(self, path: str, keys: set[str], key: str, text: str) -> str | None:
+        """The text a connection on ``path`` with ``keys`` gets of the frame routed
+        to ``key`` (``None``: nothing): the frame as recorded on v1, its v2
+        translation (rule 8) on v2."""
+        if key not in keys:
+            return None
+        if not is_v2(path):
+            return text
+        if key not in self._v2_frame:
+            try:
+                self._v2_frame[key] = self._v2_translate(key, text)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError,
+                    InvalidOperation):
+                self._v2_frame[key] = None  # recorded garbage has no v2 form
+        return self._v2_frame[key]
+
+    def _v2_translate(self, key: str, text: str) -> str | None:
+        if key == "heartbeat":
+            return '{"channel":"heartbeat"}'
+        kind, _, pair = key.partition(":")
+        if kind == "book-snapshot":
+            return self._v2_book(pair, "snapshot")
+        message = _loads(text)
+        if not _is_data(message):
+            return None
+        payload = message[1:-2]
+        if kind == "book":
+            asks = [lv for part in payload for lv in part.get("a", [])]
+            bids = [lv for part in payload for lv in part.get("b", [])]
+            recorded = next((part["c"] for part in payload if "c" in part), None)
+            return self._v2_book(pair, "update", asks, bids, recorded)
+        if kind == "trade":
+            entries = payload[0]
+            ids = [t.id for t in self.trades.get(pair, [])[-len(entries):]]
+            if len(ids) != len(entries):
+                return None
+            rows = [
+                "{" + ",".join((
+                    f'"symbol":{_quote(v2_symbol(pair))}',
+                    f'"side":{_quote(_V2_SIDES[entry[3]])}',
+                    f'"price":{_number(entry[0])}', f'"qty":{_number(entry[1])}',
+                    f'"ord_type":{_quote(_V2_ORDER_TYPES.get(entry[4], "limit"))}',
+                    f'"trade_id":{trade_id}', f'"timestamp":{_quote(rfc3339(entry[2]))}',
+                )) + "}"
+                for entry, trade_id in zip(entries, ids, strict=True)
+            ]
+            return '{"channel":"trade","type":"update","data":[' + ",".join(rows) + "]}"
+        if kind == "ticker":
+            return _v2_ticker(pair, payload[0], "update")
+        return None
+
+    def _v2_book(self, pair: str, kind: str, asks: list | None = None,
+                 bids: list | None = None, checksum: str | None = None) -> str:
+        """A v2 book message of ``pair``: a snapshot of the venue's book, or an
+        update of these v1 levels, with the checksum of the book as it now stands
+        (``checksum``: the recorded v1 ``c``, which equals it unless a fault
+        corrupted it)."""
+        book = self.books[pair]
+        top_asks, top_bids = book.levels(_CHECKSUM_LEVELS)
+        fields = [f'"symbol":{_quote(v2_symbol(pair))}']
+        if kind == "snapshot":
+            asks, bids = book.levels()
+        assert asks is not None and bids is not None
+        fields.append('"bids":[' + ",".join(_v2_level(lv) for lv in bids) + "]")
+        fields.append('"asks":[' + ",".join(_v2_level(lv) for lv in asks) + "]")
+        value = int(checksum) if checksum is not None else _checksum(top_asks, top_bids)
+        fields.append(f'"checksum":{value}')
+        if kind == "update":
+            times = [Decimal(lv[2]) for lv in (*asks, *bids)]
+            if times:
+                fields.append(f'"timestamp":{_quote(rfc3339(str(max(times))))}')
+        return ('{"channel":"book","type":"' + kind + '","data":[{' + ",".join(fields)
+                + "}]}")
+
+    def _v2_request(self, keys: set[str], request: dict[str, Any]) -> list[str]:
+        """Answer a v2 request: ``subscribe`` / ``unsubscribe`` (they change
+        ``keys``) and ``ping``."""
+        method, req_id = request.get("method"), request.get("req_id")
+        echo = {} if req_id is None else {"req_id": req_id}
+        now = _now()
+        stamps = {"time_in": now, "time_out": now}
+        if method == "ping":
+            return [_dumps({"method": "pong", **echo, **stamps})]
+        params = request.get("params")
+        if method not in ("subscribe", "unsubscribe"):
+            return [_dumps({"error": f"Unsupported method: {method!r}", "method": method,
+                            "success": False, **echo, **stamps})]
+        if (not isinstance(params, dict) or not isinstance(params.get("channel"), str)
+                or not isinstance(params.get("symbol"), list) or not params["symbol"]):
+            return [_dumps({"error": "EGeneral:Invalid arguments", "method": method,
+                            "success": False, **echo, **stamps})]
+        name, depth = params["channel"], params.get("depth", DEFAULT_DEPTH)
+        event = method
+        sub = {"name": name, **({"depth": depth} if name == "book" else {})}
+        replies: list[str] = []
+        snapshots: list[str] = []
+        for symbol in dict.fromkeys(params["symbol"]):
+            pair = self._v2_pairs.get(symbol) if isinstance(symbol, str) else None
+
+            def refuse(why: str, symbol: Any = symbol) -> None:
+                replies.append(_dumps({"error": f"{why} {symbol}", "method": method,
+                                       "success": False, "symbol": symbol, **echo, **stamps}))
+
+            refusal = ("Currency pair not supported" if pair is None
+                       else self._refusal(event, name, pair, sub))
+            if refusal is not None:
+                refuse(refusal)
+                continue
+            assert pair is not None
+            key = f"{name}:{pair}"
+            result = {"channel": name, "symbol": symbol}
+            if event == "unsubscribe":
+                if key not in keys:
+                    refuse("Subscription Not Found")
+                    continue
+                keys.difference_update({key, f"book-snapshot:{pair}"})
+                if keys <= {"heartbeat"}:
+                    keys.discard("heartbeat")
+                replies.append(_dumps({"method": method, "result": result, "success": True,
+                                       **echo, **stamps}))
+                continue
+            if key in keys:
+                refuse("Already subscribed")
+                continue
+            keys.update({key, "heartbeat"})
+            if name == "book":
+                result.update(depth=depth, snapshot=True)
+                if pair in self.books:
+                    snapshots.append(self._v2_book(pair, "snapshot"))
+                else:
+                    keys.add(f"book-snapshot:{pair}")  # the tape's snapshot is yet to come
+            elif name == "ticker":
+                result.update(event_trigger=params.get("event_trigger", "trades"),
+                              snapshot=True)
+                latest = _loads(self._tickers[pair]) if pair in self._tickers else None
+                if _is_data(latest):
+                    snapshots.append(_v2_ticker(pair, latest[1], "snapshot"))
+            elif name == "trade":
+                result.update(snapshot=False)
+            replies.append(_dumps({"method": method, "result": result, "success": True,
+                                   **echo, **stamps}))
+        return replies + snapshots
+
     def route(self, frame: Received) -> str | None:
         """Advance the venue by one tape frame; return its routing key (module
         docstring, rule 4). A frame the venue cannot read goes to nobody."""
+        self._v2_frame = {}
         message = _loads(frame.text)
         if isinstance(message, dict):
             return "heartbeat" if message.get("event") == "heartbeat" else None
@@ -437,7 +661,7 @@ class KrakenVenue:
 
     def prepare_loop(self, tape: list[Received]) -> float:
         """Learn, from the whole tape, the frames not to play again and the period of
-        a pass (rule 7); return the period in seconds."""
+        a pass (rule 9); return the period in seconds."""
         booked: set[str] = set()
         times: list[float] = []
         for frame in tape:
@@ -468,7 +692,7 @@ class KrakenVenue:
 
     def shift(self, frame: Received, pass_number: int) -> list[str]:
         """The frames pass ``pass_number`` (>= 1) plays for recorded ``frame``
-        (rule 7): none, the frame with its times moved, or for a book snapshot the
+        (rule 9): none, the frame with its times moved, or for a book snapshot the
         update that brings the current book back to it."""
         if frame in self._once:
             return []
@@ -530,12 +754,33 @@ class KrakenVenue:
             return self._rest_trades(query)
         if parts.path == DEPTH:
             return self._rest_depth(query)
+        if parts.path == ASSETS and ASSET_PAIRS in self.static:
+            return 200, self._assets()
         body = self.static.get(parts.path)
         if body is None:
             return _UNKNOWN_METHOD
         if parts.path == ASSET_PAIRS and "pair" in query:
             return self._rest_asset_pairs(body, query["pair"])
         return 200, body
+
+    def _assets(self) -> bytes:
+        """``/0/public/Assets`` from the recorded AssetPairs (rule 6)."""
+        result = orjson.loads(self.static[ASSET_PAIRS]).get("result") or {}
+        assets: dict[str, dict[str, Any]] = {}
+        for pair in result.values():
+            wsname = pair.get("wsname") if isinstance(pair, dict) else None
+            if not isinstance(wsname, str) or wsname.count("/") != 1:
+                continue
+            names = wsname.split("/")
+            decimals = (pair.get("lot_decimals", 8), pair.get("cost_decimals",
+                                                              pair.get("pair_decimals", 8)))
+            for asset, altname, places in zip((pair.get("base"), pair.get("quote")), names,
+                                              decimals, strict=True):
+                if isinstance(asset, str) and asset not in assets:
+                    assets[asset] = {"aclass": "currency", "altname": altname,
+                                     "decimals": places, "display_decimals": places,
+                                     "status": "enabled"}
+        return orjson.dumps({"error": [], "result": assets})
 
     def _rest_asset_pairs(self, body: bytes, wanted: str) -> tuple[int, bytes]:
         result = orjson.loads(body)["result"]
@@ -619,3 +864,73 @@ def _is_data(message: Any) -> bool:
         isinstance(message, list) and len(message) >= 4
         and isinstance(message[-2], str) and isinstance(message[-1], str)
     )
+
+
+# -- v2 helpers (rule 8) --------------------------------------------------------------
+
+#: Asset names v1 uses where v2 uses the usual ticker.
+_V2_ASSETS = {"XBT": "BTC", "XDG": "DOGE"}
+_V2_SIDES = {"b": "buy", "s": "sell"}
+_V2_ORDER_TYPES = {"l": "limit", "m": "market"}
+_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
+def is_v2(path: str) -> bool:
+    """Whether a connection on ``path`` speaks v2 (``/v2``, or
+    ``/ws.kraken.com/v2`` with the original host kept, as ccxt's URLs are)."""
+    return path.split("?")[0].rstrip("/").endswith("/v2")
+
+
+def v2_symbol(wsname: str) -> str:
+    """v2's name of a v1 ``wsname``: ``XBT/CHF`` -> ``BTC/CHF``."""
+    return "/".join(_V2_ASSETS.get(part, part) for part in wsname.split("/"))
+
+
+def rfc3339(time: str) -> str:
+    """A v1 time (epoch seconds as a decimal string, ``"1618678134.560619"``) as
+    v2 writes times: ``2021-04-17T16:48:54.560619Z`` (microseconds)."""
+    seconds, _, fraction = time.partition(".")
+    if not seconds.isdigit() or (fraction and not fraction.isdigit()):
+        raise ValueError(f"not a v1 time: {time!r}")
+    when = datetime.fromtimestamp(int(seconds), UTC)
+    return f"{when:%Y-%m-%dT%H:%M:%S}.{(fraction + '000000')[:6]}Z"
+
+
+def _number(text: Any) -> str:
+    """A v1 decimal string as a JSON number literal, digits kept; ``ValueError``
+    for anything else."""
+    if not isinstance(text, str) or not _NUMBER.fullmatch(text):
+        raise ValueError(f"not a decimal: {text!r}")
+    return text
+
+
+def _quote(text: str) -> str:
+    return orjson.dumps(text).decode()
+
+
+def _v2_level(level: list) -> str:
+    return f'{{"price":{_number(level[0])},"qty":{_number(level[1])}}}'
+
+
+def _v2_ticker(pair: str, ticker: dict[str, Any], kind: str) -> str:
+    """A v2 ticker message from a v1 ticker payload (``a``/``b``: ``[price,
+    wholeLotVolume, lotVolume]``; ``c``: last trade; 24-hour ``v``, ``p``, ``l``,
+    ``h``, ``o``)."""
+    last, opened = Decimal(ticker["c"][0]), Decimal(ticker["o"][1])
+    change = last - opened
+    pct = (change / opened * 100).quantize(Decimal("0.01")) if opened else Decimal(0)
+    fields = (
+        f'"symbol":{_quote(v2_symbol(pair))}',
+        f'"bid":{_number(ticker["b"][0])}', f'"bid_qty":{_number(ticker["b"][2])}',
+        f'"ask":{_number(ticker["a"][0])}', f'"ask_qty":{_number(ticker["a"][2])}',
+        f'"last":{_number(ticker["c"][0])}', f'"volume":{_number(ticker["v"][1])}',
+        f'"vwap":{_number(ticker["p"][1])}', f'"low":{_number(ticker["l"][1])}',
+        f'"high":{_number(ticker["h"][1])}', f'"change":{format(change, "f")}',
+        f'"change_pct":{format(pct, "f")}',
+    )
+    return '{"channel":"ticker","type":"' + kind + '","data":[{' + ",".join(fields) + "}]}"
+
+
+def _now() -> str:
+    """The time now as v2 writes ``time_in`` / ``time_out``."""
+    return f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%S.%f}Z"
