@@ -60,6 +60,9 @@ from daemon.replay.tape import NO_FAULTS, Faults, merge_frames
 log = logging.getLogger(__name__)
 
 CONNECTION_QUEUE = 16
+#: At full speed (no ``speed``, no ``rate``) the tape yields to other tasks once per
+#: this many frames (and whenever a connection's queue is full).
+MAX_SPEED_BURST = 16
 
 
 class Venue(Protocol):
@@ -303,7 +306,7 @@ class Emulator:
                     shifted_ts = frame.ts + offset
                     for text in self._looper.shift(frame, pass_number):
                         await self._play_frame(number, Received(shifted_ts, text), NO_FAULTS)
-                if self.speed is None and self.rate is None:
+                if self.speed is None and self.rate is None and not number % MAX_SPEED_BURST:
                     await trio.lowlevel.checkpoint()
             log.info(
                 "emulator %s: pass %d finished, %d frames", self.exchange, pass_number + 1,
@@ -332,8 +335,22 @@ class Emulator:
         recorded = frame.text
         if number in faults.corrupt_checksum:
             recorded = self.venue.corrupt_checksum(recorded)
+        plain = number not in faults.malformed and number not in faults.repeat
         for conn in targets:
             try:
+                if plain and not conn.lock.locked():
+                    # no reply is being queued: the frame goes in now, without a
+                    # schedule point, so that at full speed frames leave in bursts
+                    text = self._text_for(conn, key, recorded)
+                    if text is None:
+                        continue
+                    try:
+                        conn.send.send_nowait(text)
+                    except trio.WouldBlock:
+                        pass  # the connection's queue is full: wait below
+                    else:
+                        self.sent += 1
+                        continue
                 async with conn.lock:
                     text = self._text_for(conn, key, recorded)
                     if text is None:
