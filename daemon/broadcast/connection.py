@@ -8,6 +8,7 @@ longer be sent cleanly (a frame was cut by a timeout).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
@@ -136,10 +137,8 @@ class ServerConnection:
                 elif isinstance(event, CloseConnection):
                     if self.closed is None:
                         self.closed = ConnectionClosed(event.code, event.reason or "")
-                        try:
+                        with contextlib.suppress(ConnectionClosed):
                             await self._send_event(event.response())
-                        except ConnectionClosed:
-                            pass
                     await self.stream.aclose()
                     raise self.closed
             await self._receive_some()
