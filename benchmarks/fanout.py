@@ -33,11 +33,19 @@ What runs, for each N in ``--clients`` and each server:
   live (collector, dispatcher, broadcast server); the emulator's CPU is shown
   apart.
 - **load clients**: ``--client-procs`` processes sharing the N connections, each
-  a raw non-blocking WebSocket client (``selectors``) that subscribes to
-  everything, checks ``seq`` per stream (a hole is a gap), answers pings, and
-  records, for every message carrying ``recv_ts``, the latency
-  ``time.time()`` at receipt minus ``recv_ts`` (same machine, same clock), in
-  10 us buckets. Counting starts once every client has caught up (has had an
+  a raw non-blocking WebSocket client that subscribes to everything, checks
+  ``seq`` per stream (a hole is a gap), answers pings, and records, for every
+  message carrying ``recv_ts``, the latency ``time.time()`` at receipt minus
+  ``recv_ts`` (same machine, same clock), in 10 us buckets. ``--client c`` (the
+  default when a C compiler ``cc`` is found) runs ``benchmarks/loadclient.c``,
+  compiled once per run into the temporary directory: one epoll loop per process
+  doing exactly what the Python client does (same handshake and subscription,
+  frames of any length, fragments, pongs, the same seq and latency rules; the
+  JSON is walked for ``type``, ``exchange``, ``symbol``, ``seq`` and ``recv_ts``,
+  not parsed), at a fraction of its CPU, so that the clients take less of the
+  machine from the servers. ``--client python`` runs ``client_process`` (on
+  ``selectors``, about 12 us of CPU per delivery), the fallback without ``cc``.
+  Counting starts once every client has caught up (has had an
   event less than 0.5 s old: after its initial books, which tickwire sends and
   the peer does not; at most 20 s, "caught up" tells how many did), then
   ``--warmup`` seconds, and lasts ``--seconds``.
@@ -60,8 +68,10 @@ import itertools
 import multiprocessing as mp
 import os
 import platform
+import select
 import selectors
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -286,6 +296,86 @@ def client_process(port: int, count: int, subscribe: bool, control: Any) -> None
         conn.sock.close()
 
 
+class CClient:
+    """The load client in C (``benchmarks/loadclient.c``) as a subprocess, behind the
+    interface ``run()`` uses for a Python client's Pipe: ``poll``/``recv``/``send``,
+    and ``pid``/``join``/``is_alive``/``kill`` for the process."""
+
+    def __init__(self, binary: Path, port: int, count: int, subscribe: bool) -> None:
+        self.proc = subprocess.Popen([str(binary), str(port), str(count), str(int(subscribe))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.pid = self.proc.pid
+        assert self.proc.stdout is not None
+        self._fd = self.proc.stdout.fileno()
+        self._buffer = b""
+        self._eof = False
+
+    def _read(self, timeout: float | None) -> bool:
+        """Read what is there (waiting up to ``timeout``); False if nothing came."""
+        ready, _, _ = select.select([self._fd], [], [], timeout)
+        if not ready:
+            return False
+        chunk = os.read(self._fd, 1 << 20)
+        self._eof = not chunk
+        self._buffer += chunk
+        return True
+
+    def _line(self) -> bytes:
+        while b"\n" not in self._buffer:
+            if self._eof:
+                raise EOFError(f"the C load client exited ({self.proc.poll()})")
+            self._read(None)
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer and not self._eof:
+            if not self._read(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def recv(self) -> tuple[Any, ...]:
+        word, _, rest = self._line().decode().partition(" ")
+        if word in ("connected", "ready"):
+            return (word, int(rest))
+        if word == "result":
+            d, g, f, c = (int(x) for x in rest.split())
+            hist = dict(tuple(int(x) for x in item.split(":"))  # type: ignore[misc]
+                        for item in self._line().decode().split()[1:])
+            return ("result", d, g, f, c, hist)
+        return ("error", rest if word == "error" else f"unexpected: {word} {rest}")
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()  # type: ignore[union-attr]
+
+
+def c_client_binary(workdir: Path) -> Path:
+    """``benchmarks/loadclient.c`` compiled into ``workdir`` (once per run of the
+    script: the temporary directory is the script's)."""
+    binary = workdir / "loadclient"
+    if not binary.exists():
+        source = Path(__file__).resolve().parent / "loadclient.c"
+        subprocess.run(["cc", "-O2", "-o", str(binary), str(source)], check=True)
+    return binary
+
+
 # -- the peer: websockets.broadcast -----------------------------------------------------
 
 
@@ -507,6 +597,10 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
         shares = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
         context = mp.get_context("fork")
         for share in shares:
+            if args.client == "c":  # one object: the process and its control pipe
+                worker = CClient(c_client_binary(workdir), port, share, subscribe)
+                clients.append((worker, worker))
+                continue
             parent, child = context.Pipe()
             worker = context.Process(target=client_process, args=(port, share, subscribe, child),
                                      daemon=True)
@@ -661,6 +755,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--idle", type=int, default=1000,
                         help="idle connections for the RSS run (0: skip)")
     parser.add_argument("--servers", default="tickwire,peer")
+    parser.add_argument("--client", choices=("c", "python"),
+                        default="c" if shutil.which("cc") else "python",
+                        help="load client: c (benchmarks/loadclient.c, compiled with `cc` at "
+                             "start; the default when `cc` is found) or python")
     parser.add_argument("--emulator", choices=("inside", "process"), default="inside",
                         help="inside: `tickwire replay` (emulator in the daemon's process); "
                              "process: the emulator in a process of its own and `tickwire "
@@ -678,6 +776,8 @@ def main(argv: list[str] | None = None) -> None:
 
         trio.run(_emulate, args.captures, args.rate)
         return
+    if args.client == "python" and not shutil.which("cc"):
+        print("note: no C compiler (`cc`): the load clients are the Python ones", flush=True)
     if not all((args.captures / name).is_file() for name in CAPTURE_FILES):
         parser.error(f"no Coinbase capture in {args.captures} (use --captures)")
     servers = args.servers.split(",")
