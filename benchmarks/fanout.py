@@ -505,7 +505,7 @@ def wait_listening(port: int, proc: subprocess.Popen, seconds: float = 60) -> No
 
 
 def tickwire_config(directory: Path, max_mode: bool, feed: dict[str, Any] | None = None,
-                    listen: str | None = None) -> Path:
+                    listen: str | None = None, write_delay_ms: float | None = None) -> Path:
     """A config for the bench: quiet logs, limits above the bench's load; with
     ``feed`` (from the ``emulate`` command), the Coinbase feed pointed at it."""
     import attrs
@@ -516,6 +516,8 @@ def tickwire_config(directory: Path, max_mode: bool, feed: dict[str, Any] | None
     server: dict[str, Any] = {"client_queue": 100_000 if max_mode else 4096}
     if listen is not None:
         server["listen"] = f'"{listen}"'
+    if write_delay_ms is not None:  # else the daemon's default
+        server["write_delay_ms"] = write_delay_ms
     for name, value in (("max_connections", 20_000), ("max_connections_per_ip", 20_000)):
         if name in fields:
             server[name] = value
@@ -535,16 +537,18 @@ def tickwire_config(directory: Path, max_mode: bool, feed: dict[str, Any] | None
 
 def start_server(kind: str, port: int, rate: float | None, captures: Path,
                  workdir: Path, emulator: subprocess.Popen | None = None,
+                 write_delay_ms: float | None = None,
                  ) -> tuple[subprocess.Popen, list[str]]:
     files = [str(captures / name) for name in CAPTURE_FILES]
     timing = ["--rate", f"{rate:g}"] if rate else ["--speed", "max"]
     if kind == "tickwire" and emulator is not None:
         assert emulator.stdout is not None
         feed = orjson.loads(emulator.stdout.readline())
-        config = tickwire_config(workdir, rate is None, feed, listen=f"127.0.0.1:{port}")
+        config = tickwire_config(workdir, rate is None, feed, listen=f"127.0.0.1:{port}",
+                                 write_delay_ms=write_delay_ms)
         command = [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)]
     elif kind == "tickwire":
-        config = tickwire_config(workdir, rate is None)
+        config = tickwire_config(workdir, rate is None, write_delay_ms=write_delay_ms)
         command = [sys.executable, "-m", "daemon.cli", "replay", *files, "--loop",
                    *timing, "--listen", f"127.0.0.1:{port}", "--config", str(config)]
     else:
@@ -587,13 +591,14 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
              str(args.captures), *(["--rate", f"{rate:g}"] if rate else [])],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )
-    proc, command = start_server(kind, port, rate, args.captures, workdir, emulator)
+    proc, command = start_server(kind, port, rate, args.captures, workdir, emulator,
+                                  args.write_delay_ms)
     clients: list[tuple[Any, Any]] = []
     try:
         wait_listening(port, proc)
         time.sleep(args.warmup)
         rss_before = rss_bytes(proc.pid)
-        procs = max(1, min(args.client_procs, n))
+        procs = max(1, min(args.client_procs or (1 if args.client == "c" else 2), n))
         shares = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
         context = mp.get_context("fork")
         for share in shares:
@@ -750,8 +755,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="exchange frames per second of the latency run (~events/s)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring window")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
-    parser.add_argument("--client-procs", type=int, default=2,
-                        help="load client processes sharing the connections")
+    parser.add_argument("--client-procs", type=int, default=None,
+                        help="load client processes sharing the connections (default: 1 "
+                             "with the C client, whose one epoll loop wakes less often than "
+                             "two would; 2 with the Python one)")
     parser.add_argument("--idle", type=int, default=1000,
                         help="idle connections for the RSS run (0: skip)")
     parser.add_argument("--servers", default="tickwire,peer")
@@ -763,6 +770,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="inside: `tickwire replay` (emulator in the daemon's process); "
                              "process: the emulator in a process of its own and `tickwire "
                              "run` pointed at it (the daemon then does what it does live)")
+    parser.add_argument("--write-delay-ms", type=float, default=None,
+                        help="tickwire's coalescing window (server.write_delay_ms; default: "
+                             "the daemon's default, 1 ms)")
     parser.add_argument("--modes", default="rate,max", help="rate, max or both")
     parser.add_argument("--captures", type=Path, default=Path(default_captures))
     parser.add_argument("--markdown", type=Path, default=None,
