@@ -77,11 +77,11 @@ class ServerConfig(_Listening):
     client with 4008); ``max_message_size``: largest client frame in bytes (larger
     closes with 1009); ``max_batch`` / ``max_frame_bytes``: most messages and bytes
     in one batched frame; ``write_delay_ms``: the coalescing window: an event that
-    comes within this many milliseconds of the last write waits for the rest of the
-    window and leaves in one write (and one batched frame) with the events that
-    come meanwhile, so that under load a client gets one write per window instead of
-    one per event; an event after a quiet window goes out at once (0: every batch
-    of events is written at once); ``ping_interval`` / ``ping_timeout``: keepalive, seconds
+    comes within this many milliseconds of the end of the last write to the clients
+    waits for the rest of the window and leaves in one write (and one batched frame)
+    with the events that come meanwhile, so that under load a client gets one write
+    per window instead of one per event; an event after a quiet window goes out at
+    once (0: every batch of events is written at once); ``ping_interval`` / ``ping_timeout``: keepalive, seconds
     (no pong in time closes with 4001); ``handshake_timeout``: seconds to complete the
     upgrade; ``idle_timeout``: seconds a client may stay without any subscription;
     ``max_connections`` (total) and ``max_connections_per_ip``;

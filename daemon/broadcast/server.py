@@ -79,29 +79,25 @@ class BroadcastServer:
 
     def flush(self) -> None:
         """Called by the dispatcher after each batch of events: write what is queued
-        to every session it reached, now if the last write is at least
-        ``write_delay_ms`` old, else at the end of that window (``_coalesce``), with
-        whatever more the window brings."""
+        to every session it reached, now if the coalescing window (``write_delay_ms``
+        from the end of the last write) has passed, else at its end (``_coalesce``),
+        with whatever more the window brings. The window counts from the end of a
+        write, so that however long writing to many clients takes, the feeds get
+        that much time to be read before the next one."""
         if not self.dirty:
             return
-        delay = self.config.write_delay_ms / 1000
-        if not delay:
+        if trio.current_time() >= self._next_write:
             self._write()
-            return
-        now = trio.current_time()
-        if now >= self._next_write:
-            self._write()
-            self._next_write = now + delay
         elif not self._write_pending:
             self._write_pending = True
             self._write_wanted.set()
 
     def _write(self) -> None:
         dirty, self.dirty = self.dirty, set()
-        if dirty:
-            self.writes += 1
+        self.writes += 1
         for session in dirty:
             session.flush()
+        self._next_write = trio.current_time() + self.config.write_delay_ms / 1000
 
     async def _coalesce(self) -> None:
         """Write at the end of each coalescing window that held an event."""
@@ -110,8 +106,8 @@ class BroadcastServer:
             self._write_wanted = trio.Event()
             await trio.sleep_until(self._next_write)
             self._write_pending = False
-            self._write()
-            self._next_write = trio.current_time() + self.config.write_delay_ms / 1000
+            if self.dirty:
+                self._write()
 
     async def _drain_on_shutdown(self) -> None:
         try:
