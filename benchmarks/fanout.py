@@ -517,7 +517,7 @@ def tickwire_config(directory: Path, max_mode: bool, feed: dict[str, Any] | None
     if listen is not None:
         server["listen"] = f'"{listen}"'
     if write_delay_ms is not None:  # else the daemon's default
-        server["write_delay_ms"] = write_delay_ms
+        server["max_write_delay_ms"] = write_delay_ms
     for name, value in (("max_connections", 20_000), ("max_connections_per_ip", 20_000)):
         if name in fields:
             server[name] = value
@@ -592,7 +592,7 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )
     proc, command = start_server(kind, port, rate, args.captures, workdir, emulator,
-                                  args.write_delay_ms)
+                                  args.max_write_delay_ms)
     clients: list[tuple[Any, Any]] = []
     try:
         wait_listening(port, proc)
@@ -770,9 +770,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="inside: `tickwire replay` (emulator in the daemon's process); "
                              "process: the emulator in a process of its own and `tickwire "
                              "run` pointed at it (the daemon then does what it does live)")
-    parser.add_argument("--write-delay-ms", type=float, default=None,
-                        help="tickwire's coalescing window (server.write_delay_ms; default: "
-                             "the daemon's default, 1 ms)")
+    parser.add_argument("--max-write-delay-ms", type=float, default=None,
+                        help="tickwire's longest coalescing window "
+                             "(server.max_write_delay_ms; default: the daemon's, 5 ms)")
     parser.add_argument("--modes", default="rate,max", help="rate, max or both")
     parser.add_argument("--captures", type=Path, default=Path(default_captures))
     parser.add_argument("--markdown", type=Path, default=None,

@@ -76,14 +76,17 @@ class ServerConfig(_Listening):
     its slow-consumer policy applies (books and tickers conflate, trades close the
     client with 4008); ``max_message_size``: largest client frame in bytes (larger
     closes with 1009); ``max_batch`` / ``max_frame_bytes``: most messages and bytes
-    in one batched frame; ``write_delay_ms``: the coalescing window: an event that
-    comes within this many milliseconds of the end of the last write to the clients
-    waits for the rest of the window and leaves in one write (and one batched frame)
-    with the events that come meanwhile, so that under load a client gets one write
-    per window instead of one per event; an event after a quiet window goes out at
-    once (0: every batch of events is written at once); ``ping_interval`` / ``ping_timeout``: keepalive, seconds
-    (no pong in time closes with 4001); ``handshake_timeout``: seconds to complete the
-    upgrade; ``idle_timeout``: seconds a client may stay without any subscription;
+    in one batched frame; ``max_write_delay_ms``: the longest coalescing window.
+    After each write to the clients, the window is twice what that write took (a
+    write to one client: microseconds; to a thousand: milliseconds), at most this;
+    an event that comes within it waits for its end and leaves in one write (and
+    one batched frame) with the events that come meanwhile, so that under load a
+    client gets one write per window rather than one per event, and writing takes
+    at most about a third of the process's time; an event after a quiet window goes
+    out at once (0: every batch of events is written at once); ``ping_interval`` /
+    ``ping_timeout``: keepalive, seconds (no pong in time closes with 4001);
+    ``handshake_timeout``: seconds to complete the upgrade; ``idle_timeout``:
+    seconds a client may stay without any subscription;
     ``max_connections`` (total) and ``max_connections_per_ip``;
     ``max_subscriptions``: channel x symbol pairs per client;
     ``max_messages_per_second``: client requests per second (past it ``rate_limited``
@@ -95,7 +98,7 @@ class ServerConfig(_Listening):
     max_message_size: int = attrs.field(default=65536, validator=_positive)
     max_batch: int = attrs.field(default=256, validator=_positive)
     max_frame_bytes: int = attrs.field(default=1 << 20, validator=_positive)
-    write_delay_ms: float = attrs.field(default=1.0, validator=_non_negative)
+    max_write_delay_ms: float = attrs.field(default=5.0, validator=_non_negative)
     ping_interval: float = attrs.field(default=20.0, validator=_positive)
     ping_timeout: float = attrs.field(default=20.0, validator=_positive)
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)

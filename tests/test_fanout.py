@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from pathlib import Path
 
 import attrs
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
+from daemon.broadcast import server as server_module
 from daemon.broadcast.auth import Authenticator
 from daemon.broadcast.server import BroadcastServer
 from daemon.config import AuthConfig, ServerConfig, TokenConfig
@@ -192,16 +194,21 @@ async def test_pending_events_leave_in_one_frame_in_order(captures: Path) -> Non
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("write_delay_ms", [300.0, 0.0])
+@pytest.mark.parametrize(("window_ms", "duty"), [(300.0, math.inf), (0.0, math.inf),
+                                                (300.0, server_module.WRITE_DUTY)])
 async def test_events_within_the_coalescing_window_leave_in_one_write(
-    captures: Path, write_delay_ms: float
+    captures: Path, window_ms: float, duty: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An event after a quiet window goes out at once; those that come within the
     window of the last write wait for its end and leave together (with no window,
-    each batch of events leaves at once in its own frame)."""
+    each batch of events leaves at once in its own frame). The window is
+    ``WRITE_DUTY`` times what the last write took, at most ``max_write_delay_ms``:
+    an infinite duty holds it at ``max_write_delay_ms``; with the real one, a write
+    to one client takes microseconds, and events 10 ms apart each leave at once."""
+    monkeypatch.setattr(server_module, "WRITE_DUTY", duty)
     trades = [e for e in coinbase_events(captures) if isinstance(e, Trade)][:5]
     async with trio.open_nursery() as nursery:
-        running = await start(nursery, write_delay_ms=write_delay_ms)
+        running = await start(nursery, max_write_delay_ms=window_ms)
         async with trio_websocket.open_websocket_url(running.url) as ws, \
                 running.dispatcher.open_source() as source:
             await ws.get_message()
@@ -217,14 +224,15 @@ async def test_events_within_the_coalescing_window_leave_in_one_write(
                     published = running.dispatcher.events
                     await source.send(trade)
                     await until_published(running, published + 1)
+                    await trio.sleep(0.01)
                 while sum(map(len, frames)) < 4:
                     frames.append(messages(await ws.get_message()))
-                await trio.sleep(write_delay_ms / 1000 + 0.05)  # a quiet window
+                await trio.sleep(window_ms / 1000 + 0.05)  # a quiet window
                 await source.send(trades[4])
                 frames.append(messages(await ws.get_message()))
         got = [[m["id"] for m in frame] for frame in frames]
         ids = [t.id for t in trades]
-        if write_delay_ms:
+        if window_ms and duty == math.inf:
             assert got == [ids[:1], ids[1:4], ids[4:]]
             assert running.server.writes - writes == 3
         else:

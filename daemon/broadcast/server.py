@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from typing import Any
 
@@ -26,6 +27,10 @@ from daemon.config import AuthConfig, ServerConfig
 from daemon.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
+
+#: The coalescing window after a write is this many times what the write took (at
+#: most ``max_write_delay_ms``): writing then takes at most a third of the time.
+WRITE_DUTY = 2.0
 
 
 class BroadcastServer:
@@ -79,11 +84,12 @@ class BroadcastServer:
 
     def flush(self) -> None:
         """Called by the dispatcher after each batch of events: write what is queued
-        to every session it reached, now if the coalescing window (``write_delay_ms``
-        from the end of the last write) has passed, else at its end (``_coalesce``),
-        with whatever more the window brings. The window counts from the end of a
-        write, so that however long writing to many clients takes, the feeds get
-        that much time to be read before the next one."""
+        to every session it reached, now if the coalescing window after the last
+        write has passed, else at its end (``_coalesce``), with whatever more the
+        window brings. The window counts from the end of a write and lasts
+        ``WRITE_DUTY`` times what the write took, at most ``max_write_delay_ms``:
+        writing to one client adds no delay; writing to many leaves the feeds twice
+        that time to be read, and what they bring meanwhile goes in one write."""
         if not self.dirty:
             return
         if trio.current_time() >= self._next_write:
@@ -93,11 +99,14 @@ class BroadcastServer:
             self._write_wanted.set()
 
     def _write(self) -> None:
+        started = time.perf_counter()
         dirty, self.dirty = self.dirty, set()
         self.writes += 1
         for session in dirty:
             session.flush()
-        self._next_write = trio.current_time() + self.config.write_delay_ms / 1000
+        took = time.perf_counter() - started
+        self._next_write = trio.current_time() + min(self.config.max_write_delay_ms / 1000,
+                                                      took * WRITE_DUTY)
 
     async def _coalesce(self) -> None:
         """Write at the end of each coalescing window that held an event."""
