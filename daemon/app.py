@@ -162,7 +162,8 @@ class App:
             # ccxt's id of tickwire's exchange (``coinbase``: Coinbase Exchange)
             collector = WatchCollector(name, exchange, self.config.reconnect,
                                        self.dispatcher.open_source(),
-                                       ccxt_id=CCXT_IDS.get(name, name))
+                                       ccxt_id=CCXT_IDS.get(name, name),
+                                       ccxt_config=exchange.credentials())
         else:
             collector = NativeCollector(venue(name), exchange, self.config.reconnect,
                                         self.dispatcher.open_source())

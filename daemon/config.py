@@ -9,6 +9,7 @@ Defaults stream BTC and ETH from Binance, Coinbase and Kraken (``default.toml``)
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from importlib import resources
@@ -36,6 +37,23 @@ def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
 def _non_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
     if value < 0:
         raise ValueError(f"{attribute.name}: must be 0 or more, got {value!r}")
+
+
+#: Environment variable suffixes of ``credentials_env`` and ccxt's setting for each.
+CREDENTIAL_VARIABLES = {"APIKEY": "apiKey", "SECRET": "secret", "PASSWORD": "password",
+                        "UID": "uid"}
+
+
+def _credentials_env(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not value:
+        return
+    if not re.fullmatch(r"[A-Z][A-Z0-9_]*", value):
+        raise ValueError(f"{attribute.name}: must be an environment variable prefix "
+                         f"(A-Z, 0-9, _), got {value!r}")
+    missing = [f"{value}_{suffix}" for suffix in ("APIKEY", "SECRET")
+               if not os.environ.get(f"{value}_{suffix}")]
+    if missing:
+        raise ValueError(f"{attribute.name}: {' and '.join(missing)} not set in the environment")
 
 
 def _listen(instance: Any, attribute: attrs.Attribute, value: str) -> None:
@@ -238,7 +256,12 @@ class ExchangeConfig:
     polls (raised to what the exchange's rate limit allows); ``fallback_after``:
     seconds a native or watch feed may be down before its symbols are polled through ccxt
     until it is back (0: never); ``rest_url`` / ``ws_url``: override the exchange's
-    base URLs (the replay emulator sets them).
+    base URLs (the replay emulator sets them); ``credentials_env``: for ``watch``
+    mode on an exchange whose streams ccxt.pro signs (Coinbase Exchange's
+    ``level2``), the prefix of the environment variables holding the API
+    credentials: ``PREFIX_APIKEY`` and ``PREFIX_SECRET`` (required), ``PREFIX_PASSWORD``
+    and ``PREFIX_UID`` (where the exchange has them). Credentials are never read
+    from the file itself, and never logged (under systemd: ``EnvironmentFile=``).
     """
 
     symbols: list[str] = attrs.field(validator=_symbols)
@@ -249,6 +272,17 @@ class ExchangeConfig:
     fallback_after: float = attrs.field(default=30.0, validator=_non_negative)
     rest_url: str = ""
     ws_url: str = ""
+    credentials_env: str = attrs.field(default="", validator=_credentials_env)
+
+    def credentials(self) -> dict[str, str]:
+        """ccxt's credential settings (``apiKey``, ``secret``, ``password``,
+        ``uid``) from the environment variables ``credentials_env`` names; ``{}``
+        without it."""
+        if not self.credentials_env:
+            return {}
+        found = {field: os.environ.get(f"{self.credentials_env}_{suffix}", "")
+                 for suffix, field in CREDENTIAL_VARIABLES.items()}
+        return {field: value for field, value in found.items() if value}
 
 
 @attrs.frozen(kw_only=True)

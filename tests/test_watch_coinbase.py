@@ -162,3 +162,48 @@ async def test_a_closed_coinbase_connection_recovers_trades_by_id(captures: Path
     print(f"\ncoinbase watch close: {len(trades)} trades, "
           f"{collector.state_counts['reconnecting']} reconnecting, "
           f"{collector.stats.resyncs} resyncs, {collector.stats.book_updates} book updates")
+
+
+def test_credentials_come_from_the_environment_never_the_file(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """``credentials_env`` names environment variables: missing ones are a config
+    error naming the key; present ones reach ccxt.pro (instead of the emulator's
+    placeholders) and appear in no repr or log line."""
+    from daemon.config import ConfigError, load_config
+
+    path = tmp_path / "tickwire.toml"
+    path.write_text('[exchanges.coinbase]\nmode = "watch"\nsymbols = ["BTC-USD"]\n'
+                    'credentials_env = "TW_TEST_COINBASE"\n')
+    for name in ("APIKEY", "SECRET", "PASSWORD"):
+        monkeypatch.delenv(f"TW_TEST_COINBASE_{name}", raising=False)
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        assert str(exc) == ("TW_TEST_COINBASE_APIKEY and "
+                            "TW_TEST_COINBASE_SECRET not set in the environment "
+                            "@ exchanges.coinbase.credentials_env")
+    else:
+        raise AssertionError("a config naming unset credentials was accepted")
+
+    secret = "c2VjcmV0LW9mLXRoZS10ZXN0"  # base64, as Coinbase's secrets are
+    monkeypatch.setenv("TW_TEST_COINBASE_APIKEY", "key-of-the-test")
+    monkeypatch.setenv("TW_TEST_COINBASE_SECRET", secret)
+    monkeypatch.setenv("TW_TEST_COINBASE_PASSWORD", "passphrase-of-the-test")
+    exchange = load_config(path).exchanges["coinbase"]
+    credentials = exchange.credentials()
+    assert credentials == {"apiKey": "key-of-the-test", "secret": secret,
+                           "password": "passphrase-of-the-test"}
+    assert secret not in repr(exchange)
+
+    async def main() -> None:
+        api = make_pro_exchange("coinbaseexchange", "http://127.0.0.1:1", "ws://127.0.0.1:1",
+                                config=credentials)
+        await api.close()
+        assert (api.apiKey, api.secret, api.password) == (
+            "key-of-the-test", secret, "passphrase-of-the-test")  # not the placeholders
+
+    import asyncio
+
+    asyncio.run(main())
+    assert secret not in caplog.text

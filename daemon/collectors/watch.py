@@ -485,7 +485,7 @@ class WatchPlan:
     #: trades are recovered from there once the first watch is up
     trades_since: dict[str, int] = attrs.field(factory=dict)
     #: more of ccxt's constructor settings (``make_pro_exchange``)
-    ccxt_config: dict[str, Any] = attrs.field(factory=dict)
+    ccxt_config: dict[str, Any] = attrs.field(factory=dict, repr=False)  # may hold secrets
 
 
 class Bridge:
