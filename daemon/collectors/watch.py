@@ -155,6 +155,15 @@ THREAD_PREFIX = "tickwire-watch"
 #: ccxt ids whose ccxt.pro signs public subscriptions: ``coinbaseexchange`` signs
 #: ``level2`` (``watch_order_book`` calls ``authenticate()``).
 SIGNS_PUBLIC = frozenset({"coinbaseexchange"})
+#: ccxt.pro spaces WebSocket subscribe requests with the exchange's REST rate limit
+#: (a request costs ``options["ws"]["cost"]`` of it, 1 by default): Kraken's is one
+#: call a second, so 3 channels x 7 pairs took 20 s to subscribe, at start and after
+#: every reconnect. Kraken documents no fixed message rate for its spot WebSocket
+#: (a limit that varies with load, answered with ``Exceeded msg rate``:
+#: https://docs.kraken.com/api/docs/guides/spot-ratelimits); a tenth of a call each
+#: is 10 subscribe requests a second, a start of 21 in about 2 s. A refused
+#: subscription fails its watch, which is watched again with backoff.
+WS_SUBSCRIBE_COST = {"kraken": 0.1}
 #: The ``secret`` given to ccxt.pro on overridden URLs (``make_pro_exchange``):
 #: base64, as Coinbase's HMAC key must be.
 PLACEHOLDER_SECRET = "dGlja3dpcmUtZW11bGF0b3I="
@@ -442,6 +451,9 @@ def make_pro_exchange(
         # fetch_trades reads aggTrades) see them: one trade id for one trade
         # whichever path brings it, so the dispatcher delivers it once
         api.options["watchTrades"] = {**api.options.get("watchTrades", {}), "name": "aggTrade"}
+    if exchange_id in WS_SUBSCRIBE_COST:
+        ws_options = api.options.get("ws") or {}
+        api.options["ws"] = {**ws_options, "cost": WS_SUBSCRIBE_COST[exchange_id]}
     if trades_limit is not None:
         api.options["tradesLimit"] = trades_limit
     if keepalive_ms is not None:
