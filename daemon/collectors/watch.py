@@ -99,8 +99,8 @@ trades and tickers are written from floats too. Its ``watch_bids_asks`` keeps
 results in ``exchange.tickers``, read when ``bidsasks`` lacks the symbol. Its book
 checksum check is off by default (and in ccxt 4.5 cannot run on its float levels),
 so a Kraken book gap shows only as a closed connection. ccxt paces WebSocket
-requests with the REST rate limit (Kraken: one a second), so many symbols take a
-while to subscribe.
+requests with the REST rate limit (Kraken: one a second); a Kraken subscribe
+request counts as a tenth of a call here (``WS_SUBSCRIBE_COST``).
 """
 
 from __future__ import annotations
