@@ -843,9 +843,10 @@ class WatchCollector(CollectorState):
     ``exchange``: the name events carry; ``ccxt_id``: ccxt's id (default: the
     same); ``cfg``: symbols, channels, ``depth``, URL overrides; ``out``: a
     dispatcher source channel; ``buffer``: the bridge's bound; ``ccxt_config``:
-    more of ccxt's constructor settings (tests pace ccxt's requests faster than
-    its default for the exchange with ``{"rateLimit": ms}``: ccxt.pro paces
-    WebSocket subscribe requests as REST calls, Kraken's one a second). Trade memory and
+    more of ccxt's constructor settings: the API credentials of ``credentials_env``
+    (never logged: the plan's repr leaves them out); tests pace ccxt's requests
+    faster with ``{"rateLimit": ms}`` (ccxt.pro paces WebSocket subscribe requests
+    as REST calls). Trade memory and
     books survive a re-watch and a supervisor restart of ``run`` (they live on the
     object): nothing is delivered twice, and a restart sends each book again as a
     snapshot.
