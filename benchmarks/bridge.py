@@ -25,10 +25,12 @@ the collector, not the fan-out (``benchmarks/fanout.py`` does that).
   normalization in trio (float formatting, book diff) and the dispatcher's
   queue. p50 / p99 / max in microseconds (HdrHistogram).
 
-- **hand-off alone**: a plain thread hands ``--handoff`` small items to trio with
-  ``trio.from_thread.run(send.send, item)`` into a channel of the bridge's bound,
-  as the worker does, and trio takes them: the ceiling of the mechanism itself,
-  without ccxt, sockets or normalization.
+- **hand-off alone**: a plain thread hands ``--handoff`` small items to trio
+  through the bridge's ``HandOff`` (a slot of the bound, then ``run_sync_soon``
+  of the channel's ``send_nowait``), as the worker does, and trio takes them: the
+  ceiling of the mechanism itself, without ccxt, sockets or normalization; and,
+  for comparison, through ``trio.from_thread.run(send.send, item)`` (a round trip
+  per item, the bridge's first hand-off).
 
 Counting starts after ``--warmup`` seconds (markets, snapshots, connections).
 CPU of the measured process (user + system over the window, 100 % = one core,
@@ -49,7 +51,7 @@ from pathlib import Path
 import trio
 from hdrh.histogram import HdrHistogram
 
-from daemon.collectors.watch import BRIDGE_BUFFER, WatchCollector
+from daemon.collectors.watch import BRIDGE_BUFFER, HandOff, WatchCollector
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.dispatch import Dispatcher
 from daemon.events import BookSnapshot, BookUpdate, Ticker, Trade
@@ -84,21 +86,28 @@ async def emulate(captures: Path, rate: float | None) -> None:
                           "symbols": symbols, "channels": channels}), flush=True)
 
 
-async def handoff(count: int, buffer: int) -> float:
-    """Items per second through ``trio.from_thread.run(send.send, ...)``."""
+async def handoff(count: int, buffer: int, round_trip: bool = False) -> float:
+    """Items per second through the bridge's ``HandOff`` (or, ``round_trip``, through
+    ``trio.from_thread.run(send.send, ...)``, a round trip between the threads per
+    item, as the bridge did before)."""
     send, receive = trio.open_memory_channel[tuple](buffer)
     token = trio.lowlevel.current_trio_token()
+    hand_off = HandOff(send, buffer)
 
     def worker() -> None:
         for n in range(count):
-            trio.from_thread.run(send.send, ("book", n), trio_token=token)
+            if round_trip:
+                trio.from_thread.run(send.send, ("book", n), trio_token=token)
+            else:
+                hand_off(("book", n))
         trio.from_thread.run_sync(send.close, trio_token=token)
 
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(partial(trio.to_thread.run_sync, worker))
         async for _ in receive:
-            pass
+            if not round_trip:
+                hand_off.taken()
     return count / (time.monotonic() - started)
 
 
@@ -176,6 +185,9 @@ def main() -> None:
     if args.handoff:
         rate = trio.run(handoff, args.handoff, args.buffer)
         print(f"hand-off alone: {rate:,.0f} items/s ({1e6 / rate:.1f} us per item)")
+        rate = trio.run(handoff, args.handoff, args.buffer, True)
+        print(f"hand-off alone, a round trip per item (trio.from_thread.run): {rate:,.0f} "
+              f"items/s ({1e6 / rate:.1f} us per item)")
     print("| emulator | bridge items/s | events/s | latency p50 | p99 | max | CPU | resyncs "
           "| peak buffer |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

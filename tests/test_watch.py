@@ -458,14 +458,13 @@ async def test_backpressure_holds_the_bridge_at_its_bound_and_drops_nothing(
         with trio.fail_after(15):
             # full, and the worker blocked on its next hand-off
             while (collector.channel.statistics().current_buffer_used < bound
-                   or collector.channel.statistics().tasks_waiting_send == 0):  # noqa: ASYNC110
+                   or not collector.statistics()["bridge"]["waiting"]):  # noqa: ASYNC110
                 await trio.sleep(0.02)
         items_while_stalled = collector.items
         samples = []
         for _ in range(10):  # stalled: full, the worker waiting, nothing taken
-            stats = collector.channel.statistics()
-            samples.append((stats.current_buffer_used, stats.tasks_waiting_send,
-                            collector.items))
+            bridge = collector.statistics()["bridge"]
+            samples.append((bridge["buffer_used"], bridge["waiting"], collector.items))
             await trio.sleep(0.05)
         assert samples == [(bound, 1, items_while_stalled)] * 10
         running.set()

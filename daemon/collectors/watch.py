@@ -14,19 +14,22 @@ ccxt.pro is asyncio-only; tickwire is trio. The two meet in a *bridge*:
    symbol. When a watch returns, the task copies what ccxt returned *before its
    next await* (ccxt mutates its book sides and trade lists in place; nothing can
    change them while the task runs) and hands the copy to trio.
-3. The hand-off is ``trio.from_thread.run(send.send, item)`` into a bounded trio
-   memory channel (``buffer``). It blocks the worker thread, and with it the whole
-   asyncio loop, while the channel is full: ccxt reads no socket until trio has
-   taken the item, so backpressure reaches the exchange's TCP window and nothing
-   is dropped (ccxt's caches only fill while its loop runs, and it does not run
-   while blocked).
+3. The hand-off (``HandOff``) puts each item into a bounded trio memory channel
+   (``buffer``) without a round trip between the threads: the worker takes one of
+   ``buffer`` slots (a ``threading.Semaphore``), then schedules the item's
+   ``send_nowait`` in trio (``TrioToken.run_sync_soon``, in order); trio gives the
+   slot back when it receives the item. With every slot taken the worker thread
+   blocks, and with it the whole asyncio loop: ccxt reads no socket until trio
+   has taken an item, so backpressure reaches the exchange's TCP window and
+   nothing is dropped (ccxt's caches only fill while its loop runs, and it does not
+   run while blocked).
 4. The trio side (``WatchCollector.run``) takes the items in order, turns them into
    events with the pure functions below, and sends them to the dispatcher (which
    waits when full: the channel fills, the worker waits, ccxt waits).
 
-Stopping: cancelling ``run`` closes the channel's receiving end, so a hand-off
-blocked in ``send`` raises ``BrokenResourceError`` in the worker, and asks the
-loop (``call_soon_threadsafe``) to set its stop event; either ends the watch
+Stopping: cancelling ``run`` closes the hand-off, so a worker waiting for a slot
+raises ``ClosedResourceError``, and asks the loop (``call_soon_threadsafe``) to
+set its stop event; either ends the watch
 tasks (an ``asyncio.TaskGroup``), then the loop closes the exchange (its
 WebSocket clients and HTTP session), shuts down its default executor and closes.
 The worker's last act closes the channel's sending end. trio joins the thread
@@ -140,6 +143,8 @@ log = logging.getLogger(__name__)
 
 #: Items the bridge's channel holds before the worker thread waits.
 BRIDGE_BUFFER = 64
+#: Seconds between a waiting worker's looks at whether the hand-off was closed.
+HAND_OFF_POLL = 0.05
 #: Seconds trio waits for the worker thread to end after a stop.
 JOIN_TIMEOUT = 10.0
 #: Seconds an exchange gets to close its connections and session.
@@ -498,6 +503,49 @@ class WatchPlan:
     trades_since: dict[str, int] = attrs.field(factory=dict)
     #: more of ccxt's constructor settings (``make_pro_exchange``)
     ccxt_config: dict[str, Any] = attrs.field(factory=dict, repr=False)  # may hold secrets
+
+
+class HandOff:
+    """Items from a worker thread to trio, in order, at most ``bound`` in trio's
+    hands (see the module doc, 3). ``__call__`` runs in the worker: it blocks while
+    every slot is taken and raises ``trio.ClosedResourceError`` once ``close`` was
+    called (or ``trio.RunFinishedError`` once trio is gone). ``taken`` and
+    ``close`` run in trio."""
+
+    def __init__(self, send: trio.MemorySendChannel[tuple], bound: int) -> None:
+        self._send = send
+        self._token = trio.lowlevel.current_trio_token()
+        self._slots = threading.Semaphore(bound)
+        self._bound = bound
+        self._closed = False
+        self.waiting = False  # the worker waits for a slot
+
+    def __call__(self, item: tuple) -> None:
+        while not self._slots.acquire(timeout=HAND_OFF_POLL):
+            self.waiting = True
+            if self._closed:
+                raise trio.ClosedResourceError
+        self.waiting = False
+        if self._closed:
+            raise trio.ClosedResourceError
+        self._token.run_sync_soon(self._deliver, item)
+
+    def _deliver(self, item: tuple) -> None:
+        try:
+            self._send.send_nowait(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the collector is stopping: the worker is told by ``close``
+        except trio.WouldBlock:  # cannot happen: a slot is held for each item
+            log.error("bridge: an item found the channel full (a bug); it was not sent")
+
+    def taken(self) -> None:
+        """trio received an item: its slot is free."""
+        self._slots.release()
+
+    def close(self) -> None:
+        """No more items: a waiting worker raises ``ClosedResourceError``."""
+        self._closed = True
+        self._slots.release(self._bound)  # whoever waits wakes and sees it
 
 
 class Bridge:
@@ -883,6 +931,7 @@ class WatchCollector(CollectorState):
         self.last_receive = 0.0  # trio clock of the last item
         self.bridge: Bridge | None = None
         self.channel: trio.MemorySendChannel[tuple] | None = None
+        self.hand_off: HandOff | None = None
 
     # -- the lifecycle -----------------------------------------------------------------
 
@@ -904,21 +953,23 @@ class WatchCollector(CollectorState):
             trades_since={s: t.last_ts for s, t in self.trades.items() if t.last_ts is not None},
             ccxt_config=self.ccxt_config,
         )
+        hand_off = HandOff(send, self.buffer)
         bridge = Bridge(
             plan,
-            hand_off=partial(trio.from_thread.run, send.send, trio_token=token),
+            hand_off=hand_off,
             done=partial(trio.from_thread.run_sync, send.close, trio_token=token),
         )
-        self.bridge, self.channel = bridge, send
+        self.bridge, self.channel, self.hand_off = bridge, send, hand_off
         try:
             async with receive:
                 bridge.start()
                 async for item in receive:
-                    # a waiting worker refills the slot at once: then this is the bound
-                    used = receive.statistics().current_buffer_used
+                    used = receive.statistics().current_buffer_used + 1  # with this one
                     self.peak_buffer = max(self.peak_buffer, used)
+                    hand_off.taken()
                     await self._handle(item)
         finally:
+            hand_off.close()
             with trio.CancelScope(shield=True):
                 await self._join(bridge)
         if bridge.error is not None:
@@ -996,7 +1047,7 @@ class WatchCollector(CollectorState):
                 "buffer_used": channel.current_buffer_used if channel else 0,
                 "buffer_size": self.buffer,
                 "peak_buffer": self.peak_buffer,
-                "waiting": channel.tasks_waiting_send if channel else 0,
+                "waiting": int(bool(self.hand_off and self.hand_off.waiting)),
                 "thread_alive": bool(self.bridge and self.bridge.thread.is_alive()),
             },
         }
