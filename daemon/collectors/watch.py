@@ -551,9 +551,10 @@ class HandOff:
 class Bridge:
     """One asyncio loop in one worker thread with one ccxt.pro exchange object.
 
-    ``hand_off(item)`` blocks until trio took the item (or raises once trio is
-    gone); ``done()`` is called last, from the worker thread. After the thread
-    ends, ``error`` holds what ended it, if anything but a stop."""
+    ``hand_off(item)`` (a ``HandOff``) blocks while trio holds as many items as
+    the bound (and raises once the collector stopped or trio is gone); ``done()``
+    is called last, from the worker thread. After the thread ends, ``error`` holds
+    what ended it, if anything but a stop."""
 
     def __init__(self, plan: WatchPlan, hand_off: Callable[[tuple], object],
                  done: Callable[[], object]) -> None:
