@@ -563,3 +563,49 @@ def test_replay_help_offers_via(captures: Path) -> None:
 
     result = run_cli("replay", "--help")
     assert result.returncode == 0 and "--via [native|ccxt]" in result.stdout
+
+
+async def test_the_hand_off_keeps_order_holds_its_bound_and_frees_a_waiting_worker() -> None:
+    """The bridge's hand-off, with a plain thread: items arrive in order; with
+    trio taking none, the worker stops at the bound, waiting; ``close`` frees it
+    with ``ClosedResourceError``."""
+    import threading
+
+    from daemon.collectors.watch import HandOff
+
+    bound = 4
+    send, receive = trio.open_memory_channel[tuple](bound)
+    hand_off = HandOff(send, bound)
+    handed: list[int] = []
+    ended: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for n in range(100):
+                hand_off(("item", n))
+                handed.append(n)
+        except BaseException as exc:  # noqa: BLE001 - what ended it is the point
+            ended.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        with trio.fail_after(10):
+            while not hand_off.waiting:  # noqa: ASYNC110 - a thread, not a trio task
+                await trio.sleep(0.01)
+        assert len(handed) == bound and receive.statistics().current_buffer_used == bound
+        got = []
+        with trio.fail_after(10):
+            while len(got) < 50:
+                got.append((await receive.receive())[1])
+                hand_off.taken()
+        assert got == list(range(50))
+        with trio.fail_after(10):
+            while not hand_off.waiting or receive.statistics().current_buffer_used < bound:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        hand_off.close()
+    finally:
+        await trio.to_thread.run_sync(thread.join, 10)
+    assert not thread.is_alive()
+    assert len(ended) == 1 and isinstance(ended[0], trio.ClosedResourceError)
+    assert handed == list(range(50 + bound))
