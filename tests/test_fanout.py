@@ -241,6 +241,41 @@ async def test_events_within_the_coalescing_window_leave_in_one_write(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_batch_that_several_clients_get_is_built_once(
+    captures: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three clients of the same stream, three events within one coalescing window:
+    each gets them in one batched frame, built for the first and written as it is
+    to the other two."""
+    monkeypatch.setattr(server_module, "WRITE_DUTY", math.inf)
+    trades = [e for e in coinbase_events(captures) if isinstance(e, Trade)][:4]
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery, max_write_delay_ms=300.0)
+        async with trio_websocket.open_websocket_url(running.url) as a, \
+                trio_websocket.open_websocket_url(running.url) as b, \
+                trio_websocket.open_websocket_url(running.url) as c, \
+                running.dispatcher.open_source() as source:
+            clients = (a, b, c)
+            for ws in clients:
+                await ws.get_message()
+                await request(ws, {"op": "subscribe", "id": 1, "channels": ["trades"],
+                                   "symbols": ["coinbase:*"]})
+                await receive_until(ws, lambda m: m["type"] == "ack")
+            with trio.fail_after(10):
+                await source.send(trades[0])  # alone, at once: opens the window
+                for ws in clients:
+                    assert [m["id"] for m in messages(await ws.get_message())] == [trades[0].id]
+                for trade in trades[1:]:
+                    published = running.dispatcher.events
+                    await source.send(trade)
+                    await until_published(running, published + 1)
+                frames = [await ws.get_message() for ws in clients]
+        assert frames[0] == frames[1] == frames[2]
+        assert [m["id"] for m in messages(frames[0])] == [t.id for t in trades[1:]]
+        assert running.server.shared_batches == 2
+        nursery.cancel_scope.cancel()
+
+
 # -- keepalive and limits ------------------------------------------------------------
 
 

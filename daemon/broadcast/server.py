@@ -64,6 +64,10 @@ class BroadcastServer:
         #: sessions the dispatcher delivered to since the last write
         self.dirty: set[Session] = set()
         self.writes = 0  # flushes of the dirty sessions
+        #: during a write, the batched frames built so far (with their messages),
+        #: by their messages' ids; ``None`` between writes
+        self.frame_cache: dict[tuple[int, ...], tuple[bytes, list]] | None = None
+        self.shared_batches = 0  # batched frames built once and written to another session
         self._next_write = -math.inf  # trio time before which a write waits
         self._write_pending = False
         self._write_wanted = trio.Event()
@@ -102,8 +106,12 @@ class BroadcastServer:
         started = time.perf_counter()
         dirty, self.dirty = self.dirty, set()
         self.writes += 1
-        for session in dirty:
-            session.flush()
+        self.frame_cache = {}
+        try:
+            for session in dirty:
+                session.flush()
+        finally:
+            self.frame_cache = None
         took = time.perf_counter() - started
         self._next_write = trio.current_time() + min(self.config.max_write_delay_ms / 1000,
                                                       took * WRITE_DUTY)

@@ -400,14 +400,18 @@ class Session:
 
     def _build(self) -> bytes:
         """Frames for everything queued: batches of at most ``max_batch`` messages
-        and ``max_frame_bytes``; a message alone is its shared prebuilt frame."""
+        and ``max_frame_bytes``; a message alone is its shared prebuilt frame, and a
+        batch of the same messages as another session's in the same write is that
+        session's frame (``server.frame_cache``, keyed by the messages)."""
         max_batch, max_bytes = self.config.max_batch, self.config.max_frame_bytes
         frames: list[bytes] = []
         counters = self.counters
         first_recv = 0.0
+        cache = self.server.frame_cache
         while self.queue:
             payloads: list[bytes] = []
             single: Message | None = None
+            shared: list[Message] | None = [] if cache is not None else None
             size = 0
             while self.queue and len(payloads) < max_batch:
                 item = self.queue[0]
@@ -423,12 +427,26 @@ class Session:
                 single = item if isinstance(item, Message) else None
                 if isinstance(item, Message):
                     first_recv = first_recv or item.recv_ts
+                    if shared is not None:
+                        shared.append(item)
+                else:
+                    shared = None  # a control message or a conflated state: this client's
             if not payloads:
                 continue
             if len(payloads) == 1 and single is not None:
                 if single.frame is None:
                     single.frame = text_frame(single.payload)
                 frame = single.frame
+            elif shared is not None and cache is not None:
+                key = tuple(map(id, shared))
+                cached = cache.get(key)
+                if cached is None:
+                    # the messages stay referenced with the frame, so no id in a key
+                    # can be reused by another object during the write
+                    cached = cache[key] = (text_frame(batch_payload(payloads)), shared)
+                else:
+                    self.server.shared_batches += 1
+                frame = cached[0]
             else:
                 frame = text_frame(payloads[0] if len(payloads) == 1 else batch_payload(payloads))
             frames.append(frame)
