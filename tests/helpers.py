@@ -28,6 +28,22 @@ def as_plain(levels: Any) -> dict[str, str]:
     return side
 
 
+def final_books(events: Any) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
+    """The books a stream of ``BookSnapshot`` / ``BookUpdate`` events ends with, per
+    symbol, as plain normalized ``(bids, asks)`` dicts (other events are skipped)."""
+    from daemon.book import L2Book
+    from daemon.events import BookSnapshot, BookUpdate
+
+    books: dict[str, L2Book] = {}
+    for event in events:
+        if isinstance(event, BookSnapshot):
+            books[event.symbol] = L2Book()
+            books[event.symbol].load(event.bids, event.asks)
+        elif isinstance(event, BookUpdate):
+            books[event.symbol].apply(event.bids, event.asks)
+    return {s: (as_plain(b.levels()[0]), as_plain(b.levels()[1])) for s, b in books.items()}
+
+
 def messages(frame: str | bytes) -> list[dict[str, Any]]:
     """The messages of one server frame: an object or a JSON array of them."""
     parsed = orjson.loads(frame)

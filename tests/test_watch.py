@@ -44,7 +44,7 @@ from daemon.replay.emulator import Emulator
 from daemon.replay.run import serve_replay, start_when_subscribed
 from daemon.replay.tape import Faults, merge_frames
 from daemon.replay.venues.binance import BinanceVenue, trade_from_agg_trade
-from tests.helpers import as_plain, messages, request
+from tests.helpers import as_plain, final_books, messages, request
 
 BINANCE = ("BINANCE.0", "BINANCE.ws.1.0", "BINANCE.http.0.0")
 SYMBOLS = {"NKN-USDT", "BLZ-ETH", "LRC-BTC", "RUNE-EUR"}
@@ -511,15 +511,7 @@ async def test_binanceus_through_ccxt_pro(captures: Path) -> None:
         nursery.cancel_scope.cancel()
     send.close()
     events = [e async for e in receive]
-    books: dict[str, L2Book] = {}
-    for event in events:
-        if isinstance(event, BookSnapshot):
-            books[event.symbol] = L2Book()
-            books[event.symbol].load(event.bids, event.asks)
-        elif isinstance(event, BookUpdate):
-            books[event.symbol].apply(event.bids, event.asks)
-    assert {s: (as_plain(b.levels()[0]), as_plain(b.levels()[1]))
-            for s, b in books.items()} == expected
+    assert final_books(events) == expected
     assert all(e.exchange == "binanceus" for e in events)
     assert not [e for e in events if isinstance(e, Ticker | Gap)]
     assert paths and all(path.startswith("/stream.binance.us/ws/") for path in paths)

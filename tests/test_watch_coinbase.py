@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import attrs
+import pytest
 import trio
 
 from daemon.collectors.watch import make_pro_exchange, watch_ticker_event
@@ -177,14 +178,11 @@ def test_credentials_come_from_the_environment_never_the_file(
                     'credentials_env = "TW_TEST_COINBASE"\n')
     for name in ("APIKEY", "SECRET", "PASSWORD"):
         monkeypatch.delenv(f"TW_TEST_COINBASE_{name}", raising=False)
-    try:
+    with pytest.raises(ConfigError) as refused:
         load_config(path)
-    except ConfigError as exc:
-        assert str(exc) == ("TW_TEST_COINBASE_APIKEY and "
-                            "TW_TEST_COINBASE_SECRET not set in the environment "
-                            "@ exchanges.coinbase.credentials_env")
-    else:
-        raise AssertionError("a config naming unset credentials was accepted")
+    assert str(refused.value) == ("TW_TEST_COINBASE_APIKEY and "
+                                  "TW_TEST_COINBASE_SECRET not set in the environment "
+                                  "@ exchanges.coinbase.credentials_env")
 
     secret = "c2VjcmV0LW9mLXRoZS10ZXN0"  # base64, as Coinbase's secrets are
     monkeypatch.setenv("TW_TEST_COINBASE_APIKEY", "key-of-the-test")

@@ -15,16 +15,15 @@ from pathlib import Path
 import attrs
 import trio
 
-from daemon.book import L2Book
 from daemon.collectors.watch import WatchCollector
 from daemon.config import AdminConfig, ExchangeConfig, ReconnectConfig
 from daemon.events import BookSnapshot, BookUpdate, Gap, Ticker, Trade
 from daemon.replay.capture import read_capture
 from daemon.replay.emulator import Emulator
 from daemon.replay.run import start_when_subscribed
-from daemon.replay.tape import merge_frames
+from daemon.replay.tape import NO_FAULTS, Faults, merge_frames
 from daemon.replay.venues.kraken import KrakenVenue, rfc3339, v2_symbol
-from tests.helpers import as_plain
+from tests.helpers import as_plain, final_books
 from tests.test_watch import fast_config, replay_and_collect
 
 KRAKEN = ("KRAKEN.0", "KRAKEN.ws.48.0", "KRAKEN.ws.49.0", "KRAKEN.ws.50.0")
@@ -35,6 +34,24 @@ DEPTH = 1000
 def kraken_tape(captures: Path):
     captures_ = [read_capture(captures / f) for f in KRAKEN]
     return captures_, merge_frames(captures_)
+
+
+async def start_watch(nursery: trio.Nursery, captures_: list, faults: Faults = NO_FAULTS):
+    """The Kraken emulator (its tape started once every ccxt subscription is in) and
+    a watch collector on it, its events into an unbounded-enough channel:
+    ``(emulator, collector, receive)``. ``rateLimit`` 20 ms paces ccxt's requests
+    faster than Kraken's REST limit would."""
+    emulator = Emulator(captures_, speed=None, autostart=False, faults=faults)
+    address = await nursery.start(emulator.serve)
+    symbols, channels = emulator.venue.subscriptions(captures_)
+    send, receive = trio.open_memory_channel(100_000)
+    cfg = ExchangeConfig(symbols=symbols, channels=channels, mode="watch", depth=DEPTH,
+                         rest_url=address.rest_url, ws_url=address.ws_url)
+    collector = WatchCollector("kraken", cfg, ReconnectConfig(base=0.05, cap=0.2), send,
+                               ccxt_config={"rateLimit": 20})
+    nursery.start_soon(collector.run)
+    nursery.start_soon(start_when_subscribed, emulator, collector)
+    return emulator, collector, receive
 
 
 def v1_reference(tape) -> tuple[dict[str, tuple[dict, dict]], list, dict[str, dict]]:
@@ -200,16 +217,7 @@ async def test_kraken_through_ccxt_pro_v2_equals_the_native_collector(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_native)
-        emulator = Emulator(captures_, speed=None, autostart=False)
-        address = await nursery.start(emulator.serve)
-        symbols, channels = emulator.venue.subscriptions(captures_)
-        send, receive = trio.open_memory_channel(100_000)
-        cfg = ExchangeConfig(symbols=symbols, channels=channels, mode="watch", depth=DEPTH,
-                             rest_url=address.rest_url, ws_url=address.ws_url)
-        collector = WatchCollector("kraken", cfg, ReconnectConfig(base=0.05, cap=0.2), send,
-                                   ccxt_config={"rateLimit": 20})
-        nursery.start_soon(collector.run)
-        nursery.start_soon(start_when_subscribed, emulator, collector)
+        emulator, collector, receive = await start_watch(nursery, captures_)
         with trio.fail_after(30):
             await emulator.finished.wait()
             while not all(b.synced for b in collector.books.values()):  # noqa: ASYNC110
@@ -228,15 +236,7 @@ async def test_kraken_through_ccxt_pro_v2_equals_the_native_collector(
         nursery.cancel_scope.cancel()
 
     assert paths == {V2}
-    books: dict[str, L2Book] = {}
-    for event in events:
-        if isinstance(event, BookSnapshot):
-            books[event.symbol] = L2Book()
-            books[event.symbol].load(event.bids, event.asks)
-        elif isinstance(event, BookUpdate):
-            books[event.symbol].apply(event.bids, event.asks)
-    watch_books = {s: (as_plain(b.levels()[0]), as_plain(b.levels()[1]))
-                   for s, b in books.items()}
+    watch_books = final_books(events)
     native_replay, native_got, native_books = native["result"]
     assert watch_books == native_books == expected
 
@@ -275,7 +275,6 @@ async def test_a_closed_kraken_v2_connection_recovers_the_trade_by_rest_id(
     history, whose ids are the v2 ``trade_id``s, so every trade is delivered once;
     the books rebuild from new snapshots and end as recorded."""
     from daemon.exchanges.kraken import parse_markets
-    from daemon.replay.tape import Faults
 
     captures_, tape = kraken_tape(captures)
     expected_v1, recorded_trades, _ = v1_reference(tape)
@@ -284,17 +283,8 @@ async def test_a_closed_kraken_v2_connection_recovers_the_trade_by_rest_id(
                     and isinstance(json.loads(f.text), list)]
     events: list = []
     async with trio.open_nursery() as nursery:
-        emulator = Emulator(captures_, speed=None, autostart=False,
-                            faults=Faults(close=frozenset({trade_frames[3]})))
-        address = await nursery.start(emulator.serve)
-        symbols, channels = emulator.venue.subscriptions(captures_)
-        send, receive = trio.open_memory_channel(100_000)
-        cfg = ExchangeConfig(symbols=symbols, channels=channels, mode="watch", depth=DEPTH,
-                             rest_url=address.rest_url, ws_url=address.ws_url)
-        collector = WatchCollector("kraken", cfg, ReconnectConfig(base=0.05, cap=0.2), send,
-                                   ccxt_config={"rateLimit": 20})
-        nursery.start_soon(collector.run)
-        nursery.start_soon(start_when_subscribed, emulator, collector)
+        emulator, collector, receive = await start_watch(
+            nursery, captures_, Faults(close=frozenset({trade_frames[3]})))
         with trio.fail_after(30):
             await emulator.finished.wait()
             while not (collector.state == "subscribed"
@@ -306,7 +296,7 @@ async def test_a_closed_kraken_v2_connection_recovers_the_trade_by_rest_id(
                 await trio.sleep(0.3)
         connections = emulator.connections_total
         nursery.cancel_scope.cancel()
-    send.close()
+    collector.out.close()  # the collector's end of the event channel
     events = [e async for e in receive]
     trades = [e for e in events if isinstance(e, Trade)]
     assert len({(t.symbol, t.id) for t in trades}) == len(trades) == len(recorded_trades)
@@ -314,15 +304,7 @@ async def test_a_closed_kraken_v2_connection_recovers_the_trade_by_rest_id(
         (markets[p], Decimal(price), Decimal(size)) for p, price, size, *_ in recorded_trades)
     assert not [e for e in events if isinstance(e, Gap)]
     assert connections >= 2 and collector.state_counts["reconnecting"] >= 1
-    books: dict[str, L2Book] = {}
-    for event in events:
-        if isinstance(event, BookSnapshot):
-            books[event.symbol] = L2Book()
-            books[event.symbol].load(event.bids, event.asks)
-        elif isinstance(event, BookUpdate):
-            books[event.symbol].apply(event.bids, event.asks)
-    assert {s: (as_plain(b.levels()[0]), as_plain(b.levels()[1])) for s, b in books.items()} == {
-        markets[p]: book for p, book in expected_v1.items()}
+    assert final_books(events) == {markets[p]: book for p, book in expected_v1.items()}
     print(f"\nkraken watch close: {len(trades)} trades, {connections} connections, "
           f"{sum(isinstance(e, BookSnapshot) for e in events)} snapshots, "
           f"{collector.stats.book_updates} book updates")
