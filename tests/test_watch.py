@@ -152,8 +152,10 @@ def recorded_binance(captures: Path):
     return frames, independent_books(frames, snapshots), trade_ids, tickers
 
 
-async def settle(replay, exchange: str = "binance") -> None:
-    """Until the tape is over, every book synced, and nothing moves for 0.3 s."""
+async def settle(replay, exchange: str = "binance", reconnects: int = 0) -> None:
+    """Until the tape is over, the collector has been ``reconnecting`` at least
+    ``reconnects`` times (a closed connection reaches it through ccxt's thread,
+    possibly after the tape's end), every book synced, and nothing moves for 0.3 s."""
     collector = replay.app.collectors[exchange]
     with trio.fail_after(30):
         await replay.wait_finished()
@@ -166,7 +168,7 @@ async def settle(replay, exchange: str = "binance") -> None:
             else:
                 synced = all(collector.feed.book(s) is not None for s in collector.cfg.symbols)
             if (now == last and stats.buffer_used == 0 and collector.state == "subscribed"
-                    and synced):
+                    and synced and collector.state_counts["reconnecting"] >= reconnects):
                 return
             last = now
             await trio.sleep(0.3)
@@ -211,7 +213,7 @@ async def replay_and_collect(captures: Path, via: str, faults: Faults | None = N
 
             async with trio.open_nursery() as inner:
                 inner.start_soon(read)
-                await settle(replay, exchange)
+                await settle(replay, exchange, 1 if faults and faults.close else 0)
                 await trio.sleep(0.2)
                 inner.cancel_scope.cancel()
         collector = replay.app.collectors[exchange]

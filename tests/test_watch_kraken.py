@@ -207,6 +207,7 @@ async def test_kraken_through_ccxt_pro_v2_equals_the_native_collector(
     markets = parse_markets(captures_[0].rest[0].body)
     expected = {markets[pair]: book for pair, book in expected_v1.items()}
     native: dict[str, tuple] = {}
+    native_done = trio.Event()
     events: list = []
 
     async def run_native() -> None:
@@ -214,6 +215,7 @@ async def test_kraken_through_ccxt_pro_v2_equals_the_native_collector(
         native["result"] = await replay_and_collect(captures, "native", config=config,
                                                     speed=None, files=KRAKEN,
                                                     exchange="kraken")
+        native_done.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_native)
@@ -226,6 +228,7 @@ async def test_kraken_through_ccxt_pro_v2_equals_the_native_collector(
             while last != collector.items:
                 last = collector.items
                 await trio.sleep(0.3)
+            await native_done.wait()  # the two replays run side by side
         paths = {c.path for c in emulator.connections}
         stats = collector.statistics()
         while True:
@@ -287,7 +290,8 @@ async def test_a_closed_kraken_v2_connection_recovers_the_trade_by_rest_id(
             nursery, captures_, Faults(close=frozenset({trade_frames[3]})))
         with trio.fail_after(30):
             await emulator.finished.wait()
-            while not (collector.state == "subscribed"
+            # the close reaches the collector through ccxt's thread: wait for it
+            while not (collector.state_counts["reconnecting"] and collector.state == "subscribed"
                        and all(b.synced for b in collector.books.values())):
                 await trio.sleep(0.05)
             last = None

@@ -51,8 +51,9 @@ from typing import Any, Protocol, cast
 
 import attrs
 import trio
-import trio_websocket
 
+from daemon.broadcast.connection import ConnectionClosed, ServerConnection
+from daemon.broadcast.frames import text_frame
 from daemon.replay.capture import Capture, Received, exchange_of
 from daemon.replay.http import serve_http
 from daemon.replay.tape import NO_FAULTS, Faults, merge_frames
@@ -60,6 +61,11 @@ from daemon.replay.tape import NO_FAULTS, Faults, merge_frames
 log = logging.getLogger(__name__)
 
 CONNECTION_QUEUE = 16
+#: A connection's writer joins at most this many queued frames into one write.
+WRITE_BATCH = 16
+#: Seconds a client has to send its WebSocket upgrade request.
+HANDSHAKE_TIMEOUT = 10.0
+MAX_MESSAGE_SIZE = 1 << 20
 #: At full speed (no ``speed``, no ``rate``) the tape yields to other tasks once per
 #: this many frames (and whenever a connection's queue is full).
 MAX_SPEED_BURST = 16
@@ -118,7 +124,7 @@ def make_venue(exchange: str, captures: list[Capture]) -> Venue:
 
 @attrs.define(eq=False)
 class _Connection:
-    ws: trio_websocket.WebSocketConnection
+    ws: ServerConnection
     keys: set[str]
     send: trio.MemorySendChannel[str]
     path: str = "/"
@@ -126,6 +132,9 @@ class _Connection:
     #: held while a client request's replies are queued, so no tape frame can
     #: slip between them (a frame before its book's snapshot would be lost)
     lock: trio.StrictFIFOLock = attrs.field(factory=trio.StrictFIFOLock)
+    #: the connection's handler: a close (fault) gives it a deadline
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    ended: trio.Event = attrs.field(factory=trio.Event)  # the TCP connection is closed
 
 
 @attrs.frozen
@@ -211,55 +220,68 @@ class Emulator:
         """Serve REST and WebSocket on ``host`` (ports picked by the system)."""
         async with trio.open_nursery() as nursery:
             rest_port = await nursery.start(serve_http, self.venue.rest, self.host, 0)
-            ws_server = await nursery.start(
-                partial(
-                    trio_websocket.serve_websocket, self._handle, self.host, 0, None,
-                    max_message_size=1 << 20,
-                )
-            )
+            listeners = await nursery.start(partial(trio.serve_tcp, self._handle, 0,
+                                                    host=self.host))
+            ws_port = listeners[0].socket.getsockname()[1]
             self.address = EmulatorAddress(
                 exchange=self.exchange,
                 rest_url=f"http://{self.host}:{rest_port}",
-                ws_url=f"ws://{self.host}:{ws_server.port}",
+                ws_url=f"ws://{self.host}:{ws_port}",
             )
             nursery.start_soon(self._play)
             task_status.started(self.address)
 
-    async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        ws = ServerConnection(stream, MAX_MESSAGE_SIZE)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                handshake = await ws.receive_handshake()
+            await ws.accept()
+        except (ConnectionClosed, trio.TooSlowError):
+            await stream.aclose()
+            return
+        path = handshake.target  # with its query: Binance's /stream?streams=...
         send, receive = trio.open_memory_channel[str](CONNECTION_QUEUE)
-        conn = _Connection(
-            ws=ws, keys=self.venue.open(request.path), send=send, path=request.path
-        )
+        conn = _Connection(ws=ws, keys=self.venue.open(path), send=send, path=path)
         self.connections.add(conn)
         self.connections_total += 1
         self._keys_changed.set()  # keys from the path (Binance's streams)
         self._keys_changed = trio.Event()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write, conn, receive)
-                # e.g. Kraken's systemStatus (v2's status on a v2 path: greeting_for)
-                greeting_for = getattr(self.venue, "greeting_for", None)
-                greeting = greeting_for(request.path) if greeting_for else self.venue.greeting()
-                for text in greeting:
-                    await send.send(text)
-                if conn.keys and self.autostart:
-                    self.started.set()
-                while True:
-                    text = await ws.get_message()
-                    async with conn.lock:
-                        for reply in self.venue.on_client_message(conn.keys, text):
-                            await send.send(reply)
-                    self._keys_changed.set()
-                    self._keys_changed = trio.Event()
-                    if conn.keys and self.autostart:
-                        self.started.set()
-        except* trio_websocket.ConnectionClosed:
+            with conn.scope:
+                await self._serve_connection(conn, receive, path)
+        except* ConnectionClosed:
             pass
         finally:
             conn.closed = True
             self.connections.discard(conn)
             receive.close()  # a tape blocked on this connection moves on
+            try:
+                await stream.aclose()
+            finally:
+                conn.ended.set()
+
+    async def _serve_connection(self, conn: _Connection, receive: trio.MemoryReceiveChannel[str],
+                                path: str) -> None:
+        send, ws = conn.send, conn.ws
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write, conn, receive)
+            # e.g. Kraken's systemStatus (v2's status on a v2 path: greeting_for)
+            greeting_for = getattr(self.venue, "greeting_for", None)
+            greeting = greeting_for(path) if greeting_for else self.venue.greeting()
+            for text in greeting:
+                await send.send(text)
+            if conn.keys and self.autostart:
+                self.started.set()
+            while True:
+                text = await ws.get_message()
+                async with conn.lock:
+                    for reply in self.venue.on_client_message(conn.keys, text):
+                        await send.send(reply)
+                self._keys_changed.set()
+                self._keys_changed = trio.Event()
+                if conn.keys and self.autostart:
+                    self.started.set()
 
     def subscribed_keys(self) -> set[str]:
         """The routing keys the open connections hold, together."""
@@ -271,10 +293,18 @@ class Emulator:
             await self._keys_changed.wait()
 
     async def _write(self, conn: _Connection, receive: trio.MemoryReceiveChannel[str]) -> None:
+        """Send what is queued for ``conn``: the frames queued meanwhile (at most
+        ``WRITE_BATCH``) leave in one write, as an exchange's server streams them."""
         try:
             async for text in receive:
-                await conn.ws.send_message(text)
-        except trio_websocket.ConnectionClosed:
+                frames = [text_frame(text.encode())]
+                while len(frames) < WRITE_BATCH:
+                    try:
+                        frames.append(text_frame(receive.receive_nowait().encode()))
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await conn.ws.send_frames(b"".join(frames))
+        except ConnectionClosed:
             pass
 
     async def _play(self) -> None:
@@ -327,8 +357,10 @@ class Emulator:
         if number in faults.close:
             for conn in targets:
                 conn.closed = True
-                with trio.move_on_after(2):
-                    await conn.ws.aclose(1001, "emulator: fault injected")
+                # the close frame; the tape waits for the client's answer, at most 2 s
+                await conn.ws.close(1001, "emulator: fault injected")
+                conn.scope.deadline = min(conn.scope.deadline, trio.current_time() + 2)
+                await conn.ended.wait()
             return
         if number in faults.drop:
             return
