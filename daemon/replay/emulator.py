@@ -11,6 +11,11 @@ frame advances the venue's state (its books) and goes to every open connection
 that subscribed to it, through a small bounded queue per connection: a connection
 that does not read holds the tape, as a TCP window would.
 
+The WebSocket side is the broadcast server's ``ServerConnection`` (wsproto for
+the handshake and for what clients send, prebuilt frames for what we send): the
+frames queued for a connection leave together in one write (at most
+``WRITE_BATCH``), as a busy exchange's server streams them.
+
 A connection that comes later (a reconnect) joins the tape where it is: what it
 missed is gone, as on a real exchange, and its collector must recover. Faults
 (``tape.Faults``) are injected by frame number.
