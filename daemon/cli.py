@@ -134,9 +134,14 @@ def _speed(ctx: click.Context, param: click.Parameter, value: str) -> float | No
 @click.option("--via", type=click.Choice(["native", "ccxt"]), default="native",
               show_default=True,
               help="Collect through the native collectors, or through ccxt.pro (watch mode).")
+@click.option("--emulators", type=click.Choice(["inside", "process"]), default="inside",
+              show_default=True,
+              help="Run the emulators in the daemon's process, or each exchange's in a "
+                   "process of its own (the daemon then spends only what it does live; "
+                   "native collectors).")
 def replay(
     captures: tuple[str, ...], speed: float | None, listen: str | None, config_path: str | None,
-    loop: bool, rate: float | None, via: str,
+    loop: bool, rate: float | None, via: str, emulators: str,
 ) -> None:
     """Run the daemon on recorded traffic: each exchange's capture files are served by
     an emulator on 127.0.0.1, and the collectors connect to it as to the exchange."""
@@ -159,13 +164,47 @@ def replay(
     async def start(*, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             replay = await nursery.start(
-                partial(serve_replay, captures, config, speed, loop=loop, rate=rate, via=via)
+                partial(serve_replay, captures, config, speed, loop=loop, rate=rate, via=via,
+                        emulators=emulators)
             )
             task_status.started()
             await replay.wait_finished()
             log.info("replay: every capture played; still serving (Ctrl-C to stop)")
 
     _run_daemon(_until_signal, start)
+
+
+@main.command()
+@click.argument("captures", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--speed", default="1", show_default=True, callback=_speed,
+              help="Replay speed: a factor of the recorded timing, or 'max'.")
+@click.option("--loop", is_flag=True, help="Play the captures again and again (as replay).")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Exchange messages per second (per exchange), overriding --speed.")
+def emulate(captures: tuple[str, ...], speed: float | None, loop: bool,
+            rate: float | None) -> None:
+    """Serve recorded traffic as the exchanges would, on 127.0.0.1, without the
+    daemon: one emulator per exchange. Prints one JSON line per exchange with its
+    rest_url, ws_url and the recorded symbols and channels, and another when its
+    tape has played (``tickwire replay --emulators process`` runs this)."""
+    from functools import partial
+
+    from daemon.replay.process import serve_emulators
+    from daemon.replay.run import group_captures
+
+    setup_logging("info")
+    try:
+        groups = group_captures(captures)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="CAPTURES") from None
+    try:
+        trio.run(_until_signal, partial(serve_emulators, groups, speed, loop=loop, rate=rate))
+    except* ValueError as group:
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        click.echo(f"tickwire: {error}", err=True)
+        sys.exit(2)
 
 
 def _socket_option(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -408,29 +408,33 @@ class Session:
         counters = self.counters
         first_recv = 0.0
         cache = self.server.frame_cache
-        while self.queue:
+        queue = self.queue
+        while queue:
             payloads: list[bytes] = []
             single: Message | None = None
             shared: list[Message] | None = [] if cache is not None else None
             size = 0
-            while self.queue and len(payloads) < max_batch:
-                item = self.queue[0]
-                payload = self._render(item)
+            while queue and len(payloads) < max_batch:
+                item = queue[0]
+                is_message = type(item) is Message
+                payload = item.payload if is_message else self._render(item)
                 if payload is None:
-                    self.queue.popleft()
+                    queue.popleft()
                     continue
                 if payloads and size + len(payload) > max_bytes:
                     break
-                self.queue.popleft()
+                queue.popleft()
                 payloads.append(payload)
                 size += len(payload) + 1
-                single = item if isinstance(item, Message) else None
-                if isinstance(item, Message):
-                    first_recv = first_recv or item.recv_ts
+                if is_message:
+                    single = item
+                    if not first_recv:
+                        first_recv = item.recv_ts
                     if shared is not None:
                         shared.append(item)
                 else:
-                    shared = None  # a control message or a conflated state: this client's
+                    # a control message or a conflated state: this client's only
+                    single = shared = None
             if not payloads:
                 continue
             if len(payloads) == 1 and single is not None:

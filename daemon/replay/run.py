@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -18,6 +19,7 @@ from daemon.app import App
 from daemon.config import Config, ExchangeConfig
 from daemon.replay.capture import Capture, exchange_of, read_capture
 from daemon.replay.emulator import Emulator
+from daemon.replay.process import EmulatorProcess, run_emulator_process
 from daemon.replay.tape import NO_FAULTS, Faults
 
 #: The exchanges whose emulators serve ccxt.pro (``via="ccxt"``).
@@ -26,10 +28,11 @@ VIA_CCXT = ("binance", "binanceus", "coinbase", "kraken")
 
 @attrs.define
 class Replay:
-    """A running replay: the daemon and its emulators, by exchange."""
+    """A running replay: the daemon and its emulators, by exchange (``Emulator``
+    objects, or ``EmulatorProcess`` handles with ``emulators="process"``)."""
 
     app: App
-    emulators: dict[str, Emulator]
+    emulators: dict[str, Emulator | EmulatorProcess]
 
     async def wait_finished(self) -> None:
         """Return once every emulator has played its whole tape (never while one
@@ -80,6 +83,7 @@ async def serve_replay(
     rate: float | None = None,
     passes: int | None = None,
     via: str = "native",
+    emulators: str = "inside",
     task_status: trio.TaskStatus[Replay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run emulators for ``paths`` and the daemon on them until cancelled.
@@ -90,11 +94,20 @@ async def serve_replay(
     at most that many, for tests); ``rate`` is in exchange frames per second per
     emulator and overrides ``speed`` (see ``daemon.replay.emulator``). ``via``:
     ``native`` (the native collectors) or ``ccxt`` (the ``watch`` mode: ccxt.pro
-    on the emulators, for the exchanges in ``VIA_CCXT``). Raises ``ValueError``
-    when an exchange's emulator cannot loop, or cannot serve ccxt.pro.
+    on the emulators, for the exchanges in ``VIA_CCXT``). ``emulators``:
+    ``inside`` (in this process) or ``process`` (each exchange's in a child process,
+    ``daemon.replay.process``: the daemon's process then does only what it does
+    live; native collectors, no faults). Raises ``ValueError`` when an exchange's
+    emulator cannot loop, or cannot serve ccxt.pro, or for a combination that
+    child emulators cannot do; ``EmulatorProcessError`` when a child fails.
     """
     if via not in ("native", "ccxt"):
         raise ValueError(f"via must be 'native' or 'ccxt', not {via!r}")
+    if emulators not in ("inside", "process"):
+        raise ValueError(f"emulators must be 'inside' or 'process', not {emulators!r}")
+    if emulators == "process" and (via != "native" or faults or passes is not None):
+        raise ValueError("emulators in child processes replay to the native collectors, "
+                         "without faults or a bound on passes")
     faults = faults or {}
     groups = group_captures(paths)
     if via == "ccxt":
@@ -103,33 +116,42 @@ async def serve_replay(
             raise ValueError(f"the {unserved[0]} emulator cannot serve ccxt.pro yet "
                              f"(--via ccxt replays {', '.join(VIA_CCXT)})")
     async with trio.open_nursery() as nursery:
-        emulators: dict[str, Emulator] = {}
+        running: dict[str, Emulator | EmulatorProcess] = {}
         exchanges: dict[str, ExchangeConfig] = {}
         for exchange, captures in groups.items():
-            emulator = Emulator(
-                captures, speed=speed, faults=faults.get(exchange, NO_FAULTS),
-                loop=loop, passes=passes, rate=rate, autostart=via == "native",
-            )
-            address = await nursery.start(emulator.serve)
-            emulators[exchange] = emulator
-            symbols, channels = emulator.venue.subscriptions(captures)
+            if emulators == "process":
+                child: EmulatorProcess = await nursery.start(partial(
+                    run_emulator_process, exchange, [c.path for c in captures], speed,
+                    loop=loop, rate=rate))
+                running[exchange] = child
+                address, depth = child.address, child.depth
+                symbols, channels = child.symbols, child.channels
+            else:
+                emulator = Emulator(
+                    captures, speed=speed, faults=faults.get(exchange, NO_FAULTS),
+                    loop=loop, passes=passes, rate=rate, autostart=via == "native",
+                )
+                address = await nursery.start(emulator.serve)
+                running[exchange] = emulator
+                symbols, channels = emulator.venue.subscriptions(captures)
+                depth = getattr(emulator.venue, "recorded_depth", 1000)
             if not symbols:
                 continue  # metadata only (X.0 files alone)
             exchanges[exchange] = ExchangeConfig(
                 symbols=symbols,
                 channels=channels,
-                depth=getattr(emulator.venue, "recorded_depth", 1000),
+                depth=depth,
                 rest_url=address.rest_url,
                 ws_url=address.ws_url,
                 mode="watch" if via == "ccxt" else "native",
             )
         app = App(attrs.evolve(config, exchanges=exchanges))
         await nursery.start(app.run)
-        for exchange, emulator in emulators.items():
-            if not emulator.autostart:
+        for exchange, emulator in running.items():
+            if isinstance(emulator, Emulator) and not emulator.autostart:
                 collector = app.collectors.get(exchange)
                 if collector is None:
                     emulator.started.set()
                 else:
                     nursery.start_soon(start_when_subscribed, emulator, collector)
-        task_status.started(Replay(app=app, emulators=emulators))
+        task_status.started(Replay(app=app, emulators=running))
