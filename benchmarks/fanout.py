@@ -10,10 +10,13 @@ library, for the peer) and the recorded traffic (``--captures``, default
 
 What runs, for each N in ``--clients`` and each server:
 
-- **tickwire**: ``tickwire replay COINBASE.0 COINBASE.ws.28.0 --loop`` as a
-  subprocess (emulator, collector, dispatcher and broadcast server in one
-  process, as deployed), at ``--rate`` exchange frames per second (latency run)
-  or ``--speed max`` (throughput run).
+- **tickwire**: ``tickwire replay COINBASE.0 COINBASE.ws.28.0 --loop
+  --emulators process`` as a subprocess, at ``--rate`` exchange frames per second
+  (latency run) or ``--speed max`` (throughput run). The exchange emulator runs in
+  a child process of the daemon's, as the exchange runs elsewhere: the daemon's
+  process does what it does live (collector, dispatcher, broadcast server); the
+  emulator's CPU is shown apart. ``--emulator inside`` keeps the emulator in the
+  daemon's process (``tickwire replay``'s default), sharing its one core.
 - **peer**: this script's ``peer`` command, a minimal asyncio server written with
   ``websockets`` that sends every event to every connection with
   ``websockets.broadcast``. It is fed the same events: it loops the same capture
@@ -27,11 +30,6 @@ What runs, for each N in ``--clients`` and each server:
   backpressure; without this its buffers grow without bound). tickwire gets no
   such help: its clients' queues are raised (``client_queue``) so that the
   throughput run measures the write path rather than the slow-consumer policy.
-  With ``--emulator process`` the emulator runs in a process of its own (this
-  script's ``emulate`` command) and the daemon is ``tickwire run`` with its
-  Coinbase feed pointed at it: the daemon's process then does only what it does
-  live (collector, dispatcher, broadcast server); the emulator's CPU is shown
-  apart.
 - **load clients**: ``--client-procs`` processes sharing the N connections, each
   a raw non-blocking WebSocket client that subscribes to everything, checks
   ``seq`` per stream (a hole is a gap), answers pings, and records, for every
@@ -443,26 +441,6 @@ async def _peer(port: int, captures: Path, rate: float | None) -> None:
                         broadcast(subscribed, orjson.dumps(event_dict(output, seq)), text=True)
 
 
-# -- the emulator alone (``--emulator process``) ---------------------------------------
-
-
-async def _emulate(captures: Path, rate: float | None) -> None:
-    """Serve the looping Coinbase emulator; print where, and what to subscribe, as one
-    JSON line."""
-    import trio
-
-    from daemon.replay.capture import read_capture
-    from daemon.replay.emulator import Emulator
-
-    files = [read_capture(captures / name) for name in CAPTURE_FILES]
-    emulator = Emulator(files, speed=None, loop=True, rate=rate)
-    async with trio.open_nursery() as nursery:
-        address = await nursery.start(emulator.serve)
-        symbols, channels = emulator.venue.subscriptions(files)
-        print(orjson.dumps({"rest_url": address.rest_url, "ws_url": address.ws_url,
-                            "symbols": symbols, "channels": channels}).decode(), flush=True)
-
-
 # -- measuring a server process -----------------------------------------------------------
 
 
@@ -504,18 +482,14 @@ def wait_listening(port: int, proc: subprocess.Popen, seconds: float = 60) -> No
     raise RuntimeError("server did not listen in time")
 
 
-def tickwire_config(directory: Path, max_mode: bool, feed: dict[str, Any] | None = None,
-                    listen: str | None = None, write_delay_ms: float | None = None) -> Path:
-    """A config for the bench: quiet logs, limits above the bench's load; with
-    ``feed`` (from the ``emulate`` command), the Coinbase feed pointed at it."""
+def tickwire_config(directory: Path, max_mode: bool, write_delay_ms: float | None = None) -> Path:
+    """A config for the bench: quiet logs, limits above the bench's load."""
     import attrs
 
     from daemon.config import Config, ServerConfig
 
     fields = attrs.fields_dict(ServerConfig)
     server: dict[str, Any] = {"client_queue": 100_000 if max_mode else 4096}
-    if listen is not None:
-        server["listen"] = f'"{listen}"'
     if write_delay_ms is not None:  # else the daemon's default
         server["max_write_delay_ms"] = write_delay_ms
     for name, value in (("max_connections", 20_000), ("max_connections_per_ip", 20_000)):
@@ -525,38 +499,37 @@ def tickwire_config(directory: Path, max_mode: bool, feed: dict[str, Any] | None
     lines += [f"{name} = {value}" for name, value in server.items()]
     if "admin" in attrs.fields_dict(Config):  # a socket of its own, whatever else runs
         lines += ["", "[admin]", f'socket = "{directory / "admin.sock"}"']
-    if feed is not None:
-        lines += ["", "[exchanges.coinbase]", f"symbols = {orjson.dumps(feed['symbols']).decode()}",
-                  f"channels = {orjson.dumps(feed['channels']).decode()}",
-                  f'rest_url = "{feed["rest_url"]}"', f'ws_url = "{feed["ws_url"]}"',
-                  "fallback_after = 0"]
     path = directory / ("max.toml" if max_mode else "rate.toml")
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def start_server(kind: str, port: int, rate: float | None, captures: Path,
-                 workdir: Path, emulator: subprocess.Popen | None = None,
-                 write_delay_ms: float | None = None,
-                 ) -> tuple[subprocess.Popen, list[str]]:
-    files = [str(captures / name) for name in CAPTURE_FILES]
+def start_server(kind: str, port: int, rate: float | None, args: argparse.Namespace,
+                 workdir: Path) -> tuple[subprocess.Popen, list[str]]:
+    files = [str(args.captures / name) for name in CAPTURE_FILES]
     timing = ["--rate", f"{rate:g}"] if rate else ["--speed", "max"]
-    if kind == "tickwire" and emulator is not None:
-        assert emulator.stdout is not None
-        feed = orjson.loads(emulator.stdout.readline())
-        config = tickwire_config(workdir, rate is None, feed, listen=f"127.0.0.1:{port}",
-                                 write_delay_ms=write_delay_ms)
-        command = [sys.executable, "-m", "daemon.cli", "run", "--config", str(config)]
-    elif kind == "tickwire":
-        config = tickwire_config(workdir, rate is None, write_delay_ms=write_delay_ms)
+    if kind == "tickwire":
+        config = tickwire_config(workdir, rate is None, args.max_write_delay_ms)
         command = [sys.executable, "-m", "daemon.cli", "replay", *files, "--loop",
-                   *timing, "--listen", f"127.0.0.1:{port}", "--config", str(config)]
+                   *timing, "--listen", f"127.0.0.1:{port}", "--config", str(config),
+                   "--emulators", args.emulator]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "peer", "--port", str(port),
-                   "--captures", str(captures)] + (["--rate", f"{rate:g}"] if rate else [])
+                   "--captures", str(args.captures)] + (["--rate", f"{rate:g}"] if rate else [])
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE if kind == "tickwire" else subprocess.DEVNULL)
     return proc, command
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the daemon's emulator children)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid:
+                    children.append(int(entry.name))
+    return children
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -584,18 +557,11 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
         subscribe: bool = True) -> dict[str, Any]:
     """One server, N clients, one window; the figures."""
     port = free_port()
-    emulator = None
-    if kind == "tickwire" and args.emulator == "process":
-        emulator = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "emulate", "--captures",
-             str(args.captures), *(["--rate", f"{rate:g}"] if rate else [])],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        )
-    proc, command = start_server(kind, port, rate, args.captures, workdir, emulator,
-                                  args.max_write_delay_ms)
+    proc, command = start_server(kind, port, rate, args, workdir)
     clients: list[tuple[Any, Any]] = []
     try:
         wait_listening(port, proc)
+        emulators = child_pids(proc.pid) if kind == "tickwire" else []
         time.sleep(args.warmup)
         rss_before = rss_bytes(proc.pid)
         procs = max(1, min(args.client_procs or (1 if args.client == "c" else 2), n))
@@ -625,7 +591,7 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
                     pipe.send("subscribe")
         time.sleep(args.warmup)
         client_cpu0 = sum(cpu_seconds(worker.pid) for worker, _ in clients)
-        emu0 = cpu_seconds(emulator.pid) if emulator else 0.0
+        emu0 = sum(map(cpu_seconds, emulators))
         busy0 = machine_busy_seconds()
         cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
         for _, pipe in clients:
@@ -635,7 +601,7 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
             pipe.send("stop")
         cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
         client_cpu1 = sum(cpu_seconds(worker.pid) for worker, _ in clients)
-        emu1 = cpu_seconds(emulator.pid) if emulator else 0.0
+        emu1 = sum(map(cpu_seconds, emulators))
         busy1 = machine_busy_seconds()
         rss_after = rss_bytes(proc.pid)
         deliveries = gaps = frames = closed = 0
@@ -657,7 +623,7 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
             "p50": percentile(hist, 0.50), "p99": percentile(hist, 0.99),
             "p999": percentile(hist, 0.999), "cpu": (cpu1 - cpu0) / window * 100,
             "client_cpu": (client_cpu1 - client_cpu0) / window * 100,
-            "emulator_cpu": (emu1 - emu0) / window * 100 if emulator else None,
+            "emulator_cpu": (emu1 - emu0) / window * 100 if emulators else None,
             "other_cpu": max(0.0, ((busy1 - busy0) - (cpu1 - cpu0) - (client_cpu1 - client_cpu0)
                                    - (emu1 - emu0)) / window * 100),
             "rss": rss_after, "rss_conn": (rss_after - rss_before) / n,
@@ -673,8 +639,6 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
             if worker.is_alive():
                 worker.kill()
         stop(proc)
-        if emulator is not None:
-            stop(emulator)
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -745,9 +709,6 @@ def main(argv: list[str] | None = None) -> None:
     peer.add_argument("--port", type=int, required=True)
     peer.add_argument("--captures", type=Path, required=True)
     peer.add_argument("--rate", type=float, default=None)
-    emulate = sub.add_parser("emulate", help="run the looping Coinbase emulator alone")
-    emulate.add_argument("--captures", type=Path, required=True)
-    emulate.add_argument("--rate", type=float, default=None)
     default_captures = os.environ.get("TICKWIRE_CAPTURES") or str(REPO.parent / "shared/captures")
     parser.add_argument("--clients", default="1,10,100,1000",
                         help="numbers of client connections, comma separated")
@@ -766,10 +727,11 @@ def main(argv: list[str] | None = None) -> None:
                         default="c" if shutil.which("cc") else "python",
                         help="load client: c (benchmarks/loadclient.c, compiled with `cc` at "
                              "start; the default when `cc` is found) or python")
-    parser.add_argument("--emulator", choices=("inside", "process"), default="inside",
-                        help="inside: `tickwire replay` (emulator in the daemon's process); "
-                             "process: the emulator in a process of its own and `tickwire "
-                             "run` pointed at it (the daemon then does what it does live)")
+    parser.add_argument("--emulator", choices=("process", "inside"), default="process",
+                        help="process: `tickwire replay --emulators process` (the emulator "
+                             "in a child process of the daemon's: the daemon then spends what "
+                             "it does live, as the exchange is elsewhere); inside: the "
+                             "emulator in the daemon's process")
     parser.add_argument("--max-write-delay-ms", type=float, default=None,
                         help="tickwire's longest coalescing window "
                              "(server.max_write_delay_ms; default: the daemon's, 5 ms)")
@@ -780,11 +742,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "peer":
         asyncio.run(_peer(args.port, args.captures, args.rate))
-        return
-    if args.command == "emulate":
-        import trio
-
-        trio.run(_emulate, args.captures, args.rate)
         return
     if args.client == "python" and not shutil.which("cc"):
         print("note: no C compiler (`cc`): the load clients are the Python ones", flush=True)

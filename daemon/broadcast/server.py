@@ -64,10 +64,11 @@ class BroadcastServer:
         #: sessions the dispatcher delivered to since the last write
         self.dirty: set[Session] = set()
         self.writes = 0  # flushes of the dirty sessions
-        #: during a write, the batched frames built so far (with their messages),
-        #: by their messages' ids; ``None`` between writes
-        self.frame_cache: dict[tuple[int, ...], tuple[bytes, list]] | None = None
-        self.shared_batches = 0  # batched frames built once and written to another session
+        #: during a write, what each queue of messages became (bytes, messages,
+        #: frames, first recv_ts, the messages), by the messages' ids; ``None``
+        #: between writes
+        self.queue_cache: dict[tuple[int, ...], tuple[bytes, int, int, float, list]] | None = None
+        self.shared_batches = 0  # frames built once and written to another session too
         self._next_write = -math.inf  # trio time before which a write waits
         self._write_pending = False
         self._write_wanted = trio.Event()
@@ -106,12 +107,12 @@ class BroadcastServer:
         started = time.perf_counter()
         dirty, self.dirty = self.dirty, set()
         self.writes += 1
-        self.frame_cache = {}
+        self.queue_cache = {}
         try:
             for session in dirty:
                 session.flush()
         finally:
-            self.frame_cache = None
+            self.queue_cache = None
         took = time.perf_counter() - started
         self._next_write = trio.current_time() + min(self.config.max_write_delay_ms / 1000,
                                                       took * WRITE_DUTY)

@@ -400,19 +400,52 @@ class Session:
 
     def _build(self) -> bytes:
         """Frames for everything queued: batches of at most ``max_batch`` messages
-        and ``max_frame_bytes``; a message alone is its shared prebuilt frame, and a
-        batch of the same messages as another session's in the same write is that
-        session's frame (``server.frame_cache``, keyed by the messages)."""
+        and ``max_frame_bytes``; a message alone is its shared prebuilt frame. Within
+        one write (``server.queue_cache``), a queue of the same messages as another
+        session's is written as the bytes built for that session."""
+        queue, server = self.queue, self.server
+        whole = server.queue_cache
+        key: tuple[int, ...] | None = None
+        if whole is not None:
+            key = tuple(map(id, queue))
+            hit = whole.get(key)
+            if hit is not None:
+                data, sent, frames, first_recv, _ = hit
+                queue.clear()
+                server.shared_batches += frames
+                return self._account(data, sent, frames, first_recv)
+            items = list(queue)
+        data, sent, frames, first_recv, plain = self._build_frames()
+        if key is not None and plain:
+            # the messages stay referenced with the bytes, so no id in a key can be
+            # reused by another object during the write
+            whole[key] = (data, sent, frames, first_recv, items)
+        return self._account(data, sent, frames, first_recv)
+
+    def _account(self, data: bytes, sent: int, frames: int, first_recv: float) -> bytes:
+        counters = self.counters
+        counters.sent += sent
+        counters.frames += frames
+        counters.bytes += len(data)
+        latency = self.server.latency
+        # one write in LATENCY_SAMPLE per client is timed: recording costs about 2 us,
+        # as much as the rest of a delivery
+        if first_recv and latency is not None and not counters.frames % LATENCY_SAMPLE:
+            latency.record_value(max(1, int((time.time() - first_recv) * 1e6)))
+        return data
+
+    def _build_frames(self) -> tuple[bytes, int, int, float, bool]:
+        """Empty the queue into frames: ``(bytes, messages, frames, recv_ts of the
+        first event, whether every item was a shared event)``."""
         max_batch, max_bytes = self.config.max_batch, self.config.max_frame_bytes
         frames: list[bytes] = []
-        counters = self.counters
+        sent = 0
         first_recv = 0.0
-        cache = self.server.frame_cache
+        plain = True
         queue = self.queue
         while queue:
             payloads: list[bytes] = []
             single: Message | None = None
-            shared: list[Message] | None = [] if cache is not None else None
             size = 0
             while queue and len(payloads) < max_batch:
                 item = queue[0]
@@ -420,6 +453,7 @@ class Session:
                 payload = item.payload if is_message else self._render(item)
                 if payload is None:
                     queue.popleft()
+                    plain = False
                     continue
                 if payloads and size + len(payload) > max_bytes:
                     break
@@ -430,39 +464,21 @@ class Session:
                     single = item
                     if not first_recv:
                         first_recv = item.recv_ts
-                    if shared is not None:
-                        shared.append(item)
                 else:
                     # a control message or a conflated state: this client's only
-                    single = shared = None
+                    single = None
+                    plain = False
             if not payloads:
                 continue
             if len(payloads) == 1 and single is not None:
                 if single.frame is None:
                     single.frame = text_frame(single.payload)
                 frame = single.frame
-            elif shared is not None and cache is not None:
-                key = tuple(map(id, shared))
-                cached = cache.get(key)
-                if cached is None:
-                    # the messages stay referenced with the frame, so no id in a key
-                    # can be reused by another object during the write
-                    cached = cache[key] = (text_frame(batch_payload(payloads)), shared)
-                else:
-                    self.server.shared_batches += 1
-                frame = cached[0]
             else:
                 frame = text_frame(payloads[0] if len(payloads) == 1 else batch_payload(payloads))
             frames.append(frame)
-            counters.sent += len(payloads)
-            counters.frames += 1
-            counters.bytes += len(frame)
-        latency = self.server.latency
-        # one write in LATENCY_SAMPLE per client is timed: recording costs about 2 us,
-        # as much as the rest of a delivery
-        if first_recv and latency is not None and not counters.frames % LATENCY_SAMPLE:
-            latency.record_value(max(1, int((time.time() - first_recv) * 1e6)))
-        return b"".join(frames)
+            sent += len(payloads)
+        return b"".join(frames), sent, len(frames), first_recv, plain
 
     async def _write(self) -> None:
         """Wait for the socket when it is full, and for throttles when one is due."""
