@@ -173,7 +173,7 @@ class TickwireCollector:
              "Writes of queued events to the clients they reached (one per coalescing "
              "window under load)."),
             ("shared_batches", "tickwire_broadcast_shared_batches",
-             "Frames written as built for another client in the same write."),
+             "Batched frames written as built for another client in the same write."),
         ):
             if hasattr(server, attribute):
                 yield CounterMetricFamily(name, doc, value=getattr(server, attribute))

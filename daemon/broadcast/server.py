@@ -65,10 +65,11 @@ class BroadcastServer:
         self.dirty: set[Session] = set()
         self.writes = 0  # flushes of the dirty sessions
         #: during a write, what each queue of messages became (bytes, messages,
-        #: frames, first recv_ts, the messages), by the messages' ids; ``None``
-        #: between writes
-        self.queue_cache: dict[tuple[int, ...], tuple[bytes, int, int, float, list]] | None = None
-        self.shared_batches = 0  # frames built once and written to another session too
+        #: frames, batched frames, first recv_ts, the messages), by the messages'
+        #: ids; ``None`` between writes
+        self.queue_cache: dict[tuple[int, ...],
+                               tuple[bytes, int, int, int, float, list]] | None = None
+        self.shared_batches = 0  # batched frames built once and written to another session
         self._next_write = -math.inf  # trio time before which a write waits
         self._write_pending = False
         self._write_wanted = trio.Event()

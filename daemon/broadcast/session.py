@@ -410,16 +410,16 @@ class Session:
             key = tuple(map(id, queue))
             hit = whole.get(key)
             if hit is not None:
-                data, sent, frames, first_recv, _ = hit
+                data, sent, frames, batches, first_recv, _ = hit
                 queue.clear()
-                server.shared_batches += frames
+                server.shared_batches += batches
                 return self._account(data, sent, frames, first_recv)
             items = list(queue)
-        data, sent, frames, first_recv, plain = self._build_frames()
+        data, sent, frames, batches, first_recv, plain = self._build_frames()
         if key is not None and plain:
             # the messages stay referenced with the bytes, so no id in a key can be
             # reused by another object during the write
-            whole[key] = (data, sent, frames, first_recv, items)
+            whole[key] = (data, sent, frames, batches, first_recv, items)
         return self._account(data, sent, frames, first_recv)
 
     def _account(self, data: bytes, sent: int, frames: int, first_recv: float) -> bytes:
@@ -434,12 +434,12 @@ class Session:
             latency.record_value(max(1, int((time.time() - first_recv) * 1e6)))
         return data
 
-    def _build_frames(self) -> tuple[bytes, int, int, float, bool]:
-        """Empty the queue into frames: ``(bytes, messages, frames, recv_ts of the
-        first event, whether every item was a shared event)``."""
+    def _build_frames(self) -> tuple[bytes, int, int, int, float, bool]:
+        """Empty the queue into frames: ``(bytes, messages, frames, batched frames,
+        recv_ts of the first event, whether every item was a shared event)``."""
         max_batch, max_bytes = self.config.max_batch, self.config.max_frame_bytes
         frames: list[bytes] = []
-        sent = 0
+        sent = batches = 0
         first_recv = 0.0
         plain = True
         queue = self.queue
@@ -474,11 +474,14 @@ class Session:
                 if single.frame is None:
                     single.frame = text_frame(single.payload)
                 frame = single.frame
+            elif len(payloads) == 1:
+                frame = text_frame(payloads[0])
             else:
-                frame = text_frame(payloads[0] if len(payloads) == 1 else batch_payload(payloads))
+                frame = text_frame(batch_payload(payloads))
+                batches += 1
             frames.append(frame)
             sent += len(payloads)
-        return b"".join(frames), sent, len(frames), first_recv, plain
+        return b"".join(frames), sent, len(frames), batches, first_recv, plain
 
     async def _write(self) -> None:
         """Wait for the socket when it is full, and for throttles when one is due."""
