@@ -30,11 +30,17 @@ async def _until_signal(
     start: Callable[..., Awaitable[Any]],
     reload: Callable[[], Awaitable[Any]] | None = None,
 ) -> None:
-    """Start ``start`` in a nursery, and cancel it all on SIGINT or SIGTERM. SIGHUP
-    calls ``reload`` (when there is none it is logged and ignored)."""
+    """Start ``start`` in a nursery, and cancel it all on SIGINT or SIGTERM, or
+    return when ``start`` returns. SIGHUP calls ``reload`` (when there is none it
+    is logged and ignored)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(start)
+
+            async def run(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+                await start(task_status=task_status)
+                nursery.cancel_scope.cancel()  # it ended by itself: so does the process
+
+            await nursery.start(run)
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     if reload is None:
@@ -181,8 +187,10 @@ def replay(
 @click.option("--loop", is_flag=True, help="Play the captures again and again (as replay).")
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Exchange messages per second (per exchange), overriding --speed.")
+@click.option("--parent-pipe", is_flag=True, hidden=True,
+              help="Stop when stdin closes (the parent process's end of a pipe).")
 def emulate(captures: tuple[str, ...], speed: float | None, loop: bool,
-            rate: float | None) -> None:
+            rate: float | None, parent_pipe: bool) -> None:
     """Serve recorded traffic as the exchanges would, on 127.0.0.1, without the
     daemon: one emulator per exchange. Prints one JSON line per exchange with its
     rest_url, ws_url and the recorded symbols and channels, and another when its
@@ -198,7 +206,8 @@ def emulate(captures: tuple[str, ...], speed: float | None, loop: bool,
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="CAPTURES") from None
     try:
-        trio.run(_until_signal, partial(serve_emulators, groups, speed, loop=loop, rate=rate))
+        trio.run(_until_signal, partial(serve_emulators, groups, speed, loop=loop, rate=rate,
+                                        parent_pipe=parent_pipe))
     except* ValueError as group:
         error: BaseException = group
         while isinstance(error, BaseExceptionGroup):

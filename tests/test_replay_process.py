@@ -170,3 +170,67 @@ async def test_emulate_prints_where_it_listens_and_stops_on_sigterm(captures: Pa
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def children_of(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+async def test_sigterm_ends_the_replay_and_its_emulator_process(captures: Path) -> None:
+    """``tickwire replay --emulators process`` as under systemd: a client gets the
+    book through the child emulator; SIGTERM ends the daemon with status 0 and
+    leaves no emulator process behind."""
+    from tests.test_cli import start_replay
+
+    process, port, _ = await start_replay(captures, "--speed", "1", "--emulators", "process")
+    try:
+        children = await trio.to_thread.run_sync(children_of, process.pid)
+        assert len(children) == 1
+        cmdline = await trio.Path(f"/proc/{children[0]}/cmdline").read_bytes()
+        assert b"emulate" in cmdline
+        async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}") as ws:
+            await request(ws, {"op": "subscribe", "id": 1, "channels": ["book"],
+                               "symbols": ["binance:NKN-USDT"]})
+            with trio.fail_after(30):
+                while not any(m["type"] == "book_update"
+                              for m in messages(await ws.get_message())):
+                    pass
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            assert await process.wait() == 0
+            while alive(children[0]):
+                await trio.sleep(0.05)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_an_emulator_process_does_not_outlive_a_killed_daemon(captures: Path) -> None:
+    """SIGKILL leaves the daemon no chance to stop its child: the child ends by
+    itself when its stdin, the daemon's end of a pipe, closes."""
+    from tests.test_cli import start_replay
+
+    process, _, _ = await start_replay(captures, "--speed", "1", "--emulators", "process")
+    try:
+        children = await trio.to_thread.run_sync(children_of, process.pid)
+        assert len(children) == 1 and alive(children[0])
+        process.kill()
+        await process.wait()
+        with trio.fail_after(15):
+            while alive(children[0]):
+                await trio.sleep(0.05)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -11,11 +11,15 @@ The child speaks one JSON object per line on its stdout (its log goes to stderr)
   emulator listens: where to connect, and what the capture subscribed to;
 - ``{"exchange", "finished": true}`` once the emulator played its whole tape.
 
-It serves until SIGINT or SIGTERM.
+It serves until SIGINT or SIGTERM, or, started with ``--parent-pipe``, until its
+stdin closes: the parent holds the other end, so a child never outlives its
+daemon, even one killed with SIGKILL.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -30,6 +34,8 @@ import trio
 from daemon.replay.capture import Capture
 from daemon.replay.emulator import Emulator, EmulatorAddress
 
+log = logging.getLogger(__name__)
+
 #: Seconds a child has to announce its emulator (it reads and indexes the captures).
 READY_TIMEOUT = 120.0
 
@@ -41,11 +47,12 @@ def _line(obj: dict[str, Any], out: TextIO) -> None:
 
 async def serve_emulators(groups: dict[str, list[Capture]], speed: float | None, *,
                           loop: bool = False, rate: float | None = None,
-                          out: TextIO = sys.stdout,
+                          out: TextIO = sys.stdout, parent_pipe: bool = False,
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve one emulator per exchange of ``groups`` (as ``serve_replay`` would) and
-    report on ``out`` as the module docstring says; runs until cancelled. Raises
-    ``ValueError`` when an exchange's emulator cannot loop."""
+    report on ``out`` as the module docstring says; runs until cancelled, or with
+    ``parent_pipe`` until stdin reaches its end. Raises ``ValueError`` when an
+    exchange's emulator cannot loop."""
     async with trio.open_nursery() as nursery:
         for exchange, captures in groups.items():
             emulator = Emulator(captures, speed=speed, loop=loop, rate=rate)
@@ -55,7 +62,18 @@ async def serve_emulators(groups: dict[str, list[Capture]], speed: float | None,
                    "ws_url": address.ws_url, "symbols": symbols, "channels": channels,
                    "depth": getattr(emulator.venue, "recorded_depth", 1000)}, out)
             nursery.start_soon(_report_finished, emulator, out)
+        if parent_pipe:
+            nursery.start_soon(_until_stdin_closes, nursery.cancel_scope)
         task_status.started()
+
+
+async def _until_stdin_closes(scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` once stdin reaches its end (``serve_emulators`` returns)."""
+    async with trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())) as stdin:
+        while await stdin.receive_some():
+            pass
+    log.info("emulator: stdin closed (the parent process is gone): stopping")
+    scope.cancel()
 
 
 async def _report_finished(emulator: Emulator, out: TextIO) -> None:
@@ -91,14 +109,16 @@ async def run_emulator_process(
     this terminates the child. Raises ``EmulatorProcessError`` if the child exits
     before it listens (its error is on the shared stderr) or while still needed."""
     command = [sys.executable, "-m", "daemon.cli", "emulate", *map(str, paths),
-               "--speed", "max" if speed is None else repr(speed)]
+               "--speed", "max" if speed is None else repr(speed), "--parent-pipe"]
     if loop:
         command.append("--loop")
     if rate is not None:
         command += ["--rate", repr(rate)]
     async with trio.open_nursery() as nursery:
+        # stdin: a pipe this process holds open; the child ends when it closes
         process: trio.Process = await nursery.start(partial(
-            trio.run_process, command, stdout=subprocess.PIPE, check=False))
+            trio.run_process, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            check=False))
         assert process.stdout is not None
         lines = _LineReader(process.stdout)
         ready = None
