@@ -18,6 +18,7 @@ from collections import Counter
 from typing import Any
 
 import trio
+import trio.testing
 from hdrh.histogram import HdrHistogram
 
 from daemon.broadcast.auth import Authenticator, Grant
@@ -95,7 +96,10 @@ class BroadcastServer:
         window brings. The window counts from the end of a write and lasts
         ``WRITE_DUTY`` times what the write took, at most ``max_write_delay_ms``:
         writing to one client adds no delay; writing to many leaves the feeds twice
-        that time to be read, and what they bring meanwhile goes in one write."""
+        that time to be read, and what they bring meanwhile goes in one write. The
+        window ends early once no task is left ready to run (the feeds are read,
+        the process would wait): waiting longer would save nothing, so events that
+        find the process idle leave at once, and only a busy process batches."""
         if not self.dirty:
             return
         if trio.current_time() >= self._next_write:
@@ -119,11 +123,16 @@ class BroadcastServer:
                                                       took * WRITE_DUTY)
 
     async def _coalesce(self) -> None:
-        """Write at the end of each coalescing window that held an event."""
+        """Write at the end of each coalescing window that held an event, or as soon
+        as every other task waits (``wait_all_tasks_blocked``: the run loop found
+        nothing ready and no I/O pending)."""
         while True:
             await self._write_wanted.wait()
             self._write_wanted = trio.Event()
-            await trio.sleep_until(self._next_write)
+            with trio.move_on_at(self._next_write):
+                # the window ends early when nothing else is left to do (trio.testing
+                # has the one public way to learn that the run loop would wait)
+                await trio.testing.wait_all_tasks_blocked()
             self._write_pending = False
             if self.dirty:
                 self._write()
