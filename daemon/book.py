@@ -80,22 +80,19 @@ class L2Book:
             while len(side) > depth:
                 side.popitem(-1)
 
-    # the first key in a side's order is its best price (bids: keyed for descending
-    # order); ``next(iter(...))`` finds it without ``peekitem``'s positional lookup
-
     def best_bid(self) -> Level | None:
         """The highest bid ``(price, size)``, or ``None`` on an empty side."""
-        return self.bids[next(iter(self.bids))] if self.bids else None
+        return self.bids.peekitem(0)[1] if self.bids else None
 
     def best_ask(self) -> Level | None:
         """The lowest ask ``(price, size)``, or ``None`` on an empty side."""
-        return self.asks[next(iter(self.asks))] if self.asks else None
+        return self.asks.peekitem(0)[1] if self.asks else None
 
     def is_crossed(self) -> bool:
         """True when the best bid is at or above the best ask: the book is corrupt."""
         if not self.bids or not self.asks:
             return False
-        return next(iter(self.bids)) >= next(iter(self.asks))
+        return self.bids.peekitem(0)[0] >= self.asks.peekitem(0)[0]
 
     def top(self, n: int) -> tuple[Levels, Levels]:
         """The best ``n`` bids and asks, best first."""
