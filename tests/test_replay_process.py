@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import trio
@@ -145,6 +146,10 @@ async def test_emulate_prints_where_it_listens_and_stops_on_sigterm(captures: Pa
             [read_capture(captures / f) for f in COINBASE])
         assert ready["exchange"] == "coinbase" and ready["ws_url"].startswith("ws://127.0.0.1:")
         assert (ready["symbols"], ready["channels"]) == (symbols, channels)
+        async with httpx.AsyncClient() as http:
+            products = await http.get(ready["rest_url"] + "/products")
+        assert products.status_code == 200
+        assert set(symbols) <= {p["id"] for p in products.json()}
         # the tape starts when a connection subscribes: subscribe, read it all
         async with (
             trio_websocket.open_websocket_url(ready["ws_url"]) as ws,
