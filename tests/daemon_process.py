@@ -72,11 +72,18 @@ async def tickwire(*args: str, env: dict[str, str] | None = None) -> AsyncIterat
         env={**os.environ, **(env or {})},
     )
     daemon = Daemon(process)
+    async with reaped(process), trio.open_nursery() as nursery:
+        nursery.start_soon(daemon._read)
+        yield daemon
+        await stop(daemon)
+
+
+@asynccontextmanager
+async def reaped(process: trio.Process) -> AsyncIterator[trio.Process]:
+    """``process`` for the block; at its end, SIGKILL it if it still runs, and wait
+    for it (so that no test leaves a process behind)."""
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(daemon._read)
-            yield daemon
-            await stop(daemon)
+        yield process
     finally:
         if process.returncode is None:
             process.kill()

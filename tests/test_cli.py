@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio_websocket
 
+from tests.daemon_process import reaped
 from tests.helpers import receive_until, request
 
 TICKWIRE = [sys.executable, "-m", "daemon.cli"]
@@ -87,7 +88,7 @@ async def start_replay(captures: Path, *args: str) -> tuple[trio.Process, int, l
 
 async def test_sigterm_during_replay_closes_clients_with_1001_and_exits_0(captures: Path) -> None:
     process, port, _ = await start_replay(captures, "--speed", "1")
-    try:
+    async with reaped(process):
         async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}") as ws:
             await ws.get_message()
             await request(ws, {"op": "subscribe", "id": 1, "channels": ["book"],
@@ -100,10 +101,6 @@ async def test_sigterm_during_replay_closes_clients_with_1001_and_exits_0(captur
             assert closed.value.reason.code == 1001
         with trio.fail_after(10):
             assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def test_tail_prints_the_stream_one_event_a_line(captures: Path) -> None:

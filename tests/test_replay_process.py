@@ -19,28 +19,19 @@ import trio_websocket
 
 from daemon.replay.capture import read_capture
 from daemon.replay.emulator import make_venue
-from daemon.replay.process import EmulatorProcess, EmulatorProcessError, run_emulator_process
+from daemon.replay.process import (
+    EmulatorProcess,
+    EmulatorProcessError,
+    JsonLines,
+    run_emulator_process,
+)
 from daemon.replay.run import serve_replay
 from daemon.replay.tape import Faults
+from tests.daemon_process import reaped
 from tests.helpers import apply_levels, messages, request
 from tests.test_replay_loop import COINBASE, coinbase_final_books, local_config, recorded
 
 TICKWIRE = [sys.executable, "-m", "daemon.cli"]
-
-
-class _JsonLines:
-    """A child's stdout, one JSON object per line."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream, self.buffer = stream, b""
-
-    async def next(self) -> dict[str, Any]:
-        while b"\n" not in self.buffer:
-            chunk = await self.stream.receive_some()
-            assert chunk, "the child's stdout closed"
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return orjson.loads(line)
 
 
 def alive(pid: int) -> bool:
@@ -137,10 +128,11 @@ async def test_emulate_prints_where_it_listens_and_stops_on_sigterm(captures: Pa
     process = await trio.lowlevel.open_process(
         [*TICKWIRE, "emulate", *(str(captures / f) for f in COINBASE), "--speed", "max"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    out = _JsonLines(process.stdout)
-    try:
+    out = JsonLines(process.stdout)
+    async with reaped(process):
         with trio.fail_after(60):
             ready = await out.next()
+        assert ready is not None, "tickwire emulate ended early"
         venue = make_venue("coinbase", [read_capture(captures / f) for f in COINBASE])
         symbols, channels = venue.subscriptions(
             [read_capture(captures / f) for f in COINBASE])
@@ -171,10 +163,6 @@ async def test_emulate_prints_where_it_listens_and_stops_on_sigterm(captures: Pa
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(10):
             assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 def children_of(pid: int) -> list[int]:
@@ -198,7 +186,7 @@ async def test_sigterm_ends_the_replay_and_its_emulator_process(captures: Path) 
     from tests.test_cli import start_replay
 
     process, port, _ = await start_replay(captures, "--speed", "1", "--emulators", "process")
-    try:
+    async with reaped(process):
         children = await trio.to_thread.run_sync(children_of, process.pid)
         assert len(children) == 1
         cmdline = await trio.Path(f"/proc/{children[0]}/cmdline").read_bytes()
@@ -215,10 +203,6 @@ async def test_sigterm_ends_the_replay_and_its_emulator_process(captures: Path) 
             assert await process.wait() == 0
             while alive(children[0]):
                 await trio.sleep(0.05)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def test_an_emulator_process_does_not_outlive_a_killed_daemon(captures: Path) -> None:
@@ -227,7 +211,7 @@ async def test_an_emulator_process_does_not_outlive_a_killed_daemon(captures: Pa
     from tests.test_cli import start_replay
 
     process, _, _ = await start_replay(captures, "--speed", "1", "--emulators", "process")
-    try:
+    async with reaped(process):
         children = await trio.to_thread.run_sync(children_of, process.pid)
         assert len(children) == 1 and alive(children[0])
         process.kill()
@@ -235,7 +219,3 @@ async def test_an_emulator_process_does_not_outlive_a_killed_daemon(captures: Pa
         with trio.fail_after(15):
             while alive(children[0]):
                 await trio.sleep(0.05)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()

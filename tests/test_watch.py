@@ -44,6 +44,7 @@ from daemon.replay.emulator import Emulator
 from daemon.replay.run import serve_replay, start_when_subscribed
 from daemon.replay.tape import Faults, merge_frames
 from daemon.replay.venues.binance import BinanceVenue, trade_from_agg_trade
+from tests.daemon_process import reaped
 from tests.helpers import as_plain, final_books, messages, request
 
 BINANCE = ("BINANCE.0", "BINANCE.ws.1.0", "BINANCE.http.0.0")
@@ -406,21 +407,16 @@ async def test_sigterm_while_streaming_through_ccxt_exits_0_within_5s(captures: 
     from tests.test_cli import start_replay
 
     process, port, _ = await start_replay(captures, "--speed", "1", "--via", "ccxt")
-    try:
-        async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}") as ws:
-            await ws.get_message()
-            await request(ws, {"op": "subscribe", "id": 1, "channels": ["book"],
-                               "symbols": ["binance:NKN-USDT"]})
-            with trio.fail_after(30):
-                while not any(m["type"] == "book_update" for m in messages(await ws.get_message())):
-                    pass
-            process.send_signal(signal.SIGTERM)
-            with trio.fail_after(5):
-                assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    async with reaped(process), trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}") as ws:
+        await ws.get_message()
+        await request(ws, {"op": "subscribe", "id": 1, "channels": ["book"],
+                           "symbols": ["binance:NKN-USDT"]})
+        with trio.fail_after(30):
+            while not any(m["type"] == "book_update" for m in messages(await ws.get_message())):
+                pass
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(5):
+            assert await process.wait() == 0
 
 
 async def test_backpressure_holds_the_bridge_at_its_bound_and_drops_nothing(

@@ -120,7 +120,7 @@ async def run_emulator_process(
             trio.run_process, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             check=False))
         assert process.stdout is not None
-        lines = _LineReader(process.stdout)
+        lines = JsonLines(process.stdout)
         ready = None
         with trio.move_on_after(READY_TIMEOUT):
             ready = await lines.next()
@@ -142,8 +142,8 @@ async def run_emulator_process(
                                    f"(exit status {await process.wait()})")
 
 
-class _LineReader:
-    """The child's JSON lines, one at a time."""
+class JsonLines:
+    """JSON objects, one a line, read from ``stream`` (a child's stdout)."""
 
     def __init__(self, stream: trio.abc.ReceiveStream) -> None:
         self.stream = stream
