@@ -194,7 +194,7 @@ def emulate(captures: tuple[str, ...], speed: float | None, loop: bool,
     """Serve recorded traffic as the exchanges would, on 127.0.0.1, without the
     daemon: one emulator per exchange. Prints one JSON line per exchange with its
     rest_url, ws_url and the recorded symbols and channels, and another when its
-    tape has played (``tickwire replay --emulators process`` runs this)."""
+    tape has played (tickwire replay --emulators process runs this)."""
     from functools import partial
 
     from daemon.replay.process import serve_emulators
