@@ -48,10 +48,17 @@ What runs, for each N in ``--clients`` and each server:
   the peer does not; at most 20 s, "caught up" tells how many did), then
   ``--warmup`` seconds, and lasts ``--seconds``.
 
+- **floors** (``--servers ...,floor,floor-work,floor-sender``, latency run only):
+  ``benchmarks/floor.py``, stand-ins that make small events themselves and do
+  nothing else: what this machine allows a sender at all (see that file).
+
 Server CPU comes from ``/proc/<pid>/stat`` (user + system over the window, 100 %
-= one core; "clients' CPU" is the load clients' total; "other CPU" is what the
-rest of the machine used meanwhile, from ``/proc/stat``: anything above a few %
-means the figures were disturbed) and RSS from ``/proc/<pid>/status``. "RSS/conn" is (RSS with the N
+= one core, with a floor's sender process; "clients' CPU" is the load clients'
+total; "other CPU" is what the rest of the machine used meanwhile, from
+``/proc/stat``: anything above a few % means the figures were disturbed) and RSS
+from ``/proc/<pid>/status``. "wait %" is the time the server's main thread was
+ready to run but waited for a CPU (``/proc/<pid>/schedstat``): what the other
+processes on the two cores cost it. "RSS/conn" is (RSS with the N
 clients - RSS before they connected) / N. The idle run connects ``--idle``
 connections that never subscribe.
 """
@@ -87,6 +94,8 @@ sys.path.insert(0, str(REPO))
 CAPTURE_FILES = ("COINBASE.0", "COINBASE.ws.28.0")
 BUCKET_US = 10  # latency histogram resolution
 BUCKETS = 200_000  # 0 .. 2 s; later ones go to the last bucket
+#: ``--servers`` names of ``benchmarks/floor.py``'s modes (latency run only)
+FLOORS = {"floor": "send", "floor-work": "work", "floor-sender": "sender"}
 PEER_HIGH_WATER = 1 << 20  # bytes unsent on one connection before the peer waits
 IDLE_RATE = 10.0  # exchange frames per second during the idle run
 LIVE = 0.5  # seconds: a client whose events are this fresh has caught up
@@ -444,6 +453,12 @@ async def _peer(port: int, captures: Path, rate: float | None) -> None:
 # -- measuring a server process -----------------------------------------------------------
 
 
+def runqueue_seconds(pid: int) -> float:
+    """Seconds ``pid``'s main thread has spent runnable but waiting for a CPU
+    (``/proc/<pid>/schedstat``, second field, in ns)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -513,6 +528,9 @@ def start_server(kind: str, port: int, rate: float | None, args: argparse.Namesp
         command = [sys.executable, "-m", "daemon.cli", "replay", *files, "--loop",
                    *timing, "--listen", f"127.0.0.1:{port}", "--config", str(config),
                    "--emulators", args.emulator]
+    elif kind in FLOORS:
+        command = [sys.executable, str(Path(__file__).resolve().parent / "floor.py"),
+                   "--port", str(port), "--rate", f"{rate:g}", "--mode", FLOORS[kind]]
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "peer", "--port", str(port),
                    "--captures", str(args.captures)] + (["--rate", f"{rate:g}"] if rate else [])
@@ -561,7 +579,10 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
     clients: list[tuple[Any, Any]] = []
     try:
         wait_listening(port, proc)
-        emulators = child_pids(proc.pid) if kind == "tickwire" else []
+        # tickwire's children are its emulators, shown apart; a floor's sender is its own
+        children = child_pids(proc.pid)
+        emulators = children if kind == "tickwire" else []
+        own = [proc.pid] + ([] if kind == "tickwire" else children)
         time.sleep(args.warmup)
         rss_before = rss_bytes(proc.pid)
         procs = max(1, min(args.client_procs or (1 if args.client == "c" else 2), n))
@@ -593,13 +614,15 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
         client_cpu0 = sum(cpu_seconds(worker.pid) for worker, _ in clients)
         emu0 = sum(map(cpu_seconds, emulators))
         busy0 = machine_busy_seconds()
-        cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        cpu0, t0 = sum(map(cpu_seconds, own)), time.monotonic()
+        wait0 = runqueue_seconds(proc.pid)
         for _, pipe in clients:
             pipe.send("start")
         time.sleep(args.seconds)
         for _, pipe in clients:
             pipe.send("stop")
-        cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
+        cpu1, t1 = sum(map(cpu_seconds, own)), time.monotonic()
+        wait1 = runqueue_seconds(proc.pid)
         client_cpu1 = sum(cpu_seconds(worker.pid) for worker, _ in clients)
         emu1 = sum(map(cpu_seconds, emulators))
         busy1 = machine_busy_seconds()
@@ -622,6 +645,7 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
             "frames": frames / window, "gaps": gaps, "closed": closed,
             "p50": percentile(hist, 0.50), "p99": percentile(hist, 0.99),
             "p999": percentile(hist, 0.999), "cpu": (cpu1 - cpu0) / window * 100,
+            "wait": (wait1 - wait0) / window * 100,
             "client_cpu": (client_cpu1 - client_cpu0) / window * 100,
             "emulator_cpu": (emu1 - emu0) / window * 100 if emulators else None,
             "other_cpu": max(0.0, ((busy1 - busy0) - (cpu1 - cpu0) - (client_cpu1 - client_cpu0)
@@ -653,16 +677,16 @@ def _ms(value: float | None) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| server | N | caught up | mode | events/s per client | deliveries/s | gaps | "
-            "closed | p50 ms | p99 ms | p999 ms | CPU % | RSS MiB | RSS/conn KiB | "
+            "closed | p50 ms | p99 ms | p999 ms | CPU % | wait % | RSS MiB | RSS/conn KiB | "
             "clients' CPU % | emulator CPU % | other CPU % |")
-    lines = [head, "|" + " --- |" * 17]
+    lines = [head, "|" + " --- |" * 18]
     for r in rows:  # RSS/conn means little below 100 connections
         per_conn = f"{r['rss_conn'] / 1024:.1f}" if r["clients"] >= 100 else "-"
         lines.append(
             f"| {r['server']} | {r['clients']} | {r['caught_up']} | {r['mode']} | "
             f"{r['events']:,.0f} | "
             f"{r['deliveries']:,.0f} | {r['gaps']} | {r['closed']} | {_ms(r['p50'])} | "
-            f"{_ms(r['p99'])} | {_ms(r['p999'])} | {r['cpu']:.0f} | "
+            f"{_ms(r['p99'])} | {_ms(r['p999'])} | {r['cpu']:.0f} | {r['wait']:.1f} | "
             f"{r['rss'] / 2**20:.1f} | {per_conn} | {r['client_cpu']:.0f} | "
             f"{'-' if r['emulator_cpu'] is None else format(r['emulator_cpu'], '.0f')} | "
             f"{r['other_cpu']:.0f} |"
@@ -722,7 +746,11 @@ def main(argv: list[str] | None = None) -> None:
                              "two would; 2 with the Python one)")
     parser.add_argument("--idle", type=int, default=1000,
                         help="idle connections for the RSS run (0: skip)")
-    parser.add_argument("--servers", default="tickwire,peer")
+    parser.add_argument("--servers", default="tickwire,peer",
+                        help="tickwire, peer, and floors for the latency run "
+                             "(benchmarks/floor.py): floor (each event sent alone at once), "
+                             "floor-work (300 us of CPU per event, batched when idle), "
+                             "floor-sender (floor-work with a sender process)")
     parser.add_argument("--client", choices=("c", "python"),
                         default="c" if shutil.which("cc") else "python",
                         help="load client: c (benchmarks/loadclient.c, compiled with `cc` at "
@@ -756,11 +784,14 @@ def main(argv: list[str] | None = None) -> None:
         for n in [int(x) for x in args.clients.split(",")]:
             for rate in modes:
                 for kind in servers:
+                    if kind in FLOORS and rate is None:
+                        continue  # a floor is for the latency run: it has no backpressure
                     row = run(kind, n, rate, args, Path(tmp))
                     rows.append(row)
                     print(table([row]).splitlines()[-1], flush=True)
         if args.idle:
-            for kind in servers:  # a slow feed, so that RSS moves with connections only
+            for kind in [k for k in servers if k not in FLOORS]:  # RSS: the servers only
+                # a slow feed, so that RSS moves with connections only
                 row = run(kind, args.idle, IDLE_RATE, args, Path(tmp), subscribe=False)
                 row["mode"] = "idle"
                 idle.append(row)
