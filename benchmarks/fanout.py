@@ -58,7 +58,8 @@ total; "other CPU" is what the rest of the machine used meanwhile, from
 ``/proc/stat``: anything above a few % means the figures were disturbed) and RSS
 from ``/proc/<pid>/status``. "wait %" is the time the server's main thread was
 ready to run but waited for a CPU (``/proc/<pid>/schedstat``): what the other
-processes on the two cores cost it. "RSS/conn" is (RSS with the N
+processes on the two cores cost it. ``--pin`` binds the server to CPU 0 and the
+load clients and tickwire's emulator to the other CPUs (for every server alike). "RSS/conn" is (RSS with the N
 clients - RSS before they connected) / N. The idle run connects ``--idle``
 connections that never subscribe.
 """
@@ -96,7 +97,9 @@ BUCKET_US = 10  # latency histogram resolution
 BUCKETS = 200_000  # 0 .. 2 s; later ones go to the last bucket
 #: ``--servers`` names of ``benchmarks/floor.py``'s modes (latency run only)
 FLOORS = {"floor": "send", "floor-work": "work", "floor-sender": "sender"}
-PEER_HIGH_WATER = 1 << 20  # bytes unsent on one connection before the peer waits
+PEER_HIGH_WATER = 1 << 20
+#: ``--pin``: the CPUs of the load clients and of tickwire's emulator (the server has 0)
+OTHER_CPUS = set(range(1, os.cpu_count() or 2))  # bytes unsent on one connection before the peer waits
 IDLE_RATE = 10.0  # exchange frames per second during the idle run
 LIVE = 0.5  # seconds: a client whose events are this fresh has caught up
 CATCH_UP = 20.0  # seconds a client waits for that before the window anyway
@@ -453,6 +456,13 @@ async def _peer(port: int, captures: Path, rate: float | None) -> None:
 # -- measuring a server process -----------------------------------------------------------
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Bind every thread of ``pid`` to ``cpus`` (``--pin``)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
 def runqueue_seconds(pid: int) -> float:
     """Seconds ``pid``'s main thread has spent runnable but waiting for a CPU
     (``/proc/<pid>/schedstat``, second field, in ns)."""
@@ -583,6 +593,10 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
         children = child_pids(proc.pid)
         emulators = children if kind == "tickwire" else []
         own = [proc.pid] + ([] if kind == "tickwire" else children)
+        if args.pin:
+            pin(proc.pid, {0})
+            for pid in emulators:
+                pin(pid, OTHER_CPUS)
         time.sleep(args.warmup)
         rss_before = rss_bytes(proc.pid)
         procs = max(1, min(args.client_procs or (1 if args.client == "c" else 2), n))
@@ -592,11 +606,15 @@ def run(kind: str, n: int, rate: float | None, args: argparse.Namespace, workdir
             if args.client == "c":  # one object: the process and its control pipe
                 worker = CClient(c_client_binary(workdir), port, share, subscribe)
                 clients.append((worker, worker))
+                if args.pin:
+                    pin(worker.pid, OTHER_CPUS)
                 continue
             parent, child = context.Pipe()
             worker = context.Process(target=client_process, args=(port, share, subscribe, child),
                                      daemon=True)
             worker.start()
+            if args.pin:
+                pin(worker.pid, OTHER_CPUS)
             clients.append((worker, parent))
         caught_up = 0
         for expected in ("connected", "ready"):
@@ -764,6 +782,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="tickwire's longest coalescing window "
                              "(server.max_write_delay_ms; default: the daemon's, 5 ms)")
     parser.add_argument("--modes", default="rate,max", help="rate, max or both")
+    parser.add_argument("--pin", action="store_true",
+                        help="bind the server's process to CPU 0 and the load clients and "
+                             "tickwire's emulator to the others, so that the server does not "
+                             "wait for a CPU they hold (a floor's sender process is not bound)")
     parser.add_argument("--captures", type=Path, default=Path(default_captures))
     parser.add_argument("--markdown", type=Path, default=None,
                         help="also write the result tables to this file")

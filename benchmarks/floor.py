@@ -136,6 +136,8 @@ def serve(port: int, rate: float, mode: str, work_us: float) -> None:
                 data = sock.recv(65536)
             except BlockingIOError:
                 continue
+            except OSError:  # reset by the peer: as closed
+                data = b""
             if not data:
                 selector.unregister(sock)
                 handshakes.pop(sock, None)
