@@ -252,17 +252,33 @@ def clients(socket_path: str | None, as_json: bool) -> None:
 @click.argument("symbols", nargs=-1, required=True)
 @click.option("--url", default="ws://127.0.0.1:8765", show_default=True, help="tickwire server.")
 @click.option("--history", default=0, show_default=True, help="Retained trades to get first.")
-def tail(channel: str, symbols: tuple[str, ...], url: str, history: int) -> None:
-    """Print the events of CHANNEL for SYMBOLS (EXCHANGE:BASE-QUOTE, EXCHANGE:* or *),
-    one JSON object a line."""
-    from daemon.tail import tail_events
+@click.option("--once", is_flag=True,
+              help="Exit (status 1) when the connection ends, instead of resuming.")
+def tail(channel: str, symbols: tuple[str, ...], url: str, history: int, once: bool) -> None:
+    """Print the events of CHANNEL (or CHANNEL,CHANNEL...) for SYMBOLS
+    (EXCHANGE:BASE-QUOTE, EXCHANGE:* or *), one JSON object a line.
+
+    When the connection ends (daemon restart, slow consumer, dropped), tail connects
+    again and resumes each stream after the last seq it printed, if the daemon still
+    retains what was missed; stderr says when a stream could not be resumed. Exit
+    status: 1 on an error reply or a refused request, 2 if the daemon cannot be
+    reached at start."""
+    from functools import partial
+
+    import trio_websocket
+
+    from daemon.tail import TailError, tail_events
 
     try:
-        trio.run(tail_events, url, channel.split(","), list(symbols), history)
+        trio.run(partial(tail_events, url, channel.split(","), list(symbols), history,
+                         resume=not once))
     except KeyboardInterrupt:
         pass
-    except OSError as exc:
-        click.echo(f"tickwire: cannot reach {url}: {exc}", err=True)
+    except TailError as exc:
+        click.echo(f"tickwire: {exc}", err=True)
+        sys.exit(1)
+    except (OSError, trio_websocket.HandshakeError) as exc:
+        click.echo(f"tickwire: cannot reach {url}: {exc or type(exc).__name__}", err=True)
         sys.exit(2)
 
 

@@ -1,35 +1,182 @@
-"""``tickwire tail``: a client that subscribes and prints events, one a line."""
+"""``tickwire tail``: a client that subscribes, prints events one a line, and resumes.
+
+When the connection ends for a reason that passes (the daemon restarts: 1001; this
+client fell behind: 4008; no pong in time: 4001; the connection dropped: 1006), it
+connects again after a full-jitter backoff and subscribes with ``since``: per
+stream, the last ``seq`` it printed, and the ``epoch`` it printed it in
+(docs/protocol.md, "Recovery with since"). What the daemon still retains arrives
+exactly once. A stream it could not recover starts fresh, and a line on stderr
+says so; its messages at or below the last ``seq`` printed (the ``history`` sent
+again) are not printed twice. After a daemon restart (another epoch) every stream
+starts fresh, and stderr says that too.
+
+``Resume`` is the protocol side (no I/O); ``tail_events`` runs it over trio-websocket.
+"""
 
 from __future__ import annotations
 
 import sys
+from typing import Any, TextIO
 
+import attrs
 import orjson
+import trio
 import trio_websocket
 
+from daemon.events import EVENT_TYPES
+from daemon.supervise import Backoff
 
-async def tail_events(url: str, channels: list[str], symbols: list[str], history: int = 0) -> None:
-    """Subscribe to ``channels`` x ``symbols`` on ``url`` and write every message
-    except the welcome and the ack to stdout, one JSON object a line (arrays are
-    split). An ``error`` reply is written to stderr and ends the command (exit 1)."""
-    async with trio_websocket.open_websocket_url(url) as ws:
-        await ws.send_message(orjson.dumps({
-            "op": "subscribe", "id": 1, "channels": channels, "symbols": symbols,
-            "history": history,
-        }).decode())
-        while True:
-            try:
-                message = await ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
-                sys.stderr.write(f"closed: {exc.reason.code} {exc.reason.reason or ''}\n")
-                raise SystemExit(1) from None
-            parsed = orjson.loads(message)
-            for item in parsed if isinstance(parsed, list) else [parsed]:
-                kind = item.get("type")
-                if kind in ("welcome", "ack"):
-                    continue
-                if kind == "error":
-                    sys.stderr.write(orjson.dumps(item).decode() + "\n")
-                    raise SystemExit(1)
-                sys.stdout.write(orjson.dumps(item).decode() + "\n")
-            sys.stdout.flush()
+#: The channel of each event ``type`` on the wire.
+CHANNEL_OF_TYPE = {cls.TYPE: cls.CHANNEL for cls in EVENT_TYPES}
+#: Close codes after which tail stops instead of resuming: the daemon refused what
+#: this client sent (1002 protocol error, 1003 binary, 1008 policy, 1009 too big,
+#: 4029 rate limited). Every other close is resumed.
+FINAL_CLOSE_CODES = frozenset({1002, 1003, 1008, 1009, 4029})
+#: Refusals of the upgrade that pass (too many connections): retried when resuming.
+#: The others (401, 403: no or a wrong token, a foreign Origin) stop tail.
+BUSY_STATUSES = frozenset({429, 503})
+
+
+class TailError(Exception):
+    """The daemon answered ``error`` or closed the connection for good."""
+
+
+@attrs.define
+class Resume:
+    """What a resuming subscriber remembers between connections.
+
+    ``channels`` x ``symbols`` is the subscription, ``history`` the retained messages
+    asked for with it. ``epoch``: the daemon's, from its last welcome; ``last``:
+    per stream key (``channel:exchange:symbol``), the highest ``seq`` printed.
+    """
+
+    channels: list[str]
+    symbols: list[str]
+    history: int = 0
+    epoch: str | None = None
+    last: dict[str, int] = attrs.field(factory=dict)
+
+    def welcome(self, message: dict[str, Any]) -> list[str]:
+        """Take the daemon's welcome; returns notes for stderr (a restart)."""
+        epoch = message.get("epoch")
+        notes = []
+        if self.epoch is not None and epoch != self.epoch:
+            notes.append(f"tail: the daemon restarted (epoch {self.epoch} -> {epoch}): "
+                         "every stream starts again")
+            self.last.clear()
+        self.epoch = epoch
+        return notes
+
+    def subscribe(self) -> dict[str, Any]:
+        """The subscribe request for this connection: with ``since`` when some stream
+        has been printed in the current epoch."""
+        request: dict[str, Any] = {"op": "subscribe", "id": 1, "channels": self.channels,
+                                   "symbols": self.symbols, "history": self.history}
+        if self.last:
+            request["since"] = dict(self.last)
+            request["epoch"] = self.epoch
+        return request
+
+    def ack(self, message: dict[str, Any]) -> list[str]:
+        """Take the subscribe ack; returns a note for each stream not recovered."""
+        return [f"tail: {stream}: the missed messages are no longer retained; "
+                "it starts again" for stream, ok in message.get("recovered", {}).items()
+                if not ok]
+
+    def accept(self, message: dict[str, Any]) -> bool:
+        """Whether to print ``message`` (an event): not if its stream was printed up
+        to its ``seq`` already (a ``book_snapshot`` may repeat the last ``seq``: it
+        is the book's state, printed again)."""
+        channel = CHANNEL_OF_TYPE.get(message.get("type", ""))
+        seq = message.get("seq")
+        if channel is None or not isinstance(seq, int):
+            return True
+        stream = f"{channel}:{message.get('exchange')}:{message.get('symbol')}"
+        last = self.last.get(stream)
+        if last is not None and seq <= last and not (
+                message["type"] == "book_snapshot" and seq == last):
+            return False
+        self.last[stream] = max(seq, last or 0)
+        return True
+
+
+async def tail_events(
+    url: str,
+    channels: list[str],
+    symbols: list[str],
+    history: int = 0,
+    *,
+    resume: bool = True,
+    backoff: Backoff | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> None:
+    """Subscribe to ``channels`` x ``symbols`` on ``url`` and write every event to
+    ``out`` (stdout), one JSON object a line (batches are split); notes go to ``err``
+    (stderr). With ``resume``, a connection that ends is followed by another (see
+    the module docstring; delays from ``backoff``, default 0.5 s doubling to 30 s).
+
+    Raises ``TailError`` on an ``error`` reply, on a close in ``FINAL_CLOSE_CODES``,
+    on a refused upgrade (HTTP 401, 403; 429 and 503 too at the first connection),
+    and without ``resume`` on any close; ``OSError`` if the first connection cannot
+    be made, or ``trio_websocket.HandshakeError`` if its handshake fails (later
+    connections are retried).
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    state = Resume(channels, symbols, history)
+    backoff = backoff or Backoff(0.5, 30.0)
+    connected_once = False
+    while True:
+        try:
+            async with trio_websocket.open_websocket_url(url) as ws:
+                connected_once = True
+                await _serve(ws, state, backoff, out, err)
+        except trio_websocket.ConnectionClosed as exc:
+            code, reason = exc.reason.code, exc.reason.reason or ""
+            if not resume or code in FINAL_CLOSE_CODES:
+                raise TailError(f"closed: {code} {reason}".rstrip()) from None
+            note = f"closed: {code} {reason}".rstrip()
+        except trio_websocket.ConnectionRejected as exc:  # an HTTP status
+            if not (resume and connected_once and exc.status_code in BUSY_STATUSES):
+                raise TailError(f"refused: HTTP {exc.status_code} "
+                                f"{(exc.body or b'').decode(errors='replace').strip()}") from None
+            note = f"refused: HTTP {exc.status_code}"
+        except (OSError, trio_websocket.HandshakeError) as exc:
+            # trio-websocket gives a refused connection as a HandshakeError from OSError
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            if not connected_once or not resume:
+                if isinstance(cause, OSError):
+                    raise cause from None
+                raise
+            note = f"cannot reconnect: {cause or exc}"
+        delay = backoff.next_delay()
+        err.write(f"tail: {note}; connecting again in {delay:.1f} s\n")
+        err.flush()
+        await trio.sleep(delay)
+
+
+async def _serve(ws: trio_websocket.WebSocketConnection, state: Resume, backoff: Backoff,
+                 out: TextIO, err: TextIO) -> None:
+    welcome = orjson.loads(await ws.get_message())
+    notes = state.welcome(welcome)
+    await ws.send_message(orjson.dumps(state.subscribe()).decode())
+    while True:
+        parsed = orjson.loads(await ws.get_message())
+        lines = []
+        for item in parsed if isinstance(parsed, list) else [parsed]:
+            kind = item.get("type")
+            if kind == "ack":
+                notes += state.ack(item)
+                backoff.reset()  # subscribed again: the next failure starts over
+            elif kind == "error":
+                raise TailError(orjson.dumps(item).decode())
+            elif kind != "welcome" and state.accept(item):
+                lines.append(orjson.dumps(item).decode() + "\n")
+        if notes:
+            err.write("".join(note + "\n" for note in notes))
+            err.flush()
+            notes = []
+        if lines:
+            out.write("".join(lines))
+            out.flush()

@@ -8,7 +8,7 @@ import orjson
 
 from daemon.dispatch import Dispatcher, Message, Retention
 from daemon.events import BookSnapshot, BookUpdate
-from tests.test_fanout import coinbase_events
+from tests.broadcast_server import coinbase_events
 
 
 class Recorder:

@@ -21,61 +21,17 @@ from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, Tex
 
 from daemon.broadcast import server as server_module
 from daemon.broadcast.auth import Authenticator
-from daemon.broadcast.server import BroadcastServer
-from daemon.config import AuthConfig, ServerConfig, TokenConfig
-from daemon.dispatch import Dispatcher, Retention
+from daemon.config import AuthConfig, TokenConfig
+from daemon.dispatch import Retention
 from daemon.events import Ticker, Trade
-from daemon.exchanges.coinbase import CoinbaseFeed, parse_markets
-from daemon.replay.capture import read_capture
+from tests.broadcast_server import (
+    EPOCH,
+    coinbase_events,
+    publish,
+    start,
+    until_published,
+)
 from tests.helpers import messages, receive_until, request
-
-EPOCH = "test-epoch"
-HELLO = {"type": "welcome", "server": "tickwire", "version": "test", "epoch": EPOCH}
-
-
-@attrs.define
-class Running:
-    dispatcher: Dispatcher
-    server: BroadcastServer
-    url: str
-
-
-async def start(nursery, retention=None, auth: AuthConfig | None = None, **server) -> Running:
-    dispatcher = Dispatcher(256, retention or {
-        "trades": Retention(1000, 3600), "book": Retention(1000, 60),
-        "ticker": Retention(100, 60), "system": Retention(100, 60)})
-    config = ServerConfig(listen="127.0.0.1:0", **server)
-    broadcast = BroadcastServer(dispatcher, config, HELLO, auth)
-    await nursery.start(dispatcher.serve)
-    port = await nursery.start(broadcast.serve)
-    return Running(dispatcher, broadcast, f"ws://127.0.0.1:{port}")
-
-
-def coinbase_events(captures: Path) -> list:
-    """Every event the Coinbase capture gives, through the real protocol."""
-    markets = parse_markets(read_capture(captures / "COINBASE.0").rest[0].body)
-    conn = read_capture(captures / "COINBASE.ws.28.0").connections[0]
-    products = orjson.loads(conn.sent[0][1])["product_ids"]
-    feed = CoinbaseFeed([markets[p] for p in products], ["trades", "book", "ticker"], markets)
-    feed.on_open(0.0)
-    events = []
-    for frame in conn.received:
-        events += [o for o in feed.on_message(frame.text, frame.ts)
-                   if isinstance(o, Trade | Ticker) or type(o).__name__.startswith("Book")]
-    return events
-
-
-async def publish(running: Running, events: list) -> None:
-    async with running.dispatcher.open_source() as source:
-        for event in events:
-            await source.send(event)
-
-
-async def until_published(running: Running, count: int) -> None:
-    with trio.fail_after(10):
-        while running.dispatcher.events < count:
-            await trio.sleep(0.01)
-
 
 # -- recovery --------------------------------------------------------------------
 

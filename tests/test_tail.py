@@ -1,0 +1,189 @@
+"""``tickwire tail`` resumes: after a slow-consumer close, beyond retention, across a
+daemon restart; and it stops on a refused request. Real WebSockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+import trio
+
+from daemon.config import AuthConfig, TokenConfig
+from daemon.dispatch import Retention
+from daemon.events import Trade
+from daemon.supervise import Backoff
+from daemon.tail import Resume, TailError, tail_events
+from tests.broadcast_server import HELLO, Running, coinbase_events, publish, start
+from tests.daemon_process import TICKWIRE
+
+FAST = {"base": 0.02, "cap": 0.1}  # reconnect delays of the tests, seconds
+
+
+def busiest_trades(captures: Path) -> list[Trade]:
+    """The Coinbase capture's trades of its busiest symbol, in order."""
+    trades = [e for e in coinbase_events(captures) if isinstance(e, Trade)]
+    symbol = max({t.symbol for t in trades}, key=lambda s: sum(t.symbol == s for t in trades))
+    return [t for t in trades if t.symbol == symbol]
+
+
+def printed(out: io.StringIO) -> list[dict]:
+    return [orjson.loads(line) for line in out.getvalue().splitlines()]
+
+
+async def until_printed(out: io.StringIO, count: int) -> list[dict]:
+    with trio.fail_after(10):
+        while len(printed(out)) < count:
+            await trio.sleep(0.01)
+    return printed(out)
+
+
+async def tail_in(nursery: trio.Nursery, running: Running, symbol: str, **kwargs) -> tuple[
+        io.StringIO, io.StringIO]:
+    out, err = io.StringIO(), io.StringIO()
+    nursery.start_soon(lambda: tail_events(
+        running.url, ["trades"], [f"coinbase:{symbol}"], backoff=Backoff(**FAST),
+        out=out, err=err, **kwargs))
+    with trio.fail_after(10):
+        while not running.dispatcher.subscriptions:
+            await trio.sleep(0.01)
+    return out, err
+
+
+def close_every_client(running: Running, code: int, reason: str) -> None:
+    for session in list(running.server.sessions):
+        session.close(code, reason)
+
+
+async def test_tail_resumes_after_a_slow_consumer_close_with_exactly_the_missed_trades(
+        captures: Path) -> None:
+    trades = busiest_trades(captures)
+    assert len(trades) >= 10
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery)
+        out, err = await tail_in(nursery, running, trades[0].symbol)
+        await publish(running, trades[:4])
+        await until_printed(out, 4)
+        close_every_client(running, 4008, "slow consumer")
+        await publish(running, trades[4:])  # while tail is away
+        events = await until_printed(out, len(trades))
+        nursery.cancel_scope.cancel()
+    assert [e["seq"] for e in events] == list(range(1, len(trades) + 1))
+    assert [e["id"] for e in events] == [t.id for t in trades]
+    assert "closed: 4008 slow consumer" in err.getvalue()
+    assert "no longer retained" not in err.getvalue()
+
+
+async def test_tail_says_when_the_missed_trades_are_no_longer_retained(captures: Path) -> None:
+    trades = busiest_trades(captures)[:20]
+    assert len(trades) == 20
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery, retention={"trades": Retention(5, 3600)})
+        out, err = await tail_in(nursery, running, trades[0].symbol, history=5)
+        await publish(running, trades[:4])
+        await until_printed(out, 4)
+        close_every_client(running, 4008, "slow consumer")
+        await publish(running, trades[4:])  # 16 missed: only the last 5 retained
+        events = await until_printed(out, 9)
+        nursery.cancel_scope.cancel()
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 16, 17, 18, 19, 20]
+    stream = f"trades:coinbase:{trades[0].symbol}"
+    assert f"tail: {stream}: the missed messages are no longer retained" in err.getvalue()
+
+
+async def test_tail_starts_again_when_the_daemon_restarts(captures: Path) -> None:
+    trades = busiest_trades(captures)
+    async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as first_nursery:  # the first daemon, stopped alone
+            first = await start(first_nursery)
+            out, err = await tail_in(nursery, first, trades[0].symbol)
+            await publish(first, trades[:4])
+            await until_printed(out, 4)
+            port = first.url.rsplit(":", 1)[1]
+            first_nursery.cancel_scope.cancel()  # clients get 1001 going away
+        second = await start(nursery, listen=f"127.0.0.1:{port}",
+                             hello={**HELLO, "epoch": "second-epoch"})
+        with trio.fail_after(10):
+            while not second.dispatcher.subscriptions:  # tail is back
+                await trio.sleep(0.01)
+        await publish(second, trades[4:7])
+        events = await until_printed(out, 7)
+        nursery.cancel_scope.cancel()
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 1, 2, 3]  # numbered again by the new daemon
+    assert [e["id"] for e in events] == [t.id for t in trades[:7]]
+    assert "closed: 1001" in err.getvalue()
+    assert "the daemon restarted (epoch test-epoch -> second-epoch)" in err.getvalue()
+
+
+async def test_tail_with_once_or_a_refused_request_stops(captures: Path) -> None:
+    trades = busiest_trades(captures)
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery)
+        with pytest.raises(TailError, match="unknown channel"):
+            await tail_events(running.url, ["candles"], ["*"], out=io.StringIO())
+        guarded = await start(nursery, auth=AuthConfig(enabled="on", tokens=[TokenConfig(
+            name="t", sha256=hashlib.sha256(b"secret").hexdigest(), channels=["trades"],
+            symbols=["*"])]))
+        with pytest.raises(TailError, match="refused: HTTP 401"):  # no token: no retry
+            await tail_events(guarded.url, ["trades"], ["*"], out=io.StringIO())
+        out = io.StringIO()
+
+        async def print_two_then_close() -> None:
+            with trio.fail_after(10):
+                while not running.dispatcher.subscriptions:
+                    await trio.sleep(0.01)
+            await publish(running, trades[:2])
+            await until_printed(out, 2)
+            close_every_client(running, 4008, "slow consumer")
+
+        nursery.start_soon(print_two_then_close)
+        with pytest.raises(TailError, match="closed: 4008 slow consumer"):
+            await tail_events(running.url, ["trades"], [f"coinbase:{trades[0].symbol}"],
+                              resume=False, out=out, err=io.StringIO())
+        assert len(printed(out)) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_tail_command_exits_1_on_a_refused_request_and_2_without_a_daemon() -> None:
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery)
+        refused = await trio.run_process([*TICKWIRE, "tail", "--url", running.url, "candles", "*"],
+                                         capture_stdout=True, capture_stderr=True, check=False)
+        port = running.url.rsplit(":", 1)[1]
+        nursery.cancel_scope.cancel()
+    assert refused.returncode == 1 and b"unknown channel" in refused.stderr
+    unreachable = await trio.run_process(
+        [*TICKWIRE, "tail", "--url", f"ws://127.0.0.1:{port}", "trades", "*"],
+        capture_stderr=True, stdout=subprocess.DEVNULL, check=False)
+    assert unreachable.returncode == 2 and b"cannot reach" in unreachable.stderr
+
+
+# -- the protocol side, without sockets ----------------------------------------------
+
+
+def test_resume_asks_since_the_last_seq_printed_and_prints_nothing_twice() -> None:
+    state = Resume(["trades", "book"], ["*"], history=10)
+    assert state.welcome({"type": "welcome", "epoch": "e1"}) == []
+    assert "since" not in state.subscribe()
+    trade = {"type": "trade", "exchange": "coinbase", "symbol": "BTC-USD"}
+    book = {"exchange": "coinbase", "symbol": "BTC-USD"}
+    assert [state.accept({**trade, "seq": n}) for n in (1, 2, 3)] == [True] * 3
+    assert state.accept({**book, "type": "book_snapshot", "seq": 7})
+    assert state.subscribe()["since"] == {"trades:coinbase:BTC-USD": 3, "book:coinbase:BTC-USD": 7}
+    assert state.subscribe()["epoch"] == "e1"
+    # history sent again after a failed recovery: what was printed is not printed again
+    assert [state.accept({**trade, "seq": n}) for n in (2, 3, 4)] == [False, False, True]
+    # a book's state at the last seq is printed again (a fresh snapshot); an update is not
+    assert state.accept({**book, "type": "book_snapshot", "seq": 7})
+    assert not state.accept({**book, "type": "book_update", "seq": 7})
+    assert state.ack({"type": "ack", "recovered": {"trades:coinbase:BTC-USD": True,
+                                                   "book:coinbase:BTC-USD": False}}) == [
+        "tail: book:coinbase:BTC-USD: the missed messages are no longer retained; "
+        "it starts again"]
+    # another epoch: the daemon restarted, every stream starts again
+    assert state.welcome({"type": "welcome", "epoch": "e2"}) != []
+    assert "since" not in state.subscribe()
+    assert state.accept({**trade, "seq": 1})
