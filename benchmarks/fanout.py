@@ -53,13 +53,14 @@ What runs, for each N in ``--clients`` and each server:
   nothing else: what this machine allows a sender at all (see that file).
 
 Server CPU comes from ``/proc/<pid>/stat`` (user + system over the window, 100 %
-= one core, with a floor's sender process; "clients' CPU" is the load clients'
-total; "other CPU" is what the rest of the machine used meanwhile, from
-``/proc/stat``: anything above a few % means the figures were disturbed) and RSS
-from ``/proc/<pid>/status``. "wait %" is the time the server's main thread was
-ready to run but waited for a CPU (``/proc/<pid>/schedstat``): what the other
-processes on the two cores cost it. ``--pin`` binds the server to CPU 0 and the
-load clients and tickwire's emulator to the other CPUs (for every server alike). "RSS/conn" is (RSS with the N
+= one core; a floor's sender process counts as the floor's; "clients' CPU" is the
+load clients' total; "other CPU" is what the rest of the machine used meanwhile,
+from ``/proc/stat``, steal time included: anything above a few % means the
+figures were disturbed) and RSS from ``/proc/<pid>/status``. "wait %" is the time
+the server's main thread was ready to run but waited for a CPU
+(``/proc/<pid>/schedstat``): what the other processes on the two cores cost it.
+``--pin`` binds the server to CPU 0 and the load clients and tickwire's emulator
+to the other CPUs (for every server alike). "RSS/conn" is (RSS with the N
 clients - RSS before they connected) / N. The idle run connects ``--idle``
 connections that never subscribe.
 """
@@ -97,9 +98,9 @@ BUCKET_US = 10  # latency histogram resolution
 BUCKETS = 200_000  # 0 .. 2 s; later ones go to the last bucket
 #: ``--servers`` names of ``benchmarks/floor.py``'s modes (latency run only)
 FLOORS = {"floor": "send", "floor-work": "work", "floor-sender": "sender"}
-PEER_HIGH_WATER = 1 << 20
+PEER_HIGH_WATER = 1 << 20  # bytes unsent on one connection before the peer waits
 #: ``--pin``: the CPUs of the load clients and of tickwire's emulator (the server has 0)
-OTHER_CPUS = set(range(1, os.cpu_count() or 2))  # bytes unsent on one connection before the peer waits
+OTHER_CPUS = set(range(1, os.cpu_count() or 2))
 IDLE_RATE = 10.0  # exchange frames per second during the idle run
 LIVE = 0.5  # seconds: a client whose events are this fresh has caught up
 CATCH_UP = 20.0  # seconds a client waits for that before the window anyway

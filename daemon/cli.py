@@ -278,7 +278,7 @@ def tail(channel: str, symbols: tuple[str, ...], url: str, history: int, once: b
         click.echo(f"tickwire: {exc}", err=True)
         sys.exit(1)
     except (OSError, trio_websocket.HandshakeError) as exc:
-        click.echo(f"tickwire: cannot reach {url}: {exc or type(exc).__name__}", err=True)
+        click.echo(f"tickwire: cannot reach {url}: {str(exc) or type(exc).__name__}", err=True)
         sys.exit(2)
 
 

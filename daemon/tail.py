@@ -149,7 +149,7 @@ async def tail_events(
                 if isinstance(cause, OSError):
                     raise cause from None
                 raise
-            note = f"cannot reconnect: {cause or exc}"
+            note = f"cannot reconnect: {cause if cause else repr(exc)}"
         delay = backoff.next_delay()
         err.write(f"tail: {note}; connecting again in {delay:.1f} s\n")
         err.flush()
