@@ -15,7 +15,8 @@ when the event is made) for every connection. What it does next is the ``--mode`
 - ``work``: each event first costs ``--work-us`` of CPU (a stand-in for reading and
   parsing the exchange frame and dispatching the event), and the events made while
   the process was busy leave together, in one frame, once it has nothing else to do:
-  tickwire's policy, without tickwire.
+  tickwire's policy, without tickwire (and without its 5 ms bound on the wait:
+  at 1,000 events/s it catches up, as the events/s column shows).
 - ``sender``: as ``work``, but the frames go over a Unix socket to a forked sender
   process, which writes to the clients what it has received since its last write:
   the fan-out on the second core.
