@@ -28,20 +28,28 @@ def as_plain(levels: Any) -> dict[str, str]:
     return side
 
 
-def final_books(events: Any) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
-    """The books a stream of ``BookSnapshot`` / ``BookUpdate`` events ends with, per
-    symbol, as plain normalized ``(bids, asks)`` dicts (other events are skipped)."""
+def consumer_books(events: Any, books: dict | None = None) -> dict:
+    """Apply the ``BookSnapshot`` / ``BookUpdate`` events among ``events`` to untruncated
+    ``L2Book``s per symbol, as a client would (into ``books`` when given); returns
+    them. Other events are skipped."""
     from daemon.book import L2Book
     from daemon.events import BookSnapshot, BookUpdate
 
-    books: dict[str, L2Book] = {}
+    books = {} if books is None else books
     for event in events:
         if isinstance(event, BookSnapshot):
             books[event.symbol] = L2Book()
             books[event.symbol].load(event.bids, event.asks)
         elif isinstance(event, BookUpdate):
             books[event.symbol].apply(event.bids, event.asks)
-    return {s: (as_plain(b.levels()[0]), as_plain(b.levels()[1])) for s, b in books.items()}
+    return books
+
+
+def final_books(events: Any) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
+    """The books a stream of book events ends with, per symbol, as plain normalized
+    ``(bids, asks)`` dicts (``consumer_books``)."""
+    return {s: (as_plain(b.levels()[0]), as_plain(b.levels()[1]))
+            for s, b in consumer_books(events).items()}
 
 
 def messages(frame: str | bytes) -> list[dict[str, Any]]:

@@ -8,13 +8,12 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 import pytest
 
-from daemon.book import L2Book
 from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
 from daemon.exchanges.base import FetchSnapshot, FetchTrades, Malformed
 from daemon.exchanges.binance import BinanceFeed, parse_markets
 from daemon.replay.capture import read_capture
 from daemon.replay.venues.binance import BinanceVenue
-from tests.helpers import apply_levels, as_plain
+from tests.helpers import apply_levels, as_plain, consumer_books
 
 SYMBOLS = ["NKN-USDT", "BLZ-ETH", "LRC-BTC", "RUNE-EUR"]
 
@@ -96,13 +95,7 @@ def test_final_books_equal_an_independent_application(recorded) -> None:
     feed = BinanceFeed(SYMBOLS, ["book"], markets)
     events = play(feed, frames, snapshots)
     expected = independent_books(frames, snapshots)
-    consumer: dict[str, L2Book] = {}
-    for event in events:
-        if isinstance(event, BookSnapshot):
-            consumer[event.symbol] = L2Book()
-            consumer[event.symbol].load(event.bids, event.asks)
-        elif isinstance(event, BookUpdate):
-            consumer[event.symbol].apply(event.bids, event.asks)
+    consumer = consumer_books(events)
     assert set(consumer) == set(SYMBOLS)
     for symbol in SYMBOLS:
         bids, asks = feed.book(symbol).levels()

@@ -21,6 +21,7 @@ from daemon.exchanges.base import FetchTrades, Malformed, Send
 from daemon.exchanges.coinbase import MARKETS_TARGET, CoinbaseFeed, parse_markets, parse_time
 from daemon.replay.capture import read_capture
 from daemon.replay.venues.coinbase import CoinbaseVenue
+from tests.helpers import consumer_books
 
 ALL_CHANNELS = ["trades", "book", "ticker"]
 
@@ -217,13 +218,7 @@ def test_books_match_an_independent_replay(rec: Recorded, replay) -> None:
     feed, out = replay
     expected = plain_books(rec)
     assert sorted(expected) == sorted(rec.products)
-    from_events: dict[str, L2Book] = {}
-    for event in out:
-        if isinstance(event, BookSnapshot):
-            from_events[event.symbol] = L2Book()
-            from_events[event.symbol].load(event.bids, event.asks)
-        elif isinstance(event, BookUpdate):
-            from_events[event.symbol].apply(event.bids, event.asks)
+    from_events = consumer_books(out)
     for product in rec.products:
         book = feed.book(product)
         assert book is not None and not book.is_crossed()

@@ -19,6 +19,7 @@ from daemon.exchanges.base import FetchTrades, Malformed, Send
 from daemon.exchanges.kraken import KrakenFeed, parse_markets
 from daemon.replay.capture import Received, read_capture
 from daemon.replay.venues.kraken import KrakenVenue
+from tests.helpers import consumer_books
 
 BOOK_CAPTURE = "KRAKEN.ws.50.0"
 
@@ -99,18 +100,6 @@ def _run(feed: KrakenFeed, connection, frames=None) -> list:
     return out
 
 
-def _consume(outputs, books=None) -> dict[str, L2Book]:
-    """Apply published book events to untruncated books, as a client would."""
-    books = {} if books is None else books
-    for o in outputs:
-        if isinstance(o, BookSnapshot):
-            books[o.symbol] = L2Book()
-            books[o.symbol].load(o.bids, o.asks)
-        elif isinstance(o, BookUpdate):
-            books[o.symbol].apply(o.bids, o.asks)
-    return books
-
-
 # -- markets -------------------------------------------------------------------------
 
 
@@ -164,7 +153,7 @@ def test_book_depth_1000_all_checksums_and_books_match(captures, markets):
     ]
 
     reference = _reference_books(conn.received, 1000)
-    consumer = _consume(out)
+    consumer = consumer_books(out)
     for pair in _pairs(conn):
         expected = reference[pair].levels()
         assert feed.book(markets[pair]).levels() == expected
@@ -226,10 +215,10 @@ def test_book_depth_10_keeps_consumers_to_10_levels(captures, markets):
     feed = _feed(markets, conn, ["book"], depth=10)
     consumer: dict[str, L2Book] = {}
     truncations = 0
-    _consume(feed.on_open(conn.opened), consumer)
+    consumer_books(feed.on_open(conn.opened), consumer)
     for frame in frames:
         out = feed.on_message(frame.text, frame.ts)
-        _consume(out, consumer)
+        consumer_books(out, consumer)
         for o in out:
             if isinstance(o, BookUpdate):
                 parts = json.loads(frame.text)[1:-2]
@@ -255,7 +244,7 @@ def test_depth_10_feed_on_the_depth_1000_recording_resyncs_rather_than_drift(cap
     s = feed.stats
     assert s.checksum_mismatch == s.resyncs > 0
     assert sum(isinstance(o, Send) and '"unsubscribe"' in o.text for o in out) == s.resyncs
-    for book in _consume(out).values():
+    for book in consumer_books(out).values():
         assert len(book.bids) <= 10 and len(book.asks) <= 10
 
 
@@ -309,7 +298,7 @@ def test_checksum_mismatch_resyncs_that_pair_until_its_snapshot(captures, market
     assert (s.checksum_mismatch, s.resyncs) == (1, 1)
     assert s.checksum_ok == 4269 - 1 - skipped
     expected = _reference_books(frames, 1000)[pair].levels()
-    assert feed.book(symbol).levels() == expected == _consume(out)[symbol].levels()
+    assert feed.book(symbol).levels() == expected == consumer_books(out)[symbol].levels()
 
 
 # -- malformed frames ----------------------------------------------------------------
