@@ -50,6 +50,7 @@ import orjson
 import trio
 
 from daemon import __version__
+from daemon.errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ SOCKET_MODE = 0o660
 MAX_PATH = 107
 
 
-class AdminSocketError(Exception):
+class AdminSocketError(StartupError):
     """The admin socket cannot be created (one line, for people)."""
 
 

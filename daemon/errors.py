@@ -20,6 +20,13 @@ class TickwireError(Exception):
     """Base of tickwire's errors."""
 
 
+class StartupError(TickwireError):
+    """The daemon cannot start, for a reason a person can fix: a busy or unassignable
+    listen address, an unreadable capture, a missing file. Its message is one line
+    that names the cause and what to do; the command line prints it and exits 2.
+    Every listener's and loader's own start-up error derives from it."""
+
+
 class FeedError(TickwireError):
     """A feed cannot go on with its current connection; it will reconnect."""
 

@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from daemon import __version__
+from daemon.errors import StartupError
 from daemon.health import RATE_WINDOW
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ FEED_COUNTERS = {
 REQUEST_TIMEOUT = 10.0
 
 
-class MetricsError(Exception):
+class MetricsError(StartupError):
     """The metrics endpoint cannot listen (one line, for people)."""
 
 
