@@ -40,29 +40,18 @@ import orjson
 import trio
 
 from daemon.book import BookError, L2Book
+from daemon.channels import ChannelPolicy, policy_of
+from daemon.channels import Retention as Retention  # re-exported: the dispatcher's API
 from daemon.events import BookSnapshot, BookUpdate, Event, Trade
 from daemon.wire import event_dict
 
 log = logging.getLogger(__name__)
-
-#: Channels whose every event matters (late joiners get ``history`` of them); the
-#: others are state (``ticker``, ``status``): late joiners get the latest.
-LOSSLESS = frozenset({"trades", "system"})
 
 #: Trade ids remembered per stream to drop a trade that two sources both bring.
 TRADE_IDS_KEPT = 10_000
 
 #: ``exchange:SYMBOL`` with ``*`` allowed for either part, or ``*`` alone.
 SYMBOL_PATTERN = re.compile(r"^(\*|[a-z0-9_.]+:(\*|[A-Z0-9.]+-[A-Z0-9.]+))$")
-
-
-@attrs.frozen
-class Retention:
-    """How much of a channel's streams is kept: the last ``size`` messages, none
-    older than ``max_age`` seconds."""
-
-    size: int
-    max_age: float
 
 
 @attrs.define(slots=True, eq=False)
@@ -94,7 +83,8 @@ class Subscriber(Protocol):
 class Stream:
     """One ``channel:exchange:symbol`` stream and what it retains.
 
-    ``seq``: the last sequence number given; ``history``: the retained messages;
+    ``policy``: its channel's (``daemon.channels``); ``seq``: the last sequence
+    number given; ``history``: the retained messages;
     ``book``: the current L2 book (book streams); ``latest``: the last message of
     any other stream (the latest ticker, status).
     """
@@ -103,6 +93,8 @@ class Stream:
     channel: str
     exchange: str
     symbol: str
+    policy: ChannelPolicy = attrs.field(default=attrs.Factory(
+        lambda self: policy_of(self.channel), takes_self=True))
     retention: Retention | None = None
     seq: int = 0
     history: deque[Message] = attrs.field(factory=deque)
@@ -114,7 +106,7 @@ class Stream:
     trade_order: deque[str] = attrs.field(factory=deque)
     #: encoded snapshots of the current book, by extra fields (``conflated``): every
     #: subscriber of a moment shares one; cleared whenever the book changes
-    snapshots: dict[tuple, Message] = attrs.field(factory=dict)
+    snapshots: dict[tuple[tuple[str, object], ...], Message] = attrs.field(factory=dict)
 
     def retain(self, message: Message) -> None:
         """Keep ``message`` within this channel's retention."""
@@ -184,7 +176,8 @@ def matches(pattern: str, exchange: str, symbol: str) -> bool:
 class Dispatcher:
     """Numbers, encodes, retains and fans out events (see the module docstring).
 
-    ``buffer``: bound of the input channel; ``retention``: per channel name.
+    ``buffer``: bound of the input channel; ``retention``: per channel name (a
+    channel it does not name keeps its policy's default, ``daemon.channels``).
     """
 
     def __init__(self, buffer: int, retention: Mapping[str, Retention]) -> None:
@@ -226,9 +219,10 @@ class Dispatcher:
         key = f"{channel}:{exchange}:{symbol}"
         stream = self.streams.get(key)
         if stream is None:
+            rules = policy_of(channel)
             stream = Stream(
-                key=key, channel=channel, exchange=exchange, symbol=symbol,
-                retention=self.retention.get(channel),
+                key=key, channel=channel, exchange=exchange, symbol=symbol, policy=rules,
+                retention=self.retention.get(channel, rules.retention),
             )
             self.streams[key] = stream
             for subscriber, pairs in self.subscriptions.items():
@@ -326,11 +320,13 @@ class Dispatcher:
         return initial, recovered
 
     def initial_messages(self, stream: Stream, history: int) -> list[Message]:
-        """What a new subscriber of ``stream`` gets before live events."""
-        if stream.channel == "book":
+        """What a new subscriber of ``stream`` gets before live events: its
+        channel policy's ``late_joiner`` (``daemon.channels``)."""
+        late_joiner = stream.policy.late_joiner
+        if late_joiner == "snapshot":
             message = stream.snapshot_message()
             return [message] if message is not None else []
-        if stream.channel in LOSSLESS:
+        if late_joiner == "history":
             return list(stream.history)[-history:] if history > 0 else []
         return [stream.latest] if stream.latest is not None else []
 

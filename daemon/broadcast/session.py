@@ -63,8 +63,6 @@ CLOSE_PING_TIMEOUT = 4001
 CLOSE_IDLE = 4000
 CLOSE_RATE_LIMITED = 4029
 SLOW_CONSUMER = "slow consumer"
-#: Channels whose backlog conflates to the latest state; the others are lossless.
-CONFLATED = frozenset({"book", "ticker", "status"})
 #: Control-frame bytes piled up behind a full socket before the client is dropped.
 MAX_PILED = 1 << 20
 #: Every LATENCY_SAMPLE-th write of a client goes into the latency histogram.
@@ -149,7 +147,7 @@ class Session:
         stream = message.stream
         if stream in self.marked:
             return  # a marker in the queue already stands for the latest state
-        if stream.channel in CONFLATED and self.throttles:
+        if stream.policy.conflates and self.throttles:
             interval = self._throttle(stream)
             if interval:
                 now = trio.current_time()
@@ -162,7 +160,7 @@ class Session:
                     return
                 self.last_sent[stream] = now
         if len(self.queue) >= self.config.client_queue and not initial:
-            if stream.channel in CONFLATED:
+            if stream.policy.conflates:
                 self._conflate(stream)
                 return
             self.server.slow_consumers += 1

@@ -1,0 +1,87 @@
+"""The channel policies: one table that the dispatcher and the broadcast sessions
+both read.
+
+A channel is either **lossless** (every event matters: ``trades``, ``system``) or
+**state** (only the latest state matters: ``book``, ``ticker``, ``status``). From
+that follow what a late joiner gets (``late_joiner``), what a full client queue
+does (``conflates``: replace the backlog by the latest state, else close the
+client with 4008) and whether ``throttle_ms`` applies. ``retention`` is the
+default of ``history.<channel>`` (the configuration may override it).
+
+The table is keyed by channel name and made of frozen records, so that a channel
+declared later (issue 15: published channels) is one more row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Literal
+
+import attrs
+
+#: What a new subscriber of a stream gets before live events.
+LateJoiner = Literal["history", "snapshot", "latest"]
+
+
+@attrs.frozen
+class Retention:
+    """How much of a channel's streams is kept: the last ``size`` messages, none
+    older than ``max_age`` seconds."""
+
+    size: int
+    max_age: float
+
+
+@attrs.frozen(kw_only=True)
+class ChannelPolicy:
+    """How one channel's streams are served.
+
+    ``name``: the channel; ``lossless``: every event must reach the client (a full
+    queue closes it with 4008) rather than only the latest state; ``conflates``: a
+    full queue replaces the stream's backlog by its latest state (a
+    ``book_snapshot`` or the latest message, marked ``"conflated": true``), and
+    ``throttle_ms`` applies; ``late_joiner``: ``history`` (up to the request's
+    ``history`` retained messages), ``snapshot`` (the current book) or ``latest``
+    (the last message); ``retention``: the default count and age of retained
+    messages (``history.<channel>`` in the configuration overrides it).
+    """
+
+    name: str
+    lossless: bool
+    conflates: bool
+    late_joiner: LateJoiner
+    retention: Retention
+
+    def __attrs_post_init__(self) -> None:
+        if self.lossless == self.conflates:
+            raise ValueError(f"channel {self.name}: a channel is lossless or conflates")
+
+
+def _table(*policies: ChannelPolicy) -> Mapping[str, ChannelPolicy]:
+    return MappingProxyType({policy.name: policy for policy in policies})
+
+
+#: Every channel's policy, by name.
+POLICIES: Mapping[str, ChannelPolicy] = _table(
+    ChannelPolicy(name="trades", lossless=True, conflates=False, late_joiner="history",
+                  retention=Retention(1000, 3600.0)),
+    ChannelPolicy(name="book", lossless=False, conflates=True, late_joiner="snapshot",
+                  retention=Retention(1000, 60.0)),
+    ChannelPolicy(name="ticker", lossless=False, conflates=True, late_joiner="latest",
+                  retention=Retention(100, 60.0)),
+    ChannelPolicy(name="system", lossless=True, conflates=False, late_joiner="history",
+                  retention=Retention(100, 86400.0)),
+    ChannelPolicy(name="status", lossless=False, conflates=True, late_joiner="latest",
+                  retention=Retention(100, 60.0)),
+)
+
+#: The policy of a channel the table does not name: lossless, as nothing is lost
+#: by default.
+DEFAULT = ChannelPolicy(name="*", lossless=True, conflates=False, late_joiner="history",
+                        retention=Retention(100, 3600.0))
+
+
+def policy_of(channel: str) -> ChannelPolicy:
+    """The policy of ``channel`` (``DEFAULT`` for a channel the table does not name)."""
+    return POLICIES.get(channel, DEFAULT)
