@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# make run: `tickwire run` with the packaged default config;
+# make run CONFIG=path/to/tickwire.toml: with that config file instead
 run: $(STAMP)
 	$(BIN)/tickwire run $(if $(CONFIG),--config $(CONFIG))
 
