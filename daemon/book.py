@@ -8,6 +8,7 @@ in the exchange modules; this class only stores levels.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from operator import neg
 
@@ -50,7 +51,7 @@ class L2Book:
         self.bids.clear()
         self.asks.clear()
 
-    def load(self, bids: Levels | list, asks: Levels | list) -> None:
+    def load(self, bids: Iterable[Level], asks: Iterable[Level]) -> None:
         """Replace the whole book with a snapshot's levels (zero sizes are skipped).
 
         Raises ``BookError`` on a price or size that is not a decimal.
@@ -58,7 +59,7 @@ class L2Book:
         self.clear()
         self.apply(bids, asks)
 
-    def apply(self, bids: Levels | list, asks: Levels | list) -> None:
+    def apply(self, bids: Iterable[Level], asks: Iterable[Level]) -> None:
         """Apply a delta: each ``(price, size)`` sets that level; size zero removes it.
 
         Raises ``BookError`` on a price or size that is not a decimal; the levels
@@ -92,7 +93,9 @@ class L2Book:
         """True when the best bid is at or above the best ask: the book is corrupt."""
         if not self.bids or not self.asks:
             return False
-        return self.bids.peekitem(0)[0] >= self.asks.peekitem(0)[0]
+        best_bid: Decimal = self.bids.peekitem(0)[0]
+        best_ask: Decimal = self.asks.peekitem(0)[0]
+        return best_bid >= best_ask
 
     def top(self, n: int) -> tuple[Levels, Levels]:
         """The best ``n`` bids and asks, best first."""

@@ -203,7 +203,7 @@ class HealthChange:
 
 
 Event = Trade | BookSnapshot | BookUpdate | Ticker | FeedState | Gap | Status | HealthChange
-EVENT_TYPES: tuple[type, ...] = (
+EVENT_TYPES: tuple[type[Event], ...] = (
     Trade, BookSnapshot, BookUpdate, Ticker, FeedState, Gap, Status, HealthChange,
 )
 #: Every channel name an event can be published on.

@@ -21,12 +21,12 @@ from cattrs.preconf.orjson import make_converter
 from daemon.events import EVENT_TYPES, Event
 
 converter = make_converter()
-_BY_TYPE: dict[str, type] = {cls.TYPE: cls for cls in EVENT_TYPES}
+_BY_TYPE: dict[str, type[Event]] = {cls.TYPE: cls for cls in EVENT_TYPES}
 
 
 def event_dict(event: Event, seq: int, **extra: Any) -> dict[str, Any]:
     """The wire object of ``event`` as a dict: ``type``, the event's fields, ``seq``."""
-    body = {"type": event.TYPE}
+    body: dict[str, Any] = {"type": event.TYPE}
     body.update(converter.unstructure(event))
     body["seq"] = seq
     if extra:

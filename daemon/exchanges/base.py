@@ -18,8 +18,11 @@ collector task (I/O) drives it:
    Live trades of that symbol wait until the recovered ones are out, and every
    trade id goes out once; what the history cannot cover is a ``Gap`` event.
 
-Each call returns a list of outputs, in order: events for the dispatcher, frames
-to ``Send``, snapshots to fetch, and ``Malformed`` notes for the log. The rules:
+Each call returns a list of ``FeedOutput``, in order: events for the dispatcher
+(``FeedEvent``), frames to ``Send``, snapshots and trade pages to fetch
+(``FetchSnapshot``, ``FetchTrades``), and ``Malformed`` notes for the log.
+``ExchangeFeed`` is the typed contract; ``statistics()`` returns the feed's
+counters as a frozen ``FeedStatistics``. The rules:
 
 - A call never raises on bad exchange input. A frame that cannot be parsed is
   counted in ``stats.malformed`` and reported as ``Malformed``; where it belonged
@@ -35,12 +38,15 @@ to ``Send``, snapshots to fetch, and ``Malformed`` notes for the log. The rules:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import attrs
 
-if TYPE_CHECKING:
-    pass
+from daemon.book import L2Book
+from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
+
+#: The events an exchange protocol produces (a subset of ``daemon.events.Event``).
+FeedEvent = Trade | BookSnapshot | BookUpdate | Ticker | FeedState | Gap
 
 
 @attrs.frozen
@@ -77,18 +83,25 @@ class Malformed:
     text: str
 
 
-Output = "Event | Send | FetchSnapshot | Malformed"
+#: One output of an exchange protocol call: an event for the dispatcher, or an
+#: action for the collector (``Send``, ``FetchSnapshot``, ``FetchTrades``), or a
+#: note for the log (``Malformed``). Collectors dispatch on the class.
+FeedOutput = FeedEvent | Send | FetchSnapshot | FetchTrades | Malformed
+#: What every call of ``ExchangeFeed`` returns, in the order the collector acts on it.
+Outputs = list[FeedOutput]
 
 
-@attrs.define
-class FeedStats:
-    """Counters of one feed, all monotonically increasing (Prometheus counters).
+@attrs.frozen(kw_only=True)
+class FeedStatistics:
+    """A feed's counters at one moment (``ExchangeFeed.statistics()``), frozen.
 
+    Every field counts up from 0 over the feed's life (Prometheus counters):
     ``messages``: frames received; ``malformed``: frames skipped as unusable;
     ``trades``, ``tickers``, ``book_updates``, ``snapshots``: events produced;
-    ``resyncs``: books that were found broken and rebuilt; ``gaps``: sequence gaps
-    detected; ``checksum_ok`` / ``checksum_mismatch``: verified checksums;
-    ``duplicates`` / ``out_of_order``: repeated or decreasing sequence numbers.
+    ``resyncs``: books that were found broken and rebuilt; ``gaps``: sequence (or
+    trade id) gaps detected; ``checksum_ok`` / ``checksum_mismatch``: verified
+    checksums; ``duplicates`` / ``out_of_order``: repeated or decreasing sequence
+    numbers or trade ids.
     """
 
     messages: int = 0
@@ -105,7 +118,89 @@ class FeedStats:
     out_of_order: int = 0
 
 
-def malformed(stats: FeedStats, reason: str, text: str) -> Malformed:
+@attrs.define
+class FeedCounters:
+    """The mutable counters a feed (or a collector) increments as it works; the
+    fields and their meaning are ``FeedStatistics``'. ``freeze()`` is the frozen
+    copy that ``statistics()`` methods return."""
+
+    messages: int = 0
+    malformed: int = 0
+    trades: int = 0
+    tickers: int = 0
+    book_updates: int = 0
+    snapshots: int = 0
+    resyncs: int = 0
+    gaps: int = 0
+    checksum_ok: int = 0
+    checksum_mismatch: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0
+
+    def freeze(self) -> FeedStatistics:
+        """These counters now, as a ``FeedStatistics``."""
+        return FeedStatistics(
+            messages=self.messages, malformed=self.malformed, trades=self.trades,
+            tickers=self.tickers, book_updates=self.book_updates, snapshots=self.snapshots,
+            resyncs=self.resyncs, gaps=self.gaps, checksum_ok=self.checksum_ok,
+            checksum_mismatch=self.checksum_mismatch, duplicates=self.duplicates,
+            out_of_order=self.out_of_order,
+        )
+
+
+#: The name ``FeedCounters`` had before; kept while collectors still use it.
+FeedStats = FeedCounters
+
+
+class ExchangeFeed(Protocol):
+    """The sans-IO protocol of one exchange connection, as a collector drives it
+    (module docstring: the order of the calls and the rules of their outputs).
+
+    Implemented by ``BinanceFeed``, ``CoinbaseFeed`` and ``KrakenFeed``; times are
+    Unix epoch seconds (``recv_ts``: when the collector received the frame or the
+    REST body). No method raises on exchange input: what cannot be used is a
+    ``Malformed`` output (and a resync of the book it concerns).
+    """
+
+    @property
+    def exchange(self) -> str:
+        """The exchange id the feed's events carry (``binance``, ``coinbase``, ...)."""
+        ...
+
+    def url(self, ws_base: str) -> str:
+        """The WebSocket URL to connect to under ``ws_base`` (Binance names its
+        streams in it; the others subscribe by message and return ``ws_base``)."""
+        ...
+
+    def on_open(self, now: float) -> Outputs:
+        """A (re)connection is up: every book starts unsynced; returns the
+        subscriptions to ``Send``, the ``FetchSnapshot`` / ``FetchTrades`` to start,
+        and ``FeedState`` ``resyncing`` per book."""
+        ...
+
+    def on_message(self, text: str | bytes, recv_ts: float) -> Outputs:
+        """One text frame received on the connection."""
+        ...
+
+    def on_snapshot(self, symbol: str, body: str | bytes, recv_ts: float) -> Outputs:
+        """The REST body a ``FetchSnapshot`` of ``symbol`` asked for."""
+        ...
+
+    def on_trades(self, symbol: str, body: str | bytes, recv_ts: float) -> Outputs:
+        """The REST body a ``FetchTrades`` of ``symbol`` asked for."""
+        ...
+
+    def book(self, symbol: str) -> L2Book | None:
+        """The synced L2 book of ``symbol``, or ``None`` while it resyncs (or when
+        the feed keeps no book of it). Read it; do not change it."""
+        ...
+
+    def statistics(self) -> FeedStatistics:
+        """The feed's counters now (frozen)."""
+        ...
+
+
+def malformed(stats: FeedCounters, reason: str, text: str) -> Malformed:
     """Count a malformed frame and describe it for the log."""
     stats.malformed += 1
     return Malformed(reason=reason, text=text[:200])

@@ -29,13 +29,21 @@ reported as a ``Gap``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from daemon.book import BookError, L2Book
 from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
-from daemon.exchanges.base import FeedStats, FetchSnapshot, FetchTrades, malformed
+from daemon.exchanges.base import (
+    ExchangeFeed,
+    FeedCounters,
+    FeedStatistics,
+    FetchSnapshot,
+    FetchTrades,
+    Outputs,
+    malformed,
+)
 
 MARKETS_TARGET = "/api/v3/exchangeInfo"
 #: Depth of the REST snapshot; 1000 is the deepest at weight 10 (5000 costs 50).
@@ -110,7 +118,7 @@ class BinanceFeed:
             raise ValueError(f"{exchange} lists no market {', '.join(missing)}")
         self.native = {s: by_symbol[s] for s in symbols}  # NKN-USDT -> NKNUSDT
         self.symbols = {native: s for s, native in self.native.items()}
-        self.stats = FeedStats()
+        self.stats = FeedCounters()  # the counters; statistics() reads them
         self.books: dict[str, _BookSync] = {}
         self.last_trade_id: dict[str, int] = {}
         #: symbols whose trades are being recovered -> live trades held meanwhile
@@ -119,6 +127,10 @@ class BinanceFeed:
         self.last_exchange_ms = 0  # the latest exchange time seen (any stream)
 
     # -- connection -----------------------------------------------------------------
+
+    def statistics(self) -> FeedStatistics:
+        """The feed's counters now, frozen (``daemon.exchanges.base.FeedStatistics``)."""
+        return self.stats.freeze()
 
     def url(self, ws_base: str) -> str:
         """The combined stream URL for every subscription, under ``ws_base``."""
@@ -130,10 +142,10 @@ class BinanceFeed:
         )
         return f"{ws_base.rstrip('/')}/stream?streams={streams}"
 
-    def on_open(self, now: float) -> list:
+    def on_open(self, now: float) -> Outputs:
         """A (re)connection: every book starts unsynced (subscriptions are in the
         URL); after a reconnect, the trades missed meanwhile are fetched."""
-        out: list = []
+        out: Outputs = []
         self.opens += 1
         held_before, self.recovering = self.recovering, {}  # fetches died with the connection
         if self.opens > 1 and "trades" in self.channels:
@@ -157,7 +169,7 @@ class BinanceFeed:
         sync = self.books.get(symbol)
         return sync.book if sync is not None and sync.synced else None
 
-    def resync(self, symbol: str, reason: str, now: float = 0.0) -> list:
+    def resync(self, symbol: str, reason: str, now: float = 0.0) -> Outputs:
         """Drop the book of ``symbol`` and fetch a fresh snapshot (``now``: epoch s)."""
         sync = self.books.get(symbol)
         if sync is None:
@@ -170,7 +182,7 @@ class BinanceFeed:
 
     # -- frames -----------------------------------------------------------------------
 
-    def on_message(self, text: str | bytes, recv_ts: float) -> list:
+    def on_message(self, text: str | bytes, recv_ts: float) -> Outputs:
         """Turn one combined-stream frame into outputs (see the module docstring)."""
         self.stats.messages += 1
         try:
@@ -198,13 +210,13 @@ class BinanceFeed:
             if kind.startswith("depth"):
                 return self._depth(symbol, data, recv_ts)
         except (KeyError, TypeError, ValueError) as exc:
-            out: list = [malformed(self.stats, f"bad {kind} data: {exc!r}", _text(text))]
+            out: Outputs = [malformed(self.stats, f"bad {kind} data: {exc!r}", _text(text))]
             if kind.startswith("depth") and symbol in self.books:
                 out += self.resync(symbol, "malformed depth event", recv_ts)
             return out
         return []  # a stream we did not ask for (kline): nothing to do
 
-    def _trade(self, symbol: str, d: dict, recv_ts: float) -> list:
+    def _trade(self, symbol: str, d: dict[str, Any], recv_ts: float) -> Outputs:
         trade = self._parse_trade(symbol, d, recv_ts)
         self.last_exchange_ms = max(self.last_exchange_ms, int(d["T"]))
         held = self.recovering.get(symbol)
@@ -220,7 +232,7 @@ class BinanceFeed:
             return out
         return self._emit_trades(symbol, [trade])
 
-    def _parse_trade(self, symbol: str, d: dict, recv_ts: float) -> Trade:
+    def _parse_trade(self, symbol: str, d: dict[str, Any], recv_ts: float) -> Trade:
         return Trade(
             exchange=self.exchange,
             symbol=symbol,
@@ -232,9 +244,9 @@ class BinanceFeed:
             side="sell" if d["m"] else "buy",  # m: the buyer is the maker, so the taker sold
         )
 
-    def _emit_trades(self, symbol: str, trades: list[Trade]) -> list:
+    def _emit_trades(self, symbol: str, trades: list[Trade]) -> Outputs:
         """Trades in id order, each id once."""
-        out = []
+        out: Outputs = []
         for trade in sorted(trades, key=lambda t: int(t.id)):
             last = self.last_trade_id.get(symbol)
             if last is not None and int(trade.id) <= last:
@@ -245,7 +257,7 @@ class BinanceFeed:
             out.append(trade)
         return out
 
-    def _recover_trades(self, symbol: str) -> list:
+    def _recover_trades(self, symbol: str) -> Outputs:
         if symbol in self.recovering:
             return []
         last = self.last_trade_id.get(symbol)
@@ -259,7 +271,7 @@ class BinanceFeed:
         native = self.native[symbol]
         return [FetchTrades(symbol, f"/api/v3/aggTrades?symbol={native}&{since}&limit={TRADES_LIMIT}")]
 
-    def on_trades(self, symbol: str, body: str | bytes, recv_ts: float) -> list:
+    def on_trades(self, symbol: str, body: str | bytes, recv_ts: float) -> Outputs:
         """Deliver recovered trades from an ``aggTrades`` page
         (``[{"a": id, "p", "q", "T", "m"}, ...]``), then the live trades held
         meanwhile; a full page asks for the next one; ids still missing before the
@@ -272,7 +284,7 @@ class BinanceFeed:
             recovered = [self._parse_trade(symbol, d, recv_ts) for d in page]
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             recovered, page = [], []
-            out: list = [malformed(self.stats, f"bad aggTrades page: {exc!r}", _text(body))]
+            out: Outputs = [malformed(self.stats, f"bad aggTrades page: {exc!r}", _text(body))]
         else:
             out = []
         first_held = min((int(t.id) for t in held), default=None)
@@ -294,7 +306,7 @@ class BinanceFeed:
             ))
         return out + self._emit_trades(symbol, held)
 
-    def _ticker(self, symbol: str, d: dict, recv_ts: float) -> list:
+    def _ticker(self, symbol: str, d: dict[str, Any], recv_ts: float) -> Outputs:
         ticker = Ticker(
             exchange=self.exchange,
             symbol=symbol,
@@ -308,7 +320,7 @@ class BinanceFeed:
         self.stats.tickers += 1
         return [ticker]
 
-    def _depth(self, symbol: str, d: dict, recv_ts: float) -> list:
+    def _depth(self, symbol: str, d: dict[str, Any], recv_ts: float) -> Outputs:
         self.last_exchange_ms = max(self.last_exchange_ms, int(d["E"]))
         sync = self.books.get(symbol)
         if sync is None:
@@ -329,7 +341,7 @@ class BinanceFeed:
             return self._fetch(symbol, sync)
         return self._apply(symbol, sync, event, emit=True)
 
-    def _apply(self, symbol: str, sync: _BookSync, e: dict, *, emit: bool) -> list:
+    def _apply(self, symbol: str, sync: _BookSync, e: dict[str, Any], *, emit: bool) -> Outputs:
         first_u, last_u = e["U"], e["u"]
         if last_u <= sync.last_u:
             return []  # already in the book
@@ -367,14 +379,14 @@ class BinanceFeed:
 
     # -- REST snapshots -------------------------------------------------------------
 
-    def _fetch(self, symbol: str, sync: _BookSync) -> list:
+    def _fetch(self, symbol: str, sync: _BookSync) -> Outputs:
         if sync.fetching:
             return []
         sync.fetching = True
         target = f"/api/v3/depth?symbol={self.native[symbol]}&limit={SNAPSHOT_LIMIT}"
         return [FetchSnapshot(symbol=symbol, target=target)]
 
-    def on_snapshot(self, symbol: str, body: str | bytes, recv_ts: float) -> list:
+    def on_snapshot(self, symbol: str, body: str | bytes, recv_ts: float) -> Outputs:
         """Apply a REST depth snapshot (``{"lastUpdateId": L, "bids": [...], "asks": [...]}``)
         and the buffered events after it; returns ``BookSnapshot`` + ``FeedState`` when
         the book is whole, or another ``FetchSnapshot`` when the snapshot is too old
@@ -434,3 +446,5 @@ def _text(text: str | bytes) -> str:
     return text if isinstance(text, str) else text.decode("utf-8", "replace")
 
 
+if TYPE_CHECKING:
+    _CONFORMS: type[ExchangeFeed] = BinanceFeed  # mypy checks BinanceFeed against the Protocol

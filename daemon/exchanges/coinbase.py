@@ -57,16 +57,19 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
 from daemon.book import L2Book
 from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
 from daemon.exchanges.base import (
-    FeedStats,
+    ExchangeFeed,
+    FeedCounters,
+    FeedStatistics,
     FetchTrades,
     Malformed,
+    Outputs,
     Send,
     malformed,
     normalize_symbol,
@@ -107,9 +110,10 @@ def parse_markets(body: str | bytes) -> dict[str, str]:
     for product in products:
         keys = ("id", "base_currency", "quote_currency")
         fields = [product.get(k) if isinstance(product, dict) else None for k in keys]
-        if not all(isinstance(x, str) and x for x in fields):
+        pid, base, quote = (x if isinstance(x, str) else "" for x in fields)
+        if not (pid and base and quote):
             raise ValueError(f"not a product: {str(product)[:200]}")
-        markets[fields[0]] = normalize_symbol(fields[1], fields[2])
+        markets[pid] = normalize_symbol(base, quote)
     return markets
 
 
@@ -143,7 +147,7 @@ def _levels(raw: object, what: str) -> list[tuple[str, str]]:
     return out
 
 
-def _sequence(msg: dict) -> int:
+def _sequence(msg: dict[str, Any]) -> int:
     seq = msg["sequence"]
     if type(seq) is not int:
         raise _BadFrame(f"sequence is not an integer: {seq!r}")
@@ -214,7 +218,7 @@ class CoinbaseFeed:
         missing = [s for s in symbols if s not in product_of]
         if missing:
             raise ValueError(f"symbols not listed by Coinbase: {missing}")
-        self.stats = FeedStats()
+        self.stats = FeedCounters()  # the counters; statistics() reads them
         self.last_heartbeat: float | None = None
         self.book_channel = book_channel
         coinbase_channels = {**_CHANNELS, "book": book_channel}
@@ -241,6 +245,10 @@ class CoinbaseFeed:
 
     # -- the collector's calls ---------------------------------------------------
 
+    def statistics(self) -> FeedStatistics:
+        """The feed's counters now, frozen (``daemon.exchanges.base.FeedStatistics``)."""
+        return self.stats.freeze()
+
     def url(self, ws_base: str) -> str:
         """The URL to connect to: ``ws_base`` itself (subscriptions go in frames)."""
         return ws_base
@@ -250,7 +258,7 @@ class CoinbaseFeed:
         """Symbols whose trades are being recovered (their live trades are held)."""
         return frozenset(self._recovering)
 
-    def on_open(self, now: float) -> list:
+    def on_open(self, now: float) -> Outputs:
         """Reset per-connection state (``now``: epoch s) and return what to send.
 
         Returns one ``Send`` (``{"type":"subscribe","product_ids":[...],"channels":
@@ -268,7 +276,7 @@ class CoinbaseFeed:
         for book in self._books.values():
             book.clear()
         channels = [*self._channels, "heartbeat"]
-        out: list = [self._frame("subscribe", list(self._product.values()), channels)]
+        out: Outputs = [self._frame("subscribe", list(self._product.values()), channels)]
         if self._opens > 1:
             for symbol in self._product:
                 if symbol in self._last_trade_id:
@@ -280,7 +288,7 @@ class CoinbaseFeed:
         ]
         return out
 
-    def on_message(self, text: str | bytes, recv_ts: float) -> list:
+    def on_message(self, text: str | bytes, recv_ts: float) -> Outputs:
         """Handle one received frame (``recv_ts``: epoch s); never raises on its content."""
         self.stats.messages += 1
         self._now = recv_ts
@@ -299,7 +307,7 @@ class CoinbaseFeed:
             return handler(msg, _text(text), recv_ts)
         except (KeyError, TypeError, ValueError) as exc:  # _BadFrame, BookError too
             reason = f"bad {kind}: {type(exc).__name__}: {exc}"
-            out: list = [malformed(self.stats, reason, _text(text))]
+            out: Outputs = [malformed(self.stats, reason, _text(text))]
             pid = msg.get("product_id")
             symbol = self._symbol.get(pid) if isinstance(pid, str) else None
             # a lost book frame breaks the book, unless a snapshot is already awaited
@@ -309,7 +317,7 @@ class CoinbaseFeed:
                 out += self._resync(symbol, reason, recv_ts)
             return out
 
-    def _resync_unreadable(self, text: str, recv_ts: float) -> list:
+    def _resync_unreadable(self, text: str, recv_ts: float) -> Outputs:
         """An unreadable frame may have been a book update, and ``l2update`` has no
         sequence to show the loss later: resync the book it names, or every synced
         book when it names none we can read."""
@@ -318,13 +326,13 @@ class CoinbaseFeed:
         found = re.search(r'"product_id"\s*:\s*"([^"]+)"', text)
         symbol = self._symbol.get(found.group(1)) if found else None
         targets = [symbol] if symbol is not None else list(self._synced)
-        out: list = []
+        out: Outputs = []
         for target in targets:
             if target in self._books and target in self._synced:
                 out += self._resync(target, "unreadable frame", recv_ts)
         return out
 
-    def resync(self, symbol: str, reason: str, now: float | None = None) -> list:
+    def resync(self, symbol: str, reason: str, now: float | None = None) -> Outputs:
         """Rebuild one book: ``FeedState`` ``resyncing`` (``detail=reason``) and the
         ``Send`` frames that unsubscribe and resubscribe its level2 channel; its
         updates are ignored until the new snapshot. ``now`` (epoch s) defaults to the
@@ -333,11 +341,11 @@ class CoinbaseFeed:
             raise KeyError(f"no Coinbase book for {symbol!r}")
         return self._resync(symbol, reason, self._now if now is None else now)
 
-    def on_snapshot(self, symbol: str, body: str, recv_ts: float) -> list:
+    def on_snapshot(self, symbol: str, body: str | bytes, recv_ts: float) -> Outputs:
         """Nothing: Coinbase sends book snapshots over the WebSocket."""
         return []
 
-    def on_trades(self, symbol: str, body: str | bytes, recv_ts: float) -> list:
+    def on_trades(self, symbol: str, body: str | bytes, recv_ts: float) -> Outputs:
         """Take one page of the REST history asked for by ``FetchTrades``
         (``[{"trade_id", "time", "price", "size", "side"}, ...]``, newest first).
 
@@ -357,7 +365,7 @@ class CoinbaseFeed:
             page = [self._trade(symbol, row, recv_ts) for row in rows]
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             reason = f"bad trades page: {type(exc).__name__}: {exc}"
-            out: list = [malformed(self.stats, reason, _text(body))]
+            out: Outputs = [malformed(self.stats, reason, _text(body))]
             return out + self._end_recovery(symbol, recv_ts)
         ids = [int(t.id) for t in page]
         for trade_id, trade in zip(ids, page, strict=True):
@@ -384,15 +392,15 @@ class CoinbaseFeed:
 
     # -- frame handlers: raise KeyError/TypeError/ValueError on a bad frame --------
 
-    def _on_heartbeat(self, msg: dict, text: str, recv_ts: float) -> list:
+    def _on_heartbeat(self, msg: dict[str, Any], text: str, recv_ts: float) -> Outputs:
         self.last_heartbeat = recv_ts
         return []
 
-    def _on_error(self, msg: dict, text: str, recv_ts: float) -> list:
+    def _on_error(self, msg: dict[str, Any], text: str, recv_ts: float) -> Outputs:
         detail = f"{msg.get('message', '')} {msg.get('reason', '')}".strip()
         return [malformed(self.stats, f"exchange error: {detail}", text)]
 
-    def _on_snapshot(self, msg: dict, text: str, recv_ts: float) -> list:
+    def _on_snapshot(self, msg: dict[str, Any], text: str, recv_ts: float) -> Outputs:
         symbol = self._known(msg, text, book=True)
         if isinstance(symbol, Malformed):
             return [symbol]
@@ -402,14 +410,14 @@ class CoinbaseFeed:
         book.load(bids, asks)
         self._synced.add(symbol)
         self.stats.snapshots += 1
-        bids, asks = book.levels()
+        book_bids, book_asks = book.levels()
         detail = "level2 snapshot" + (" (crossed)" if book.is_crossed() else "")
         return [
-            self._event(BookSnapshot, symbol, ts, recv_ts, bids=bids, asks=asks),
+            self._event(BookSnapshot, symbol, ts, recv_ts, bids=book_bids, asks=book_asks),
             self._event(FeedState, symbol, ts, recv_ts, state="synced", detail=detail),
         ]
 
-    def _on_l2update(self, msg: dict, text: str, recv_ts: float) -> list:
+    def _on_l2update(self, msg: dict[str, Any], text: str, recv_ts: float) -> Outputs:
         symbol = self._known(msg, text, book=True)
         if isinstance(symbol, Malformed):
             return [symbol]
@@ -432,7 +440,7 @@ class CoinbaseFeed:
         bids, asks = tuple(sides["buy"]), tuple(sides["sell"])
         return [self._event(BookUpdate, symbol, ts, recv_ts, bids=bids, asks=asks)]
 
-    def _on_match(self, msg: dict, text: str, recv_ts: float) -> list:
+    def _on_match(self, msg: dict[str, Any], text: str, recv_ts: float) -> Outputs:
         symbol = self._known(msg, text)
         if isinstance(symbol, Malformed):
             return [symbol]
@@ -455,7 +463,7 @@ class CoinbaseFeed:
             return out
         return self._deliver(symbol, [trade], recv_ts)
 
-    def _trade(self, symbol: str, msg: dict, recv_ts: float) -> Trade:
+    def _trade(self, symbol: str, msg: dict[str, Any], recv_ts: float) -> Trade:
         """A ``Trade`` from a match or a REST history entry (same fields)."""
         trade_id, side = _trade_id(msg["trade_id"]), _TAKER_SIDE.get(msg["side"])
         if side is None:
@@ -466,7 +474,7 @@ class CoinbaseFeed:
             Trade, symbol, ts, recv_ts, id=str(trade_id), price=price, size=size, side=side
         )
 
-    def _on_ticker(self, msg: dict, text: str, recv_ts: float) -> list:
+    def _on_ticker(self, msg: dict[str, Any], text: str, recv_ts: float) -> Outputs:
         symbol = self._known(msg, text)
         if isinstance(symbol, Malformed):
             return [symbol]
@@ -488,7 +496,7 @@ class CoinbaseFeed:
 
     # -- helpers -----------------------------------------------------------------
 
-    def _known(self, msg: dict, text: str, book: bool = False) -> str | Malformed:
+    def _known(self, msg: dict[str, Any], text: str, book: bool = False) -> str | Malformed:
         """The symbol of ``msg["product_id"]``, or a counted ``Malformed``."""
         pid = msg["product_id"]
         symbol = self._symbol.get(pid) if isinstance(pid, str) else None
@@ -510,10 +518,10 @@ class CoinbaseFeed:
         self._last_seq[symbol, channel] = seq
         return True
 
-    def _deliver(self, symbol: str, trades: list[Trade], now: float) -> list:
+    def _deliver(self, symbol: str, trades: list[Trade], now: float) -> Outputs:
         """``trades`` (in id order) that are newer than the last delivered, each
         preceded by a ``Gap`` when ids before it are missing."""
-        out: list = []
+        out: Outputs = []
         for trade in trades:
             trade_id, last = int(trade.id), self._last_trade_id.get(symbol)
             if last is not None and trade_id <= last:
@@ -529,7 +537,7 @@ class CoinbaseFeed:
             out.append(trade)
         return out
 
-    def _recover(self, symbol: str) -> list:
+    def _recover(self, symbol: str) -> Outputs:
         """Start recovering the trades after the last delivered id of ``symbol``."""
         self._recovering[symbol] = _Recovery(self._last_trade_id[symbol])
         return [self._fetch_trades(symbol)]
@@ -538,7 +546,7 @@ class CoinbaseFeed:
         target = f"/products/{self._product[symbol]}/trades?limit={TRADES_LIMIT}"
         return FetchTrades(symbol, target if after is None else f"{target}&after={after}")
 
-    def _end_recovery(self, symbol: str, now: float) -> list:
+    def _end_recovery(self, symbol: str, now: float) -> Outputs:
         """Deliver what a recovery found and the live trades it held, merged."""
         recovery = self._recovering.pop(symbol)
         merged = dict(recovery.found)
@@ -549,7 +557,7 @@ class CoinbaseFeed:
                 merged[int(trade.id)] = trade
         return self._deliver(symbol, [merged[i] for i in sorted(merged)], now)
 
-    def _resync(self, symbol: str, reason: str, now: float) -> list:
+    def _resync(self, symbol: str, reason: str, now: float) -> Outputs:
         self.stats.resyncs += 1
         self._synced.discard(symbol)
         self._books[symbol].clear()
@@ -564,5 +572,9 @@ class CoinbaseFeed:
         body = {"type": kind, "product_ids": products, "channels": channels}
         return Send(orjson.dumps(body).decode())
 
-    def _event(self, cls: type[_E], symbol: str, ts: float, recv_ts: float, **fields) -> _E:
+    def _event(self, cls: type[_E], symbol: str, ts: float, recv_ts: float, **fields: Any) -> _E:
         return cls(exchange=self.exchange, symbol=symbol, ts=ts, recv_ts=recv_ts, **fields)
+
+
+if TYPE_CHECKING:
+    _CONFORMS: type[ExchangeFeed] = CoinbaseFeed  # mypy checks CoinbaseFeed against the Protocol

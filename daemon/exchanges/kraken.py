@@ -59,12 +59,22 @@ import json
 import math
 import zlib
 from decimal import Decimal, InvalidOperation
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from daemon.book import L2Book
-from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
-from daemon.exchanges.base import FeedStats, FetchTrades, Send, malformed, normalize_symbol
+from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Levels, Ticker, Trade
+from daemon.exchanges.base import (
+    ExchangeFeed,
+    FeedCounters,
+    FeedStatistics,
+    FetchTrades,
+    Outputs,
+    Send,
+    malformed,
+    normalize_symbol,
+)
 
 #: REST path (on ``https://api.kraken.com``) of the market list ``parse_markets`` reads.
 MARKETS_TARGET = "/0/public/AssetPairs"
@@ -165,7 +175,7 @@ def _trade_time(value: object) -> Decimal:
     epoch seconds rounded to the microsecond; else ``_Bad``."""
     try:
         ok = isinstance(value, str | int | Decimal) and not isinstance(value, bool)
-        number = Decimal(value) if ok else None
+        number = Decimal(value) if ok else None  # type: ignore[arg-type]
     except InvalidOperation:
         number = None
     if number is None or not number.is_finite() or number < 0:
@@ -206,7 +216,7 @@ def _levels(raw: object) -> list[tuple[str, str, float]]:
     return out
 
 
-def _checksum_part(levels) -> str:
+def _checksum_part(levels: Levels) -> str:
     return "".join(
         price.replace(".", "").lstrip("0") + size.replace(".", "").lstrip("0")
         for price, size in levels
@@ -255,7 +265,7 @@ class KrakenFeed:
         self.symbols = list(dict.fromkeys(symbols))
         self.channels = list(dict.fromkeys(channels))
         self.depth = depth
-        self.stats = FeedStats()
+        self.stats = FeedCounters()  # the counters; statistics() reads them
         self.last_heartbeat: float | None = None
         self.system_status: str | None = None
         self._wsname = {s: wsnames[s] for s in self.symbols}
@@ -277,6 +287,10 @@ class KrakenFeed:
 
     # -- connection ------------------------------------------------------------------
 
+    def statistics(self) -> FeedStatistics:
+        """The feed's counters now, frozen (``daemon.exchanges.base.FeedStatistics``)."""
+        return self.stats.freeze()
+
     def url(self, ws_base: str) -> str:
         """The URL to connect to: ``ws_base`` itself (v1 subscribes by message)."""
         return ws_base
@@ -287,7 +301,7 @@ class KrakenFeed:
         pairs = [self._wsname[s] for s in symbols]
         return Send(orjson.dumps({"event": event, "pair": pairs, "subscription": sub}).decode())
 
-    def on_open(self, now: float) -> list:
+    def on_open(self, now: float) -> Outputs:
         """Forget every channelID and book, and return what to send on a new connection:
         one ``Send`` subscribe per channel (all pairs), then a ``FeedState``
         ``resyncing`` per book symbol. After a reconnect, each pair with a delivered
@@ -305,7 +319,7 @@ class KrakenFeed:
         )
         for book in self._books.values():
             book.clear()
-        out: list = [self._frame("subscribe", c, self.symbols) for c in self.channels]
+        out: Outputs = [self._frame("subscribe", c, self.symbols) for c in self.channels]
         detail = "waiting for the book snapshot"
         return out + [self._state(s, now, "resyncing", detail) for s in self._books]
 
@@ -314,7 +328,7 @@ class KrakenFeed:
             exchange=self.exchange, symbol=symbol, ts=ts, recv_ts=ts, state=state, detail=detail
         )
 
-    def resync(self, symbol: str, reason: str, now: float | None = None) -> list:
+    def resync(self, symbol: str, reason: str, now: float | None = None) -> Outputs:
         """Rebuild one book: ``FeedState`` ``resyncing`` (``detail=reason``) and a
         ``Send`` unsubscribe then subscribe of that pair's book; its updates are
         ignored until Kraken's new snapshot. ``now`` (epoch s) stamps the event and
@@ -332,11 +346,11 @@ class KrakenFeed:
             self._frame("subscribe", "book", [symbol]),
         ]
 
-    def on_snapshot(self, symbol: str, body: str, recv_ts: float) -> list:
+    def on_snapshot(self, symbol: str, body: str | bytes, recv_ts: float) -> Outputs:
         """Nothing: Kraken sends book snapshots over the WebSocket."""
         return []
 
-    def on_trades(self, symbol: str, body: str | bytes, recv_ts: float) -> list:
+    def on_trades(self, symbol: str, body: str | bytes, recv_ts: float) -> Outputs:
         """Take one answer of the REST trade history asked for by ``FetchTrades``
         (``{"error": [], "result": {<pair>: [[price, volume, time, side, ordertype,
         misc, id], ...], "last": ns}}``).
@@ -354,7 +368,7 @@ class KrakenFeed:
         try:
             page = self._history(symbol, body, recv_ts)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            out: list = [
+            out: Outputs = [
                 malformed(self.stats, f"bad Trades answer: {exc}", _text(body)),
                 self._gap(symbol, recv_ts, f"trades after {_id(last)} may be missing: "
                           "the trade history could not be read"),
@@ -387,13 +401,15 @@ class KrakenFeed:
 
     # -- frames ----------------------------------------------------------------------
 
-    def on_message(self, text: str, recv_ts: float) -> list:
+    def on_message(self, text: str | bytes, recv_ts: float) -> Outputs:
         """Turn one received text frame into outputs (events, ``Send``, ``Malformed``).
 
         Never raises on exchange input; see the module docstring for the rules.
         """
         self.stats.messages += 1
         self._now = recv_ts
+        if not isinstance(text, str):
+            text = text.decode("utf-8", "replace")
         try:
             message = orjson.loads(text)
         except orjson.JSONDecodeError:
@@ -406,7 +422,7 @@ class KrakenFeed:
         if not isinstance(message, list):
             return [malformed(self.stats, "neither an object nor an array", text)]
         channel_id = message[0] if message and type(message[0]) is int else None
-        route = self._channel_ids.get(channel_id)
+        route = self._channel_ids.get(channel_id) if channel_id is not None else None
         # The book a bad frame concerns: by channelID, else by the pair it names,
         # then only if synced (a stray frame during a resubscription is no news).
         book_symbol = route[1] if route and route[0] == "book" else None
@@ -426,12 +442,12 @@ class KrakenFeed:
                 return self._on_ticker(symbol, payload, recv_ts)
             return self._on_book(symbol, payload, recv_ts)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            out: list = [malformed(self.stats, str(exc), text)]
+            out: Outputs = [malformed(self.stats, str(exc), text)]
             if book_symbol is not None:
                 out += self.resync(book_symbol, f"malformed book frame: {exc}")
             return out
 
-    def _on_event(self, message: dict, text: str) -> list:
+    def _on_event(self, message: dict[str, Any], text: str) -> Outputs:
         event = message.get("event")
         if event == "heartbeat":
             self.last_heartbeat = self._now
@@ -443,14 +459,15 @@ class KrakenFeed:
             return [malformed(self.stats, f"error: {message.get('errorMessage')}", text)]
         return []
 
-    def _on_subscription(self, message: dict, text: str) -> list:
+    def _on_subscription(self, message: dict[str, Any], text: str) -> Outputs:
         status = message.get("status")
         sub = message.get("subscription")
         name = sub.get("name") if isinstance(sub, dict) else None
-        symbol = self._symbol.get(message.get("pair"))
+        pair = message.get("pair")
+        symbol = self._symbol.get(pair) if isinstance(pair, str) else None
         # the trade subscription of a reconnected pair is answered: recover its
         # missed trades now (module doc, rule 6); the history is readable either way
-        out = []
+        out: Outputs = []
         if status in ("subscribed", "error") and name == "trade" and symbol in self._to_recover:
             self._to_recover.discard(symbol)
             out = self._recover(symbol)
@@ -459,14 +476,16 @@ class KrakenFeed:
             return [malformed(self.stats, reason, text), *out]
         channel_id = message.get("channelID")
         if status == "subscribed":
-            if type(channel_id) is not int or _CHANNEL.get(name) not in self.channels or not symbol:
+            channel = _CHANNEL.get(name) if isinstance(name, str) else None
+            if type(channel_id) is not int or channel is None or channel not in self.channels \
+                    or not symbol:
                 return [malformed(self.stats, "subscription not asked for", text)]
-            self._channel_ids[channel_id] = (_CHANNEL[name], symbol)
-        elif status == "unsubscribed":
+            self._channel_ids[channel_id] = (channel, symbol)
+        elif status == "unsubscribed" and type(channel_id) is int:
             self._channel_ids.pop(channel_id, None)
         return out
 
-    def _on_trades(self, symbol: str, payload: list, recv_ts: float) -> list:
+    def _on_trades(self, symbol: str, payload: list[Any], recv_ts: float) -> Outputs:
         """``[[price, volume, time, side, orderType, misc], ...]`` -> ``Trade``s.
 
         Kraken v1 has no trade id: the id is ``"<time>-<k>"`` (module doc, rule 5),
@@ -490,7 +509,7 @@ class KrakenFeed:
         return self._deliver(symbol, trades)
 
     def _trade(
-        self, symbol: str, entry: list, previous: _Key | None, recv_ts: float
+        self, symbol: str, entry: list[Any], previous: _Key | None, recv_ts: float
     ) -> tuple[_Key, Trade]:
         """One trade entry (WebSocket ``[price, volume, time, side, ...]``, or a REST
         row, whose time is a number) that follows the trade keyed ``previous``: its
@@ -501,17 +520,16 @@ class KrakenFeed:
         when = _trade_time(time)
         if side not in _SIDES:
             raise _Bad(f"trade side {side!r}")
-        same_time = previous is not None and previous[0] == when
-        key = (when, previous[1] + 1 if same_time else 0)
+        key = (when, previous[1] + 1 if previous is not None and previous[0] == when else 0)
         trade = Trade(exchange=self.exchange, symbol=symbol, ts=float(when), recv_ts=recv_ts,
                       id=_id(key), price=price, size=size, side=_SIDES[side])
         return key, trade
 
-    def _deliver(self, symbol: str, trades: list[tuple[_Key, Trade]], live: bool = True) -> list:
+    def _deliver(self, symbol: str, trades: list[tuple[_Key, Trade]], live: bool = True) -> Outputs:
         """The trades whose key is above the last delivered, in the order given; the
         others are dropped, and counted as duplicates if ``live`` (REST pages
         overlap the last delivered trade by design)."""
-        out = []
+        out: Outputs = []
         for key, trade in trades:
             last = self._last_trade.get(symbol)
             if last is not None and key <= last:
@@ -523,7 +541,7 @@ class KrakenFeed:
             out.append(trade)
         return out
 
-    def _recover(self, symbol: str) -> list:
+    def _recover(self, symbol: str) -> Outputs:
         """Start recovering the trades after the last delivered one of ``symbol``."""
         since = _ns(self._last_trade[symbol][0]) - 1000  # a microsecond before it
         self._recovering[symbol] = _Recovery(since)
@@ -534,7 +552,7 @@ class KrakenFeed:
         target = f"{TRADES_TARGET}?pair={altname}&since={since}&count={TRADES_LIMIT}"
         return FetchTrades(symbol, target)
 
-    def _history(self, symbol: str, body: str | bytes, recv_ts: float) -> list:
+    def _history(self, symbol: str, body: str | bytes, recv_ts: float) -> list[tuple[_Key, Trade]]:
         """The ``(key, Trade)`` list of a Trades answer, ``k`` counted from its first
         row; raises ``ValueError`` (``_Bad``), ``KeyError``, ... on a bad answer."""
         answer = json.loads(body, parse_float=Decimal)  # times exact, as sent
@@ -544,13 +562,14 @@ class KrakenFeed:
         rows = [v for k, v in answer["result"].items() if k != "last"]
         if len(rows) != 1 or not isinstance(rows[0], list):
             raise _Bad("no list of trades in the result")
-        page, key = [], None
+        page: list[tuple[_Key, Trade]] = []
+        key: _Key | None = None
         for row in rows[0]:
             key, trade = self._trade(symbol, row, key, recv_ts)
             page.append((key, trade))
         return page
 
-    def _end_recovery(self, symbol: str) -> list:
+    def _end_recovery(self, symbol: str) -> Outputs:
         return self._deliver(symbol, self._recovering.pop(symbol).held)
 
     def _gap(self, symbol: str, now: float, detail: str) -> Gap:
@@ -558,7 +577,7 @@ class KrakenFeed:
         return Gap(exchange=self.exchange, symbol=symbol, ts=now, recv_ts=now,
                    stream="trades", detail=detail)
 
-    def _on_ticker(self, symbol: str, payload: list, recv_ts: float) -> list:
+    def _on_ticker(self, symbol: str, payload: list[Any], recv_ts: float) -> Outputs:
         """``{"a": [price, wholeLotVolume, lotVolume], "b": [...], ...}`` -> ``Ticker``.
 
         Sizes are the lot volume (index 2), the exact decimal; the whole-lot volume
@@ -575,7 +594,7 @@ class KrakenFeed:
                    bid=bid[0], bid_size=bid[2], ask=ask[0], ask_size=ask[2])
         ]
 
-    def _on_book(self, symbol: str, payload: list, recv_ts: float) -> list:
+    def _on_book(self, symbol: str, payload: list[Any], recv_ts: float) -> Outputs:
         if not payload or len(payload) > 2 or not all(isinstance(p, dict) for p in payload):
             raise _Bad("book payload is not one or two objects")
         if "as" in payload[0] or "bs" in payload[0]:
@@ -584,7 +603,7 @@ class KrakenFeed:
             return []  # an update from before the (re)subscription's snapshot
         return self._on_book_update(symbol, payload, recv_ts)
 
-    def _on_book_snapshot(self, symbol: str, payload: list, recv_ts: float) -> list:
+    def _on_book_snapshot(self, symbol: str, payload: list[Any], recv_ts: float) -> Outputs:
         asks = _levels(payload[0].get("as", []))
         bids = _levels(payload[0].get("bs", []))
         book = self._books[symbol]
@@ -599,7 +618,7 @@ class KrakenFeed:
             self._state(symbol, recv_ts, "synced", "snapshot received"),
         ]
 
-    def _on_book_update(self, symbol: str, payload: list, recv_ts: float) -> list:
+    def _on_book_update(self, symbol: str, payload: list[Any], recv_ts: float) -> Outputs:
         """Apply ``{"a": levels}`` and/or ``{"b": levels, "c": checksum}``, verify the
         checksum (always sent by v1; an update without one is applied unverified), and
         publish the complete delta: every touched level with its new size, and the
@@ -638,3 +657,7 @@ class KrakenFeed:
             BookUpdate(exchange=self.exchange, symbol=symbol, ts=ts, recv_ts=recv_ts,
                        bids=deltas[0], asks=deltas[1])
         ]
+
+
+if TYPE_CHECKING:
+    _CONFORMS: type[ExchangeFeed] = KrakenFeed  # mypy checks KrakenFeed against the Protocol
