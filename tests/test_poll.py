@@ -19,13 +19,7 @@ import orjson
 import pytest
 import trio
 
-from daemon.collectors.poll import (
-    MAX_BEHIND,
-    PollCollector,
-    TradeTracker,
-    decimal_text,
-    poll_period,
-)
+from daemon.collectors.poll import PollCollector, poll_period
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.errors import FeedDisconnected, FeedProtocolError, ccxt_errors
 from daemon.events import FeedState, Gap, Ticker, Trade
@@ -34,6 +28,7 @@ from daemon.replay.capture import read_capture
 from daemon.replay.emulator import Emulator
 from daemon.replay.tape import merge_frames
 from daemon.replay.venues.binance import BinanceVenue
+from daemon.trades import MAX_BEHIND, TradeTracker, decimal_text
 
 BINANCE = ("BINANCE.0", "BINANCE.ws.1.0", "BINANCE.http.0.0")
 SYMBOLS = ["NKN-USDT", "BLZ-ETH", "LRC-BTC", "RUNE-EUR"]

@@ -12,7 +12,7 @@ until cancelled. A round is:
    the top of book of its symbol changed since the last one published, and only
    with both sides and their sizes (an empty side has no ticker);
 2. trades: one ``fetch_trades(symbol, since, limit)`` per symbol, handed to that
-   symbol's ``TradeTracker`` (pure, below), which drops the trades already seen
+   symbol's ``TradeTracker`` (``daemon.trades``, pure), which drops the trades already seen
    and emits the new ones in time/id order, with a ``Gap`` where the answer cannot
    have covered everything since the last poll.
 
@@ -54,7 +54,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from decimal import Decimal
 from functools import partial
 from typing import Any
 
@@ -64,9 +63,10 @@ import trio
 from daemon.collectors.state import CollectorState
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.errors import FeedError, ccxt_errors
-from daemon.events import Event, Gap, Ticker, Trade
+from daemon.events import Event, Ticker
 from daemon.exchanges.base import FeedStats
 from daemon.supervise import Backoff
+from daemon.trades import TradeTracker, decimal_text
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,6 @@ TIMEOUT_MS = 10_000
 #: Trades asked per ``fetch_trades`` call; exchanges whose maximum is known.
 TRADES_LIMIT = 100
 TRADES_LIMITS = {"binance": 1000, "binanceus": 1000}
-#: Trade ids remembered per symbol, as a multiple of the page size.
-SEEN_PAGES = 10
-#: Full pages in a row fetched with ``since`` before jumping to the newest trades.
-MAX_BEHIND = 3
 #: Channels this collector can poll.
 POLL_CHANNELS = ("ticker", "trades")
 
@@ -87,8 +83,6 @@ _BID = ("bidPrice", "bid", "best_bid", "bidPx", "b")
 _BID_SIZE = ("bidQty", "bidSize", "bid_size", "bidSz", "bidVolume", "best_bid_size", "B")
 _ASK = ("askPrice", "ask", "best_ask", "askPx", "a")
 _ASK_SIZE = ("askQty", "askSize", "ask_size", "askSz", "askVolume", "best_ask_size", "A")
-_PRICE = ("p", "price", "px")
-_SIZE = ("q", "qty", "size", "amount", "sz", "quantity", "volume", "v")
 
 
 # -- pure helpers (no I/O) --------------------------------------------------------------
@@ -104,24 +98,6 @@ def ccxt_symbol(symbol: str) -> str:
     """``BASE-QUOTE`` -> ccxt's unified spot symbol ``BASE/QUOTE``."""
     base, _, quote = symbol.partition("-")
     return f"{base}/{quote}"
-
-
-def decimal_text(info: Any, keys: tuple[str, ...], value: Any) -> str | None:
-    """``value`` (ccxt's float) as a decimal string: the raw string under one of
-    ``keys`` in ``info`` if it parses to the same number, else the float written
-    out (see the module docstring). ``None`` for a missing or non-finite value."""
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        return None
-    if isinstance(info, dict):
-        for key in keys:
-            raw = info.get(key)
-            if isinstance(raw, str):
-                try:
-                    if float(raw) == value:
-                        return raw
-                except ValueError:
-                    continue
-    return format(Decimal(repr(value)), "f")
 
 
 def ticker_event(
@@ -144,149 +120,6 @@ def ticker_event(
         exchange=exchange, symbol=symbol, ts=stamp / 1000 if stamp else recv_ts, recv_ts=recv_ts,
         bid=bid, bid_size=bid_size, ask=ask, ask_size=ask_size,  # type: ignore[arg-type]
     )
-
-
-def trade_id(trade: dict[str, Any]) -> str:
-    """The exchange's trade id; for an exchange without ids, one made of what the
-    trade is (time, price, amount, side): identical trades in one ms collapse."""
-    tid = trade.get("id")
-    if tid is not None and tid != "":
-        return str(tid)
-    fields = (trade.get(key) for key in ("timestamp", "price", "amount", "side"))
-    return ":".join(map(str, fields))
-
-
-def _order(trade: dict[str, Any]) -> tuple:
-    tid = trade_id(trade)
-    stamp = trade.get("timestamp") or 0
-    return (stamp, 0, int(tid), "") if tid.isdigit() else (stamp, 1, 0, tid)
-
-
-class TradeTracker:
-    """The trades of one symbol across polls: what to ask next, what is new.
-
-    Rules:
-
-    1. The first poll asks for the newest page (``since=None``); every later poll
-       asks ``since`` = the time of the newest trade delivered. ccxt's ``since`` is
-       inclusive, so an answer that covers the time since the last poll overlaps
-       what was delivered (a trade seen before, or one not newer than it).
-    2. Trades already delivered are dropped (``stats.duplicates``): ids are kept
-       for the last ``SEEN_PAGES`` pages' worth of trades, and a trade not newer
-       than the newest id forgotten counts as delivered, so memory is bounded.
-    3. New trades go out ordered by time, then by id (numerically when numeric).
-    4. An answer that is a full page (``len >= limit``), brings new trades, and does
-       not overlap (rule 1) may hide trades between the last delivered and the
-       first returned: a ``Gap`` goes out first (``from_id`` / ``to_id``: the
-       missing id range when ids are numbers).
-    5. A ``since`` answer that brings nothing new, or ``MAX_BEHIND`` full ``since``
-       pages in a row, make the next poll ask for the newest page instead: some
-       exchanges bound a ``since`` window (ccxt asks Binance for one hour from
-       ``since``, which never reaches the present after an hour without trades),
-       and a feed that stays behind is cut short with a ``Gap`` (rule 4) rather
-       than falling further behind.
-    """
-
-    def __init__(self, exchange: str, symbol: str, limit: int, stats: FeedStats) -> None:
-        self.exchange = exchange
-        self.symbol = symbol
-        self.limit = limit
-        self.stats = stats
-        self.memory = SEEN_PAGES * limit
-        self.seen: dict[str, int] = {}  # id -> time (ms), oldest first
-        self.forgotten_ts: int | None = None  # newest time of an id dropped from ``seen``
-        self.last_ts: int | None = None  # time of the newest trade delivered
-        self.last_id: str | None = None
-        self.jump = False
-        self.behind = 0
-
-    def since(self) -> int | None:
-        """The ``since`` (ms) of the next ``fetch_trades`` call (rules 1 and 5)."""
-        return None if self.last_ts is None or self.jump else self.last_ts
-
-    def page(self, trades: list[dict[str, Any]], since: int | None, recv_ts: float) -> list[Event]:
-        """The events of one ``fetch_trades`` answer to a call with ``since``."""
-        new: list[dict[str, Any]] = []
-        fresh: set[str] = set()
-        overlap = False
-        for trade in trades:
-            tid = trade_id(trade)
-            stamp = trade.get("timestamp")
-            if tid in self.seen or tid in fresh or (
-                stamp is not None and self.forgotten_ts is not None and stamp <= self.forgotten_ts
-            ):
-                overlap = True
-                self.stats.duplicates += 1
-                continue
-            if stamp is not None and self.last_ts is not None and stamp <= self.last_ts:
-                overlap = True
-            fresh.add(tid)
-            new.append(trade)
-        new.sort(key=_order)
-        full = len(trades) >= self.limit
-        out: list[Event] = []
-        if new and self.last_id is not None and not overlap and full:
-            out.append(self._gap(trade_id(new[0]), recv_ts))
-        for trade in new:
-            event = self._trade(trade, recv_ts)
-            if event is not None:
-                out.append(event)
-        if since is None:
-            self.jump, self.behind = False, 0
-        elif not new:
-            self.jump = True
-        elif full:
-            self.behind += 1
-            if self.behind >= MAX_BEHIND:
-                self.jump, self.behind = True, 0
-        else:
-            self.behind = 0
-        return out
-
-    def _trade(self, trade: dict[str, Any], recv_ts: float) -> Trade | None:
-        tid = trade_id(trade)
-        stamp = trade.get("timestamp")
-        self._remember(tid, stamp)
-        if stamp is not None and (self.last_ts is None or stamp >= self.last_ts):
-            self.last_ts, self.last_id = stamp, tid
-        elif self.last_id is None:
-            self.last_id = tid
-        info = trade.get("info")
-        price = decimal_text(info, _PRICE, trade.get("price"))
-        size = decimal_text(info, _SIZE, trade.get("amount"))
-        side = trade.get("side")
-        if price is None or size is None or side not in ("buy", "sell"):
-            self.stats.malformed += 1
-            log.warning("%s %s: skipped an unusable trade: %.200r",
-                        self.exchange, self.symbol, trade)
-            return None
-        self.stats.trades += 1
-        return Trade(
-            exchange=self.exchange, symbol=self.symbol,
-            ts=stamp / 1000 if stamp is not None else recv_ts, recv_ts=recv_ts,
-            id=tid, price=price, size=size, side=side,
-        )
-
-    def _remember(self, tid: str, stamp: int | None) -> None:
-        self.seen[tid] = stamp if stamp is not None else -1
-        while len(self.seen) > self.memory:
-            old = next(iter(self.seen))
-            old_ts = self.seen.pop(old)
-            if old_ts >= 0:
-                self.forgotten_ts = max(old_ts, self.forgotten_ts or old_ts)
-
-    def _gap(self, first_new: str, recv_ts: float) -> Gap:
-        self.stats.gaps += 1
-        last = self.last_id or ""
-        from_id = to_id = ""
-        if last.isdigit() and first_new.isdigit() and int(first_new) - int(last) > 1:
-            from_id, to_id = str(int(last) + 1), str(int(first_new) - 1)
-        return Gap(
-            exchange=self.exchange, symbol=self.symbol, ts=recv_ts, recv_ts=recv_ts,
-            stream="trades", from_id=from_id, to_id=to_id,
-            detail=f"a full page of {self.limit} trades did not reach back to trade {last}; "
-            f"trades between it and {first_new} may be missing",
-        )
 
 
 def _rebase(urls: Any, base: str) -> Any:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from daemon.book import BookError, L2Book
-from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
+from daemon.events import BookSnapshot, BookUpdate, FeedState, Ticker, Trade
 from daemon.exchanges.base import (
     ExchangeFeed,
     FeedCounters,
@@ -44,6 +44,7 @@ from daemon.exchanges.base import (
     Outputs,
     malformed,
 )
+from daemon.trades import TradeRules, TradeTracker, integer_key
 
 MARKETS_TARGET = "/api/v3/exchangeInfo"
 #: Depth of the REST snapshot; 1000 is the deepest at weight 10 (5000 costs 50).
@@ -52,6 +53,10 @@ SNAPSHOT_LIMIT = 1000
 MAX_BUFFER = 10_000
 #: Trades per REST history page (Binance's maximum).
 TRADES_LIMIT = 1000
+
+#: Aggregate trade ids (``a``) count up by one per symbol (Binance Spot API,
+#: "Aggregate trade streams" and ``GET /api/v3/aggTrades``).
+TRADE_RULES = TradeRules(key=integer_key, contiguous=True)
 
 _STREAMS = {"trades": "aggTrade", "ticker": "bookTicker", "book": "depth@100ms"}
 
@@ -120,9 +125,12 @@ class BinanceFeed:
         self.symbols = {native: s for s, native in self.native.items()}
         self.stats = FeedCounters()  # the counters; statistics() reads them
         self.books: dict[str, _BookSync] = {}
-        self.last_trade_id: dict[str, int] = {}
-        #: symbols whose trades are being recovered -> live trades held meanwhile
-        self.recovering: dict[str, list[Trade]] = {}
+        #: per symbol: trades delivered, recovery window, gaps (``daemon.trades``)
+        self.trades = {
+            symbol: TradeTracker(exchange, symbol, TRADES_LIMIT, self.stats,
+                                 rules=TRADE_RULES, history=self._history)
+            for symbol in self.native
+        }
         self.opens = 0
         self.last_exchange_ms = 0  # the latest exchange time seen (any stream)
 
@@ -147,15 +155,17 @@ class BinanceFeed:
         URL); after a reconnect, the trades missed meanwhile are fetched."""
         out: Outputs = []
         self.opens += 1
-        held_before, self.recovering = self.recovering, {}  # fetches died with the connection
+        # recoveries in flight died with the connection: what they held goes on
+        held_before = {symbol: tracker.abandon() for symbol, tracker in self.trades.items()}
         if self.opens > 1 and "trades" in self.channels:
-            for symbol in self.native:
-                out += self._recover_trades(symbol)
+            for tracker in self.trades.values():
+                out += tracker.recover()
         for symbol, held in held_before.items():
-            if symbol in self.recovering:
-                self.recovering[symbol].extend(held)
-            else:
-                out += self._emit_trades(symbol, held)
+            tracker = self.trades[symbol]
+            if tracker.recovering:
+                tracker.hold(held)
+            elif held:
+                out += tracker.deliver(sorted(held, key=TRADE_RULES.key), now)
         self.books = {}
         if "book" in self.channels:
             for symbol in self.native:
@@ -219,18 +229,7 @@ class BinanceFeed:
     def _trade(self, symbol: str, d: dict[str, Any], recv_ts: float) -> Outputs:
         trade = self._parse_trade(symbol, d, recv_ts)
         self.last_exchange_ms = max(self.last_exchange_ms, int(d["T"]))
-        held = self.recovering.get(symbol)
-        if held is not None:
-            held.append(trade)
-            return []
-        last = self.last_trade_id.get(symbol)
-        agg_id = int(trade.id)
-        if last is not None and agg_id > last + 1:
-            self.stats.gaps += 1
-            out = self._recover_trades(symbol)
-            self.recovering[symbol].append(trade)
-            return out
-        return self._emit_trades(symbol, [trade])
+        return self.trades[symbol].live([trade], recv_ts)
 
     def _parse_trade(self, symbol: str, d: dict[str, Any], recv_ts: float) -> Trade:
         return Trade(
@@ -244,40 +243,27 @@ class BinanceFeed:
             side="sell" if d["m"] else "buy",  # m: the buyer is the maker, so the taker sold
         )
 
-    def _emit_trades(self, symbol: str, trades: list[Trade]) -> Outputs:
-        """Trades in id order, each id once."""
-        out: Outputs = []
-        for trade in sorted(trades, key=lambda t: int(t.id)):
-            last = self.last_trade_id.get(symbol)
-            if last is not None and int(trade.id) <= last:
-                self.stats.duplicates += 1
-                continue
-            self.last_trade_id[symbol] = int(trade.id)
-            self.stats.trades += 1
-            out.append(trade)
-        return out
-
-    def _recover_trades(self, symbol: str) -> Outputs:
-        if symbol in self.recovering:
-            return []
-        last = self.last_trade_id.get(symbol)
+    def _history(self, tracker: TradeTracker) -> FetchTrades | None:
+        """The first ``aggTrades`` page of a recovery: from the id after the last
+        delivered, else from the exchange time last seen on any stream (``None``:
+        nothing seen yet, nothing to recover from)."""
+        last = tracker.last_key
         if last is not None:
             since = f"fromId={last + 1}"
         elif self.last_exchange_ms:
             since = f"startTime={self.last_exchange_ms}"
         else:
-            return []  # nothing seen yet on any stream: nothing to recover from
-        self.recovering[symbol] = []
-        native = self.native[symbol]
-        return [FetchTrades(symbol, f"/api/v3/aggTrades?symbol={native}&{since}&limit={TRADES_LIMIT}")]
+            return None
+        native = self.native[tracker.symbol]
+        return FetchTrades(tracker.symbol, f"/api/v3/aggTrades?symbol={native}&{since}&limit={TRADES_LIMIT}")
 
     def on_trades(self, symbol: str, body: str | bytes, recv_ts: float) -> Outputs:
         """Deliver recovered trades from an ``aggTrades`` page
         (``[{"a": id, "p", "q", "T", "m"}, ...]``), then the live trades held
         meanwhile; a full page asks for the next one; ids still missing before the
         first held trade are reported as a ``Gap``."""
-        held = self.recovering.get(symbol)
-        if held is None:
+        tracker = self.trades.get(symbol)
+        if tracker is None or not tracker.recovering:
             return []
         try:
             page = orjson.loads(body)
@@ -287,24 +273,18 @@ class BinanceFeed:
             out: Outputs = [malformed(self.stats, f"bad aggTrades page: {exc!r}", _text(body))]
         else:
             out = []
-        first_held = min((int(t.id) for t in held), default=None)
+        first_held = tracker.first_held()
         if first_held is not None:
             recovered = [t for t in recovered if int(t.id) < first_held]
-        out += self._emit_trades(symbol, recovered)
-        last = self.last_trade_id.get(symbol)
+        out += tracker.recovered(recovered, recv_ts)
+        last = tracker.last_key
         if len(page) >= TRADES_LIMIT and (first_held is None or (last or 0) + 1 < first_held):
-            del self.recovering[symbol]  # next page, from the new last id
-            out += self._recover_trades(symbol)
-            self.recovering[symbol] = held
+            held = tracker.abandon()  # the next page, from the new last id
+            out += tracker.recover()
+            tracker.hold(held)
             return out
-        del self.recovering[symbol]
-        if first_held is not None and last is not None and first_held > last + 1:
-            out.append(Gap(
-                exchange=self.exchange, symbol=symbol, ts=recv_ts, recv_ts=recv_ts,
-                stream="trades", from_id=str(last + 1), to_id=str(first_held - 1),
-                detail="not in the exchange's trade history",
-            ))
-        return out + self._emit_trades(symbol, held)
+        out += tracker.finish(recv_ts)
+        return out
 
     def _ticker(self, symbol: str, d: dict[str, Any], recv_ts: float) -> Outputs:
         ticker = Ticker(

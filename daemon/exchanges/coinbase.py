@@ -74,6 +74,7 @@ from daemon.exchanges.base import (
     malformed,
     normalize_symbol,
 )
+from daemon.trades import TradeRules, TradeTracker, integer_key
 
 #: REST target (on ``https://api.exchange.coinbase.com``) listing every product.
 MARKETS_TARGET = "/products"
@@ -81,6 +82,8 @@ MARKETS_TARGET = "/products"
 TRADES_LIMIT = 1000
 #: tickwire channel -> Coinbase channel (``book``: see ``CoinbaseFeed.book_channel``).
 _CHANNELS = {"trades": "matches", "book": "level2", "ticker": "ticker"}
+#: ``trade_id`` counts up by one per trade of a product (module doc, rule 5).
+TRADE_RULES = TradeRules(key=integer_key, contiguous=True)
 _TAKER_SIDE = {"buy": "sell", "sell": "buy"}  # maker order side -> taker side
 #: Prices and sizes as Coinbase writes them: plain non-negative decimals.
 _DECIMAL = re.compile(r"\d+(?:\.\d+)?")
@@ -167,17 +170,15 @@ def _text(text: str | bytes) -> str:
     return text if isinstance(text, str) else text.decode("utf-8", "replace")
 
 
-class _Recovery:
-    """The trade recovery of one product in progress (module doc, rule 5)."""
+class _Paging:
+    """How far the recovery of one product reads the history back (module doc,
+    rule 5); the recovered and held trades themselves are in its ``TradeTracker``."""
 
-    __slots__ = ("floor", "reach", "top", "found", "held", "second_look")
+    __slots__ = ("reach", "top", "second_look")
 
     def __init__(self, floor: int) -> None:
-        self.floor = floor  # the last id delivered: the missing ids start above it
         self.reach = floor  # the id the current walk back through the history must reach
         self.top: int | None = None  # the newest id the history has shown
-        self.found: dict[int, Trade] = {}  # recovered trades above `floor`, by id
-        self.held: list[Trade] = []  # live trades received meanwhile
         self.second_look = False  # the newest page was read again
 
 
@@ -228,8 +229,13 @@ class CoinbaseFeed:
         self._books = {s: L2Book() for s in self._product} if "book" in channels else {}
         self._synced: set[str] = set()
         self._last_seq: dict[tuple[str, str], int] = {}
-        self._last_trade_id: dict[str, int] = {}  # kept across reconnects
-        self._recovering: dict[str, _Recovery] = {}
+        #: per product: trades delivered (kept across reconnects), recovery, gaps
+        self._trades = {
+            s: TradeTracker(self.exchange, s, TRADES_LIMIT, self.stats,
+                            rules=TRADE_RULES, history=self._history)
+            for s in self._product
+        }
+        self._paging: dict[str, _Paging] = {}
         self._opens = 0
         self._now = 0.0  # time of the last call: stamps resync() events
         self._handlers = {
@@ -256,7 +262,7 @@ class CoinbaseFeed:
     @property
     def recovering(self) -> frozenset[str]:
         """Symbols whose trades are being recovered (their live trades are held)."""
-        return frozenset(self._recovering)
+        return frozenset(s for s, tracker in self._trades.items() if tracker.recovering)
 
     def on_open(self, now: float) -> Outputs:
         """Reset per-connection state (``now``: epoch s) and return what to send.
@@ -272,15 +278,16 @@ class CoinbaseFeed:
         self.last_heartbeat = None
         self._synced.clear()
         self._last_seq.clear()
-        self._recovering.clear()  # answers to the old connection's fetches never come
+        for tracker in self._trades.values():
+            tracker.abandon()  # answers to the old connection's fetches never come
+        self._paging.clear()
         for book in self._books.values():
             book.clear()
         channels = [*self._channels, "heartbeat"]
         out: Outputs = [self._frame("subscribe", list(self._product.values()), channels)]
         if self._opens > 1:
-            for symbol in self._product:
-                if symbol in self._last_trade_id:
-                    out += self._recover(symbol)
+            for tracker in self._trades.values():
+                out += tracker.recover()  # a product with a known last trade id
         detail = "connected: awaiting the snapshot"
         out += [
             self._event(FeedState, s, now, now, state="resyncing", detail=detail)
@@ -354,8 +361,8 @@ class CoinbaseFeed:
         with a ``Gap`` before any ids that remain missing (module doc, rule 5). An
         unusable page is ``Malformed`` and ends the recovery with what it has.
         """
-        recovery = self._recovering.get(symbol)
-        if recovery is None:
+        tracker, paging = self._trades.get(symbol), self._paging.get(symbol)
+        if tracker is None or tracker.recovery is None or paging is None:
             return []  # not asked for (or asked for by a connection since closed)
         self._now = recv_ts
         try:
@@ -366,23 +373,23 @@ class CoinbaseFeed:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             reason = f"bad trades page: {type(exc).__name__}: {exc}"
             out: Outputs = [malformed(self.stats, reason, _text(body))]
-            return out + self._end_recovery(symbol, recv_ts)
+            out += self._end_recovery(symbol, recv_ts)
+            return out
+        tracker.recovered(page, recv_ts, keep=True)
         ids = [int(t.id) for t in page]
-        for trade_id, trade in zip(ids, page, strict=True):
-            if trade_id > recovery.floor:
-                recovery.found.setdefault(trade_id, trade)
         if ids:
-            recovery.top = max(ids) if recovery.top is None else max(recovery.top, *ids)
-        if len(page) >= TRADES_LIMIT and min(ids) > recovery.reach + 1:
+            paging.top = max(ids) if paging.top is None else max(paging.top, *ids)
+        if len(page) >= TRADES_LIMIT and min(ids) > paging.reach + 1:
             return [self._fetch_trades(symbol, after=min(ids))]
-        newest = max(recovery.floor, recovery.top if recovery.top is not None else 0)
-        held = sorted({int(t.id) for t in recovery.held if int(t.id) > newest})
+        floor: int = tracker.recovery.floor
+        newest = max(floor, paging.top if paging.top is not None else 0)
+        held = sorted({int(t.id) for t in tracker.recovery.held if int(t.id) > newest})
         missed_live = bool(held) and held != list(range(newest + 1, newest + 1 + len(held)))
-        if missed_live and not recovery.second_look:
+        if missed_live and not paging.second_look:
             # live trades were missed after the newest trade of the history: the
             # REST answer predates them, so read the newest page once more
-            recovery.second_look = True
-            recovery.reach = newest
+            paging.second_look = True
+            paging.reach = newest
             return [self._fetch_trades(symbol)]
         return self._end_recovery(symbol, recv_ts)
 
@@ -448,20 +455,7 @@ class CoinbaseFeed:
         trade = self._trade(symbol, msg, recv_ts)
         if not self._in_sequence(symbol, "matches", seq):
             return []
-        trade_id, last = int(trade.id), self._last_trade_id.get(symbol)
-        if last is not None and trade_id <= last:
-            self.stats.duplicates += 1
-            return []
-        recovery = self._recovering.get(symbol)
-        if recovery is not None:
-            recovery.held.append(trade)
-            return []
-        if last is not None and trade_id > last + 1:
-            self.stats.gaps += 1
-            out = self._recover(symbol)
-            self._recovering[symbol].held.append(trade)
-            return out
-        return self._deliver(symbol, [trade], recv_ts)
+        return self._trades[symbol].live([trade], recv_ts)
 
     def _trade(self, symbol: str, msg: dict[str, Any], recv_ts: float) -> Trade:
         """A ``Trade`` from a match or a REST history entry (same fields)."""
@@ -518,29 +512,13 @@ class CoinbaseFeed:
         self._last_seq[symbol, channel] = seq
         return True
 
-    def _deliver(self, symbol: str, trades: list[Trade], now: float) -> Outputs:
-        """``trades`` (in id order) that are newer than the last delivered, each
-        preceded by a ``Gap`` when ids before it are missing."""
-        out: Outputs = []
-        for trade in trades:
-            trade_id, last = int(trade.id), self._last_trade_id.get(symbol)
-            if last is not None and trade_id <= last:
-                self.stats.duplicates += 1
-                continue
-            if last is not None and trade_id > last + 1:
-                out.append(self._event(
-                    Gap, symbol, now, now, stream="trades", from_id=str(last + 1),
-                    to_id=str(trade_id - 1), detail="not in the exchange's trade history",
-                ))
-            self._last_trade_id[symbol] = trade_id
-            self.stats.trades += 1
-            out.append(trade)
-        return out
-
-    def _recover(self, symbol: str) -> Outputs:
-        """Start recovering the trades after the last delivered id of ``symbol``."""
-        self._recovering[symbol] = _Recovery(self._last_trade_id[symbol])
-        return [self._fetch_trades(symbol)]
+    def _history(self, tracker: TradeTracker) -> FetchTrades | None:
+        """Start recovering the trades after the last delivered id (``None``: no
+        trade delivered yet, nothing to recover from): the newest page first."""
+        if tracker.last_key is None:
+            return None
+        self._paging[tracker.symbol] = _Paging(tracker.last_key)
+        return self._fetch_trades(tracker.symbol)
 
     def _fetch_trades(self, symbol: str, after: int | None = None) -> FetchTrades:
         target = f"/products/{self._product[symbol]}/trades?limit={TRADES_LIMIT}"
@@ -548,14 +526,10 @@ class CoinbaseFeed:
 
     def _end_recovery(self, symbol: str, now: float) -> Outputs:
         """Deliver what a recovery found and the live trades it held, merged."""
-        recovery = self._recovering.pop(symbol)
-        merged = dict(recovery.found)
-        for trade in recovery.held:
-            if int(trade.id) in merged:
-                self.stats.duplicates += 1  # live, and recovered too
-            else:
-                merged[int(trade.id)] = trade
-        return self._deliver(symbol, [merged[i] for i in sorted(merged)], now)
+        self._paging.pop(symbol, None)
+        out: Outputs = []
+        out += self._trades[symbol].finish(now)
+        return out
 
     def _resync(self, symbol: str, reason: str, now: float) -> Outputs:
         self.stats.resyncs += 1

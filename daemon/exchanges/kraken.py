@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from daemon.book import L2Book
-from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Levels, Ticker, Trade
+from daemon.events import BookSnapshot, BookUpdate, FeedState, Levels, Ticker, Trade
 from daemon.exchanges.base import (
     ExchangeFeed,
     FeedCounters,
@@ -75,6 +75,7 @@ from daemon.exchanges.base import (
     malformed,
     normalize_symbol,
 )
+from daemon.trades import TradeRules, TradeTracker
 
 #: REST path (on ``https://api.kraken.com``) of the market list ``parse_markets`` reads.
 MARKETS_TARGET = "/0/public/AssetPairs"
@@ -191,15 +192,15 @@ def _text(text: str | bytes) -> str:
     return text if isinstance(text, str) else text.decode("utf-8", "replace")
 
 
-class _Recovery:
-    """The trade recovery of one pair in progress (module doc, rule 6)."""
+class _Paging:
+    """How far the recovery of one pair has read the history (module doc, rule 6);
+    the held trades themselves are in its ``TradeTracker``."""
 
-    __slots__ = ("since", "first_page", "held")
+    __slots__ = ("since", "first_page")
 
     def __init__(self, since: int) -> None:
         self.since = since  # ns, of the page asked for
         self.first_page = True
-        self.held: list[tuple[_Key, Trade]] = []  # live trades received meanwhile
 
 
 def _levels(raw: object) -> list[tuple[str, str, float]]:
@@ -233,6 +234,16 @@ def book_checksum(book: L2Book) -> int:
 
 def _id(key: _Key) -> str:
     return f"{key[0]}-{key[1]}"
+
+
+def trade_key(trade: Trade) -> _Key:
+    """The ``(time, k)`` key of a Kraken trade, read back from its id (rule 5)."""
+    when, _, k = trade.id.rpartition("-")
+    return Decimal(when), int(k)
+
+
+#: v1 trades have no id: ``(time, k)`` orders them, and says nothing of a gap.
+TRADE_RULES = TradeRules(key=trade_key)
 
 
 class KrakenFeed:
@@ -274,16 +285,21 @@ class KrakenFeed:
         self._synced: set[str] = set()
         self._channel_ids: dict[int, tuple[str, str]] = {}  # channelID -> (channel, symbol)
         self._trade_run: dict[str, _Key] = {}  # symbol -> (time, k) of the connection
-        self._last_trade: dict[str, _Key] = {}  # symbol -> key last delivered, kept
+        #: per pair: trades delivered (kept across reconnects), recovery, gaps
+        self._trades = {
+            s: TradeTracker(self.exchange, s, TRADES_LIMIT, self.stats,
+                            rules=TRADE_RULES, history=self._history)
+            for s in self.symbols
+        }
+        self._paging: dict[str, _Paging] = {}
         self._to_recover: set[str] = set()  # after a reconnect, until subscribed
-        self._recovering: dict[str, _Recovery] = {}
         self._opens = 0
         self._now = 0.0  # latest time handed in, for events of resync()
 
     @property
     def recovering(self) -> frozenset[str]:
         """Symbols whose trades are being recovered (their live trades are held)."""
-        return frozenset(self._recovering)
+        return frozenset(s for s, tracker in self._trades.items() if tracker.recovering)
 
     # -- connection ------------------------------------------------------------------
 
@@ -312,9 +328,11 @@ class KrakenFeed:
         self._channel_ids.clear()
         self._synced.clear()
         self._trade_run.clear()
-        self._recovering.clear()  # answers to the old connection's fetches never come
+        for tracker in self._trades.values():
+            tracker.abandon()  # answers to the old connection's fetches never come
+        self._paging.clear()
         self._to_recover = (
-            {s for s in self.symbols if s in self._last_trade}
+            {s for s, tracker in self._trades.items() if tracker.last_key is not None}
             if self._opens > 1 and "trades" in self.channels else set()
         )
         for book in self._books.values():
@@ -360,39 +378,42 @@ class KrakenFeed:
         ``Gap`` where trades may be lost, and ``Malformed`` for an unusable answer
         (module doc, rule 6).
         """
-        recovery = self._recovering.get(symbol)
-        if recovery is None:
+        tracker, paging = self._trades.get(symbol), self._paging.get(symbol)
+        if tracker is None or not tracker.recovering or paging is None:
             return []  # not asked for (or asked for by a connection since closed)
         self._now = recv_ts
-        last = self._last_trade[symbol]
+        last: _Key = tracker.last_key
         try:
-            page = self._history(symbol, body, recv_ts)
+            page = self._history_page(symbol, body, recv_ts)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             out: Outputs = [
                 malformed(self.stats, f"bad Trades answer: {exc}", _text(body)),
-                self._gap(symbol, recv_ts, f"trades after {_id(last)} may be missing: "
-                          "the trade history could not be read"),
+                tracker.gap(recv_ts, f"trades after {_id(last)} may be missing: "
+                            "the trade history could not be read"),
             ]
-            return out + self._end_recovery(symbol)
+            out += self._end_recovery(symbol)
+            return out
         out = []
-        if recovery.first_page:
-            recovery.first_page = False
+        if paging.first_page:
+            paging.first_page = False
             keys = [key for key, _ in page]
             newer = [key for key in keys if key > last]
             if newer and last not in keys:
-                out.append(self._gap(symbol, recv_ts, (
+                out.append(tracker.gap(recv_ts, (
                     f"trades between {_id(last)} and {_id(min(newer))} may be missing: "
                     "the trade history does not hold the last trade delivered")))
-        out += self._deliver(symbol, page, live=False)
+        out += tracker.recovered([trade for _, trade in page], recv_ts)
         if len(page) >= TRADES_LIMIT:
             since = _ns(page[-1][0][0]) - 1000
-            if since > recovery.since:
-                recovery.since = since
-                return [*out, self._fetch_trades(symbol, since)]
-            out.append(self._gap(symbol, recv_ts, (
+            if since > paging.since:
+                paging.since = since
+                out.append(self._fetch_trades(symbol, since))
+                return out
+            out.append(tracker.gap(recv_ts, (
                 f"trades after {_id(page[-1][0])} may be missing: a page of "
                 f"{TRADES_LIMIT} trades within one microsecond")))
-        return out + self._end_recovery(symbol)
+        out += self._end_recovery(symbol)
+        return out
 
     def book(self, symbol: str) -> L2Book | None:
         """The synced book of ``symbol`` (cut to ``depth``), or ``None`` while unsynced
@@ -470,7 +491,7 @@ class KrakenFeed:
         out: Outputs = []
         if status in ("subscribed", "error") and name == "trade" and symbol in self._to_recover:
             self._to_recover.discard(symbol)
-            out = self._recover(symbol)
+            out += self._trades[symbol].recover()
         if status == "error":
             reason = f"subscription error: {message.get('errorMessage')}"
             return [malformed(self.stats, reason, text), *out]
@@ -499,14 +520,10 @@ class KrakenFeed:
         trades = []
         for entry in payload[0]:
             key, trade = self._trade(symbol, entry, key, recv_ts)
-            trades.append((key, trade))
+            trades.append(trade)
         if key is not None:
             self._trade_run[symbol] = key
-        recovery = self._recovering.get(symbol)
-        if recovery is not None:
-            recovery.held += trades
-            return []
-        return self._deliver(symbol, trades)
+        return self._trades[symbol].live(trades, recv_ts)
 
     def _trade(
         self, symbol: str, entry: list[Any], previous: _Key | None, recv_ts: float
@@ -525,34 +542,21 @@ class KrakenFeed:
                       id=_id(key), price=price, size=size, side=_SIDES[side])
         return key, trade
 
-    def _deliver(self, symbol: str, trades: list[tuple[_Key, Trade]], live: bool = True) -> Outputs:
-        """The trades whose key is above the last delivered, in the order given; the
-        others are dropped, and counted as duplicates if ``live`` (REST pages
-        overlap the last delivered trade by design)."""
-        out: Outputs = []
-        for key, trade in trades:
-            last = self._last_trade.get(symbol)
-            if last is not None and key <= last:
-                if live:
-                    self.stats.duplicates += 1
-                continue
-            self._last_trade[symbol] = key
-            self.stats.trades += 1
-            out.append(trade)
-        return out
-
-    def _recover(self, symbol: str) -> Outputs:
-        """Start recovering the trades after the last delivered one of ``symbol``."""
-        since = _ns(self._last_trade[symbol][0]) - 1000  # a microsecond before it
-        self._recovering[symbol] = _Recovery(since)
-        return [self._fetch_trades(symbol, since)]
+    def _history(self, tracker: TradeTracker) -> FetchTrades | None:
+        """The first history page of a recovery: from a microsecond before the last
+        delivered trade (``None``: none delivered, nothing to recover from)."""
+        if tracker.last_key is None:
+            return None
+        since = _ns(tracker.last_key[0]) - 1000
+        self._paging[tracker.symbol] = _Paging(since)
+        return self._fetch_trades(tracker.symbol, since)
 
     def _fetch_trades(self, symbol: str, since: int) -> FetchTrades:
         altname = self._wsname[symbol].replace("/", "")
         target = f"{TRADES_TARGET}?pair={altname}&since={since}&count={TRADES_LIMIT}"
         return FetchTrades(symbol, target)
 
-    def _history(self, symbol: str, body: str | bytes, recv_ts: float) -> list[tuple[_Key, Trade]]:
+    def _history_page(self, symbol: str, body: str | bytes, recv_ts: float) -> list[tuple[_Key, Trade]]:
         """The ``(key, Trade)`` list of a Trades answer, ``k`` counted from its first
         row; raises ``ValueError`` (``_Bad``), ``KeyError``, ... on a bad answer."""
         answer = json.loads(body, parse_float=Decimal)  # times exact, as sent
@@ -570,12 +574,11 @@ class KrakenFeed:
         return page
 
     def _end_recovery(self, symbol: str) -> Outputs:
-        return self._deliver(symbol, self._recovering.pop(symbol).held)
-
-    def _gap(self, symbol: str, now: float, detail: str) -> Gap:
-        self.stats.gaps += 1
-        return Gap(exchange=self.exchange, symbol=symbol, ts=now, recv_ts=now,
-                   stream="trades", detail=detail)
+        """Close the recovery: the live trades held meanwhile that are still new."""
+        self._paging.pop(symbol, None)
+        out: Outputs = []
+        out += self._trades[symbol].finish(self._now)
+        return out
 
     def _on_ticker(self, symbol: str, payload: list[Any], recv_ts: float) -> Outputs:
         """``{"a": [price, wholeLotVolume, lotVolume], "b": [...], ...}`` -> ``Ticker``.
