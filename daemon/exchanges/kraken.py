@@ -58,13 +58,14 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Iterable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from daemon.book import L2Book
-from daemon.events import BookSnapshot, BookUpdate, FeedState, Levels, Ticker, Trade
+from daemon.events import BookSnapshot, BookUpdate, FeedState, Ticker, Trade
 from daemon.exchanges.base import (
     ExchangeFeed,
     FeedCounters,
@@ -91,7 +92,8 @@ ALIASES = {"XBT": "BTC", "XDG": "DOGE"}
 _SUBSCRIPTION = {"trades": "trade", "book": "book", "ticker": "ticker"}
 _CHANNEL = {name: channel for channel, name in _SUBSCRIPTION.items()}
 _SIDES = {"b": "buy", "s": "sell"}
-_CHECKSUM_LEVELS = 10
+#: Levels per side in Kraken's book checksum.
+CHECKSUM_LEVELS = 10
 _MICROSECOND = Decimal("0.000001")
 #: A trade's place in its pair's history: (time to the microsecond, k).
 _Key = tuple[Decimal, int]
@@ -217,19 +219,23 @@ def _levels(raw: object) -> list[tuple[str, str, float]]:
     return out
 
 
-def _checksum_part(levels: Levels) -> str:
-    return "".join(
-        price.replace(".", "").lstrip("0") + size.replace(".", "").lstrip("0")
-        for price, size in levels
-    )
+def checksum(asks: Iterable[Sequence[str]], bids: Iterable[Sequence[str]]) -> int:
+    """Kraken's book checksum of these levels, unsigned 32-bit: the CRC32 of the asks
+    (ascending) then the bids (descending), each level as price then volume (its
+    first two fields; a time after them is ignored) with ``.`` removed and leading
+    zeros stripped, all concatenated (v1 book checksum guide; v2 computes the same
+    over prices and quantities written at the pair's precision). The caller passes
+    the top 10 levels of each side (``CHECKSUM_LEVELS``)."""
+    return zlib.crc32("".join(
+        level[0].replace(".", "").lstrip("0") + level[1].replace(".", "").lstrip("0")
+        for side in (asks, bids) for level in side
+    ).encode())
 
 
 def book_checksum(book: L2Book) -> int:
-    """Kraken's CRC32 of ``book``, unsigned 32-bit: the top 10 asks (ascending) then
-    the top 10 bids (descending), each level as price then volume with ``.`` removed
-    and leading zeros stripped, all concatenated (the v1 book checksum guide)."""
-    bids, asks = book.top(_CHECKSUM_LEVELS)
-    return zlib.crc32((_checksum_part(asks) + _checksum_part(bids)).encode())
+    """Kraken's checksum (``checksum``) of the top 10 asks and bids of ``book``."""
+    bids, asks = book.top(CHECKSUM_LEVELS)
+    return checksum(asks, bids)
 
 
 def _id(key: _Key) -> str:

@@ -39,12 +39,13 @@ subscribes over several connections, like ccxt.pro, is started once all are up).
 routing key in ``wanted``: what a caller waits for before it sets ``started``
 when a collector's subscriptions trickle in (ccxt.pro throttles its requests).
 
-Per-connection views (``deliver``, optional): by default a frame goes, as recorded,
-to the connections whose keys hold its routing key. A venue whose exchange sends
-one event in several forms (Binance: wrapped on ``/stream``, bare on ``/ws``; an
-``aggTrade`` also served as the ``@trade`` stream ccxt.pro asks for) has
-``deliver(path, keys, key, text)``: the text a connection opened on ``path`` gets,
-or ``None`` when the frame is not for it.
+Per-connection views (``Venue.deliver(path, keys, key, text)``): the text a
+connection opened on ``path`` gets of a frame, or ``None`` when the frame is not
+for it. Usually the frame as recorded, to the connections whose keys hold its
+routing key; a venue whose exchange sends one event in several forms (Binance:
+wrapped on ``/stream``, bare on ``/ws``; an ``aggTrade`` also served as the
+``@trade`` stream ccxt.pro asks for; Kraken: v1 or v2 by path) renders it per
+connection.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from __future__ import annotations
 import itertools
 import logging
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -77,26 +78,46 @@ MAX_SPEED_BURST = 16
 
 
 class Venue(Protocol):
-    """An exchange's emulation logic (``daemon.replay.venues``), sans-IO."""
+    """An exchange's emulation logic (``daemon.replay.venues``), sans-IO: what the
+    emulator calls, and every venue implements (``BinanceVenue``, ``CoinbaseVenue``,
+    ``KrakenVenue``; mypy checks them against it in ``make_venue``)."""
 
-    exchange: str
+    @property
+    def exchange(self) -> str:
+        """The exchange id (``binance``, ``binanceus``, ``coinbase``, ``kraken``)."""
+        ...
 
-    def greeting(self) -> list[str]: ...
-    def open(self, path: str) -> set[str]: ...
-    def on_client_message(self, keys: set[str], text: str) -> list[str]: ...
-    def route(self, frame: Received) -> str | None: ...
-    def corrupt_checksum(self, text: str) -> str: ...
-    def rest(self, target: str) -> tuple[int, bytes]: ...
+    def greeting(self, path: str = "/") -> list[str]:
+        """What a new connection on ``path`` gets before anything it asks for
+        (Kraken's ``systemStatus``, or v2's ``status`` on a v2 path)."""
+        ...
 
+    def open(self, path: str) -> set[str]:
+        """The routing keys a new connection on ``path`` holds (Binance names its
+        streams in the path; the others subscribe by message)."""
+        ...
 
-class DeliveringVenue(Venue, Protocol):
-    """A venue that renders frames per connection (module doc, "Per-connection views")."""
+    def on_client_message(self, keys: set[str], text: str) -> list[str]:
+        """The answers to a client's text frame; subscriptions change ``keys``."""
+        ...
 
-    def deliver(self, path: str, keys: set[str], key: str, text: str) -> str | None: ...
+    def route(self, frame: Received) -> str | None:
+        """Advance the venue's state by one tape frame; its routing key, or ``None``
+        for a frame that goes to nobody."""
+        ...
 
+    def deliver(self, path: str, keys: set[str], key: str, text: str) -> str | None:
+        """The text a connection on ``path`` holding ``keys`` gets of a frame routed
+        to ``key`` (module doc, "Per-connection views"), ``None``: nothing."""
+        ...
 
-class LoopingVenue(Venue, Protocol):
-    """A venue that can play its tape in a loop (``--loop``)."""
+    def corrupt_checksum(self, text: str) -> str:
+        """``text`` with a wrong checksum (a fault), where the exchange has one."""
+        ...
+
+    def rest(self, target: str) -> tuple[int, bytes]:
+        """The status and body of a REST GET of ``target`` (path and query)."""
+        ...
 
     def prepare_loop(self, tape: list[Received]) -> float:
         """Learn the spans to shift by from the whole tape, before anything plays;
@@ -112,19 +133,22 @@ class LoopingVenue(Venue, Protocol):
 
 def make_venue(exchange: str, captures: list[Capture]) -> Venue:
     """The venue emulator of ``exchange`` over ``captures``; ``KeyError`` if none."""
+    venue: Venue
     if exchange in ("binance", "binanceus"):
         from daemon.replay.venues.binance import BinanceVenue
 
-        return BinanceVenue(captures, exchange)
-    if exchange == "coinbase":
+        venue = BinanceVenue(captures, exchange)
+    elif exchange == "coinbase":
         from daemon.replay.venues.coinbase import CoinbaseVenue
 
-        return CoinbaseVenue(captures)
-    if exchange == "kraken":
+        venue = CoinbaseVenue(captures)
+    elif exchange == "kraken":
         from daemon.replay.venues.kraken import KrakenVenue
 
-        return KrakenVenue(captures)
-    raise KeyError(exchange)
+        venue = KrakenVenue(captures)
+    else:
+        raise KeyError(exchange)
+    return venue
 
 
 @attrs.define(eq=False)
@@ -160,7 +184,7 @@ class Emulator:
     the end of the tape (of the last pass), ``sent`` counts frames sent per
     connection total, ``pass_number`` is the pass playing (from 0), ``played`` the
     frames played over all passes, ``play_started`` the trio time the tape started.
-    Raises ``ValueError`` when the venue cannot loop.
+    Raises ``ValueError`` for captures of no or several exchanges.
     """
 
     def __init__(
@@ -175,10 +199,10 @@ class Emulator:
         rate: float | None = None,
         autostart: bool = True,
     ) -> None:
-        exchanges = {exchange_of(url) for capture in captures for url in capture.urls}
-        exchanges.discard(None)
+        found = {exchange_of(url) for capture in captures for url in capture.urls}
+        exchanges = {exchange for exchange in found if exchange is not None}
         if len(exchanges) != 1:
-            raise ValueError(f"one exchange per emulator, got {sorted(map(str, exchanges))}")
+            raise ValueError(f"one exchange per emulator, got {sorted(exchanges)}")
         self.exchange: str = exchanges.pop()
         self.venue = make_venue(self.exchange, captures)
         self.tape = merge_frames(captures)
@@ -194,13 +218,9 @@ class Emulator:
         self.loop = loop or (passes is not None and passes > 1)
         self.passes = passes if self.loop else 1
         self.period = 0.0
-        self._looper: LoopingVenue | None = None
         if self.loop:
-            if not hasattr(self.venue, "shift"):
-                raise ValueError(f"the {self.exchange} emulator cannot loop")
-            self._looper = cast(LoopingVenue, self.venue)
             # before anything plays: the venue learns the recording's first state
-            self.period = self._looper.prepare_loop(self.tape)
+            self.period = self.venue.prepare_loop(self.tape)
         self.pass_number = 0
         self.played = 0
         self.play_started: float | None = None  # trio time the tape started
@@ -212,13 +232,10 @@ class Emulator:
         self.sent = 0
         self.connections_total = 0
         self.address: EmulatorAddress | None = None
-        self._deliver = cast(DeliveringVenue, self.venue).deliver if hasattr(
-            self.venue, "deliver") else None
+        self._deliver = self.venue.deliver
 
     def _text_for(self, conn: _Connection, key: str, text: str) -> str | None:
         """What ``conn`` gets of a frame routed to ``key`` (``None``: nothing)."""
-        if self._deliver is None:
-            return text if key in conn.keys else None
         return self._deliver(conn.path, conn.keys, key, text)
 
     async def serve(self, *, task_status: trio.TaskStatus[EmulatorAddress] = trio.TASK_STATUS_IGNORED) -> None:
@@ -271,10 +288,7 @@ class Emulator:
         send, ws = conn.send, conn.ws
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write, conn, receive)
-            # e.g. Kraken's systemStatus (v2's status on a v2 path: greeting_for)
-            greeting_for = getattr(self.venue, "greeting_for", None)
-            greeting = greeting_for(path) if greeting_for else self.venue.greeting()
-            for text in greeting:
+            for text in self.venue.greeting(path):  # e.g. Kraken's systemStatus
                 await send.send(text)
             if conn.keys and self.autostart:
                 self.started.set()
@@ -337,9 +351,8 @@ class Emulator:
                 if pass_number == 0:
                     await self._play_frame(number, frame, faults)
                 else:
-                    assert self._looper is not None
                     shifted_ts = frame.ts + offset
-                    for text in self._looper.shift(frame, pass_number):
+                    for text in self.venue.shift(frame, pass_number):
                         await self._play_frame(number, Received(shifted_ts, text), NO_FAULTS)
                 if self.speed is None and self.rate is None and not number % MAX_SPEED_BURST:
                     await trio.lowlevel.checkpoint()

@@ -94,7 +94,7 @@ class BinanceVenue:
         #: first depth frame of a symbol -> (symbol, first id, last id) of the event
         #: that brings the book back to the recorded snapshot, before shifting
         self._resets: dict[Received, tuple[str, int, int]] = {}
-        self._snapshots: dict[str, tuple[list, list]] = {}  # the recorded REST books
+        self._snapshots: dict[str, tuple[list[Any], list[Any]]] = {}  # the recorded REST books
 
     def subscriptions(self, captures: list[Capture]) -> tuple[list[str], list[str]]:
         """``(symbols, channels)`` the recorded connections subscribed, as tickwire
@@ -118,7 +118,7 @@ class BinanceVenue:
                         channels[channel] = None
         return list(symbols), list(channels)
 
-    def greeting(self) -> list[str]:
+    def greeting(self, path: str = "/") -> list[str]:
         """Binance sends nothing unprompted on a new connection."""
         return []
 

@@ -266,9 +266,13 @@ class CoinbaseVenue:
 
     # -- WebSocket ------------------------------------------------------------------
 
-    def greeting(self) -> list[str]:
+    def greeting(self, path: str = "/") -> list[str]:
         """Coinbase sends nothing unprompted on a new connection."""
         return []
+
+    def deliver(self, path: str, keys: set[str], key: str, text: str) -> str | None:
+        """Every connection that subscribed to ``key`` gets the frame as recorded."""
+        return text if key in keys else None
 
     def open(self, path: str) -> set[str]:
         """A new connection has no keys: it subscribes by message."""
@@ -296,7 +300,7 @@ class CoinbaseVenue:
                 if key in keys:
                     continue
                 keys.add(key)
-                if channel == "level2":
+                if channel == "level2" and product is not None:  # _checked: never None
                     book = self.books.get(product)
                     if book is None:
                         keys.add(f"{SNAPSHOT_KEY}:{product}")
@@ -468,6 +472,8 @@ class CoinbaseVenue:
         times: list[float] = []
         for frame, msg in decoded:
             kind, product = msg.get("type"), msg.get("product_id")
+            if not isinstance(product, str):
+                product = ""  # no product: a frame of the connection (subscriptions)
             once = (
                 kind in ("subscriptions", "last_match")
                 or (kind == "ticker" and msg.get("trade_id") not in match_ids.get(product, ()))
