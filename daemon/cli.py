@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
 
 import click
 import trio
 
 from daemon import __version__
 from daemon.config import Config, ConfigError, load_config
-from daemon.logs import setup_logging
+from daemon.errors import StartupError
+from daemon.logs import journal_stderr, setup_logging
 
 log = logging.getLogger("daemon")
 
@@ -54,31 +55,46 @@ async def _until_signal(
                 break
 
 
-def _run_daemon(main: Callable[..., Awaitable[Any]], *args: Any) -> None:
-    """``trio.run(main, *args)``; a startup error of ours (the admin socket is taken,
-    the metrics port is busy) is one line on stderr and exit 1."""
-    from daemon.admin import AdminSocketError
-    from daemon.metrics import MetricsError
+def startup_errors(error: BaseException) -> list[StartupError] | None:
+    """The ``StartupError``s ``error`` is made of (itself, or the leaves of nested
+    exception groups), or ``None`` when anything else is among them: a bug, which
+    keeps its traceback."""
+    if isinstance(error, StartupError):
+        return [error]
+    if isinstance(error, BaseExceptionGroup):
+        found: list[StartupError] = []
+        for inner in error.exceptions:
+            errors = startup_errors(inner)
+            if errors is None:
+                return None
+            found += errors
+        return found
+    return None
 
-    startup = (AdminSocketError, MetricsError)
+
+def _run_daemon(main: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    """``trio.run(main, *args)``; a start-up error of ours (a listener's address is
+    busy, the admin socket is taken, a capture is unreadable), alone or in
+    exception groups, is one line on stderr and exit status 2."""
     try:
         trio.run(main, *args)
-    except BaseExceptionGroup as group:
-        ours, rest = group.split(startup)
-        if ours is None or rest is not None:
+    except (StartupError, BaseExceptionGroup) as exc:
+        errors = startup_errors(exc)
+        if not errors:
             raise
-        error: BaseException = ours
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
-        _cannot_start(error)
-    except startup as exc:
-        _cannot_start(exc)
+        _cannot_start(errors)
 
 
-def _cannot_start(error: BaseException) -> None:
-    log.error("cannot start: %s", error)
-    click.echo(f"tickwire: {error}", err=True)
-    sys.exit(1)
+def _cannot_start(errors: Sequence[StartupError]) -> NoReturn:
+    """Say why the daemon cannot start, one line per distinct error (under
+    systemd: a log line at priority ``err``), and exit 2."""
+    messages = list(dict.fromkeys(" ".join(str(error).split()) for error in errors))
+    for message in messages:
+        if journal_stderr():
+            log.error("cannot start: %s", message)
+        else:
+            click.echo(f"tickwire: {message}", err=True)
+    sys.exit(2)
 
 
 @click.group()
@@ -203,17 +219,10 @@ def emulate(captures: tuple[str, ...], speed: float | None, loop: bool,
     setup_logging("info")
     try:
         groups = group_captures(captures)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="CAPTURES") from None
-    try:
-        trio.run(_until_signal, partial(serve_emulators, groups, speed, loop=loop, rate=rate,
-                                        parent_pipe=parent_pipe))
-    except* ValueError as group:
-        error: BaseException = group
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
-        click.echo(f"tickwire: {error}", err=True)
-        sys.exit(2)
+    except StartupError as exc:
+        _cannot_start([exc])
+    _run_daemon(_until_signal, partial(serve_emulators, groups, speed, loop=loop, rate=rate,
+                                       parent_pipe=parent_pipe))
 
 
 def _socket_option(function: Callable[..., Any]) -> Callable[..., Any]:

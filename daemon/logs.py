@@ -71,6 +71,12 @@ def _journal(stream: TextIO) -> bool:
     return value == f"{info.st_dev}:{info.st_ino}"
 
 
+def journal_stderr() -> bool:
+    """Whether stderr is systemd's journal (then a line meant for people is logged,
+    with its priority, rather than printed)."""
+    return _journal(sys.stderr)
+
+
 def setup_logging(level: str = "info") -> None:
     """Send every log record to stderr, one line each, at ``level`` and above."""
     handler = logging.StreamHandler(sys.stderr)

@@ -158,7 +158,7 @@ async def test_a_stale_socket_is_replaced_a_second_daemon_refuses_and_status_exi
 
         async with tickwire("run", "--config", str(config)) as second:
             with trio.fail_after(15):
-                assert await second.process.wait() == 1
+                assert await second.process.wait() == 2
             await second.ended.wait()
         refusal = [line for line in second.lines if line.startswith("tickwire: ")]
         assert refusal == [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,88 @@ def test_version() -> None:
 
     result = run_cli("--version")
     assert result.returncode == 0 and __version__ in result.stdout
+
+
+def the_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a start-up failure prints for people (log records, ``ts=...``,
+    may come before it), after checking that there is exactly one and no traceback."""
+    assert "Traceback" not in result.stderr and "exc=" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("ts=")]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tickwire: "), result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["replay", "emulate"])
+def test_a_file_that_is_not_a_capture_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
+    readme = Path(__file__).parent.parent / "README.md"
+    result = run_cli(command, str(readme))
+    assert result.returncode == 2
+    line = the_line(result)
+    assert f"{readme}:1: not a capture file" in line and "tests/captures/README.md" in line
+    binary = tmp_path / "BINANCE.ws.1.0"
+    binary.write_bytes(b"\xff\xfe\x00binary")
+    result = run_cli(command, str(binary))
+    assert result.returncode == 2
+    assert "not a capture file (not UTF-8 text)" in the_line(result)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (("KRAKEN.0",), "no WebSocket recording of kraken among KRAKEN.0: add its KRAKEN.ws.* file(s)"),
+        (("COINBASE.ws.28.0",), "no coinbase markets among COINBASE.ws.28.0: add its COINBASE.0 file"),
+        (("BINANCE.0", "BINANCE.ws.1.0"),
+         "no binance book snapshots among BINANCE.0, BINANCE.ws.1.0: add its BINANCE.http.* file(s)"),
+    ],
+)
+@pytest.mark.parametrize("command", ["replay", "emulate"])
+def test_an_incomplete_capture_set_is_one_line_and_exit_2(
+        captures: Path, files: tuple[str, ...], message: str, command: str) -> None:
+    """A set the emulator cannot serve is refused before anything starts (it used to
+    start "0 feeds" and report healthy, or retry a missing REST snapshot forever)."""
+    result = run_cli(command, *(str(captures / f) for f in files), "--speed", "max")
+    assert result.returncode == 2
+    assert message in the_line(result)
+    assert "listening" not in result.stderr
+
+
+def daemon_config(tmp_path: Path, extra: str = "", listen: str = "127.0.0.1:0") -> Path:
+    """A config with no exchange (no network), its own admin socket, and ``extra``."""
+    path = tmp_path / "tickwire.toml"
+    path.write_text(f'[server]\nlisten = "{listen}"\n[admin]\nsocket = "{tmp_path / "admin.sock"}"\n'
+                    + extra)
+    return path
+
+
+def busy_port() -> socket.socket:
+    """A TCP socket listening on 127.0.0.1, its port taken for the test."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def test_a_busy_metrics_port_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    with busy_port() as taken:
+        port = taken.getsockname()[1]
+        config = daemon_config(tmp_path, f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        result = run_cli("run", "--config", str(config))
+    assert result.returncode == 2
+    line = the_line(result)
+    assert f"metrics: cannot listen on 127.0.0.1:{port}" in line and "in use" in line
+
+
+def test_an_unassignable_metrics_address_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine
+    config = daemon_config(tmp_path, '[metrics]\nlisten = "192.0.2.1:9108"\n')
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 2
+    assert "metrics: cannot listen on 192.0.2.1:9108" in the_line(result)
+
+
+def test_an_admin_socket_path_that_is_not_a_socket_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "admin.sock").write_text("not a socket")
+    result = run_cli("run", "--config", str(daemon_config(tmp_path)))
+    assert result.returncode == 2
+    assert "exists and is not a socket" in the_line(result)

@@ -14,14 +14,24 @@ Pure parsing: no I/O beyond reading the file, no trio.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
 
+from daemon.errors import StartupError
 
-class CaptureError(ValueError):
-    """A line of a capture file that fits none of the record forms."""
+#: What a person should do about a file that is not a capture (the end of the line).
+CAPTURE_FORMAT = ("give tickwire capture files (X.0, X.ws.*, X.http.*: "
+                  "tests/captures/README.md says what they hold)")
+
+
+class CaptureError(StartupError, ValueError):
+    """A capture file that cannot be read, or a line of it that fits none of the
+    record forms; ``str()`` is one line naming the file (and line) and what to do.
+    Also raised for a set of captures that cannot be replayed together."""
 
 
 @attrs.frozen
@@ -65,7 +75,7 @@ class Capture:
     path: Path
     connections: tuple[Connection, ...]
     rest: tuple[RestResponse, ...]
-    configuration: dict | None
+    configuration: dict[str, Any] | None
 
     @property
     def urls(self) -> list[str]:
@@ -73,19 +83,30 @@ class Capture:
         return [c.url for c in self.connections] + [r.url for r in self.rest]
 
 
-def read_capture(path: str | os.PathLike) -> Capture:
+def read_capture(path: str | os.PathLike[str]) -> Capture:
     """Parse one capture file.
 
-    Raises ``CaptureError`` (with file and line number) on a line of no known form,
-    and ``OSError`` when the file cannot be read.
+    Raises ``CaptureError``, one line naming the file (and the line) and what to do,
+    when the file cannot be read, is not text, or has a line of no known form.
     """
+    path = Path(path)
+    try:
+        with path.open(encoding="utf-8") as f:
+            return _parse(path, f)
+    except OSError as exc:
+        raise CaptureError(f"cannot read capture {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise CaptureError(f"{path}: not a capture file (not UTF-8 text); "
+                           f"{CAPTURE_FORMAT}") from exc
+
+
+def _parse(path: Path, lines: Iterable[str]) -> Capture:
     import orjson  # local: the only use
 
-    path = Path(path)
     connections: list[Connection] = []
     rest: list[RestResponse] = []
     configuration = None
-    current: dict | None = None
+    current: dict[str, Any] | None = None
 
     def close_current() -> None:
         if current is not None:
@@ -98,45 +119,55 @@ def read_capture(path: str | os.PathLike) -> Capture:
                 )
             )
 
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            try:
-                if line.startswith("configuration: "):
-                    configuration = orjson.loads(line[len("configuration: ") :])
-                elif line[0].isdigit():
-                    ts, text = line.split(": ", 1)
+    for lineno, line in enumerate(lines, 1):
+        line = line.rstrip("\n")
+        if not line:
+            continue
+        try:
+            if line.startswith("configuration: "):
+                configuration = orjson.loads(line[len("configuration: ") :])
+            elif line[0].isdigit():
+                ts, text = _split(line, ": ")
+                if current is None:
+                    raise ValueError("a received frame before any connection line")
+                current["received"].append(Received(float(ts), text))
+            else:
+                url, arrow, rest_of_line = _split(line, " ", 3)
+                if arrow == "<->":
+                    close_current()
+                    current = {
+                        "url": url,
+                        "opened": float(rest_of_line),
+                        "sent": [],
+                        "received": [],
+                    }
+                elif arrow == "<-":
+                    ts, text = _split(rest_of_line, ": ")
                     if current is None:
-                        raise CaptureError("a received frame before any connection line")
-                    current["received"].append(Received(float(ts), text))
+                        raise ValueError("a sent frame before any connection line")
+                    current["sent"].append((float(ts), text))
+                elif arrow == "->":
+                    ts, body = _split(rest_of_line, ": ")
+                    rest.append(RestResponse(url=url, ts=float(ts), body=body))
                 else:
-                    url, arrow, rest_of_line = line.split(" ", 2)
-                    if arrow == "<->":
-                        close_current()
-                        current = {
-                            "url": url,
-                            "opened": float(rest_of_line),
-                            "sent": [],
-                            "received": [],
-                        }
-                    elif arrow == "<-":
-                        ts, text = rest_of_line.split(": ", 1)
-                        if current is None:
-                            raise CaptureError("a sent frame before any connection line")
-                        current["sent"].append((float(ts), text))
-                    elif arrow == "->":
-                        ts, body = rest_of_line.split(": ", 1)
-                        rest.append(RestResponse(url=url, ts=float(ts), body=body))
-                    else:
-                        raise CaptureError(f"unknown direction {arrow!r}")
-            except (ValueError, orjson.JSONDecodeError) as exc:
-                raise CaptureError(f"{path}:{lineno}: {exc}") from exc
+                    raise ValueError("a line of no known form")
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            shown = line if len(line) <= 40 else line[:40] + "..."
+            raise CaptureError(f"{path}:{lineno}: not a capture file ({exc}: {shown!r}); "
+                               f"{CAPTURE_FORMAT}") from exc
     close_current()
     return Capture(
         path=path, connections=tuple(connections), rest=tuple(rest), configuration=configuration
     )
+
+
+def _split(text: str, separator: str, parts: int = 2) -> list[str]:
+    """``text.split(separator, parts - 1)``, exactly ``parts`` of them, else
+    ``ValueError``."""
+    split = text.split(separator, parts - 1)
+    if len(split) != parts:
+        raise ValueError("a line of no known form")
+    return split
 
 
 _HOSTS = {

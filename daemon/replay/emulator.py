@@ -87,6 +87,12 @@ class Venue(Protocol):
         """The exchange id (``binance``, ``binanceus``, ``coinbase``, ``kraken``)."""
         ...
 
+    def subscriptions(self, captures: list[Capture]) -> tuple[list[str], list[str]]:
+        """``(symbols, channels)`` the recorded connections subscribed, as tickwire
+        names (``BTC-USD``; ``trades``, ``book``, ``ticker``): what ``tickwire
+        replay`` configures its collector with."""
+        ...
+
     def greeting(self, path: str = "/") -> list[str]:
         """What a new connection on ``path`` gets before anything it asks for
         (Kraken's ``systemStatus``, or v2's ``status`` on a v2 path)."""

@@ -31,6 +31,7 @@ import attrs
 import orjson
 import trio
 
+from daemon.errors import StartupError
 from daemon.replay.capture import Capture
 from daemon.replay.emulator import Emulator, EmulatorAddress
 
@@ -95,8 +96,9 @@ class EmulatorProcess:
     finished: trio.Event = attrs.field(factory=trio.Event)
 
 
-class EmulatorProcessError(RuntimeError):
-    """The child emulator could not start, or stopped while the replay ran."""
+class EmulatorProcessError(StartupError, RuntimeError):
+    """The child emulator could not start, or stopped while the replay ran (one
+    line; the child said why on the shared stderr)."""
 
 
 async def run_emulator_process(

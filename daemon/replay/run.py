@@ -11,19 +11,25 @@ from collections import defaultdict
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import attrs
 import trio
 
 from daemon.app import App
 from daemon.config import Config, ExchangeConfig
-from daemon.replay.capture import Capture, exchange_of, read_capture
+from daemon.errors import StartupError
+from daemon.replay.capture import Capture, CaptureError, exchange_of, read_capture
 from daemon.replay.emulator import Emulator
 from daemon.replay.process import EmulatorProcess, run_emulator_process
 from daemon.replay.tape import NO_FAULTS, Faults
 
 #: The exchanges whose emulators serve ccxt.pro (``via="ccxt"``).
 VIA_CCXT = ("binance", "binanceus", "coinbase", "kraken")
+
+
+class ReplayError(StartupError, ValueError):
+    """A replay that cannot be done with these captures and options (one line)."""
 
 
 @attrs.define
@@ -60,17 +66,62 @@ async def start_when_subscribed(emulator: Emulator, collector: object) -> None:
     emulator.started.set()
 
 
+#: Per exchange: the capture-file prefix, and the REST path whose recorded answer
+#: lists its markets (the ``X.0`` file): without it no symbol can be named.
+_MARKETS = {
+    "binance": ("BINANCE", "/api/v3/exchangeInfo"),
+    "binanceus": ("BINANCEUS", "/api/v3/exchangeInfo"),
+    "coinbase": ("COINBASE", "/products"),
+    "kraken": ("KRAKEN", "/0/public/AssetPairs"),
+}
+#: Exchanges whose book starts from a REST snapshot (``X.http.*`` files), and its path.
+_BOOK_SNAPSHOTS = {"binance": "/api/v3/depth", "binanceus": "/api/v3/depth"}
+
+
 def group_captures(paths: Sequence[str | Path]) -> dict[str, list[Capture]]:
-    """Read capture files and group them by exchange; raises ``ValueError`` for a
-    file whose URLs name no known exchange."""
+    """Read capture files, group them by exchange and check that each exchange's
+    set can be replayed: a WebSocket recording, the recorded markets (``X.0``),
+    and the REST book snapshots where the exchange's book needs them (Binance's
+    ``X.http.*``).
+
+    Raises ``CaptureError`` (a ``StartupError``: one line naming the file and what
+    to do) for a file that cannot be read or whose URLs name no known exchange,
+    and for a set that lacks one of those files."""
     groups: dict[str, list[Capture]] = defaultdict(list)
     for path in paths:
         capture = read_capture(path)
-        exchanges = {exchange_of(url) for url in capture.urls} - {None}
+        exchanges = {exchange for url in capture.urls if (exchange := exchange_of(url))}
         if len(exchanges) != 1:
-            raise ValueError(f"{path}: cannot tell which exchange recorded it")
+            raise CaptureError(
+                f"{path}: cannot tell which exchange recorded it (its URLs name "
+                f"{'several' if exchanges else 'none'} of binance, binance.us, coinbase, "
+                f"kraken); give one exchange's capture files")
         groups[exchanges.pop()].append(capture)
+    for exchange, captures in groups.items():
+        _check_set(exchange, captures)
     return dict(groups)
+
+
+def _check_set(exchange: str, captures: list[Capture]) -> None:
+    """Raise ``CaptureError`` when ``captures`` lack a file ``exchange``'s replay needs."""
+    prefix, markets = _MARKETS.get(exchange, (exchange.upper(), ""))
+    given = ", ".join(c.path.name for c in captures)
+    paths = {urlsplit(r.url).path for c in captures for r in c.rest}
+    connections = [conn for c in captures for conn in c.connections]
+    if not connections:
+        raise CaptureError(
+            f"no WebSocket recording of {exchange} among {given}: add its {prefix}.ws.* "
+            "file(s), which hold what the exchange streamed")
+    if markets and markets not in paths:
+        raise CaptureError(
+            f"no {exchange} markets among {given}: add its {prefix}.0 file (the "
+            f"recorded REST {markets}, which names the symbols)")
+    snapshots = _BOOK_SNAPSHOTS.get(exchange)
+    wants_books = any("@depth" in conn.url for conn in connections)
+    if snapshots and wants_books and not any(p.startswith(snapshots) for p in paths):
+        raise CaptureError(
+            f"no {exchange} book snapshots among {given}: add its {prefix}.http.* "
+            f"file(s) (the recorded REST {snapshots}, where each book starts)")
 
 
 async def serve_replay(
@@ -97,9 +148,11 @@ async def serve_replay(
     on the emulators, for the exchanges in ``VIA_CCXT``). ``emulators``:
     ``inside`` (in this process) or ``process`` (each exchange's in a child process,
     ``daemon.replay.process``: the daemon's process then does only what it does
-    live; native collectors, no faults). Raises ``ValueError`` when an exchange's
-    emulator cannot loop, or cannot serve ccxt.pro, or for a combination that
-    child emulators cannot do; ``EmulatorProcessError`` when a child fails.
+    live; native collectors, no faults). Raises ``CaptureError`` for captures that
+    cannot be read or replayed together (``group_captures``), ``ReplayError`` when
+    an exchange's emulator cannot serve ccxt.pro (both ``StartupError``s),
+    ``ValueError`` when one cannot loop, or for a combination that child emulators
+    cannot do; ``EmulatorProcessError`` when a child fails.
     """
     if via not in ("native", "ccxt"):
         raise ValueError(f"via must be 'native' or 'ccxt', not {via!r}")
@@ -113,7 +166,7 @@ async def serve_replay(
     if via == "ccxt":
         unserved = sorted(set(groups) - set(VIA_CCXT))
         if unserved:
-            raise ValueError(f"the {unserved[0]} emulator cannot serve ccxt.pro yet "
+            raise ReplayError(f"the {unserved[0]} emulator cannot serve ccxt.pro yet "
                              f"(--via ccxt replays {', '.join(VIA_CCXT)})")
     async with trio.open_nursery() as nursery:
         running: dict[str, Emulator | EmulatorProcess] = {}
@@ -136,7 +189,10 @@ async def serve_replay(
                 symbols, channels = emulator.venue.subscriptions(captures)
                 depth = getattr(emulator.venue, "recorded_depth", 1000)
             if not symbols:
-                continue  # metadata only (X.0 files alone)
+                prefix = _MARKETS.get(exchange, (exchange.upper(), ""))[0]
+                raise CaptureError(
+                    f"the {exchange} WebSocket recordings subscribe to no market that "
+                    f"{prefix}.0 lists: give files recorded together")
             exchanges[exchange] = ExchangeConfig(
                 symbols=symbols,
                 channels=channels,
@@ -147,11 +203,11 @@ async def serve_replay(
             )
         app = App(attrs.evolve(config, exchanges=exchanges))
         await nursery.start(app.run)
-        for exchange, emulator in running.items():
-            if isinstance(emulator, Emulator) and not emulator.autostart:
+        for exchange, served in running.items():
+            if isinstance(served, Emulator) and not served.autostart:
                 collector = app.collectors.get(exchange)
                 if collector is None:
-                    emulator.started.set()
+                    served.started.set()
                 else:
-                    nursery.start_soon(start_when_subscribed, emulator, collector)
+                    nursery.start_soon(start_when_subscribed, served, collector)
         task_status.started(Replay(app=app, emulators=running))
