@@ -9,6 +9,7 @@ Defaults stream BTC and ETH from Binance, Coinbase and Kraken (``default.toml``)
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -29,12 +30,12 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; ``str()`` is one line naming the key."""
 
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name}: must be greater than 0, got {value!r}")
 
 
-def _non_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
     if value < 0:
         raise ValueError(f"{attribute.name}: must be 0 or more, got {value!r}")
 
@@ -44,7 +45,7 @@ CREDENTIAL_VARIABLES = {"APIKEY": "apiKey", "SECRET": "secret", "PASSWORD": "pas
                         "UID": "uid"}
 
 
-def _credentials_env(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+def _credentials_env(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
     if not value:
         return
     if not re.fullmatch(r"[A-Z][A-Z0-9_]*", value):
@@ -56,14 +57,14 @@ def _credentials_env(instance: Any, attribute: attrs.Attribute, value: str) -> N
         raise ValueError(f"{attribute.name}: {' and '.join(missing)} not set in the environment")
 
 
-def _listen(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+def _listen(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{attribute.name}: must be HOST:PORT, got {value!r}")
 
 
 def _one_of(*choices: str) -> Any:
-    def check(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
         if value not in choices:
             raise ValueError(
                 f"{attribute.name}: {value!r} is not one of {', '.join(choices)}"
@@ -151,6 +152,35 @@ class AuthConfig:
     origins: list[str] = attrs.field(factory=list)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is a loopback address: where
+    ``auth.enabled = "auto"`` leaves authentication off."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tokens_when_on(instance: Config, attribute: attrs.Attribute[AuthConfig],
+                    auth: AuthConfig) -> None:
+    """Auth on with no token refuses every client: a config error, not a surprise."""
+    if auth.tokens or auth.enabled == "off":
+        return
+    if auth.enabled == "on":
+        why = 'auth.enabled = "on"'
+    elif not is_loopback(instance.server.host):
+        why = (f'auth.enabled = "auto" and server.listen {instance.server.listen} is not a '
+               "loopback address")
+    else:
+        return
+    raise ValueError(
+        f"auth.tokens: authentication is on ({why}) but no token is configured, so every "
+        'client would be refused; add an [[auth.tokens]] entry (name, sha256) or set '
+        'auth.enabled = "off"')
+
+
 @attrs.frozen(kw_only=True)
 class AdminConfig:
     """The admin Unix socket; an empty ``socket`` picks the default path
@@ -160,7 +190,7 @@ class AdminConfig:
     socket: str = ""
 
 
-def _listen_or_off(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+def _listen_or_off(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
     if value:
         _listen(instance, attribute, value)
 
@@ -227,7 +257,7 @@ class ReconnectConfig:
     healthy_after: float = attrs.field(default=60.0, validator=_positive)
 
 
-def _channels(instance: Any, attribute: attrs.Attribute, value: list[str]) -> None:
+def _channels(instance: Any, attribute: attrs.Attribute[Any], value: list[str]) -> None:
     unknown = [c for c in value if c not in MARKET_CHANNELS]
     if unknown:
         raise ValueError(
@@ -236,7 +266,7 @@ def _channels(instance: Any, attribute: attrs.Attribute, value: list[str]) -> No
         )
 
 
-def _symbols(instance: Any, attribute: attrs.Attribute, value: list[str]) -> None:
+def _symbols(instance: Any, attribute: attrs.Attribute[Any], value: list[str]) -> None:
     for symbol in value:
         base, sep, quote = symbol.partition("-")
         if not sep or not base or not quote or symbol != symbol.upper():
@@ -290,7 +320,7 @@ class Config:
     """The whole daemon configuration (see ``daemon/default.toml``)."""
 
     server: ServerConfig = ServerConfig()
-    auth: AuthConfig = AuthConfig()
+    auth: AuthConfig = attrs.field(default=AuthConfig(), validator=_tokens_when_on)
     admin: AdminConfig = AdminConfig()
     metrics: MetricsConfig = MetricsConfig()
     reporter: ReporterConfig = ReporterConfig()
@@ -304,7 +334,7 @@ class Config:
     exchanges: dict[str, ExchangeConfig] = attrs.field(factory=dict)
 
     @exchanges.validator
-    def _known(self, attribute: attrs.Attribute, value: dict[str, ExchangeConfig]) -> None:
+    def _known(self, attribute: attrs.Attribute[Any], value: dict[str, ExchangeConfig]) -> None:
         polled = [name for name, exchange in value.items() if exchange.mode == "poll"]
         for name, exchange in value.items():
             if exchange.mode == "native" and name not in NATIVE_EXCHANGES:
@@ -375,7 +405,7 @@ def _one_line(message: str) -> str:
     """``"symbols: bad @ config.exchanges['x']"`` -> ``"bad @ exchanges.x.symbols"``."""
     text, _, where = message.rpartition(" @ ")
     field, sep, rest = text.partition(": ")
-    if sep and field.isidentifier():
+    if sep and all(part.isidentifier() for part in field.split(".")):
         text, where = rest, f"{where}.{field}"
     where = re.sub(r"\['([^']*)'\]", r".\1", where).removeprefix("config.")
     return f"{text} @ {where}"

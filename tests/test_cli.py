@@ -45,6 +45,10 @@ def test_check_config_accepts_the_default_config() -> None:
          "unknown channel 'candles', expected one of trades, book, ticker @ exchanges.binance.channels"),
         ('log_level = "loud"\n', "'loud' is not one of debug, info, warning, error @ log_level"),
         ("[server\n", "not valid TOML"),
+        ('[auth]\nenabled = "on"\n',
+         'authentication is on (auth.enabled = "on") but no token is configured'),
+        ('[server]\nlisten = "0.0.0.0:8765"\n',
+         'auth.enabled = "auto" and server.listen 0.0.0.0:8765 is not a loopback address'),
     ],
 )
 def test_a_config_error_is_one_clear_line_and_exit_2(tmp_path: Path, text: str, message: str) -> None:
@@ -57,6 +61,15 @@ def test_a_config_error_is_one_clear_line_and_exit_2(tmp_path: Path, text: str, 
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith("tickwire: config error: ")
         assert message in lines[0]
+
+
+def test_auth_off_or_on_loopback_needs_no_token(tmp_path: Path) -> None:
+    for text in ('[server]\nlisten = "0.0.0.0:8765"\n[auth]\nenabled = "off"\n',
+                 '[server]\nlisten = "[::1]:8765"\n'):
+        path = tmp_path / "ok.toml"
+        path.write_text(text)
+        result = run_cli("check-config", str(path))
+        assert result.returncode == 0, result.stderr
 
 
 def test_a_missing_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
