@@ -6,26 +6,29 @@ them when Prometheus scrapes (or the admin socket asks). Health and the derived
 figures (messages per second, book ages) come from the reporter's checks
 (``daemon.health``), so a metric and ``tickwire status`` never disagree.
 
-The HTTP endpoint is a small trio server (h11): ``GET /metrics`` answers the text
-exposition of ``registry``, generated in the trio thread, so components are never
-read from another thread. It is off unless ``metrics.listen`` is set.
+The HTTP endpoint is the one HTTP server (``daemon.http``) with a handler:
+``GET /metrics`` answers the text exposition of ``registry``, generated in the
+trio thread, so components are never read from another thread. It is off unless
+``metrics.listen`` is set, and HTTPS when the server's TLS is on
+(``[server.tls]``).
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
-import h11
 import trio
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from daemon import __version__
-from daemon.errors import StartupError
-from daemon.health import RATE_WINDOW
+from daemon.health import RATE_WINDOW, Check
+from daemon.http import HttpServer, Request, Response
+from daemon.listen import ListenError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ FEED_COUNTERS = {
 REQUEST_TIMEOUT = 10.0
 
 
-class MetricsError(StartupError):
+class MetricsError(ListenError):
     """The metrics endpoint cannot listen (one line, for people)."""
 
 
@@ -78,7 +81,7 @@ class TickwireCollector:
         yield from self._dispatcher(app)
         yield from self._server(app)
 
-    def _daemon(self, app: Any, health: str, checks: list) -> Iterator[Metric]:
+    def _daemon(self, app: Any, health: str, checks: list[Check]) -> Iterator[Metric]:
         info = _gauge("tickwire_info", "The daemon's version and epoch.", ["version", "epoch"])
         info.add_metric([__version__, app.epoch], 1)
         yield info
@@ -98,7 +101,7 @@ class TickwireCollector:
         dropped.add_metric([], app.reporter.dropped)
         yield dropped
 
-    def _feeds(self, checks: list) -> Iterator[Metric]:
+    def _feeds(self, checks: list[Check]) -> Iterator[Metric]:
         label = ["exchange"]
         counters = {key: _counter(f"tickwire_feed_{key}", doc, label)
                     for key, doc in FEED_COUNTERS.items()}
@@ -244,78 +247,49 @@ def samples(registry: CollectorRegistry) -> list[dict[str, Any]]:
 
 
 class MetricsServer:
-    """``GET /metrics`` over HTTP/1.1 (h11), one request per connection.
+    """``GET /metrics`` (and ``HEAD``) on the one HTTP server (``daemon.http``), over
+    TLS when ``ssl_context`` is given (``https://``).
 
-    ``address`` is ``HOST:PORT`` once listening (``None`` before); ``scrapes`` and
-    ``errors`` count requests.
+    ``address`` is ``HOST:PORT`` once listening (``None`` before); ``scrapes`` counts
+    the scrapes of ``/metrics``.
     """
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+    def __init__(self, registry: CollectorRegistry, host: str, port: int,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.registry = registry
-        self.host = host
-        self.port = port
-        self.address: str | None = None
         self.scrapes = 0
-        self.errors = 0
+        self.http = HttpServer(self.answer, host, port, name="metrics",
+                               setting="metrics.listen", ssl_context=ssl_context,
+                               max_body=0, request_timeout=REQUEST_TIMEOUT,
+                               path="/metrics")
+
+    @property
+    def address(self) -> str | None:
+        """``HOST:PORT`` while listening, else ``None``."""
+        return self.http.address
 
     def statistics(self) -> dict[str, Any]:
-        return {"listen": self.address, "scrapes": self.scrapes, "errors": self.errors}
+        """``listen``, ``scrapes``, and ``errors`` (failed connections)."""
+        http = self.http.statistics()
+        return {"listen": http.listen, "scrapes": self.scrapes, "errors": http.errors}
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen until cancelled; ``started(port)``. Raises ``MetricsError`` when the
-        address cannot be bound."""
+        """Listen until cancelled; ``started(port)``. Raises ``MetricsError`` (a
+        ``StartupError``, one line) when the address cannot be bound."""
         try:
-            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
-        except OSError as exc:
-            raise MetricsError(
-                f"metrics: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from exc
-        port = listeners[0].socket.getsockname()[1]
-        self.address = f"{self.host}:{port}"
-        log.info("metrics: serving http://%s/metrics", self.address)
-        try:
-            task_status.started(port)
-            await trio.serve_listeners(self._handle, listeners)
-        finally:
-            self.address = None
+            await self.http.serve(task_status=task_status)
+        except ListenError as exc:
+            raise MetricsError(str(exc)) from exc.__cause__
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        # serve_listeners ends on a handler's exception: everything is caught here
-        try:
-            async with stream:
-                await self._answer(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                h11.RemoteProtocolError):
-            self.errors += 1
-        except Exception:
-            self.errors += 1
-            log.exception("metrics: a request failed")
-
-    async def _answer(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        with trio.fail_after(REQUEST_TIMEOUT):
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                    continue
-                break
-        if not isinstance(event, h11.Request):
-            return
-        target = event.target.split(b"?", 1)[0]
-        if event.method not in (b"GET", b"HEAD"):
-            status, body, ctype = 405, b"method not allowed\n", "text/plain; charset=utf-8"
-        elif target == b"/metrics":
+    async def answer(self, request: Request) -> Response:
+        """``/metrics``: the text exposition of the registry (generated in the trio
+        thread, so components are never read from another thread); ``/``: a
+        pointer to it; else 404; a method other than GET and HEAD: 405."""
+        if request.method not in ("GET", "HEAD"):
+            return Response(405, b"method not allowed\n", headers=(("allow", "GET, HEAD"),))
+        if request.path == "/metrics":
             self.scrapes += 1
-            status, body, ctype = 200, generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
-        elif target == b"/":
-            status, body, ctype = 200, b"tickwire metrics: /metrics\n", "text/plain; charset=utf-8"
-        else:
-            status, body, ctype = 404, b"not found\n", "text/plain; charset=utf-8"
-        headers = [("content-type", ctype), ("content-length", str(len(body))),
-                   ("connection", "close")]
-        data = conn.send(h11.Response(status_code=status, headers=headers))
-        if event.method != b"HEAD":
-            data += conn.send(h11.Data(data=body))
-        data += conn.send(h11.EndOfMessage())
-        await stream.send_all(data)
+            return Response(200, generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4)
+        if request.path == "/":
+            return Response(200, b"tickwire metrics: /metrics\n")
+        return Response(404, b"not found\n")

@@ -14,7 +14,9 @@ import trio_websocket
 from daemon.broadcast.server import BroadcastServer
 from daemon.config import ServerConfig
 from daemon.dispatch import Dispatcher, Retention
+from daemon.errors import StartupError
 from daemon.events import BookSnapshot
+from daemon.listen import ListenError
 from daemon.replay.capture import read_capture
 from tests.helpers import apply_levels, as_plain, messages, receive_until, request
 
@@ -238,3 +240,18 @@ async def test_server_shutdown_closes_clients_with_1001() -> None:
                 except trio_websocket.ConnectionClosed as exc:
                     codes.append((exc.reason.code, exc.reason.reason))
     assert codes == [(1001, "server shutting down")]
+
+
+async def test_a_busy_listen_address_is_one_line_naming_the_setting() -> None:
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery)
+        port = running.url.rpartition(":")[2]
+        dispatcher = Dispatcher(64, {})
+        busy = BroadcastServer(dispatcher, ServerConfig(listen=f"127.0.0.1:{port}"), HELLO)
+        with pytest.raises(ListenError) as error:
+            await busy.serve()
+        assert str(error.value) == (
+            f"broadcast server: cannot listen on 127.0.0.1:{port}: the address is in use "
+            "(another process listens on it); stop it or change server.listen")
+        assert isinstance(error.value, StartupError)
+        nursery.cancel_scope.cancel()

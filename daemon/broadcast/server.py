@@ -26,6 +26,7 @@ from daemon.broadcast.connection import ConnectionClosed, Rejection, ServerConne
 from daemon.broadcast.session import CLOSE_GOING_AWAY, Session
 from daemon.config import AuthConfig, ServerConfig
 from daemon.dispatch import Dispatcher
+from daemon.listen import open_listeners
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,10 @@ class BroadcastServer:
         self.port: int | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen until cancelled; ``started(port)`` once the socket listens."""
-        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        """Listen until cancelled; ``started(port)`` once the socket listens. Raises
+        ``daemon.listen.ListenError`` (one line) when the address cannot be bound."""
+        listeners = await open_listeners(self.config.host, self.config.port,
+                                         what="broadcast server", setting="server.listen")
         self.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, self._handle, listeners)
