@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import attrs
 import orjson
 import pytest
 
 from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
-from daemon.exchanges.base import FetchSnapshot, FetchTrades, Malformed
+from daemon.exchanges.base import FeedStatistics, FetchSnapshot, FetchTrades, Malformed
 from daemon.exchanges.binance import BinanceFeed, parse_markets
 from daemon.replay.capture import read_capture
 from daemon.replay.venues.binance import BinanceVenue
@@ -215,3 +216,17 @@ def test_a_jump_in_trade_ids_is_recovered_and_what_is_missing_is_a_gap(recorded)
         str(base + 1), str(base + 2), (str(base + 3), str(base + 4)), str(base + 5), str(base + 6)]
     assert isinstance(outputs[2], Gap) and outputs[2].stream == "trades"
     assert feed.stats.gaps == 1
+
+
+def test_statistics_is_a_frozen_copy_of_the_counters(recorded) -> None:
+    markets, snapshots, frames = recorded
+    feed = BinanceFeed(SYMBOLS, ["book", "trades", "ticker"], markets)
+    play(feed, frames, snapshots)
+    stats = feed.statistics()
+    assert stats == FeedStatistics(**attrs.asdict(feed.stats))
+    assert stats.messages == len(frames) and stats.snapshots == 4 and stats.trades == 2
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        stats.messages = 0  # type: ignore[misc]
+    feed.on_message(frames[0].text, frames[0].ts)
+    assert stats.messages == len(frames)  # a copy: the feed counts on
+    assert feed.statistics().messages == len(frames) + 1

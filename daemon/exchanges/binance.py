@@ -24,7 +24,9 @@ duplicate and dropped. A jump in ids, or a reconnect, starts a recovery from the
 REST ``/api/v3/aggTrades`` history (``fromId`` = last id + 1; ``startTime`` = the
 exchange time last seen, for a symbol with no trade yet); live trades wait in a
 buffer until the recovered ones are out. Ids the history does not have are
-reported as a ``Gap``.
+reported as a ``Gap``. The bookkeeping (ids delivered, the held trades, the gaps)
+is the shared trade tracker's (``daemon.trades``, with ``TRADE_RULES``); the
+paging of the history is here.
 """
 
 from __future__ import annotations

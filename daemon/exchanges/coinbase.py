@@ -51,6 +51,10 @@ Theory of operation
    whose ``side`` is the taker's, has the opposite side of its match).
 7. No call raises on exchange input: a bad frame (or REST page) becomes a
    ``Malformed`` output.
+
+The trade bookkeeping of rule 5 (ids delivered, held and recovered trades merged,
+gaps) is the shared trade tracker's (``daemon.trades``, with ``TRADE_RULES``); the
+walk back through the history pages is here.
 """
 
 from __future__ import annotations

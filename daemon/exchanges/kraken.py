@@ -51,6 +51,11 @@ Theory of operation
    delivered trade while holding later ones, or a page of 1000 trades at one
    microsecond. A reconnect forgets recoveries in flight and starts over.
 7. Nothing here raises on exchange input: unusable frames become ``Malformed``.
+
+The trade bookkeeping of rules 5 and 6 (keys delivered, held trades, the window)
+is the shared trade tracker's (``daemon.trades``, with ``TRADE_RULES``: the key
+``(time, k)`` read from the id, no contiguous ids); the numbering, the paging and
+Kraken's gap rules are here.
 """
 
 from __future__ import annotations
