@@ -50,7 +50,7 @@ from typing import Any
 
 import attrs
 
-from daemon.events import Gap, Trade
+from daemon.events import Event, Gap, Trade
 from daemon.exchanges.base import FeedCounters, FetchTrades, Outputs
 
 log = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ class TradeTracker:
         """ccxt: the ``since`` (ms) of the next ``fetch_trades`` call (rules 1, 5)."""
         return None if self.last_key is None or self.jump else self.last_ts
 
-    def page(self, trades: list[dict[str, Any]], since: int | None, recv_ts: float) -> list[Trade | Gap]:
+    def page(self, trades: list[dict[str, Any]], since: int | None, recv_ts: float) -> list[Event]:
         """ccxt: the events of one ``fetch_trades`` answer (ccxt's unified trade
         dicts) to a call with ``since`` (ms or ``None``), by the poll rules above."""
         new: list[dict[str, Any]] = []
@@ -343,7 +343,7 @@ class TradeTracker:
             new.append(trade)
         new.sort(key=ccxt_order)
         full = len(trades) >= self.limit
-        out: list[Trade | Gap] = []
+        out: list[Event] = []  # trades and gaps, typed as the collectors publish them
         if new and self.last_id is not None and not overlap and full:
             out.append(self._page_gap(ccxt_trade_id(new[0]), recv_ts))
         for trade in new:

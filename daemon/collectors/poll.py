@@ -66,7 +66,8 @@ from daemon.errors import FeedError, ccxt_errors
 from daemon.events import Event, Ticker
 from daemon.exchanges.base import FeedStats
 from daemon.supervise import Backoff
-from daemon.trades import TradeTracker, decimal_text
+from daemon.trades import TradeTracker as TradeTracker  # "as": re-exported for watch.py
+from daemon.trades import decimal_text as decimal_text
 
 log = logging.getLogger(__name__)
 
