@@ -141,8 +141,8 @@ async def measure(address: dict, seconds: float, warmup: float, buffer: int) -> 
         "p99": histogram.get_value_at_percentile(99),
         "max": histogram.get_max_value(),
         "cpu": cpu * 100,
-        "resyncs": stats["counters"]["resyncs"],
-        "peak": stats["bridge"]["peak_buffer"],
+        "resyncs": stats.counters.resyncs,
+        "peak": stats.bridge.peak_buffer,
     }
 
 

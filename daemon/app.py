@@ -30,6 +30,7 @@ import trio
 from daemon import __version__
 from daemon.admin import AdminServer, Replies, socket_path
 from daemon.broadcast.server import BroadcastServer
+from daemon.collectors.base import Collector
 from daemon.collectors.fallback import CCXT_IDS, Fallback
 from daemon.collectors.native import NativeCollector
 from daemon.collectors.poll import PollCollector
@@ -37,6 +38,7 @@ from daemon.collectors.venues import venue
 from daemon.collectors.watch import WatchCollector
 from daemon.config import Config, ConfigError, ExchangeConfig
 from daemon.dispatch import Dispatcher, Retention
+from daemon.errors import describe
 from daemon.health import (
     CRITICAL,
     NONCRITICAL,
@@ -66,7 +68,7 @@ class Feed:
 
     name: str
     config: ExchangeConfig
-    collector: Any
+    collector: Collector
     fallback: Fallback | None
     health: FeedHealth
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
@@ -94,7 +96,7 @@ class App:
                  "epoch": self.epoch}
         self.server = BroadcastServer(self.dispatcher, config.server, hello, config.auth)
         self.feeds: dict[str, Feed] = {}
-        self.collectors: dict[str, Any] = {}
+        self.collectors: dict[str, Collector] = {}
         self.fallbacks: dict[str, Fallback] = {}
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -154,7 +156,9 @@ class App:
     # -- feeds -------------------------------------------------------------------------
 
     def _make_feed(self, name: str, exchange: ExchangeConfig) -> Feed:
-        collector: Any
+        """The collector of ``exchange``'s mode, its polling fallback (native and
+        watch modes, unless ``fallback_after`` is 0) and its health object."""
+        collector: Collector
         if exchange.mode == "poll":
             collector = PollCollector(name, exchange, self.config.reconnect,
                                       self.dispatcher.open_source())
@@ -205,7 +209,7 @@ class App:
         feed.scope.cancel()
         await feed.done.wait()
 
-    def _fallback_poller(self, name: str, exchange: Any) -> PollCollector:
+    def _fallback_poller(self, name: str, exchange: ExchangeConfig) -> PollCollector:
         return PollCollector(
             name, exchange, self.config.reconnect, self.dispatcher.open_source(),
             ccxt_id=CCXT_IDS.get(name, name),
@@ -213,7 +217,7 @@ class App:
         )
 
     async def _supervised(
-        self, name: str, collector: Any, *, task_status: trio.TaskStatus[None]
+        self, name: str, collector: Collector, *, task_status: trio.TaskStatus[None]
     ) -> None:
         first = True
 
@@ -226,7 +230,8 @@ class App:
                 else:
                     await collector.run()
             except Exception as exc:
-                await collector.set_state("failed", f"{type(exc).__name__}: {exc}")
+                await collector.set_state("failed", f"{type(exc).__name__}: {exc}",
+                                          describe(exc))
                 raise
 
         reconnect = self.config.reconnect

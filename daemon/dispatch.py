@@ -33,7 +33,8 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 import attrs
 import orjson
@@ -52,6 +53,25 @@ TRADE_IDS_KEPT = 10_000
 
 #: ``exchange:SYMBOL`` with ``*`` allowed for either part, or ``*`` alone.
 SYMBOL_PATTERN = re.compile(r"^(\*|[a-z0-9_.]+:(\*|[A-Z0-9.]+-[A-Z0-9.]+))$")
+
+
+class Source(Protocol):
+    """What ``Dispatcher.open_source()`` hands a source, and all a source may do
+    with it: ``send`` an event (waits while the dispatcher's input channel is full:
+    backpressure), ``send_nowait`` one (raises ``trio.WouldBlock`` when full), and
+    close it when done (``async with``, ``close`` or ``aclose``; a closed source
+    raises ``trio.ClosedResourceError``). A ``trio.MemorySendChannel[Event]`` is one.
+    Sources today: collectors, the polling fallback, the health reporter."""
+
+    async def send(self, value: Event, /) -> None: ...
+    def send_nowait(self, value: Event, /) -> None: ...
+    def close(self) -> None: ...
+    async def aclose(self) -> None: ...
+    async def __aenter__(self) -> Self: ...
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc_value: BaseException | None,
+        traceback: TracebackType | None, /,
+    ) -> None: ...
 
 
 @attrs.define(slots=True, eq=False)
@@ -192,8 +212,9 @@ class Dispatcher:
         #: called after each batch of events is published (the server writes then)
         self.after_publish: Callable[[], None] | None = None
 
-    def open_source(self) -> trio.MemorySendChannel[Event]:
-        """A send channel for one source; close it (``async with``) when done."""
+    def open_source(self) -> Source:
+        """A send channel for one source (``Source``); close it (``async with``)
+        when done."""
         return self._send.clone()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

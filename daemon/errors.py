@@ -56,7 +56,8 @@ def feed_errors(what: str) -> Iterator[None]:
         yield
     except trio_websocket.ConnectionClosed as exc:
         reason = exc.reason
-        raise FeedDisconnected(f"{what}: closed ({reason.code} {reason.reason or ''})") from exc
+        code, text = (reason.code, reason.reason or "") if reason is not None else ("?", "")
+        raise FeedDisconnected(f"{what}: closed ({code} {text})") from exc
     except trio_websocket.ConnectionRejected as exc:
         raise FeedDisconnected(f"{what}: handshake rejected ({exc.status_code})") from exc
     except trio_websocket.HandshakeError as exc:
@@ -98,3 +99,23 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     """ccxt's messages carry the whole response body: cut them for the log."""
     text = str(exc)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def describe(exc: BaseException) -> str:
+    """``exc``'s innermost cause as ``Type: message``, the message cut to 300
+    characters: what status shows as a feed's last error, e.g.
+    ``ConnectionRefusedError: [Errno 111] Connection refused``. Follows
+    ``__cause__``, else ``__context__`` (libraries re-raise ``from None``), and an
+    exception group's first member; a cause without a message is its ``repr``."""
+    seen = {id(exc)}
+    root = exc
+    while True:
+        inner = root.__cause__ or root.__context__
+        while isinstance(inner, BaseExceptionGroup):  # trio's "all attempts failed"
+            inner = inner.exceptions[0]
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        root = inner
+    text = _short(root)
+    return f"{type(root).__name__}: {text}" if text else repr(root)

@@ -42,7 +42,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
@@ -50,6 +50,11 @@ import trio
 from daemon.config import ReporterConfig
 from daemon.events import ComponentHealth, Event, HealthChange, Status
 from daemon.notify import Notifier
+
+if TYPE_CHECKING:
+    from daemon.collectors.base import Collector, CollectorStatistics
+    from daemon.collectors.fallback import Fallback
+    from daemon.dispatch import Dispatcher, Source
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +180,13 @@ class _Samples:
 
 
 class FeedHealth:
-    """One exchange feed: its collector (native or poll), its polling fallback if
-    any, and its books as the dispatcher holds them. Criticality ``degraded``.
+    """One exchange feed: its collector (native, poll or watch), its polling
+    fallback if any, and its books as the dispatcher holds them. Criticality
+    ``degraded``. Reads only the collector's ``statistics()``.
 
     - unhealthy: the connection is not up (``connecting``, ``reconnecting``, ``stale``,
-      ``failed``), unless the polling fallback serves it (then degraded);
+      ``failed``), unless the polling fallback serves it (then degraded); the
+      figures' ``last_error`` names the cause of the last failure;
     - degraded: nothing received for ``silent_after`` seconds; a book not synced for
       ``BOOK_SYNC_GRACE`` seconds, or without update for ``book_silent_after``; a
       reconnect, resync, gap, checksum mismatch or malformed frame within ``recent``.
@@ -189,7 +196,8 @@ class FeedHealth:
     criticality = NONCRITICAL
 
     def __init__(
-        self, exchange: str, collector: Any, fallback: Any, dispatcher: Any, config: ReporterConfig
+        self, exchange: str, collector: Collector, fallback: Fallback | None,
+        dispatcher: Dispatcher, config: ReporterConfig,
     ) -> None:
         self.exchange = exchange
         self.name = f"feed:{exchange}"
@@ -204,33 +212,19 @@ class FeedHealth:
     def _check(self, unhealthy: list[str], degraded: list[str], figures: dict[str, Any]) -> Check:
         return _check(self, *_verdict(unhealthy, degraded), figures)
 
-    def _book_symbols(self) -> list[str]:
-        collector = self.collector
-        if not hasattr(collector, "venue") and not hasattr(collector, "books"):
-            return []  # a poll collector has no books
-        return list(collector.cfg.symbols) if "book" in collector.cfg.channels else []
-
-    def _synced(self, symbol: str) -> bool:
-        tracker = getattr(self.collector, "books", {}).get(symbol)  # watch mode
-        if tracker is not None:
-            return tracker.synced
-        feed = getattr(self.collector, "feed", None)
-        return feed is not None and feed.book(symbol) is not None
-
     @staticmethod
-    def _troubles(stats: dict[str, Any]) -> dict[str, int]:
-        states, counters = stats["states"], stats["counters"]
-        troubles = {"reconnects": sum(states.get(s, 0) for s in RECONNECT_STATES)}
+    def _troubles(stats: CollectorStatistics) -> dict[str, int]:
+        troubles = {"reconnects": sum(stats.states.get(s, 0) for s in RECONNECT_STATES)}
         for key in ERROR_COUNTERS:
-            troubles[key] = counters.get(key, 0)
+            troubles[key] = getattr(stats.counters, key)
         return troubles
 
     def sample(self, now: float) -> None:
         stats = self.collector.statistics()
-        values = {"frames": stats["frames"], **self._troubles(stats)}
+        values = {"frames": stats.frames, **self._troubles(stats)}
         self._samples.add(now, values, max(self.config.recent, RATE_WINDOW) + self.config.check)
-        for symbol in self._book_symbols():
-            if self._synced(symbol):
+        for symbol, synced in stats.books.items():
+            if synced:
                 self._unsynced_since.pop(symbol, None)
             else:
                 self._unsynced_since.setdefault(symbol, now)
@@ -238,49 +232,51 @@ class FeedHealth:
     def check(self, now: float) -> Check:
         cfg = self.config
         stats = self.collector.statistics()
-        counters = stats["counters"]
+        counters = stats.counters
         troubles = self._troubles(stats)
-        state = stats["state"]
+        state = stats.state
         wall = time.time()
         books: dict[str, dict[str, Any]] = {}
-        for symbol in self._book_symbols():
+        for symbol, synced in stats.books.items():
             stream = self.dispatcher.streams.get(f"book:{self.exchange}:{symbol}")
             event = stream.book_event if stream is not None else None
             books[symbol] = {
-                "synced": self._synced(symbol),
+                "synced": synced,
                 "age": round(wall - event.recv_ts, 3) if event is not None else None,
                 "seq": stream.seq if stream is not None else 0,
             }
         fallback = self.fallback.state if self.fallback is not None else None
         figures: dict[str, Any] = {
             "exchange": self.exchange,
-            "mode": stats["mode"],
+            "mode": stats.mode,
             "state": state,
             "running_for": round(time.monotonic() - self._created, 3),
             "fallback": fallback,
-            "messages": stats["frames"],
-            "messages_per_second": self._samples.rate(now, "frames", stats["frames"]),
-            "last_message_age": stats["last_frame_age"],
+            "messages": stats.frames,
+            "messages_per_second": self._samples.rate(now, "frames", stats.frames),
+            "last_message_age": stats.last_frame_age,
             "reconnects": troubles["reconnects"],
-            **{key: counters.get(key, 0) for key in (
+            **{key: getattr(counters, key) for key in (
                 "trades", "book_updates", "tickers", "snapshots", "resyncs", "gaps",
                 "checksum_ok", "checksum_mismatch", "malformed")},
             "books": books,
-            "symbols": stats["symbols"],
+            "symbols": dict(stats.symbols),
+            "last_error": stats.last_error,
+            "last_error_age": stats.last_error_age,
         }
         unhealthy: list[str] = []
         degraded: list[str] = []
         if state != "subscribed":
-            poller = self.fallback.poller if fallback == "open" else None
+            poller = self.fallback.poller if self.fallback is not None and fallback == "open" else None
             if poller is not None and poller.state == "subscribed":
                 degraded.append(f"native feed {state}; polling through ccxt")
             else:
                 unhealthy.append(state)
             return self._check(unhealthy, degraded, figures)
         silent_after = cfg.silent_after
-        if stats["mode"] == "poll":
-            silent_after = max(silent_after, 3 * stats.get("period", 0))
-        age = stats["last_frame_age"]
+        if stats.period is not None:  # a poller: silent between rounds
+            silent_after = max(silent_after, 3 * stats.period)
+        age = stats.last_frame_age
         if age is not None and age > silent_after:
             degraded.append(f"nothing received for {age:.0f}s")
         unsynced = sorted(
@@ -455,7 +451,7 @@ class Reporter:
     def __init__(
         self,
         components: Callable[[], Sequence[Component]],
-        out: trio.MemorySendChannel[Event],
+        out: Source,
         notifier: Notifier,
         config: ReporterConfig,
         started: float,

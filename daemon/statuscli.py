@@ -114,6 +114,12 @@ def render_status(console: Console, status: dict[str, Any], clients: dict[str, A
         table.add_row(c["name"], c["criticality"], _health(c["health"]), c.get("reason") or "")
     console.print(table)
     console.print(feeds_table([c for c in components if c.get("kind") == "feed"]))
+    for c in components:  # why a feed in trouble failed last: the cause, not only "failed"
+        f = c.get("figures", {})
+        if c.get("kind") == "feed" and c.get("health") != "healthy" and f.get("last_error"):
+            console.print(f"{f.get('exchange', c['name'])}: last error "
+                          f"{_age(f.get('last_error_age'))} ago: {f['last_error']}",
+                          markup=False, highlight=False)
     others = {c["name"]: c.get("figures", {}) for c in components if c.get("kind") != "feed"}
     dispatcher = others.get("dispatcher", {})
     server = others.get("server", {})

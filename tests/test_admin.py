@@ -174,6 +174,10 @@ async def test_a_stale_socket_is_replaced_a_second_daemon_refuses_and_status_exi
         assert status["health"] == "degraded"
         kraken = feeds_of(status)["feed:kraken"]
         assert kraken["health"] == "unhealthy" and kraken["reason"] == "failed"
+        # the cause, in the answer and in what status prints
+        assert "Connection refused" in kraken["figures"]["last_error"]
+        assert "kraken: last error" in result.stdout.decode()
+        assert "Connection refused" in result.stdout.decode()
         result = await run_cli("clients", "--socket", str(sock))
         assert result.returncode == 1
     assert first.process.returncode == 0

@@ -16,6 +16,7 @@ import orjson
 import trio
 import trio.testing
 
+from daemon.collectors.base import CollectorStatistics
 from daemon.config import ReporterConfig
 from daemon.dispatch import Dispatcher, DispatcherStatistics, Message, Retention
 from daemon.events import ComponentHealth, HealthChange, Status
@@ -66,7 +67,7 @@ class FakeBookFeed:
 
 @attrs.define
 class FakeCollector:
-    """What FeedHealth reads of a NativeCollector."""
+    """A collector as FeedHealth sees it: its ``statistics()``."""
 
     cfg: Any
     feed: FakeBookFeed = attrs.field(factory=FakeBookFeed)
@@ -75,12 +76,15 @@ class FakeCollector:
     state_counts: Counter = attrs.field(factory=Counter)
     frames: int = 0
     last_frame_age: float | None = 0.1
+    last_error: str | None = None
 
-    def statistics(self) -> dict[str, Any]:
-        return {"exchange": "kraken", "mode": "native", "state": self.state,
-                "states": dict(self.state_counts), "frames": self.frames,
-                "last_frame_age": self.last_frame_age, "symbols": {},
-                "counters": attrs.asdict(self.feed.stats)}
+    def statistics(self) -> CollectorStatistics:
+        books = {s: s in self.feed.synced for s in self.cfg.symbols}
+        return CollectorStatistics(
+            exchange="kraken", mode="native", state=self.state, states=dict(self.state_counts),
+            frames=self.frames, last_frame_age=self.last_frame_age, symbols={}, books=books,
+            counters=self.feed.stats.freeze(), last_error=self.last_error,
+            last_error_age=None if self.last_error is None else 1.0)
 
 
 @attrs.define
@@ -114,6 +118,20 @@ def test_a_feed_is_unhealthy_while_down_and_degraded_while_it_recovers() -> None
     assert health.check(10.5).health == "degraded"  # seen at t=1: within 10 s ...
     health.sample(11.5)
     assert health.check(11.5).health == "healthy"  # ... and now past the window
+
+
+def test_a_down_feed_names_the_cause_of_its_last_failure() -> None:
+    collector, health = make_feed()
+    collector.state = "failed"
+    collector.last_error = "ConnectionRefusedError: [Errno 111] Connection refused"
+    result = health.check(0.0)
+    assert (result.health, result.reason) == ("unhealthy", "failed")
+    assert result.figures["last_error"] == collector.last_error
+    assert result.figures["last_error_age"] == 1.0
+    collector.state = "subscribed"  # back up: the reason clears, the figure stays
+    result = health.check(1.0)
+    assert (result.health, result.reason) == ("healthy", "")
+    assert result.figures["last_error"] == collector.last_error
 
 
 def test_a_silent_feed_an_unsynced_book_and_resyncs_degrade_it() -> None:

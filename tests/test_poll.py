@@ -155,9 +155,9 @@ async def test_poll_delivers_recorded_trades_once_and_the_latest_tickers(capture
 
     assert not [e for e in events if isinstance(e, Gap)]
     assert [s.state for s in states(events)] == ["connecting", "subscribed"]
-    assert report["mode"] == "poll" and report["state"] == "subscribed"
-    assert report["counters"]["trades"] == 2 and report["frames"] == collector.stats.messages
-    assert set(report["symbols"]) == {"NKN-USDT", "LRC-BTC", "BLZ-ETH"}
+    assert report.mode == "poll" and report.state == "subscribed"
+    assert report.counters.trades == 2 and report.frames == collector.stats.messages
+    assert set(report.symbols) == {"NKN-USDT", "LRC-BTC", "BLZ-ETH"}
     # every request waited for ccxt's rateLimit (50 ms) since the one before, and
     # rounds (each starts with the bookTicker request) are a period apart
     assert collector.stats.messages <= elapsed / collector.spacing + 1

@@ -4,6 +4,7 @@ dispatcher to the exchange socket."""
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -16,10 +17,11 @@ from daemon.app import App
 from daemon.collectors.native import INBOX_SIZE, NativeCollector
 from daemon.collectors.venues import venue
 from daemon.config import Config, ExchangeConfig, ReconnectConfig
+from daemon.errors import FeedDisconnected, FeedError
 from daemon.events import Ticker, Trade
 from daemon.replay.capture import read_capture
 from daemon.replay.emulator import Emulator
-from daemon.supervise import Backoff, supervise
+from daemon.supervise import Backoff, Failure, retry, supervise
 from tests.helpers import receive_until, request
 
 BINANCE = ("BINANCE.0", "BINANCE.ws.1.0", "BINANCE.http.0.0")
@@ -59,6 +61,85 @@ async def test_supervise_restarts_with_backoff_and_resets_after_a_healthy_run(au
     assert 0 <= gaps[0] <= 1 and 0 <= gaps[1] <= 2 and 0 <= gaps[2] <= 4
     assert 100 <= gaps[3] <= 101  # the healthy run reset the backoff to its base
     assert 0 <= gaps[4] <= 2
+
+
+async def test_retry_retries_only_the_allowlist_and_returns_the_value(autojump_clock) -> None:
+    calls: list[float] = []
+    failures: list[Failure] = []
+
+    async def attempt() -> str:
+        calls.append(trio.current_time())
+        if len(calls) <= 3:
+            raise FeedDisconnected("down") from ConnectionRefusedError(111, "Connection refused")
+        return "markets"
+
+    async def on_retry(failure: Failure) -> None:  # awaited: a state change
+        await trio.lowlevel.checkpoint()
+        failures.append(failure)
+
+    backoff = Backoff(base=1.0, cap=4.0, rng=random.Random(3))
+    got = await retry("test", attempt, backoff, retryable=(FeedError,), on_retry=on_retry)
+    assert got == "markets" and len(calls) == 4
+    assert [f.failures for f in failures] == [1, 2, 3]
+    assert all(f.cause == "ConnectionRefusedError: [Errno 111] Connection refused"
+               for f in failures)
+    assert [round(b - a, 6) for a, b in zip(calls, calls[1:], strict=False)] == [
+        round(f.delay, 6) for f in failures]
+
+    async def bug() -> None:
+        raise KeyError("a bug is not a network fault")
+
+    with pytest.raises(KeyError):
+        await retry("test", bug, backoff, retryable=(FeedError,), on_retry=on_retry)
+    assert len(failures) == 3  # not retried, no state change
+
+
+async def test_retry_resets_after_a_healthy_attempt(autojump_clock) -> None:
+    outcomes = iter(["fail", "fail", "fail", "healthy-then-fail", "fail", "return"])
+    failures: list[Failure] = []
+
+    async def attempt() -> None:
+        outcome = next(outcomes)
+        if outcome == "healthy-then-fail":
+            await trio.sleep(100)
+        if outcome != "return":
+            raise FeedDisconnected(outcome)
+
+    backoff = Backoff(base=1.0, cap=64.0, rng=random.Random(5))
+    await retry("test", attempt, backoff, retryable=(FeedError,), healthy_after=50,
+                on_retry=failures.append)
+    assert [f.failures for f in failures] == [1, 2, 3, 1, 2]
+    assert backoff.attempt == 2
+
+
+async def test_a_repeating_failure_is_logged_once_then_once_a_minute(autojump_clock, caplog) -> None:
+    """An exchange down for 10 minutes, tried every 0.5-1 s: the first failure and
+    each change of error are logged at the caller's level, the repeats once a
+    minute with their count, the rest at DEBUG."""
+    caplog.set_level(logging.DEBUG, logger="test.retry")
+    logger = logging.getLogger("test.retry")
+    started = trio.current_time()
+
+    async def attempt() -> None:
+        elapsed = trio.current_time() - started
+        if elapsed > 600:
+            return
+        if 300 < elapsed < 302:
+            raise FeedDisconnected("HTTP 503")  # another error, once or twice
+        raise FeedDisconnected("ConnectError: [Errno 111] Connection refused")
+
+    await retry("binance", attempt, Backoff(base=1.0, cap=1.0), retryable=(FeedError,),
+                logger=logger, level=logging.ERROR)
+    loud = [r for r in caplog.records if r.levelno == logging.ERROR]
+    quiet = [r for r in caplog.records if r.levelno == logging.DEBUG]
+    assert len(quiet) > 500  # every attempt is still in the debug log
+    assert 10 <= len(loud) <= 16  # ~1 a minute over 10 minutes, plus each change
+    messages = [r.getMessage() for r in loud]
+    assert "Connection refused; retry in" in messages[0] and "failed" not in messages[0]
+    assert any("HTTP 503" in m for m in messages)
+    assert any("times in 60s" in m for m in messages)
+    changes = [m for m in messages if "times in" not in m]
+    assert 3 <= len(changes) <= 4  # refused, 503, refused again (503 may repeat once)
 
 
 async def test_a_failing_collector_is_restarted_and_the_daemon_keeps_serving(captures: Path) -> None:

@@ -163,7 +163,7 @@ async def settle(replay, exchange: str = "binance", reconnects: int = 0) -> None
         last = None
         while True:
             stats = replay.app.dispatcher.statistics()
-            now = (collector.statistics()["frames"], stats.events, collector.state)
+            now = (collector.statistics().frames, stats.events, collector.state)
             if hasattr(collector, "books"):  # watch mode
                 synced = all(book.synced for book in collector.books.values())
             else:
@@ -277,9 +277,9 @@ async def test_watch_mode_end_to_end_equals_the_native_collector(
     native_books = results["native"][2]
     assert books == native_books == expected
     stats = collector.statistics()
-    assert stats["mode"] == "watch" and stats["counters"]["resyncs"] == 0
+    assert stats.mode == "watch" and stats.counters.resyncs == 0
     print(f"\nwatch end to end: {len(trades)} trades, {len(updates)} book updates, "
-          f"{len(snapshots)} snapshots, {len(tickers)} tickers, {stats['frames']} bridge items")
+          f"{len(snapshots)} snapshots, {len(tickers)} tickers, {stats.frames} bridge items")
 
 
 async def test_a_dropped_depth_message_is_resynced_through_ccxt(captures: Path) -> None:
@@ -382,7 +382,7 @@ async def test_cancelling_the_collector_leaves_no_thread_and_no_resource_warning
                 while sum(isinstance(e, BookUpdate) for e in got) < 3:  # noqa: ASYNC110
                     await trio.sleep(0.05)
             assert len(watch_threads()) == 1
-            assert collector.statistics()["bridge"]["thread_alive"]
+            assert collector.statistics().bridge.thread_alive
             with trio.fail_after(5):
                 scope.cancel()
                 while collector.bridge.thread.is_alive():  # noqa: ASYNC110
@@ -460,13 +460,13 @@ async def test_backpressure_holds_the_bridge_at_its_bound_and_drops_nothing(
         with trio.fail_after(15):
             # full, and the worker blocked on its next hand-off
             while (collector.channel.statistics().current_buffer_used < bound
-                   or not collector.statistics()["bridge"]["waiting"]):  # noqa: ASYNC110
+                   or not collector.statistics().bridge.waiting):  # noqa: ASYNC110
                 await trio.sleep(0.02)
         items_while_stalled = collector.items
         samples = []
         for _ in range(10):  # stalled: full, the worker waiting, nothing taken
-            bridge = collector.statistics()["bridge"]
-            samples.append((bridge["buffer_used"], bridge["waiting"], collector.items))
+            bridge = collector.statistics().bridge
+            samples.append((bridge.buffer_used, bridge.waiting, collector.items))
             await trio.sleep(0.05)
         assert samples == [(bound, 1, items_while_stalled)] * 10
         running.set()
@@ -477,7 +477,7 @@ async def test_backpressure_holds_the_bridge_at_its_bound_and_drops_nothing(
                 last = (collector.items, dispatcher.events)
                 await trio.sleep(0.3)
         nursery.cancel_scope.cancel()
-    assert collector.statistics()["bridge"]["peak_buffer"] == bound
+    assert collector.statistics().bridge.peak_buffer == bound
     assert collector.items > items_while_stalled + bound
     assert collector.stats.resyncs == 0 and dispatcher.rejected == 0
     books = {s: dispatcher.streams[f"book:binance:{s}"].book.levels() for s in SYMBOLS}

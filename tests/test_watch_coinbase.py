@@ -136,10 +136,10 @@ async def test_coinbase_through_ccxt_pro_equals_the_native_collector(
     native_books = results["native"][2]
     assert books == native_books == expected
     stats = collector.statistics()
-    assert stats["counters"]["resyncs"] == 0
+    assert stats.counters.resyncs == 0
     print(f"\ncoinbase watch: {len(trades)} trades, {len(updates)} book updates, "
-          f"{len(snapshots)} snapshots, {len(tickers)} tickers, {stats['frames']} bridge items, "
-          f"{stats['counters']['resyncs']} resyncs")
+          f"{len(snapshots)} snapshots, {len(tickers)} tickers, {stats.frames} bridge items, "
+          f"{stats.counters.resyncs} resyncs")
 
 
 async def test_a_closed_coinbase_connection_recovers_trades_by_id(captures: Path) -> None:

@@ -264,10 +264,10 @@ async def test_kraken_through_ccxt_pro_v2_equals_the_native_collector(
                                    last_ticker.ask_size))) == tuple(map(Decimal, (
             recorded["b"][0], recorded["b"][2], recorded["a"][0], recorded["a"][2])))
     updates = sum(isinstance(e, BookUpdate) for e in events)
-    assert stats["counters"]["resyncs"] == 0 and updates == stats["counters"]["book_updates"]
+    assert stats.counters.resyncs == 0 and updates == stats.counters.book_updates
     print(f"\nkraken watch (v2): {len(trades)} trades, {updates} book updates, "
           f"{sum(isinstance(e, BookSnapshot) for e in events)} snapshots, {len(tickers)} "
-          f"tickers, {stats['frames']} bridge items, {stats['counters']['resyncs']} resyncs")
+          f"tickers, {stats.frames} bridge items, {stats.counters.resyncs} resyncs")
 
 
 async def test_a_closed_kraken_v2_connection_recovers_the_trade_by_rest_id(

@@ -17,10 +17,11 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 
 import trio
 
-from daemon.collectors.native import NativeCollector
+from daemon.collectors.base import Collector
 from daemon.collectors.poll import PollCollector
 from daemon.events import FeedState
 from daemon.supervise import Backoff, supervise
@@ -33,11 +34,12 @@ CCXT_IDS = {"coinbase": "coinbaseexchange"}
 
 
 class Fallback:
-    """The breaker of one native collector; ``make_poller()`` builds the poller."""
+    """The breaker of one native (or watch) collector; ``make_poller()`` builds the
+    poller; ``after``: seconds the feed must be down before polling starts."""
 
     def __init__(
         self,
-        native: NativeCollector,
+        native: Collector,
         make_poller: Callable[[], PollCollector],
         after: float,
     ) -> None:
@@ -58,10 +60,10 @@ class Fallback:
                 await self._transition("open", "fallback",
                                        f"native feed down for {self.after:g}s: polling through ccxt")
                 reconnect = self.native.reconnect
-                nursery.start_soon(
+                nursery.start_soon(partial(
                     supervise, f"fallback poller {self.native.exchange}", self.poller.run,
                     Backoff(reconnect.base, reconnect.cap), reconnect.healthy_after,
-                )
+                ))
                 while self.native.state != "subscribed":
                     await self.native.wait_state_change()
                 nursery.cancel_scope.cancel()

@@ -34,7 +34,9 @@ ccxt's per-endpoint ``cost`` weights are not applied.
 Failures: ccxt's errors are mapped by ``daemon.errors.ccxt_errors`` into
 ``FeedDisconnected`` / ``FeedProtocolError``. Market loading retries them with
 backoff in state ``failed``; polling retries them with backoff in state
-``reconnecting`` (the backoff starts over after a run of ``healthy_after``), and
+``reconnecting`` (the backoff starts over after a run of ``healthy_after``; both
+through ``daemon.supervise.retry``, which logs a repeating failure once a
+minute), and
 the first good round after either is ``subscribed``. Trade and ticker memory
 survives a retry and a supervisor restart of ``run`` (it lives on the object), so
 nothing is delivered twice. Anything else (a bug, a symbol the exchange does not
@@ -57,15 +59,16 @@ import time
 from functools import partial
 from typing import Any
 
-import attrs
 import trio
 
+from daemon.collectors.base import CollectorStatistics
 from daemon.collectors.state import CollectorState
 from daemon.config import ExchangeConfig, ReconnectConfig
+from daemon.dispatch import Source
 from daemon.errors import FeedError, ccxt_errors
-from daemon.events import Event, Ticker
+from daemon.events import Ticker
 from daemon.exchanges.base import FeedStats
-from daemon.supervise import Backoff
+from daemon.supervise import Backoff, Failure, retry
 from daemon.trades import TradeTracker as TradeTracker  # "as": re-exported for watch.py
 from daemon.trades import decimal_text as decimal_text
 
@@ -175,7 +178,7 @@ class PollCollector(CollectorState):
         exchange: str,
         cfg: ExchangeConfig,
         reconnect: ReconnectConfig,
-        out: trio.MemorySendChannel[Event],
+        out: Source,
         *,
         ccxt_id: str | None = None,
         label: str = "",
@@ -221,18 +224,21 @@ class PollCollector(CollectorState):
         got). Non-network errors propagate: the supervisor restarts the collector."""
         task_status.started()
         await self.set_state("connecting", self._public_url())
-        await self._load_markets()
-        while True:
-            started = trio.current_time()
-            try:
-                await self._poll()
-            except FeedError as exc:
-                if trio.current_time() - started >= self.reconnect.healthy_after:
-                    self.backoff.reset()
-                delay = self.backoff.next_delay()
-                await self.set_state("reconnecting", f"{exc}; retry in {delay:.2f}s")
-                log.warning("%s: %s; polling again in %.2fs", self.exchange, exc, delay)
-                await trio.sleep(delay)
+        if not self._markets_loaded:
+            await retry(
+                f"{self.exchange}: cannot load markets", self._load_markets, self.backoff,
+                retryable=(FeedError,), logger=log, level=logging.ERROR,
+                on_retry=self._markets_failed,
+            )
+        self._check_markets()
+        await retry(
+            f"{self.exchange}: polling", self._poll, self.backoff, retryable=(FeedError,),
+            healthy_after=self.reconnect.healthy_after, logger=log,
+            on_retry=partial(self.retrying, "reconnecting"),
+        )
+
+    async def _markets_failed(self, failure: Failure) -> None:
+        await self.retrying("failed", failure, f"market metadata: {failure.error}")
 
     def _public_url(self) -> str:
         urls = self.api.urls["api"]
@@ -241,15 +247,10 @@ class PollCollector(CollectorState):
         return urls if isinstance(urls, str) else ""
 
     async def _load_markets(self) -> None:
-        while not self._markets_loaded:
-            try:
-                await self._call("markets", self.api.load_markets)
-                self._markets_loaded = True
-            except FeedError as exc:
-                delay = self.backoff.next_delay()
-                await self.set_state("failed", f"market metadata: {exc}")
-                log.error("%s: cannot load markets (%s); retry in %.2fs", self.exchange, exc, delay)
-                await trio.sleep(delay)
+        await self._call("markets", self.api.load_markets)
+        self._markets_loaded = True
+
+    def _check_markets(self) -> None:
         missing = [s for s, market in self.markets.items() if market not in self.api.markets]
         if missing:
             raise ValueError(f"{self.exchange} lists no market {', '.join(missing)}")
@@ -285,7 +286,7 @@ class PollCollector(CollectorState):
     async def _ticker(self, symbol: str, ticker: dict[str, Any], recv_ts: float) -> None:
         event = ticker_event(self.exchange, symbol, ticker, recv_ts)
         if event is not None:
-            await self.publish_ticker(event)
+            await self.publish_ticker(event, self.stats)
 
     async def _poll_trades(self, symbol: str) -> None:
         tracker = self.trades[symbol]
@@ -309,23 +310,23 @@ class PollCollector(CollectorState):
         self.last_answer = trio.current_time()
         return answer
 
-    def statistics(self) -> dict[str, Any]:
-        """The same report as ``NativeCollector.statistics``: state, counters, and
-        ages in seconds of the last REST answer (``last_frame_age``) and of the last
-        event per symbol; plus the poll ``period`` and ``requests_per_round``."""
+    def statistics(self) -> CollectorStatistics:
+        """The same report as ``NativeCollector.statistics`` (``frames`` counts REST
+        answers, ``last_frame_age`` is the last one's age; no books), plus the poll
+        ``period`` and ``requests_per_round``."""
         now = trio.current_time()
-        return {
-            "exchange": self.exchange,
-            "mode": "poll",
-            "state": self.state,
-            "states": dict(self.state_counts),
-            "frames": self.stats.messages,
-            "last_frame_age": round(now - self.last_answer, 3) if self.last_answer else None,
-            "symbols": {
-                symbol: round(now - at, 3) for symbol, at in sorted(self.last_event.items())
-            },
-            "counters": attrs.asdict(self.stats),
-            "period": self.period,
-            "requests_per_round": self.requests_per_round,
-        }
-
+        return CollectorStatistics(
+            exchange=self.exchange,
+            mode="poll",
+            state=self.state,
+            states=dict(self.state_counts),
+            frames=self.stats.messages,
+            last_frame_age=round(now - self.last_answer, 3) if self.last_answer else None,
+            symbols=self.symbol_ages(now),
+            books={},
+            counters=self.stats.freeze(),
+            last_error=self.last_error,
+            last_error_age=self.error_age(now),
+            period=self.period,
+            requests_per_round=self.requests_per_round,
+        )

@@ -6,11 +6,11 @@ The one table that ties an exchange id to its sans-IO protocol module.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 
 from daemon.config import ExchangeConfig
+from daemon.exchanges.base import ExchangeFeed
 
 
 @attrs.frozen
@@ -27,7 +27,7 @@ class Venue:
     ws_url: str
     markets_target: str
     parse_markets: Callable[[str], dict[str, str]]
-    make_feed: Callable[[ExchangeConfig, dict[str, str]], Any]
+    make_feed: Callable[[ExchangeConfig, dict[str, str]], ExchangeFeed]
 
 
 def _binance(exchange: str, rest_url: str, ws_url: str) -> Venue:

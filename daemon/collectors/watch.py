@@ -122,6 +122,7 @@ from typing import Any
 import attrs
 import trio
 
+from daemon.collectors.base import BridgeStatistics, CollectorStatistics
 from daemon.collectors.poll import (
     TIMEOUT_MS,
     TRADES_LIMIT,
@@ -134,10 +135,11 @@ from daemon.collectors.poll import (
 )
 from daemon.collectors.state import CollectorState
 from daemon.config import ExchangeConfig, ReconnectConfig
+from daemon.dispatch import Source
 from daemon.errors import FeedDisconnected, FeedError, ccxt_errors
 from daemon.events import BookSnapshot, BookUpdate, Event, FeedState, Gap, Levels, Ticker
 from daemon.exchanges.base import FeedStats
-from daemon.supervise import Backoff
+from daemon.supervise import Backoff, Failure, retry
 
 log = logging.getLogger(__name__)
 
@@ -660,8 +662,8 @@ class Bridge:
                 trio.Cancelled) as exc:
             raise _Stopped from exc
 
-    def _state(self, state: str, detail: str) -> None:
-        self._put(("state", state, detail))
+    def _state(self, state: str, detail: str, error: str | None = None) -> None:
+        self._put(("state", state, detail, error))
 
     def _backoff(self) -> Backoff:
         return Backoff(self.plan.reconnect.base, self.plan.reconnect.cap)
@@ -669,16 +671,18 @@ class Bridge:
     async def _load_markets(self, exchange: Any) -> None:
         plan = self.plan
         self._state("connecting", _public_ws(exchange))
-        backoff = self._backoff()
-        while True:
-            try:
-                with ccxt_errors(f"{plan.exchange} markets"):
-                    await exchange.load_markets()
-                break
-            except FeedError as exc:
-                delay = backoff.next_delay()
-                self._state("failed", f"market metadata: {exc}; retry in {delay:.2f}s")
-                await asyncio.sleep(delay)
+
+        async def load() -> None:
+            with ccxt_errors(f"{plan.exchange} markets"):
+                await exchange.load_markets()
+
+        def failed(failure: Failure) -> None:
+            self._state("failed", f"market metadata: {failure.error}; retry in "
+                        f"{failure.delay:.2f}s", failure.cause)
+
+        await retry(f"{plan.exchange}: cannot load markets", load, self._backoff(),
+                    retryable=(FeedError,), on_retry=failed, logger=log, level=logging.ERROR,
+                    clock=asyncio.get_running_loop().time, sleep=asyncio.sleep)
         missing = [s for s, market in plan.markets.items() if market not in exchange.markets]
         if missing:
             raise ValueError(f"{plan.exchange} lists no market {', '.join(missing)}")
@@ -712,12 +716,12 @@ class Bridge:
             detail = "every watch streaming" if was_pending else f"{what}: watching again"
             self._state("subscribed", detail)
 
-    def _failed(self, what: str, detail: str) -> None:
+    def _failed(self, what: str, detail: str, cause: str) -> None:
         self._pending.discard(what)
         first = not self._down
         self._down[what] = detail
         if first:
-            self._state("reconnecting", f"{what}: {detail}")
+            self._state("reconnecting", f"{what}: {detail}", cause)
 
     async def _settled(self, what: str, awaitable: Any,
                        on_up: Callable[[], Any] | None = None) -> Any:
@@ -739,28 +743,29 @@ class Bridge:
 
     async def _keep(self, what: str, step: Callable[[bool], Any],
                     on_error: Callable[[FeedError, str], None] | None = None) -> None:
-        """``await step(again)`` forever; after a ccxt error, ``on_error`` and the
-        backoff, ``again`` is true; the backoff starts over after a healthy run."""
-        loop = asyncio.get_running_loop()
-        backoff = self._backoff()
+        """``await step(again)`` forever; after a ccxt error, ``on_error``, the watch
+        counted down and the backoff (``daemon.supervise.retry``), ``again`` is
+        true; the backoff starts over after a healthy run."""
         again = False
-        while True:
-            started = loop.time()
-            try:
-                while True:
-                    await step(again)
-                    again = False
-            except FeedError as exc:
-                if loop.time() - started >= self.plan.reconnect.healthy_after:
-                    backoff.reset()
-                delay = backoff.next_delay()
-                detail = f"{exc}; watching again in {delay:.2f}s"
-                if on_error is not None:
-                    on_error(exc, detail)
-                self._failed(what, detail)
-                log.warning("%s: %s: %s", self.plan.exchange, what, detail)
-                again = True
-                await asyncio.sleep(delay)
+
+        async def attempt() -> None:
+            nonlocal again
+            while True:
+                await step(again)
+                again = False
+
+        def failed(failure: Failure) -> None:
+            nonlocal again
+            again = True
+            detail = f"{failure.error}; watching again in {failure.delay:.2f}s"
+            if on_error is not None:
+                on_error(failure.error, detail)  # type: ignore[arg-type]
+            self._failed(what, detail, failure.cause)
+
+        await retry(f"{self.plan.exchange}: {what}", attempt, self._backoff(),
+                    retryable=(FeedError,), healthy_after=self.plan.reconnect.healthy_after,
+                    on_retry=failed, logger=log, clock=asyncio.get_running_loop().time,
+                    sleep=asyncio.sleep)
 
     # -- the watches ------------------------------------------------------------------
 
@@ -906,7 +911,7 @@ class WatchCollector(CollectorState):
         exchange: str,
         cfg: ExchangeConfig,
         reconnect: ReconnectConfig,
-        out: trio.MemorySendChannel[Event],
+        out: Source,
         *,
         ccxt_id: str | None = None,
         buffer: int = BRIDGE_BUFFER,
@@ -1018,38 +1023,39 @@ class WatchCollector(CollectorState):
             self.stats.gaps += 1
             await self.publish(trades_gap(self.exchange, symbol, detail, now))
         elif kind == "state":
-            await self.set_state(item[1], item[2])
+            await self.set_state(item[1], item[2], item[3])
         else:
             raise AssertionError(f"unknown bridge item {kind!r}")
 
     async def _ticker(self, symbol: str, ticker: dict[str, Any], recv_ts: float) -> None:
         event = watch_ticker_event(self.exchange, symbol, ticker, recv_ts)
         if event is not None:
-            await self.publish_ticker(event)
+            await self.publish_ticker(event, self.stats)
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> CollectorStatistics:
         """The same report as ``NativeCollector.statistics`` (``frames`` counts the
         items that crossed the bridge), plus the bridge: its buffer (used, bound,
         peak), the worker waiting to hand off, and whether its thread is alive."""
         now = trio.current_time()
         channel = self.channel.statistics() if self.channel is not None else None
-        return {
-            "exchange": self.exchange,
-            "mode": "watch",
-            "state": self.state,
-            "states": dict(self.state_counts),
-            "frames": self.items,
-            "last_frame_age": round(now - self.last_receive, 3) if self.last_receive else None,
-            "symbols": {
-                symbol: round(now - at, 3) for symbol, at in sorted(self.last_event.items())
-            },
-            "counters": attrs.asdict(self.stats),
-            "bridge": {
-                "buffer_used": channel.current_buffer_used if channel else 0,
-                "buffer_size": self.buffer,
-                "peak_buffer": self.peak_buffer,
-                "waiting": int(bool(self.hand_off and self.hand_off.waiting)),
-                "thread_alive": bool(self.bridge and self.bridge.thread.is_alive()),
-            },
-        }
-
+        books = {s: b.synced for s, b in self.books.items()} if "book" in self.channels else {}
+        return CollectorStatistics(
+            exchange=self.exchange,
+            mode="watch",
+            state=self.state,
+            states=dict(self.state_counts),
+            frames=self.items,
+            last_frame_age=round(now - self.last_receive, 3) if self.last_receive else None,
+            symbols=self.symbol_ages(now),
+            books=books,
+            counters=self.stats.freeze(),
+            last_error=self.last_error,
+            last_error_age=self.error_age(now),
+            bridge=BridgeStatistics(
+                buffer_used=channel.current_buffer_used if channel else 0,
+                buffer_size=self.buffer,
+                peak_buffer=self.peak_buffer,
+                waiting=bool(self.hand_off and self.hand_off.waiting),
+                thread_alive=bool(self.bridge and self.bridge.thread.is_alive()),
+            ),
+        )
