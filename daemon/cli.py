@@ -225,6 +225,15 @@ def emulate(captures: tuple[str, ...], speed: float | None, loop: bool,
                                        parent_pipe=parent_pipe))
 
 
+def _die_on_broken_pipe() -> None:
+    """Let a closed stdout end this process quietly, as it ends ``cat`` or ``ls``:
+    ``tickwire status | head -1`` then stops at SIGPIPE (the shell sees 141)
+    instead of a traceback and exit status 1, which would read as "degraded".
+    Python ignores SIGPIPE by default; only the short-lived client commands
+    (status, clients, tail) restore the default, never the daemon."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
 def _socket_option(function: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--socket", "socket_path", type=click.Path(dir_okay=False),
@@ -242,6 +251,7 @@ def status(socket_path: str | None, as_json: bool) -> None:
     1 degraded, 2 unhealthy or unreachable."""
     from daemon.statuscli import status_command
 
+    _die_on_broken_pipe()
     sys.exit(status_command(socket_path, as_json))
 
 
@@ -253,6 +263,7 @@ def clients(socket_path: str | None, as_json: bool) -> None:
     Exit code as for ``status``."""
     from daemon.statuscli import clients_command
 
+    _die_on_broken_pipe()
     sys.exit(clients_command(socket_path, as_json))
 
 
@@ -278,6 +289,7 @@ def tail(channel: str, symbols: tuple[str, ...], url: str, history: int, once: b
 
     from daemon.tail import TailError, tail_events
 
+    _die_on_broken_pipe()
     try:
         trio.run(partial(tail_events, url, channel.split(","), list(symbols), history,
                          resume=not once))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -236,3 +237,32 @@ def test_an_admin_socket_path_that_is_not_a_socket_is_one_line_and_exit_2(tmp_pa
     result = run_cli("run", "--config", str(daemon_config(tmp_path)))
     assert result.returncode == 2
     assert "exists and is not a socket" in the_line(result)
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["clients"]])
+async def test_status_into_a_closed_pipe_ends_quietly_not_degraded(
+        tmp_path: Path, command: list[str]) -> None:
+    """``tickwire status | head -1``: a reader that goes away ends the command as
+    SIGPIPE ends cat (the shell sees 141), not with a traceback and exit status 1,
+    which means "degraded"."""
+    from tests.daemon_process import run_cli as run_async
+    from tests.daemon_process import tickwire
+
+    sock = tmp_path / "admin.sock"
+    config = daemon_config(tmp_path)
+    async with tickwire("run", "--config", str(config)) as daemon:
+        await daemon.wait_for(r"tickwire \S+ started")
+        result = await run_async(*command, "--socket", str(sock))
+        assert result.returncode == 0, result.stderr  # healthy, and a pipe that stays open
+        assert result.stdout
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the first write
+        try:
+            with trio.fail_after(30):
+                closed = await trio.run_process(
+                    [*TICKWIRE, *command, "--socket", str(sock)], stdout=write,
+                    capture_stderr=True, check=False)
+        finally:
+            os.close(write)
+    assert closed.returncode == -signal.SIGPIPE, closed.stderr
+    assert closed.stderr == b""
