@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -225,6 +226,30 @@ def emulate(captures: tuple[str, ...], speed: float | None, loop: bool,
                                        parent_pipe=parent_pipe))
 
 
+#: The environment variable ``tickwire tail`` reads its token from.
+TOKEN_VARIABLE = "TICKWIRE_TOKEN"
+
+
+def _token(path: str | None) -> str | None:
+    """The client token: the first line of the file at ``path``, else
+    ``$TICKWIRE_TOKEN``, else ``None``. A file that cannot be read, or holds no
+    token, is one line and exit 2."""
+    if path is None:
+        return os.environ.get(TOKEN_VARIABLE) or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        click.echo(f"tickwire: cannot read the token file {path}: "
+                   f"{getattr(exc, 'strerror', None) or exc}", err=True)
+        sys.exit(2)
+    if not token:
+        click.echo(f"tickwire: the token file {path} is empty: put the token on its "
+                   "first line", err=True)
+        sys.exit(2)
+    return token
+
+
 def _die_on_broken_pipe() -> None:
     """Let a closed stdout end this process quietly, as it ends ``cat`` or ``ls``:
     ``tickwire status | head -1`` then stops at SIGPIPE (the shell sees 141)
@@ -260,7 +285,7 @@ def status(socket_path: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw reply (one JSON object).")
 def clients(socket_path: str | None, as_json: bool) -> None:
     """Show the running daemon's clients: address, subscriptions, queue, counters.
-    Exit code as for ``status``."""
+    Exit code as for tickwire status."""
     from daemon.statuscli import clients_command
 
     _die_on_broken_pipe()
@@ -274,7 +299,12 @@ def clients(socket_path: str | None, as_json: bool) -> None:
 @click.option("--history", default=0, show_default=True, help="Retained trades to get first.")
 @click.option("--once", is_flag=True,
               help="Exit (status 1) when the connection ends, instead of resuming.")
-def tail(channel: str, symbols: tuple[str, ...], url: str, history: int, once: bool) -> None:
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="A file holding the token for a daemon with auth on (else the "
+                   "TICKWIRE_TOKEN environment variable; never the command line, which "
+                   "ps shows to every user).")
+def tail(channel: str, symbols: tuple[str, ...], url: str, history: int, once: bool,
+         token_file: str | None) -> None:
     """Print the events of CHANNEL (or CHANNEL,CHANNEL...) for SYMBOLS
     (EXCHANGE:BASE-QUOTE, EXCHANGE:* or *), one JSON object a line.
 
@@ -282,7 +312,10 @@ def tail(channel: str, symbols: tuple[str, ...], url: str, history: int, once: b
     again and resumes each stream after the last seq it printed, if the daemon still
     retains what was missed; stderr says when a stream could not be resumed. Exit
     status: 1 on an error reply or a refused request, 2 if the daemon cannot be
-    reached at start."""
+    reached at start, or the token file cannot be read.
+
+    A daemon with auth on wants a token: tail reads it from --token-file, else from
+    the TICKWIRE_TOKEN environment variable, and sends it as Authorization: Bearer."""
     from functools import partial
 
     import trio_websocket
@@ -290,9 +323,10 @@ def tail(channel: str, symbols: tuple[str, ...], url: str, history: int, once: b
     from daemon.tail import TailError, tail_events
 
     _die_on_broken_pipe()
+    token = _token(token_file)
     try:
         trio.run(partial(tail_events, url, channel.split(","), list(symbols), history,
-                         resume=not once))
+                         resume=not once, token=token))
     except KeyboardInterrupt:
         pass
     except TailError as exc:

@@ -107,6 +107,7 @@ async def tail_events(
     history: int = 0,
     *,
     resume: bool = True,
+    token: str | None = None,
     backoff: Backoff | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
@@ -115,6 +116,7 @@ async def tail_events(
     ``out`` (stdout), one JSON object a line (batches are split); notes go to ``err``
     (stderr). With ``resume``, a connection that ends is followed by another (see
     the module docstring; delays from ``backoff``, default 0.5 s doubling to 30 s).
+    ``token``: sent as ``Authorization: Bearer TOKEN`` (a daemon with auth on).
 
     Raises ``TailError`` on an ``error`` reply, on a close in ``FINAL_CLOSE_CODES``,
     on a refused upgrade (HTTP 401, 403; 429 and 503 too at the first connection),
@@ -127,9 +129,10 @@ async def tail_events(
     state = Resume(channels, symbols, history)
     backoff = backoff or Backoff(0.5, 30.0)
     connected_once = False
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
     while True:
         try:
-            async with trio_websocket.open_websocket_url(url) as ws:
+            async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
                 connected_once = True
                 await _serve(ws, state, backoff, out, err)
         except trio_websocket.ConnectionClosed as exc:

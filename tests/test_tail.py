@@ -187,3 +187,70 @@ def test_resume_asks_since_the_last_seq_printed_and_prints_nothing_twice() -> No
     assert state.welcome({"type": "welcome", "epoch": "e2"}) != []
     assert "since" not in state.subscribe()
     assert state.accept({**trade, "seq": 1})
+
+
+async def test_tail_command_reads_its_token_from_the_environment_or_a_file(
+        captures: Path, tmp_path: Path) -> None:
+    """A daemon with auth on: ``tickwire tail`` gets events with the token from
+    ``$TICKWIRE_TOKEN`` or ``--token-file`` (never an argument, which ps shows), and
+    is refused (exit 1, HTTP 401) with none or a wrong one; a token file that cannot
+    be read is one line and exit 2."""
+    import os
+
+    trades = busiest_trades(captures)
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    env = {k: v for k, v in os.environ.items() if k != "TICKWIRE_TOKEN"}
+    command = [*TICKWIRE, "tail", "trades", f"coinbase:{trades[0].symbol}", "--once"]
+    async with trio.open_nursery() as nursery:
+        guarded = await start(nursery, auth=AuthConfig(enabled="on", tokens=[TokenConfig(
+            name="t", sha256=hashlib.sha256(b"s3cret-token").hexdigest())]))
+        command += ["--url", guarded.url]
+        for run, (extra, extra_env) in enumerate((
+                ([], {"TICKWIRE_TOKEN": "s3cret-token"}),
+                (["--token-file", str(token_file)], {"TICKWIRE_TOKEN": "wrong"}))):
+            batch = trades[3 * run:3 * run + 3]  # new trades: the dispatcher drops repeated ids
+            assert not any("s3cret" in arg for arg in command + extra)
+            process = await trio.lowlevel.open_process(
+                command + extra, stdout=subprocess.PIPE, env={**env, **extra_env})
+            try:
+                with trio.fail_after(20):
+                    while not guarded.dispatcher.subscriptions:
+                        await trio.sleep(0.01)
+                await publish(guarded, batch)
+                output = b""
+                with trio.fail_after(20):
+                    while output.count(b"\n") < len(batch):
+                        output += await process.stdout.receive_some()
+            finally:
+                process.kill()
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+            assert [orjson.loads(line)["id"] for line in output.splitlines()] == [t.id for t in batch]
+            with trio.fail_after(10):
+                while guarded.dispatcher.subscriptions:
+                    await trio.sleep(0.01)
+        for extra_env in ({}, {"TICKWIRE_TOKEN": "wrong"}):
+            refused = await trio.run_process(command, env={**env, **extra_env}, capture_stdout=True,
+                                             capture_stderr=True, check=False)
+            assert refused.returncode == 1 and b"refused: HTTP 401" in refused.stderr
+        nursery.cancel_scope.cancel()
+    for path, message in ((tmp_path / "none", b"cannot read the token file"),
+                          (tmp_path / "empty", b"is empty")):
+        if path.name == "empty":
+            path.write_text("\n")
+        bad = await trio.run_process(command + ["--token-file", str(path)], capture_stdout=True,
+                                     capture_stderr=True, check=False)
+        assert bad.returncode == 2 and message in bad.stderr
+        assert len(bad.stderr.splitlines()) == 1
+
+
+def test_help_texts_have_no_rest_markup() -> None:
+    """click prints docstrings as they are: no ``double backticks`` or :param: in --help."""
+    commands = ["run", "check-config", "replay", "emulate", "status", "clients", "tail"]
+    for command in [[], *([c] for c in commands)]:
+        result = subprocess.run([*TICKWIRE, *command, "--help"], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        for markup in ("``", ":param", ":class:", ":func:"):
+            assert markup not in result.stdout, (command, result.stdout)
