@@ -136,7 +136,9 @@ async def tail_events(
                 connected_once = True
                 await _serve(ws, state, backoff, out, err)
         except trio_websocket.ConnectionClosed as exc:
-            code, reason = exc.reason.code, exc.reason.reason or ""
+            closed = exc.reason
+            code = closed.code if closed is not None else 1006  # no close frame: abnormal
+            reason = (closed.reason if closed is not None else None) or ""
             if not resume or code in FINAL_CLOSE_CODES:
                 raise TailError(f"closed: {code} {reason}".rstrip()) from None
             note = f"closed: {code} {reason}".rstrip()

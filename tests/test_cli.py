@@ -73,10 +73,13 @@ def test_auth_off_or_on_loopback_needs_no_token(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
 
 
-def test_a_missing_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    result = run_cli("check-config", str(tmp_path / "nope.toml"))
+@pytest.mark.parametrize("command", [["check-config"], ["run", "--config"],
+                                     ["replay", str(Path(__file__)), "--config"]])
+def test_a_missing_config_file_is_one_line_and_exit_2(tmp_path: Path, command: list[str]) -> None:
+    result = run_cli(*command, str(tmp_path / "nope.toml"))
     assert result.returncode == 2
-    assert "cannot read" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.strip().splitlines() == [
+        f"tickwire: config error: cannot read {tmp_path / 'nope.toml'}: No such file or directory"]
 
 
 async def start_replay(captures: Path, *args: str) -> tuple[trio.Process, int, list[str]]:
@@ -266,3 +269,25 @@ async def test_status_into_a_closed_pipe_ends_quietly_not_degraded(
             os.close(write)
     assert closed.returncode == -signal.SIGPIPE, closed.stderr
     assert closed.stderr == b""
+
+
+def test_a_busy_websocket_port_is_one_line_and_exit_2(tmp_path: Path, captures: Path) -> None:
+    """run and replay: a port another process listens on (a real socket, bound here)."""
+    with busy_port() as taken:
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        run = run_cli("run", "--config", str(daemon_config(tmp_path, listen=listen)))
+        replay = run_cli("replay", *(str(captures / f) for f in BINANCE), "--listen", listen,
+                         "--config", str(daemon_config(tmp_path)))
+    for result in (run, replay):
+        assert result.returncode == 2
+        line = the_line(result)
+        assert f"cannot listen on {listen}" in line and "in use" in line
+        assert "server.listen" in line
+
+
+def test_an_unassignable_websocket_address_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, listen="192.0.2.1:8765",
+                           extra='[auth]\nenabled = "off"\n')
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 2
+    assert "cannot listen on 192.0.2.1:8765" in the_line(result)
