@@ -21,14 +21,10 @@ import trio
 import trio_websocket
 
 from daemon.book import L2Book
-from daemon.collectors.watch import (
-    THREAD_PREFIX,
-    BookTracker,
-    WatchCollector,
-    rebase_urls,
-    side_delta,
-    side_levels,
-)
+from daemon.collectors.ccxt.books import BookTracker, side_delta, side_levels
+from daemon.collectors.ccxt.bridge import THREAD_PREFIX
+from daemon.collectors.ccxt.overrides import rebase_urls
+from daemon.collectors.watch import WatchCollector
 from daemon.config import (
     AdminConfig,
     Config,
@@ -93,6 +89,43 @@ def test_urls_are_rebased_with_the_exchange_host_kept_in_the_ws_path() -> None:
     assert rebased == {"public": "http://127.0.0.1:1/api/v3",
                        "ws": {"spot": "ws://127.0.0.1:2/stream.binance.com/ws",
                               "x": "ws://127.0.0.1:2/ws.kraken.com"}}
+
+
+def test_the_emulator_hook_is_the_only_place_that_bends_ccxt_and_only_for_overridden_urls() -> None:
+    """``overrides.override_urls`` rebases URLs and gives placeholder credentials to
+    an exchange whose ccxt.pro signs public subscriptions, only when a WebSocket URL
+    is overridden; on the exchange's own URLs it changes nothing. No ccxt module
+    but ``overrides`` names the emulator's placeholders, and ``watch`` does not
+    import ``poll``."""
+    import ast
+
+    import ccxt
+
+    import daemon.collectors.ccxt as package
+    from daemon.collectors.ccxt.overrides import PLACEHOLDER_SECRET, override_urls
+
+    own = ccxt.coinbaseexchange()
+    before = repr(own.urls["api"])
+    override_urls(own, "coinbaseexchange")
+    assert repr(own.urls["api"]) == before and not own.apiKey
+    rest_only = ccxt.coinbaseexchange()
+    override_urls(rest_only, "coinbaseexchange", "http://127.0.0.1:1")
+    assert "127.0.0.1:1" in repr(rest_only.urls["api"]) and not rest_only.apiKey
+    emulated = ccxt.coinbaseexchange()
+    override_urls(emulated, "coinbaseexchange", "http://127.0.0.1:1", "ws://127.0.0.1:2")
+    assert emulated.secret == PLACEHOLDER_SECRET and emulated.apiKey
+    other = ccxt.binance()
+    override_urls(other, "binance", "http://127.0.0.1:1", "ws://127.0.0.1:2")
+    assert not other.apiKey and not other.secret
+
+    folder = Path(package.__file__).parent
+    for path in [*folder.glob("*.py"), folder.parent / "watch.py"]:
+        text = path.read_text()
+        if path.name != "overrides.py":
+            assert "PLACEHOLDER" not in text and "SIGNS_PUBLIC" not in text, path
+        imported = {node.module for node in ast.walk(ast.parse(text))
+                    if isinstance(node, ast.ImportFrom)}
+        assert "daemon.collectors.poll" not in imported, path
 
 
 def test_config_takes_watch_mode_for_ccxt_pro_exchanges_only() -> None:
@@ -565,7 +598,7 @@ async def test_the_hand_off_keeps_order_holds_its_bound_and_frees_a_waiting_work
     with ``ClosedResourceError``."""
     import threading
 
-    from daemon.collectors.watch import HandOff
+    from daemon.collectors.ccxt.bridge import HandOff
 
     bound = 4
     send, receive = trio.open_memory_channel[tuple](bound)

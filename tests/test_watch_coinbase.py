@@ -12,7 +12,8 @@ import attrs
 import pytest
 import trio
 
-from daemon.collectors.watch import make_pro_exchange, watch_ticker_event
+from daemon.collectors.ccxt.adapter import make_pro_exchange
+from daemon.collectors.ccxt.common import watch_ticker_event
 from daemon.config import AdminConfig
 from daemon.replay.capture import read_capture
 from daemon.replay.run import VIA_CCXT

@@ -36,19 +36,15 @@ Failures: ccxt's errors are mapped by ``daemon.errors.ccxt_errors`` into
 backoff in state ``failed``; polling retries them with backoff in state
 ``reconnecting`` (the backoff starts over after a run of ``healthy_after``; both
 through ``daemon.supervise.retry``, which logs a repeating failure once a
-minute), and
-the first good round after either is ``subscribed``. Trade and ticker memory
+minute), and the first good round after either is ``subscribed``. Trade and ticker memory
 survives a retry and a supervisor restart of ``run`` (it lives on the object), so
 nothing is delivered twice. Anything else (a bug, a symbol the exchange does not
 list) propagates to the supervisor.
 
-Decimal strings: ccxt turns prices and sizes into floats. A value is taken as the
-exchange sent it from the raw answer (``info``: Binance's ``bidPrice``/``bidQty``
-and aggTrade ``p``/``q``, and the usual names of other exchanges) when a raw
-string there parses to the same float; otherwise the float is written in plain
-positional notation from its shortest ``repr`` (``6.37e-06`` -> ``"0.00000637"``):
-the decimal the exchange sent minus its trailing zeros, for up to 15 significant
-digits (beyond that a float cannot hold it).
+What it shares with the ``watch`` mode (symbols, tickers, decimal strings from
+ccxt's floats, the spot-only exchange object, the market check, the emulator's
+URL hook) is in ``daemon.collectors.ccxt``; trades go through the one trade
+tracker, ``daemon.trades``.
 """
 
 from __future__ import annotations
@@ -62,32 +58,25 @@ from typing import Any
 import trio
 
 from daemon.collectors.base import CollectorStatistics
+from daemon.collectors.ccxt.common import (
+    ccxt_symbol,
+    check_markets,
+    make_exchange,
+    ticker_event,
+    trades_limit,
+)
 from daemon.collectors.state import CollectorState
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.dispatch import Source
 from daemon.errors import FeedError, ccxt_errors
-from daemon.events import Ticker
 from daemon.exchanges.base import FeedStats
 from daemon.supervise import Backoff, Failure, retry
-from daemon.trades import TradeTracker as TradeTracker  # "as": re-exported for watch.py
-from daemon.trades import decimal_text as decimal_text
+from daemon.trades import TradeTracker
 
 log = logging.getLogger(__name__)
 
-#: ccxt's per-request timeout (ms): a worker thread never outlives it by much.
-TIMEOUT_MS = 10_000
-#: Trades asked per ``fetch_trades`` call; exchanges whose maximum is known.
-TRADES_LIMIT = 100
-TRADES_LIMITS = {"binance": 1000, "binanceus": 1000}
 #: Channels this collector can poll.
 POLL_CHANNELS = ("ticker", "trades")
-
-# Raw-answer keys that may hold a value as the exchange sent it, most specific first.
-_BID = ("bidPrice", "bid", "best_bid", "bidPx", "b")
-_BID_SIZE = ("bidQty", "bidSize", "bid_size", "bidSz", "bidVolume", "best_bid_size", "B")
-_ASK = ("askPrice", "ask", "best_ask", "askPx", "a")
-_ASK_SIZE = ("askQty", "askSize", "ask_size", "askSz", "askVolume", "best_ask_size", "A")
-
 
 # -- pure helpers (no I/O) --------------------------------------------------------------
 
@@ -96,68 +85,6 @@ def poll_period(interval: float, rate_limit_ms: float, requests: int) -> float:
     """Seconds between the starts of two rounds: the configured ``interval``, raised
     to what ``requests`` requests per round at one per ``rate_limit_ms`` allow."""
     return max(interval, rate_limit_ms / 1000 * requests)
-
-
-def ccxt_symbol(symbol: str) -> str:
-    """``BASE-QUOTE`` -> ccxt's unified spot symbol ``BASE/QUOTE``."""
-    base, _, quote = symbol.partition("-")
-    return f"{base}/{quote}"
-
-
-def ticker_event(
-    exchange: str, symbol: str, ticker: dict[str, Any], recv_ts: float
-) -> Ticker | None:
-    """A ``Ticker`` from a ccxt ticker (``fetch_ticker`` / ``fetch_bids_asks``), or
-    ``None`` when it lacks a side or a size (ccxt gives ``None`` for an empty side)."""
-    info = ticker.get("info")
-    values = (
-        decimal_text(info, _BID, ticker.get("bid")),
-        decimal_text(info, _BID_SIZE, ticker.get("bidVolume")),
-        decimal_text(info, _ASK, ticker.get("ask")),
-        decimal_text(info, _ASK_SIZE, ticker.get("askVolume")),
-    )
-    if None in values or not ticker.get("bid") or not ticker.get("ask"):
-        return None
-    bid, bid_size, ask, ask_size = values
-    stamp = ticker.get("timestamp")
-    return Ticker(
-        exchange=exchange, symbol=symbol, ts=stamp / 1000 if stamp else recv_ts, recv_ts=recv_ts,
-        bid=bid, bid_size=bid_size, ask=ask, ask_size=ask_size,  # type: ignore[arg-type]
-    )
-
-
-def _rebase(urls: Any, base: str) -> Any:
-    """Every URL in ccxt's ``urls["api"]`` (a string or nested dicts) with its scheme
-    and host replaced by ``base``, the path kept: ``https://api.binance.com/api/v3``
-    -> ``http://127.0.0.1:5000/api/v3``."""
-    if isinstance(urls, dict):
-        return {key: _rebase(value, base) for key, value in urls.items()}
-    if isinstance(urls, str) and "://" in urls:
-        rest = urls.split("://", 1)[1]
-        path = rest[rest.index("/"):] if "/" in rest else ""
-        return base.rstrip("/") + path
-    return urls
-
-
-def make_exchange(exchange_id: str, rest_url: str = "") -> Any:
-    """ccxt's sync exchange object for ``exchange_id``: our timeout, ccxt's throttle
-    off (ours is in trio), spot markets only, REST URLs rebased on ``rest_url``.
-    Raises ``ValueError`` for an id ccxt does not know."""
-    import ccxt
-
-    if exchange_id not in ccxt.exchanges:
-        raise ValueError(f"ccxt knows no exchange {exchange_id!r}")
-    api = getattr(ccxt, exchange_id)({"timeout": TIMEOUT_MS, "enableRateLimit": False})
-    # only spot markets: tickwire's BASE-QUOTE are spot symbols, and for Binance
-    # this loads /api/v3/exchangeInfo alone (not the futures' and options' infos)
-    markets_option = api.options.get("fetchMarkets")
-    if isinstance(markets_option, dict) and "types" in markets_option:
-        markets_option["types"] = ["spot"]
-    elif isinstance(markets_option, list) and "spot" in markets_option:
-        api.options["fetchMarkets"] = ["spot"]
-    if rest_url:
-        api.urls["api"] = _rebase(api.urls["api"], rest_url)
-    return api
 
 
 # -- the collector task -----------------------------------------------------------------
@@ -209,7 +136,7 @@ class PollCollector(CollectorState):
                      exchange, self.interval, self.period, self.api.rateLimit,
                      self.requests_per_round)
         self.stats = FeedStats()
-        limit = TRADES_LIMITS.get(exchange, TRADES_LIMIT)
+        limit = trades_limit(exchange)
         self.trades = {s: TradeTracker(exchange, s, limit, self.stats) for s in self.markets}
         self._init_state()
         self.backoff = Backoff(reconnect.base, reconnect.cap)
@@ -251,9 +178,7 @@ class PollCollector(CollectorState):
         self._markets_loaded = True
 
     def _check_markets(self) -> None:
-        missing = [s for s, market in self.markets.items() if market not in self.api.markets]
-        if missing:
-            raise ValueError(f"{self.exchange} lists no market {', '.join(missing)}")
+        check_markets(self.exchange, self.markets, self.api.markets)
 
     async def _poll(self) -> None:
         subscribed = False
