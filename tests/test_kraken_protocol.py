@@ -1,4 +1,4 @@
-"""KrakenFeed (sans-IO Kraken WebSocket v1) on the recorded traffic in shared/captures.
+"""KrakenFeed (sans-IO Kraken WebSocket v1) on the recorded traffic in tests/captures.
 
 Every test feeds real frames, in order, after ``on_open``; the channelIDs come from
 the captured ``subscriptionStatus`` frames. Books are checked against a plain-dict

@@ -3,7 +3,7 @@
 Source: Coinbase Exchange WebSocket feed docs,
 https://docs.cdp.coinbase.com/exchange/docs/websocket-channels (feed
 ``wss://ws-feed.exchange.coinbase.com``, formerly ``wss://ws-feed.pro.coinbase.com``
-where ``shared/captures/COINBASE.ws.28.0`` was recorded). Plain code: the collector
+where ``tests/captures/COINBASE.ws.28.0`` was recorded). Plain code: the collector
 does the I/O and follows the contract in ``daemon.exchanges.base``.
 
 Theory of operation
