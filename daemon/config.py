@@ -80,10 +80,12 @@ class _Listening:
 
     @property
     def host(self) -> str:
+        """The host of ``listen``, without IPv6 brackets."""
         return self.listen.rpartition(":")[0].strip("[]")
 
     @property
     def port(self) -> int:
+        """The port of ``listen``."""
         return int(self.listen.rpartition(":")[2])
 
 

@@ -41,6 +41,7 @@ class LogfmtFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
+        """``record`` as one logfmt line."""
         parts = []
         if self.journal:
             prefix = f"<{PRIORITIES.get(record.levelno, 6)}>"

@@ -66,6 +66,7 @@ class Notifier:
 
     @property
     def enabled(self) -> bool:
+        """Whether systemd listens (``$NOTIFY_SOCKET`` is set)."""
         return self.address is not None
 
     def notify(self, *lines: str) -> bool:
@@ -88,6 +89,7 @@ class Notifier:
         return True
 
     def ready(self, status: str = "") -> None:
+        """``READY=1``, with ``STATUS=status`` when it changed."""
         self.notify("READY=1", *self._status_lines(status))
 
     def status(self, status: str) -> None:
@@ -97,12 +99,15 @@ class Notifier:
             self.notify(*lines)
 
     def watchdog(self) -> None:
+        """``WATCHDOG=1``: the event loop is alive."""
         self.notify("WATCHDOG=1")
 
     def reloading(self) -> None:
+        """``RELOADING=1`` with ``MONOTONIC_USEC`` (a reload starts; ``ready`` ends it)."""
         self.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
 
     def stopping(self, status: str = "") -> None:
+        """``STOPPING=1``, with ``STATUS=status`` when it changed."""
         self.notify("STOPPING=1", *self._status_lines(status))
 
     def _status_lines(self, status: str) -> list[str]:
@@ -113,6 +118,7 @@ class Notifier:
         return [f"STATUS={status}"]
 
     def close(self) -> None:
+        """Close the notification socket (a later notification opens another)."""
         if self._socket is not None:
             self._socket.close()
             self._socket = None

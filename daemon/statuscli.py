@@ -99,6 +99,9 @@ def clients_command(socket: str | None, as_json: bool) -> int:
 
 
 def render_status(console: Console, status: dict[str, Any], clients: dict[str, Any]) -> None:
+    """Print the ``status`` and ``clients`` replies: the header line, the components,
+    feeds and clients tables, the dispatcher's and server's figures, and the last
+    transitions."""
     header = Text.assemble(
         ("tickwire ", "bold"), (str(status.get("version", "?")), "bold"), "  ",
         _health(status.get("health", "?")),
@@ -148,6 +151,7 @@ def render_status(console: Console, status: dict[str, Any], clients: dict[str, A
 
 
 def feeds_table(feeds: list[dict[str, Any]]) -> Table:
+    """The feeds table: one row per feed component of a ``status`` reply."""
     table = Table(title="feeds", title_justify="left")
     columns = ("feed", "state", "health", "msg/s", "messages", "last msg", "trades",
                "book upd", "books", "resyncs", "gaps", "checksums ok/bad", "reconnects")
@@ -178,6 +182,7 @@ def _dropped(client: dict[str, Any]) -> int:
 
 
 def clients_table(reply: dict[str, Any]) -> Table:
+    """The clients table of a ``clients`` reply: one row per client."""
     clients = reply.get("clients", [])
     table = Table(title=f"clients ({len(clients)})", title_justify="left")
     for column in ("address", "subscriptions", "queue", "sent", "frames", "bytes", "dropped"):

@@ -291,3 +291,22 @@ def test_an_unassignable_websocket_address_is_one_line_and_exit_2(tmp_path: Path
     result = run_cli("run", "--config", str(config))
     assert result.returncode == 2
     assert "cannot listen on 192.0.2.1:8765" in the_line(result)
+
+
+def test_under_systemd_a_start_up_failure_is_one_journal_line_at_priority_err(tmp_path: Path) -> None:
+    """With stderr the journal ($JOURNAL_STREAM names it), the line is a log record
+    with priority 3 (err), so that journalctl -p err shows it."""
+    log = tmp_path / "journal"
+    with busy_port() as taken, log.open("wb") as stderr:
+        info = os.fstat(stderr.fileno())
+        port = taken.getsockname()[1]
+        config = daemon_config(tmp_path, f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        result = subprocess.run([*TICKWIRE, "run", "--config", str(config)], stderr=stderr,
+                                stdout=subprocess.DEVNULL, timeout=60,
+                                env={**os.environ, "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"})
+    assert result.returncode == 2
+    lines = log.read_text().splitlines()
+    errors = [line for line in lines if line.startswith("<3>")]
+    assert len(errors) == 1 and f"cannot start: metrics: cannot listen on 127.0.0.1:{port}" in errors[0]
+    assert not [line for line in lines if line.startswith("tickwire: ")]
+    assert "Traceback" not in log.read_text()
