@@ -388,13 +388,13 @@ class ServerHealth:
 
     def check(self, now: float) -> Check:
         server = self.server
-        sessions = list(server.sessions)
+        stats = server.statistics()
         figures = {
-            "listen": f"{server.config.host}:{server.port}" if server.port else None,
-            "clients": len(sessions),
-            "connections": server.connections,
-            "slow_consumers": server.slow_consumers,
-            "queued": sum(s.statistics().get("queue", 0) for s in sessions),
+            "listen": stats.listen,
+            "clients": stats.clients,
+            "connections": stats.connections,
+            "slow_consumers": stats.slow_consumers,
+            "queued": stats.queued,
             "latency": latency_figures(getattr(server, "latency", None)),
         }
         if server.port is None:

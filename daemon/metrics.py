@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 
 #: Health as a number: ``tickwire_health`` and ``tickwire_component_health``.
 HEALTH_VALUES = {"healthy": 0, "degraded": 1, "unhealthy": 2}
-#: Session counters of messages a client did not get as such, by policy.
-DROP_POLICIES = {"dropped": "disconnect", "conflated": "conflate", "throttled": "throttle"}
 #: Feed counters exported as ``tickwire_feed_<name>_total``.
 FEED_COUNTERS = {
     "messages": "Messages (frames or REST answers) received from the exchange.",
@@ -162,55 +160,53 @@ class TickwireCollector:
         yield seq
 
     def _server(self, app: Any) -> Iterator[Metric]:
+        """The broadcast server's figures, summed over its clients: one series
+        each, not one per connection (a label per client would make a series per
+        connection, a new one at each reconnect)."""
         server = app.server
-        sessions = list(server.sessions)
-        yield GaugeMetricFamily("tickwire_clients", "Connected clients.", value=len(sessions))
-        yield CounterMetricFamily("tickwire_connections", "Client connections accepted.",
-                                  value=server.connections)
-        yield CounterMetricFamily("tickwire_slow_consumers",
-                                  "Clients closed by the slow-consumer policy.",
-                                  value=server.slow_consumers)
-        for attribute, name, doc in (
-            ("conflations", "tickwire_conflations", "Backlogs replaced by the latest state."),
-            ("ping_timeouts", "tickwire_ping_timeouts", "Clients closed for not answering pings."),
-            ("writes", "tickwire_broadcast_writes",
+        stats = server.statistics()
+        yield GaugeMetricFamily("tickwire_clients", "Connected clients.", value=stats.clients)
+        for name, doc, value in (
+            ("tickwire_connections", "Client connections accepted.", stats.connections),
+            ("tickwire_slow_consumers", "Clients closed by the slow-consumer policy (4008).",
+             stats.slow_consumers),
+            ("tickwire_conflations", "Backlogs replaced by the latest state.",
+             stats.conflations),
+            ("tickwire_ping_timeouts", "Clients closed for not answering pings (4001).",
+             stats.ping_timeouts),
+            ("tickwire_broadcast_writes",
              "Writes of queued events to the clients they reached (one per coalescing "
-             "window under load)."),
-            ("shared_batches", "tickwire_broadcast_shared_batches",
-             "Batched frames written as built for another client in the same write."),
+             "window under load).", stats.writes),
+            ("tickwire_broadcast_shared_batches",
+             "Batched frames written as built for another client in the same write.",
+             stats.shared_batches),
+            ("tickwire_client_messages_sent",
+             "Messages written to clients, every client since the start.", stats.messages),
+            ("tickwire_client_frames_sent",
+             "WebSocket frames written to clients, every client since the start.",
+             stats.frames),
+            ("tickwire_client_bytes_sent",
+             "Bytes written to clients, every client since the start.", stats.bytes),
         ):
-            if hasattr(server, attribute):
-                yield CounterMetricFamily(name, doc, value=getattr(server, attribute))
-        rejected = getattr(server, "rejected", None)
-        if rejected is not None:
-            family = _counter("tickwire_connections_rejected",
-                              "Client upgrades refused, by HTTP status.", ["status"])
-            for status, count in sorted(rejected.items()):
-                family.add_metric([str(status)], count)
-            yield family
-        label = ["client"]
-        queue = _gauge("tickwire_client_queue_depth", "Messages queued for the client.", label)
-        sent = _counter("tickwire_client_messages_sent", "Messages written to the client.", label)
-        frames = _counter("tickwire_client_frames_sent", "Frames written to the client.", label)
-        sent_bytes = _counter("tickwire_client_bytes_sent", "Bytes written to the client.", label)
+            yield CounterMetricFamily(name, doc, value=value)
+        rejected = _counter("tickwire_connections_rejected",
+                            "Client upgrades refused, by HTTP status.", ["status"])
+        for status, count in sorted(stats.rejected.items()):
+            rejected.add_metric([str(status)], count)
+        yield rejected
         drops = _counter("tickwire_client_dropped",
-                         "Messages the client did not get as such, by policy.",
-                         ["client", "policy"])
-        for session in sessions:
-            stats = session.statistics()
-            client = [str(stats.get("remote"))]
-            queue.add_metric(client, stats.get("queue", 0))
-            sent.add_metric(client, stats.get("sent", 0))
-            frames.add_metric(client, stats.get("frames", 0))
-            if "bytes_sent" in stats or "bytes" in stats:
-                sent_bytes.add_metric(client, stats.get("bytes_sent", stats.get("bytes", 0)))
-            for key, policy in DROP_POLICIES.items():
-                if key in stats:
-                    drops.add_metric([*client, policy], stats[key])
-        yield from (queue, sent, frames, sent_bytes, drops)
-        histogram = getattr(server, "latency", None)
-        if histogram is not None:
-            yield latency_summary(histogram)
+                         "Messages clients did not get as such, by policy: conflate (a "
+                         "backlog replaced by the latest state), throttle (within a "
+                         "client's throttle_ms).", ["policy"])
+        drops.add_metric(["conflate"], stats.conflations)
+        drops.add_metric(["throttle"], stats.throttled)
+        yield drops
+        yield GaugeMetricFamily("tickwire_client_queue_depth",
+                                "Messages queued for clients, all clients together.",
+                                value=stats.queued)
+        yield GaugeMetricFamily("tickwire_client_queue_depth_max",
+                                "The longest client queue, messages.", value=stats.queue_max)
+        yield latency_summary(server.latency)
 
 
 def latency_summary(histogram: Any) -> Metric:

@@ -19,6 +19,7 @@ from wsproto.events import (
     AcceptConnection,
     BytesMessage,
     CloseConnection,
+    Event,
     Ping,
     Pong,
     RejectConnection,
@@ -154,7 +155,7 @@ class ServerConnection:
             self.closed = self.closed or ConnectionClosed(1006, "connection dropped")
             raise self.closed
         try:
-            self.ws.receive_data(data)
+            self.ws.receive_data(bytes(data))
         except RemoteProtocolError as exc:
             self.closed = ConnectionClosed(1002, str(exc))
             await self.abort()
@@ -198,7 +199,7 @@ class ServerConnection:
         self.closed = self.closed or ConnectionClosed(1006, "aborted")
         await self.stream.aclose()
 
-    async def _send_event(self, event: object) -> None:
+    async def _send_event(self, event: Event) -> None:
         if self.closed is not None and not isinstance(event, CloseConnection):
             raise self.closed
         if self.output is not None:

@@ -31,6 +31,7 @@ FORBIDDEN = "forbidden"
 RATE_LIMITED = "rate_limited"
 TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
 
+#: The most retained messages a subscribe may ask for (more is an error, not clamped).
 MAX_HISTORY = 1000
 
 
@@ -120,8 +121,10 @@ def parse_request(text: str | bytes) -> Request:
         if op == "unsubscribe":
             return Unsubscribe(id=request_id, channels=channels, symbols=symbols)
         history = obj.get("history", 0)
-        if isinstance(history, bool) or not isinstance(history, int) or history < 0:
-            raise RequestError(INVALID_REQUEST, "history must be a non-negative integer", request_id)
+        if (isinstance(history, bool) or not isinstance(history, int)
+                or not 0 <= history <= MAX_HISTORY):
+            raise RequestError(INVALID_REQUEST,
+                               f"history must be an integer from 0 to {MAX_HISTORY}", request_id)
         since = obj.get("since", {})
         if not isinstance(since, dict) or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
@@ -139,7 +142,7 @@ def parse_request(text: str | bytes) -> Request:
             raise RequestError(
                 INVALID_REQUEST, "throttle_ms must be an integer from 0 to 60000", request_id)
         return Subscribe(
-            id=request_id, channels=channels, symbols=symbols, history=min(history, MAX_HISTORY),
+            id=request_id, channels=channels, symbols=symbols, history=history,
             since=since, epoch=epoch, throttle_ms=throttle,
         )
     if op is None:
@@ -147,13 +150,13 @@ def parse_request(text: str | bytes) -> Request:
     raise RequestError(UNKNOWN_OP, f"unknown op {op!r}; ops are subscribe, unsubscribe, ping", request_id)
 
 
-def _only(obj: dict, allowed: set[str], request_id: Any) -> None:
+def _only(obj: dict[str, Any], allowed: set[str], request_id: Any) -> None:
     extra = sorted(set(obj) - allowed)
     if extra:
         raise RequestError(INVALID_REQUEST, f"unknown field {extra[0]!r}", request_id)
 
 
-def _strings(obj: dict, key: str, request_id: Any) -> tuple[str, ...]:
+def _strings(obj: dict[str, Any], key: str, request_id: Any) -> tuple[str, ...]:
     value = obj.get(key)
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise RequestError(INVALID_REQUEST, f"{key} must be a non-empty list of strings", request_id)

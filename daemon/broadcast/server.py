@@ -12,27 +12,50 @@ so that no frame is cut; see ``Session.run``).
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections import Counter
 from typing import Any
 
+import attrs
 import trio
-import trio.testing
 from hdrh.histogram import HdrHistogram
 
 from daemon.broadcast.auth import Authenticator, Grant
+from daemon.broadcast.coalesce import Coalescer
 from daemon.broadcast.connection import ConnectionClosed, Rejection, ServerConnection
-from daemon.broadcast.session import CLOSE_GOING_AWAY, Session
+from daemon.broadcast.session import CLOSE_GOING_AWAY, ServerCounters, Session
 from daemon.config import AuthConfig, ServerConfig
 from daemon.dispatch import Dispatcher
 from daemon.listen import open_listeners
 
 log = logging.getLogger(__name__)
 
-#: The coalescing window after a write is this many times what the write took (at
-#: most ``max_write_delay_ms``): writing then takes at most a third of the time.
-WRITE_DUTY = 2.0
+
+
+@attrs.frozen
+class ServerStatistics:
+    """The server's figures at one moment: ``listen`` (``HOST:PORT`` or ``None``),
+    ``clients`` connected, ``connections`` accepted, ``rejected`` upgrades by HTTP
+    status, ``slow_consumers`` (4008), ``conflations``, ``ping_timeouts`` (4001),
+    ``writes`` (coalesced write passes), ``shared_batches``; over every client
+    since the start (those gone included): ``messages``, ``frames`` and ``bytes``
+    sent, ``throttled``; now: ``queued`` (messages in every client queue) and
+    ``queue_max`` (the longest queue)."""
+
+    listen: str | None
+    clients: int
+    connections: int
+    rejected: dict[int, int]
+    slow_consumers: int
+    conflations: int
+    ping_timeouts: int
+    writes: int
+    shared_batches: int
+    messages: int
+    frames: int
+    bytes: int
+    throttled: int
+    queued: int
+    queue_max: int
 
 
 class BroadcastServer:
@@ -59,24 +82,57 @@ class BroadcastServer:
         self.per_address: Counter[str] = Counter()
         self.connections = 0
         self.rejected: Counter[int] = Counter()
-        self.slow_consumers = 0
-        self.conflations = 0
-        self.ping_timeouts = 0
         self.latency = HdrHistogram(1, 60_000_000, 3)
-        #: sessions the dispatcher delivered to since the last write
-        self.dirty: set[Session] = set()
-        self.writes = 0  # flushes of the dirty sessions
-        #: during a write, what each queue of messages became (bytes, messages,
-        #: frames, batched frames, first recv_ts, the messages), by the messages'
-        #: ids; ``None`` between writes
-        self.queue_cache: dict[tuple[int, ...],
-                               tuple[bytes, int, int, int, float, list]] | None = None
-        self.shared_batches = 0  # batched frames built once and written to another session
-        self._next_write = -math.inf  # trio time before which a write waits
-        self._write_pending = False
-        self._write_wanted = trio.Event()
-        dispatcher.after_publish = self.flush
+        #: what every session counts together (sessions are given this object)
+        self.counters = ServerCounters(latency=self.latency)
+        #: messages, frames, bytes, throttled of the sessions that have left
+        self.departed = [0, 0, 0, 0]
+        self.coalescer = Coalescer(config.max_write_delay_ms / 1000)
+        dispatcher.after_publish = self.coalescer.flush
         self.port: int | None = None
+
+    # the figures, as attributes (status, metrics and tests read them)
+    @property
+    def slow_consumers(self) -> int:
+        return self.counters.slow_consumers
+
+    @property
+    def conflations(self) -> int:
+        return self.counters.conflations
+
+    @property
+    def ping_timeouts(self) -> int:
+        return self.counters.ping_timeouts
+
+    @property
+    def shared_batches(self) -> int:
+        return self.counters.shared_batches
+
+    @property
+    def writes(self) -> int:
+        return self.coalescer.writes
+
+    def statistics(self) -> ServerStatistics:
+        """The server's figures now (see ``ServerStatistics``)."""
+        sessions = list(self.sessions)
+        messages, frames, sent_bytes, throttled = self.departed
+        queues = [len(s.queue) for s in sessions]
+        for session in sessions:
+            c = session.counters
+            messages += c.sent
+            frames += c.frames
+            sent_bytes += c.bytes
+            throttled += c.throttled
+        counters = self.counters
+        return ServerStatistics(
+            listen=f"{self.config.host}:{self.port}" if self.port else None,
+            clients=len(sessions), connections=self.connections,
+            rejected=dict(self.rejected), slow_consumers=counters.slow_consumers,
+            conflations=counters.conflations, ping_timeouts=counters.ping_timeouts,
+            writes=self.coalescer.writes, shared_batches=counters.shared_batches,
+            messages=messages, frames=frames, bytes=sent_bytes, throttled=throttled,
+            queued=sum(queues), queue_max=max(queues, default=0),
+        )
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; ``started(port)`` once the socket listens. Raises
@@ -87,58 +143,10 @@ class BroadcastServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, self._handle, listeners)
             nursery.start_soon(self._drain_on_shutdown)
-            nursery.start_soon(self._coalesce)
+            nursery.start_soon(self.coalescer.serve)
             log.info("broadcast: listening on ws://%s:%d%s", self.config.host, self.port,
                      " (authentication on)" if self.auth.enabled else "")
             task_status.started(self.port)
-
-    def flush(self) -> None:
-        """Called by the dispatcher after each batch of events: write what is queued
-        to every session it reached, now if the coalescing window after the last
-        write has passed, else at its end (``_coalesce``), with whatever more the
-        window brings. The window counts from the end of a write and lasts
-        ``WRITE_DUTY`` times what the write took, at most ``max_write_delay_ms``:
-        writing to one client adds no delay; writing to many leaves the feeds twice
-        that time to be read, and what they bring meanwhile goes in one write. The
-        window ends early once no task is left ready to run (the feeds are read,
-        the process would wait): waiting longer would save nothing, so events that
-        find the process idle leave at once, and only a busy process batches."""
-        if not self.dirty:
-            return
-        if trio.current_time() >= self._next_write:
-            self._write()
-        elif not self._write_pending:
-            self._write_pending = True
-            self._write_wanted.set()
-
-    def _write(self) -> None:
-        started = time.perf_counter()
-        dirty, self.dirty = self.dirty, set()
-        self.writes += 1
-        self.queue_cache = {}
-        try:
-            for session in dirty:
-                session.flush()
-        finally:
-            self.queue_cache = None
-        took = time.perf_counter() - started
-        self._next_write = trio.current_time() + min(self.config.max_write_delay_ms / 1000,
-                                                      took * WRITE_DUTY)
-
-    async def _coalesce(self) -> None:
-        """Write at the end of each coalescing window that held an event, or as soon
-        as every other task waits (``wait_all_tasks_blocked``: the run loop found
-        nothing ready and no I/O pending)."""
-        while True:
-            await self._write_wanted.wait()
-            self._write_wanted = trio.Event()
-            with trio.move_on_at(self._next_write):
-                # the window ends early when nothing else is left to do (trio.testing
-                # has the one public way to learn that the run loop would wait)
-                await trio.testing.wait_all_tasks_blocked()
-            self._write_pending = False
-            if self.dirty:
-                self._write()
 
     async def _drain_on_shutdown(self) -> None:
         try:
@@ -184,7 +192,8 @@ class BroadcastServer:
             await conn.reject(verdict)
             return
         await conn.accept()
-        session = Session(conn, remote, self.dispatcher, self.config, self.hello, verdict, self)
+        session = Session(conn, remote, self.dispatcher, self.config, self.hello, verdict,
+                          self.counters, self.coalescer)
         self.connections += 1
         self.sessions.add(session)
         log.info("broadcast: client %s connected (%s)", remote, verdict.name)
@@ -192,6 +201,12 @@ class BroadcastServer:
             await session.run()
         finally:
             self.sessions.discard(session)
+            c = session.counters
+            departed = self.departed
+            departed[0] += c.sent
+            departed[1] += c.frames
+            departed[2] += c.bytes
+            departed[3] += c.throttled
             log.info("broadcast: client %s left (%s %s), sent %d",
                      remote, session.close_code or (conn.closed and conn.closed.code),
                      session.close_reason, session.counters.sent)

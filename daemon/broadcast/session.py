@@ -30,8 +30,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import socket
 import time
 from collections import deque
 from typing import Any
@@ -40,8 +38,9 @@ import attrs
 import trio
 
 from daemon.broadcast.auth import Grant
+from daemon.broadcast.coalesce import Coalescer
 from daemon.broadcast.connection import ConnectionClosed, ServerConnection
-from daemon.broadcast.frames import batch_payload, text_frame
+from daemon.broadcast.frames import Built, build_frames
 from daemon.broadcast.protocol import (
     FORBIDDEN,
     RATE_LIMITED,
@@ -51,6 +50,7 @@ from daemon.broadcast.protocol import (
     Subscribe,
     parse_request,
 )
+from daemon.broadcast.writer import Writer, open_writer
 from daemon.config import ServerConfig
 from daemon.dispatch import Dispatcher, Message, Stream, matches
 from daemon.wire import encode
@@ -63,8 +63,6 @@ CLOSE_PING_TIMEOUT = 4001
 CLOSE_IDLE = 4000
 CLOSE_RATE_LIMITED = 4029
 SLOW_CONSUMER = "slow consumer"
-#: Control-frame bytes piled up behind a full socket before the client is dropped.
-MAX_PILED = 1 << 20
 #: Every LATENCY_SAMPLE-th write of a client goes into the latency histogram.
 LATENCY_SAMPLE = 8
 #: Seconds a closing client gets to take the frame being written and the close frame.
@@ -76,6 +74,22 @@ class Marker:
     """Stands in a queue for a conflated or throttled stream's latest state."""
 
     stream: Stream
+
+
+@attrs.define(slots=True)
+class ServerCounters:
+    """What the server's sessions did, together: one object the server owns and
+    passes to each session (sessions write into nothing else of the server).
+    ``slow_consumers`` closed (4008), ``conflations`` (backlogs replaced by the
+    latest state), ``ping_timeouts`` (4001), ``shared_batches`` (batched frames
+    written as built for another client in the same write); ``latency``:
+    receive-to-client-write, microseconds (HdrHistogram)."""
+
+    latency: Any
+    slow_consumers: int = 0
+    conflations: int = 0
+    ping_timeouts: int = 0
+    shared_batches: int = 0
 
 
 @attrs.define
@@ -95,7 +109,8 @@ class SessionCounters:
 class Session:
     """A connected client (see the module docstring).
 
-    ``server`` gives the epoch, the latency histogram and the policy counters.
+    ``shared`` takes the counters of all sessions; ``coalescer`` decides when
+    the queue is written (``daemon.broadcast.coalesce``).
     """
 
     def __init__(
@@ -106,7 +121,8 @@ class Session:
         config: ServerConfig,
         hello: dict[str, Any],
         grant: Grant,
-        server: Any,
+        shared: ServerCounters,
+        coalescer: Coalescer,
     ) -> None:
         self.conn = conn
         self.remote = remote
@@ -114,7 +130,8 @@ class Session:
         self.config = config
         self.hello = hello
         self.grant = grant
-        self.server = server
+        self.shared = shared
+        self.coalescer = coalescer
         self.queue: deque[Message | Marker | bytes] = deque()  # bytes: a control message
         self.marked: set[Stream] = set()
         self.throttles: dict[tuple[str, str], float] = {}  # (channel, pattern) -> seconds
@@ -131,9 +148,7 @@ class Session:
         self._refilled = trio.current_time()
         self._over_since: float | None = None
         self._pong_due: float | None = None
-        self._out = bytearray()  # bytes the socket has not taken yet, in order
-        self._piled = 0  # control-frame bytes added to _out while it was not empty
-        self._broken = False
+        self.writer: Writer | None = None
         self._ping_count = 0
 
     # -- called by the dispatcher --------------------------------------------------------
@@ -163,23 +178,23 @@ class Session:
             if stream.policy.conflates:
                 self._conflate(stream)
                 return
-            self.server.slow_consumers += 1
+            self.shared.slow_consumers += 1
             log.warning("broadcast: client %s closed as a slow consumer", self.remote)
             self.close(CLOSE_SLOW_CONSUMER, SLOW_CONSUMER)
             return
         self.queue.append(message)
-        self.server.dirty.add(self)
+        self.coalescer.mark(self)
 
     def _conflate(self, stream: Stream) -> None:
         self.counters.conflated += 1
-        self.server.conflations += 1
+        self.shared.conflations += 1
         self.queue = deque(
             item for item in self.queue
             if not (isinstance(item, Message) and item.stream is stream)
         )
         self.marked.add(stream)
         self.queue.append(Marker(stream))
-        self.server.dirty.add(self)
+        self.coalescer.mark(self)
 
     def _throttle(self, stream: Stream) -> float:
         return max(
@@ -212,7 +227,8 @@ class Session:
         ``close(1001, ...)`` instead, so that no frame is cut in the middle and the
         client gets its close code.
         """
-        self._open_output()
+        writer = self.writer = open_writer(self.conn.stream, self._break, self._wake_writer)
+        self.conn.output = self._control_output
         try:
             with self._scope:
                 try:
@@ -231,12 +247,12 @@ class Session:
                             self._wake.set()  # the writer finishes what it has begun
                 finally:
                     self.dispatcher.remove(self)
-                    self.server.dirty.discard(self)
+                    self.coalescer.discard(self)
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + 1.0
-                if self._out and self._scope.cancelled_caught:
+                if writer.pending and self._scope.cancelled_caught:
                     pass  # a frame was cut by the timeout: no close frame after it
-                elif self.close_code is not None and not self._broken:
+                elif self.close_code is not None and not writer.broken:
                     await self.conn.close(self.close_code, self.close_reason)
                     await self._drain()
                     # the client's close reply, or its TCP close
@@ -244,7 +260,7 @@ class Session:
                         while True:
                             await self.conn.get_message()
         finally:
-            self.raw.close()
+            writer.close()
             with trio.CancelScope(shield=True):
                 await self.conn.stream.aclose()
 
@@ -335,160 +351,75 @@ class Session:
 
     # -- the write side ----------------------------------------------------------------
     #
-    # Every byte to the client goes through ``_out`` in order: frames built from the
-    # queue, and wsproto's control frames (pong, ping, close: ``conn.output``). The
-    # bytes are written at once, without waiting, on a duplicate of the socket's file
-    # descriptor: by ``flush`` (the server calls it for every session the dispatcher
-    # delivered to, once per batch of events), after a request is answered, and by the
-    # writer task, which is only woken when the socket is full or a throttle is due.
-    # The queue is moved into ``_out`` only while ``_out`` is empty, so a client that
-    # does not read keeps its backlog in the bounded queue, where the slow-consumer
-    # policy sees it.
+    # Every byte to the client goes through the writer in order (``writer.py``):
+    # frames built from the queue, and wsproto's control frames (pong, ping, close:
+    # ``conn.output``). ``flush`` (the coalescer calls it for every session the
+    # dispatcher delivered to, once per write; and after a request is answered)
+    # hands the queue's frames to the writer, which writes them at once on a plain
+    # socket or from the writer task on a stream (TLS). The queue is moved into the
+    # writer only while nothing waits in it, so a client that does not read keeps its
+    # backlog in the bounded queue, where the slow-consumer policy sees it.
 
-    def _open_output(self) -> None:
-        self.raw = socket.socket(fileno=os.dup(self.conn.stream.socket.fileno()))
-        self.raw.setblocking(False)
-        self.conn.output = self._emit
+    def _control_output(self, data: bytes) -> None:
+        if self.writer is not None:
+            self.writer.emit(data, control=True)
+
+    def _wake_writer(self) -> None:
+        self._wake.set()
 
     def flush(self) -> None:
-        """Move what is queued to the socket now, as far as it takes it."""
-        if not self._out and self.queue and self.close_code is None:
-            self._emit(self._build())
-
-    def _emit(self, data: bytes) -> None:
-        if self._broken:
-            return
-        if self._out:
-            # only control frames reach here while the socket is full (the queue
-            # waits there): pongs to a client that pings and never reads are bounded
-            self._out += data
-            self._piled += len(data)
-            if self._piled > MAX_PILED:
-                log.warning("broadcast: client %s dropped: it does not read its control "
-                            "frames", self.remote)
-                self._break()
-            return
-        self._piled = 0
-        try:
-            sent = self.raw.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._break()
-            return
-        if sent < len(data):
-            self._out += data[sent:]
-            self._wake.set()  # the writer task waits until the socket takes more
-
-    def _send_pending(self) -> None:
-        try:
-            sent = self.raw.send(self._out)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._break()
-            return
-        del self._out[:sent]
+        """Move what is queued to the writer now, as far as the client takes it."""
+        writer = self.writer
+        if (writer is not None and not writer.pending and self.queue
+                and self.close_code is None):
+            writer.emit(self._build())
 
     def _break(self) -> None:
-        self._broken = True
-        self._out.clear()
+        """The connection failed, or the client does not read its control frames."""
+        log.warning("broadcast: client %s dropped: its connection broke, or it does not "
+                    "read its control frames", self.remote)
         self._read_scope.cancel()
         self._wake.set()
 
     def _build(self) -> bytes:
-        """Frames for everything queued: batches of at most ``max_batch`` messages
-        and ``max_frame_bytes``; a message alone is its shared prebuilt frame. Within
-        one write (``server.queue_cache``), a queue of the same messages as another
-        session's is written as the bytes built for that session."""
-        queue, server = self.queue, self.server
-        whole = server.queue_cache
-        key: tuple[int, ...] | None = None
-        if whole is not None:
+        """Frames for everything queued (``frames.build_frames``). Within one write
+        (``coalescer.cache``), a queue of the same messages as another session's is
+        written as the bytes built for that session."""
+        queue = self.queue
+        cache = self.coalescer.cache
+        if cache is not None:
             key = tuple(map(id, queue))
-            hit = whole.get(key)
+            hit = cache.get(key)
             if hit is not None:
-                data, sent, frames, batches, first_recv, _ = hit
                 queue.clear()
-                server.shared_batches += batches
-                return self._account(data, sent, frames, first_recv)
-            items = list(queue)
-        data, sent, frames, batches, first_recv, plain = self._build_frames()
-        if key is not None and plain:
-            # the messages stay referenced with the bytes, so no id in a key can be
-            # reused by another object during the write
-            whole[key] = (data, sent, frames, batches, first_recv, items)
-        return self._account(data, sent, frames, first_recv)
+                self.shared.shared_batches += hit.batches
+                return self._account(hit)
+            items: list[object] = list(queue)
+        built = build_frames(queue, self._render, self.config.max_batch,
+                             self.config.max_frame_bytes)
+        if cache is not None and built.shareable:
+            cache.put(key, built, items)
+        return self._account(built)
 
-    def _account(self, data: bytes, sent: int, frames: int, first_recv: float) -> bytes:
+    def _account(self, built: Built) -> bytes:
         counters = self.counters
-        counters.sent += sent
-        counters.frames += frames
-        counters.bytes += len(data)
-        latency = self.server.latency
+        counters.sent += built.messages
+        counters.frames += built.frames
+        counters.bytes += len(built.data)
+        latency = self.shared.latency
         # one write in LATENCY_SAMPLE per client is timed: recording costs about 2 us,
         # as much as the rest of a delivery
-        if first_recv and latency is not None and not counters.frames % LATENCY_SAMPLE:
-            latency.record_value(max(1, int((time.time() - first_recv) * 1e6)))
-        return data
-
-    def _build_frames(self) -> tuple[bytes, int, int, int, float, bool]:
-        """Empty the queue into frames: ``(bytes, messages, frames, batched frames,
-        recv_ts of the first event, whether every item was a shared event)``."""
-        max_batch, max_bytes = self.config.max_batch, self.config.max_frame_bytes
-        frames: list[bytes] = []
-        sent = batches = 0
-        first_recv = 0.0
-        plain = True
-        queue = self.queue
-        while queue:
-            payloads: list[bytes] = []
-            single: Message | None = None
-            size = 0
-            while queue and len(payloads) < max_batch:
-                item = queue[0]
-                is_message = type(item) is Message
-                payload = item.payload if is_message else self._render(item)
-                if payload is None:
-                    queue.popleft()
-                    plain = False
-                    continue
-                if payloads and size + len(payload) > max_bytes:
-                    break
-                queue.popleft()
-                payloads.append(payload)
-                size += len(payload) + 1
-                if is_message:
-                    single = item
-                    if not first_recv:
-                        first_recv = item.recv_ts
-                else:
-                    # a control message or a conflated state: this client's only
-                    single = None
-                    plain = False
-            if not payloads:
-                continue
-            if len(payloads) == 1 and single is not None:
-                if single.frame is None:
-                    single.frame = text_frame(single.payload)
-                frame = single.frame
-            elif len(payloads) == 1:
-                frame = text_frame(payloads[0])
-            else:
-                frame = text_frame(batch_payload(payloads))
-                batches += 1
-            frames.append(frame)
-            sent += len(payloads)
-        return b"".join(frames), sent, len(frames), batches, first_recv, plain
+        if built.first_recv and latency is not None and not counters.frames % LATENCY_SAMPLE:
+            latency.record_value(max(1, int((time.time() - built.first_recv) * 1e6)))
+        return built.data
 
     async def _write(self) -> None:
-        """Wait for the socket when it is full, and for throttles when one is due."""
-        while not self._broken:
-            if self._out:
-                await trio.lowlevel.wait_writable(self.raw)
-                self._send_pending()
-                if not self._out:
-                    self.flush()
+        """Send what the writer keeps, and wait for throttles when one is due."""
+        writer = self.writer
+        assert writer is not None
+        while not writer.broken:
+            if writer.pending:
+                await writer.send_pending()  # then the queue, once it is all sent
                 continue
             if self.close_code is not None:
                 return
@@ -502,9 +433,9 @@ class Session:
             self._release_due()
 
     async def _drain(self) -> None:
-        while self._out and not self._broken:
-            await trio.lowlevel.wait_writable(self.raw)
-            self._send_pending()
+        writer = self.writer
+        while writer is not None and writer.pending and not writer.broken:
+            await writer.send_pending()
 
     def _render(self, item: Message | Marker | bytes) -> bytes | None:
         if isinstance(item, bytes):
@@ -543,7 +474,7 @@ class Session:
             await trio.sleep(min(config.ping_interval, config.idle_timeout))
             now = trio.current_time()
             if self._pong_due is not None and now >= self._pong_due:
-                self.server.ping_timeouts += 1
+                self.shared.ping_timeouts += 1
                 self.close(CLOSE_PING_TIMEOUT, "ping timeout")
                 return
             if self.dispatcher.subscriptions.get(self):

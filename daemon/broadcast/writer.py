@@ -1,0 +1,182 @@
+"""A session's writer: every byte to one client goes through it, in order.
+
+``emit(data)`` never blocks: it writes what the connection takes now and keeps
+the rest; the session's writer task calls ``send_pending`` until nothing is left.
+Two implementations of one interface (``Writer``):
+
+- ``StreamWriter`` writes through a ``trio.abc.Stream``: any stream, so a TLS
+  connection (``trio.SSLStream``) works. ``emit`` only buffers; the session's
+  writer task sends the buffer with ``send_all``: one task switch per client per
+  write.
+- ``SocketWriter``, for plain TCP only, writes at once with a non-blocking
+  ``send`` on a duplicate of the connection's file descriptor (``os.dup``: the
+  trio socket's own ``send`` is async): the server's write pass reaches every
+  client in one synchronous loop, without waking a task per client. That loop is
+  what the fan-out figures of docs/benchmarks.md measure (runs H to P: 236,000 to
+  385,000 deliveries/s at 100 clients); the measurement of both writers on the
+  same run is in docs/benchmarks.md ("Writers").
+
+Control frames (pong, ping, close) that pile up behind a full connection are
+bounded (``MAX_PILED``): a client that pings and never reads is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+#: Control-frame bytes piled up behind a full connection before the client is dropped.
+MAX_PILED = 1 << 20
+
+
+class Writer(Protocol):
+    """What a session writes with (see the module docstring)."""
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes wait for ``send_pending``."""
+
+    @property
+    def broken(self) -> bool:
+        """Whether the connection failed (or the client was dropped)."""
+
+    def emit(self, data: bytes, control: bool = False) -> None:
+        """Write ``data`` now as far as the connection takes it, keep the rest in
+        order. ``control``: a control frame, which may pile up behind a full
+        connection up to ``MAX_PILED`` bytes."""
+
+    async def send_pending(self) -> None:
+        """Send what is kept, waiting for the connection as needed."""
+
+    def close(self) -> None:
+        """Release what the writer holds (not the stream: its owner closes it)."""
+
+
+class _Buffered:
+    """The kept bytes and the pile-up rule both writers share."""
+
+    def __init__(self, on_break: Callable[[], None], on_pending: Callable[[], None]) -> None:
+        self._out = bytearray()
+        self._piled = 0
+        self._broken = False
+        self._on_break = on_break
+        self._on_pending = on_pending
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._out)
+
+    @property
+    def broken(self) -> bool:
+        return self._broken
+
+    def _pile(self, data: bytes) -> None:
+        """Keep ``data`` behind bytes that already wait."""
+        self._out += data
+        self._piled += len(data)
+        if self._piled > MAX_PILED:
+            self._break()
+
+    def _break(self) -> None:
+        if not self._broken:
+            self._broken = True
+            self._out.clear()
+            self._on_break()
+
+
+class StreamWriter(_Buffered):
+    """Writes through ``stream`` (plain or TLS) from the session's writer task.
+    ``on_pending`` wakes that task; ``on_break`` is called once if the stream
+    fails or the pile-up bound is passed."""
+
+    def __init__(self, stream: trio.abc.Stream, on_break: Callable[[], None],
+                 on_pending: Callable[[], None]) -> None:
+        super().__init__(on_break, on_pending)
+        self.stream = stream
+
+    def emit(self, data: bytes, control: bool = False) -> None:
+        if self._broken:
+            return
+        if self._out and control:
+            self._pile(data)
+            return
+        self._piled = 0
+        self._out += data
+        self._on_pending()
+
+    async def send_pending(self) -> None:
+        data = bytes(self._out)
+        self._out.clear()
+        if not data or self._broken:
+            return
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._break()
+
+    def close(self) -> None:
+        pass
+
+
+class SocketWriter(_Buffered):
+    """Writes at once on a duplicate of ``stream``'s socket (plain TCP only)."""
+
+    def __init__(self, stream: trio.SocketStream, on_break: Callable[[], None],
+                 on_pending: Callable[[], None]) -> None:
+        super().__init__(on_break, on_pending)
+        self.raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        self.raw.setblocking(False)
+
+    def emit(self, data: bytes, control: bool = False) -> None:
+        if self._broken:
+            return
+        if self._out:
+            # only control frames reach here while the socket is full (the session's
+            # queue waits meanwhile): bounded
+            self._pile(data)
+            return
+        self._piled = 0
+        try:
+            sent = self.raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._break()
+            return
+        if sent < len(data):
+            self._out += data[sent:]
+            self._on_pending()
+
+    async def send_pending(self) -> None:
+        while self._out and not self._broken:
+            await trio.lowlevel.wait_writable(self.raw)
+            try:
+                sent = self.raw.send(self._out)
+            except BlockingIOError:
+                continue
+            except OSError:
+                self._break()
+                return
+            del self._out[:sent]
+            return
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+#: ``TICKWIRE_WRITER=stream`` makes plain connections use ``StreamWriter`` too (to
+#: measure both writers with benchmarks/fanout.py); anything else: the default.
+FORCE_STREAM = os.environ.get("TICKWIRE_WRITER") == "stream"
+
+
+def open_writer(stream: trio.abc.Stream, on_break: Callable[[], None],
+                on_pending: Callable[[], None]) -> Writer:
+    """The writer for ``stream``: ``SocketWriter`` for a plain ``trio.SocketStream``
+    (unless ``TICKWIRE_WRITER=stream``), ``StreamWriter`` for anything else (TLS)."""
+    if isinstance(stream, trio.SocketStream) and not FORCE_STREAM:
+        return SocketWriter(stream, on_break, on_pending)
+    return StreamWriter(stream, on_break, on_pending)
