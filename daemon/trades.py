@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -150,14 +150,16 @@ class TradeTracker:
         return key is not None and self.forgotten is not None and key <= self.forgotten
 
     def _record(self, trade_id: str, key: Any) -> None:
-        if self.memory:
-            self.seen[trade_id] = key
-            while len(self.seen) > self.memory:
-                old_key = self.seen.pop(next(iter(self.seen)))
-                if old_key is not None and (self.forgotten is None or old_key > self.forgotten):
-                    self.forgotten = old_key
-        elif self.forgotten is None or key > self.forgotten:
-            self.forgotten = key
+        """Remember a trade as delivered (it was not: ``delivered`` said so)."""
+        if not self.memory:  # key > forgotten == last_key: the new newest, forgotten at once
+            self.forgotten = self.last_key = key
+            self.last_id = trade_id
+            return
+        self.seen[trade_id] = key
+        while len(self.seen) > self.memory:
+            old_key = self.seen.pop(next(iter(self.seen)))
+            if old_key is not None and (self.forgotten is None or old_key > self.forgotten):
+                self.forgotten = old_key
         if key is not None and (self.last_key is None or key >= self.last_key):
             self.last_key, self.last_id = key, trade_id
         elif self.last_id is None:
@@ -194,20 +196,26 @@ class TradeTracker:
         """Whether a recovery window is open (live trades are held)."""
         return self.recovery is not None
 
-    def live(self, trades: Iterable[Trade], now: float) -> Outputs:
+    def live(
+        self, trades: Sequence[Trade], now: float, keys: Sequence[Any] | None = None
+    ) -> Outputs:
         """Trades received live, in the order received: the ones to deliver now.
 
         Repeats are dropped (``duplicates``); while a recovery runs, new trades are
         held; with contiguous ids, a trade beyond ``last_key + 1`` counts a gap and
         opens a recovery (the ``FetchTrades`` is returned and the trade held) when
-        ``history`` can start one, else it is delivered after a ``Gap``.
+        ``history`` can start one, else it is delivered after a ``Gap``. ``keys``:
+        the trades' keys when the caller has them already (``rules.key`` else).
         """
         out: Outputs = []
-        key_of = self.rules.key
-        for trade in trades:
-            key = key_of(trade)
-            if self.delivered(trade.id, key):
-                self.stats.duplicates += 1
+        if keys is None:
+            key_of = self.rules.key
+            keys = [key_of(trade) for trade in trades]
+        seen, stats = self.seen, self.stats
+        for trade, key in zip(trades, keys, strict=True):
+            forgotten = self.forgotten  # `delivered`, inline: this is the hot path
+            if trade.id in seen or (forgotten is not None and key <= forgotten):
+                stats.duplicates += 1
                 continue
             if self.recovery is not None:
                 self.recovery.held.append(trade)
@@ -221,8 +229,12 @@ class TradeTracker:
                     continue
                 out += self.deliver([trade], now, holes=True)
                 continue
-            self._record(trade.id, key)
-            self.stats.trades += 1
+            if self.memory:
+                self._record(trade.id, key)
+            else:  # `_record`, inline
+                self.forgotten = self.last_key = key
+                self.last_id = trade.id
+            stats.trades += 1
             out.append(trade)
         return out
 

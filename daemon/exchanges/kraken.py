@@ -528,13 +528,14 @@ class KrakenFeed:
         if len(payload) != 1 or not isinstance(payload[0], list):
             raise _Bad("trade payload is not one list")
         key = self._trade_run.get(symbol)
-        trades = []
+        trades, keys = [], []
         for entry in payload[0]:
             key, trade = self._trade(symbol, entry, key, recv_ts)
             trades.append(trade)
+            keys.append(key)
         if key is not None:
             self._trade_run[symbol] = key
-        return self._trades[symbol].live(trades, recv_ts)
+        return self._trades[symbol].live(trades, recv_ts, keys)
 
     def _trade(
         self, symbol: str, entry: list[Any], previous: _Key | None, recv_ts: float
