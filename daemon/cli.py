@@ -104,7 +104,7 @@ def main() -> None:
     """tickwire: real-time market data from exchanges to WebSocket clients."""
 
 
-@main.command()
+@main.command(short_help="Run the daemon.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML configuration file (default: the packaged default.toml).")
 def run(config_path: str | None) -> None:
@@ -121,7 +121,7 @@ def run(config_path: str | None) -> None:
     _run_daemon(_until_signal, app.run, reload)
 
 
-@main.command("check-config")
+@main.command("check-config", short_help="Check a config file (exit 0, or one line and exit 2).")
 @click.argument("path", type=click.Path(dir_okay=False))
 def check_config(path: str) -> None:
     """Check a configuration file: exit 0 if usable, else one line and exit 2."""
@@ -142,7 +142,7 @@ def _speed(ctx: click.Context, param: click.Parameter, value: str) -> float | No
     return speed
 
 
-@main.command()
+@main.command(short_help="Run the daemon on recorded exchange traffic.")
 @click.argument("captures", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--speed", default="1", show_default=True, callback=_speed,
               help="Replay speed: a factor of the recorded timing, or 'max'.")
@@ -167,7 +167,14 @@ def replay(
     loop: bool, rate: float | None, via: str, emulators: str,
 ) -> None:
     """Run the daemon on recorded traffic: each exchange's capture files are served by
-    an emulator on 127.0.0.1, and the collectors connect to it as to the exchange."""
+    an emulator on 127.0.0.1, and the collectors connect to it as to the exchange.
+
+    An exchange's files go together: its WebSocket recordings (X.ws.*), its markets
+    (X.0) and, for Binance, its REST book snapshots (X.http.*). For example:
+
+    \b
+        tickwire replay tests/captures/KRAKEN.* --speed 5
+        tickwire tail book 'kraken:*'      (in another shell)"""
     from functools import partial
 
     import attrs
@@ -197,7 +204,7 @@ def replay(
     _run_daemon(_until_signal, start)
 
 
-@main.command()
+@main.command(short_help="Serve recorded traffic as the exchanges would.")
 @click.argument("captures", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--speed", default="1", show_default=True, callback=_speed,
               help="Replay speed: a factor of the recorded timing, or 'max'.")
@@ -268,7 +275,7 @@ def _socket_option(function: Callable[..., Any]) -> Callable[..., Any]:
     )(function)
 
 
-@main.command()
+@main.command(short_help="The running daemon's health, feeds and clients.")
 @_socket_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw reply (one JSON object).")
 def status(socket_path: str | None, as_json: bool) -> None:
@@ -280,7 +287,7 @@ def status(socket_path: str | None, as_json: bool) -> None:
     sys.exit(status_command(socket_path, as_json))
 
 
-@main.command()
+@main.command(short_help="The running daemon's clients.")
 @_socket_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw reply (one JSON object).")
 def clients(socket_path: str | None, as_json: bool) -> None:
@@ -292,7 +299,7 @@ def clients(socket_path: str | None, as_json: bool) -> None:
     sys.exit(clients_command(socket_path, as_json))
 
 
-@main.command()
+@main.command(short_help="Print a channel's events, one JSON object a line.")
 @click.argument("channel")
 @click.argument("symbols", nargs=-1, required=True)
 @click.option("--url", default="ws://127.0.0.1:8765", show_default=True, help="tickwire server.")
