@@ -254,3 +254,37 @@ def test_help_texts_have_no_rest_markup() -> None:
         assert result.returncode == 0, result.stderr
         for markup in ("``", ":param", ":class:", ":func:"):
             assert markup not in result.stdout, (command, result.stdout)
+
+
+async def test_tail_into_a_closed_pipe_ends_by_sigpipe_without_a_traceback(captures: Path) -> None:
+    """``tickwire tail ... | head -1``: once the reader is gone, tail's next write
+    ends it as SIGPIPE ends cat."""
+    import os
+    import signal
+
+    trades = busiest_trades(captures)[:2]
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery)
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            process = await trio.lowlevel.open_process(
+                [*TICKWIRE, "tail", "--url", running.url, "trades", f"coinbase:{trades[0].symbol}"],
+                stdout=write, stderr=subprocess.PIPE)
+        finally:
+            os.close(write)
+        try:
+            with trio.fail_after(20):
+                while not running.dispatcher.subscriptions:
+                    await trio.sleep(0.01)
+            await publish(running, trades)
+            with trio.fail_after(20):
+                code = await process.wait()
+            stderr = await process.stderr.receive_some()
+        finally:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+        nursery.cancel_scope.cancel()
+    assert code == -signal.SIGPIPE
+    assert not stderr
