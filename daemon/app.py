@@ -53,6 +53,8 @@ from daemon.logs import set_level
 from daemon.metrics import MetricsServer, make_registry
 from daemon.notify import Notifier
 from daemon.supervise import Backoff, supervise
+from daemon.tls import TlsError, clear_text_warning, server_context
+from daemon.tls import reload as reload_tls
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,7 @@ class App:
             root.start_soon(self._stopping)
             await root.start(self.dispatcher.serve)
             await root.start(self.admin.serve)  # first: a second daemon stops here
+            self._start_tls()
             self.port = await root.start(self.server.serve)
             if self.metrics is not None:
                 self.metrics_port = await root.start(self.metrics.serve)
@@ -141,8 +144,9 @@ class App:
             self.notifier.ready(summary(self.reporter.health, self.reporter.checks))
             await root.start(self.reporter.run)
             log.info(
-                "tickwire %s started: epoch %s, %d feeds, ws://%s:%d, admin %s",
-                __version__, self.epoch, len(self.feeds), self.config.server.host, self.port,
+                "tickwire %s started: epoch %s, %d feeds, %s:%d, admin %s",
+                __version__, self.epoch, len(self.feeds),
+                f"{self.server.scheme}://{self.config.server.host}", self.port,
                 self.admin.path,
             )
             task_status.started(self.port)
@@ -243,6 +247,29 @@ class App:
 
     # -- reload ------------------------------------------------------------------------
 
+    def _start_tls(self) -> None:
+        """TLS for clients from ``[server.tls]`` (``daemon.tls``); raises ``TlsError``
+        (a ``StartupError``); warns when tokens would travel in the clear."""
+        context = server_context(self.config.server.tls)
+        self.server.ssl_context = context
+        if self.metrics is not None:
+            self.metrics.http.ssl_context = context
+        warning = clear_text_warning(self.config)
+        if warning:
+            log.warning("%s", warning)
+
+    def _reload_tls(self, config: Config) -> list[str]:
+        """SIGHUP: the certificate and key files read again (new connections)."""
+        context = self.server.ssl_context
+        if context is None or not config.server.tls.on:
+            return []
+        try:
+            reload_tls(context, config.server.tls)
+        except TlsError as exc:
+            log.error("reload: %s; the running certificate stays", exc)
+            return []
+        return ["TLS certificate reloaded"]
+
     async def reload(self, load: Callable[[], Config]) -> list[str]:
         """Re-read the configuration with ``load()`` and apply its exchanges (and log
         level): stop the feeds that are gone, restart those whose settings changed,
@@ -272,6 +299,7 @@ class App:
                 if config.log_level != self.config.log_level:
                     set_level(config.log_level)
                     changes.append(f"log level {config.log_level}")
+                changes += self._reload_tls(config)
                 for section in ("server", "admin", "metrics", "dispatch", "history",
                                 "reconnect", "reporter", "auth"):
                     if getattr(config, section, None) != getattr(self.config, section, None):

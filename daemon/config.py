@@ -90,6 +90,33 @@ class _Listening:
 
 
 @attrs.frozen(kw_only=True)
+class TlsConfig:
+    """TLS for clients (``wss://`` and the metrics endpoint's ``https://``).
+
+    ``cert`` and ``key``: PEM files (the certificate chain, the private key),
+    read at start and again on SIGHUP (new connections get the new certificate);
+    ``enabled``: ``auto`` (on when a certificate is configured), ``on`` (a
+    certificate is required) or ``off``. Authentication on a non-loopback address
+    without TLS logs a warning at start: tokens travel in the clear.
+    """
+
+    enabled: str = attrs.field(default="auto", validator=_one_of("auto", "on", "off"))
+    cert: str = ""
+    key: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("cert: cert and key go together (PEM paths); set both or neither")
+        if self.enabled == "on" and not self.cert:
+            raise ValueError("cert: enabled = \"on\" needs cert and key (PEM paths)")
+
+    @property
+    def on(self) -> bool:
+        """Whether clients are served over TLS."""
+        return self.enabled != "off" and bool(self.cert)
+
+
+@attrs.frozen(kw_only=True)
 class ServerConfig(_Listening):
     """The broadcast WebSocket server.
 
@@ -111,7 +138,8 @@ class ServerConfig(_Listening):
     ``max_connections`` (total) and ``max_connections_per_ip``;
     ``max_subscriptions``: channel x symbol pairs per client;
     ``max_messages_per_second``: client requests per second (past it ``rate_limited``
-    errors, and close 4029 when it goes on for ``rate_limit_grace`` seconds).
+    errors, and close 4029 when it goes on for ``rate_limit_grace`` seconds);
+    ``tls``: ``[server.tls]`` (``TlsConfig``).
     """
 
     listen: str = attrs.field(default="127.0.0.1:8765", validator=_listen)
@@ -129,6 +157,7 @@ class ServerConfig(_Listening):
     max_subscriptions: int = attrs.field(default=1000, validator=_positive)
     max_messages_per_second: float = attrs.field(default=50.0, validator=_positive)
     rate_limit_grace: float = attrs.field(default=5.0, validator=_positive)
+    tls: TlsConfig = TlsConfig()
 
 
 @attrs.frozen(kw_only=True)

@@ -3,6 +3,7 @@ over real WebSockets, and the Coinbase capture's events to feed it."""
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import attrs
@@ -30,17 +31,19 @@ class Running:
 
 
 async def start(nursery, retention=None, auth: AuthConfig | None = None,
-                hello: dict | None = None, listen: str = "127.0.0.1:0", **server) -> Running:
+                hello: dict | None = None, listen: str = "127.0.0.1:0",
+                ssl_context: ssl.SSLContext | None = None, **server) -> Running:
     """A dispatcher and a broadcast server in ``nursery``, listening on ``listen``
-    (a free port by default); ``server``: more ``ServerConfig`` fields."""
+    (a free port by default; TLS with ``ssl_context``); ``server``: more
+    ``ServerConfig`` fields."""
     dispatcher = Dispatcher(256, retention or {
         "trades": Retention(1000, 3600), "book": Retention(1000, 60),
         "ticker": Retention(100, 60), "system": Retention(100, 60)})
     config = ServerConfig(listen=listen, **server)
-    broadcast = BroadcastServer(dispatcher, config, hello or HELLO, auth)
+    broadcast = BroadcastServer(dispatcher, config, hello or HELLO, auth, ssl_context)
     await nursery.start(dispatcher.serve)
     port = await nursery.start(broadcast.serve)
-    return Running(dispatcher, broadcast, f"ws://127.0.0.1:{port}")
+    return Running(dispatcher, broadcast, f"{broadcast.scheme}://127.0.0.1:{port}")
 
 
 def coinbase_events(captures: Path) -> list:

@@ -1,7 +1,8 @@
 """The broadcast WebSocket server: accepts clients, enforces connection limits and
 authentication, and runs a ``Session`` for each.
 
-Listening is trio's TCP listener; each connection is upgraded by wsproto
+Listening is trio's TCP listener (with TLS, ``wss://``, when given an
+``ssl.SSLContext``: ``daemon.tls``); each connection is upgraded by wsproto
 (``connection.py``) within ``handshake_timeout``. A refused upgrade gets an HTTP
 status: 401 (no or unknown token), 403 (Origin not allowed), 429 (too many
 connections from that address), 503 (too many connections). On shutdown every
@@ -12,6 +13,7 @@ so that no frame is cut; see ``Session.run``).
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import Counter
 from typing import Any
 
@@ -73,11 +75,14 @@ class BroadcastServer:
         config: ServerConfig,
         hello: dict[str, Any],
         auth: AuthConfig | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.config = config
         self.hello = hello
         self.auth = Authenticator(auth or AuthConfig(), config.host)
+        #: TLS for every connection (``wss://``) when set; see ``daemon.tls``
+        self.ssl_context = ssl_context
         self.sessions: set[Session] = set()
         self.per_address: Counter[str] = Counter()
         self.connections = 0
@@ -112,6 +117,11 @@ class BroadcastServer:
     def writes(self) -> int:
         return self.coalescer.writes
 
+    @property
+    def scheme(self) -> str:
+        """``wss`` with TLS, else ``ws``."""
+        return "wss" if self.ssl_context is not None else "ws"
+
     def statistics(self) -> ServerStatistics:
         """The server's figures now (see ``ServerStatistics``)."""
         sessions = list(self.sessions)
@@ -144,7 +154,8 @@ class BroadcastServer:
             nursery.start_soon(trio.serve_listeners, self._handle, listeners)
             nursery.start_soon(self._drain_on_shutdown)
             nursery.start_soon(self.coalescer.serve)
-            log.info("broadcast: listening on ws://%s:%d%s", self.config.host, self.port,
+            log.info("broadcast: listening on %s://%s:%d%s", self.scheme, self.config.host,
+                     self.port,
                      " (authentication on)" if self.auth.enabled else "")
             task_status.started(self.port)
 
@@ -178,8 +189,18 @@ class BroadcastServer:
             await stream.aclose()
 
     async def _upgrade_and_serve(self, stream: trio.SocketStream, remote: str, ip: str) -> None:
-        conn = ServerConnection(stream, self.config.max_message_size)
+        client: trio.abc.Stream = stream
+        if self.ssl_context is not None:
+            client = trio.SSLStream(stream, self.ssl_context, server_side=True)
+        conn = ServerConnection(client, self.config.max_message_size)
         with trio.move_on_after(self.config.handshake_timeout) as handshake_scope:
+            if isinstance(client, trio.SSLStream):
+                try:
+                    await client.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    log.info("broadcast: client %s: TLS handshake failed (%s)", remote,
+                             exc.__cause__ or exc)
+                    return
             handshake = await conn.receive_handshake()
         if handshake_scope.cancelled_caught:
             log.info("broadcast: client %s: no handshake in time", remote)

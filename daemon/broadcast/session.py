@@ -374,10 +374,12 @@ class Session:
                 and self.close_code is None):
             writer.emit(self._build())
 
-    def _break(self) -> None:
-        """The connection failed, or the client does not read its control frames."""
-        log.warning("broadcast: client %s dropped: its connection broke, or it does not "
-                    "read its control frames", self.remote)
+    def _break(self, piled: bool) -> None:
+        """The connection failed, or (``piled``) the client does not read its
+        control frames."""
+        if piled:
+            log.warning("broadcast: client %s dropped: it does not read its control "
+                        "frames", self.remote)
         self._read_scope.cancel()
         self._wake.set()
 

@@ -59,7 +59,7 @@ class Writer(Protocol):
 class _Buffered:
     """The kept bytes and the pile-up rule both writers share."""
 
-    def __init__(self, on_break: Callable[[], None], on_pending: Callable[[], None]) -> None:
+    def __init__(self, on_break: Callable[[bool], None], on_pending: Callable[[], None]) -> None:
         self._out = bytearray()
         self._piled = 0
         self._broken = False
@@ -79,21 +79,21 @@ class _Buffered:
         self._out += data
         self._piled += len(data)
         if self._piled > MAX_PILED:
-            self._break()
+            self._break(piled=True)
 
-    def _break(self) -> None:
+    def _break(self, piled: bool = False) -> None:
         if not self._broken:
             self._broken = True
             self._out.clear()
-            self._on_break()
+            self._on_break(piled)
 
 
 class StreamWriter(_Buffered):
     """Writes through ``stream`` (plain or TLS) from the session's writer task.
-    ``on_pending`` wakes that task; ``on_break`` is called once if the stream
-    fails or the pile-up bound is passed."""
+    ``on_pending`` wakes that task; ``on_break(piled)`` is called once if the
+    stream fails (``False``) or the pile-up bound is passed (``True``)."""
 
-    def __init__(self, stream: trio.abc.Stream, on_break: Callable[[], None],
+    def __init__(self, stream: trio.abc.Stream, on_break: Callable[[bool], None],
                  on_pending: Callable[[], None]) -> None:
         super().__init__(on_break, on_pending)
         self.stream = stream
@@ -125,7 +125,7 @@ class StreamWriter(_Buffered):
 class SocketWriter(_Buffered):
     """Writes at once on a duplicate of ``stream``'s socket (plain TCP only)."""
 
-    def __init__(self, stream: trio.SocketStream, on_break: Callable[[], None],
+    def __init__(self, stream: trio.SocketStream, on_break: Callable[[bool], None],
                  on_pending: Callable[[], None]) -> None:
         super().__init__(on_break, on_pending)
         self.raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
@@ -173,7 +173,7 @@ class SocketWriter(_Buffered):
 FORCE_STREAM = os.environ.get("TICKWIRE_WRITER") == "stream"
 
 
-def open_writer(stream: trio.abc.Stream, on_break: Callable[[], None],
+def open_writer(stream: trio.abc.Stream, on_break: Callable[[bool], None],
                 on_pending: Callable[[], None]) -> Writer:
     """The writer for ``stream``: ``SocketWriter`` for a plain ``trio.SocketStream``
     (unless ``TICKWIRE_WRITER=stream``), ``StreamWriter`` for anything else (TLS)."""
