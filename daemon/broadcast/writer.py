@@ -12,9 +12,11 @@ Two implementations of one interface (``Writer``):
   ``send`` on a duplicate of the connection's file descriptor (``os.dup``: the
   trio socket's own ``send`` is async): the server's write pass reaches every
   client in one synchronous loop, without waking a task per client. That loop is
-  what the fan-out figures of docs/benchmarks.md measure (runs H to P: 236,000 to
-  385,000 deliveries/s at 100 clients); the measurement of both writers on the
-  same run is in docs/benchmarks.md ("Writers").
+  what the fan-out figures of docs/benchmarks.md measure. Measured (run Q,
+  ``benchmarks/fanout.py --clients 100 --idle 0 --modes max``, and the same with
+  ``TICKWIRE_WRITER=stream``): 385,502 and 385,828 deliveries/s with this writer,
+  23,846 and 21,086 with ``StreamWriter`` on the same plain connections. That is
+  why plain TCP keeps the raw path; TLS needs ``StreamWriter``.
 
 Control frames (pong, ping, close) that pile up behind a full connection are
 bounded (``MAX_PILED``): a client that pings and never reads is dropped.
