@@ -636,3 +636,29 @@ async def test_the_hand_off_keeps_order_holds_its_bound_and_frees_a_waiting_work
     assert not thread.is_alive()
     assert len(ended) == 1 and isinstance(ended[0], trio.ClosedResourceError)
     assert handed == list(range(50 + bound))
+
+
+async def test_an_unreachable_exchange_is_failed_with_its_cause_as_the_last_error() -> None:
+    """Nothing listens on the exchange's port: ccxt.pro's market load fails, the
+    feed is ``failed`` and its statistics name the cause (the refused connection),
+    as the native collector's do."""
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    cfg = ExchangeConfig(symbols=["NKN-USDT"], mode="watch", rest_url=f"http://127.0.0.1:{port}",
+                         ws_url=f"ws://127.0.0.1:{port}")
+    send, receive = trio.open_memory_channel(100)
+    collector = WatchCollector("binance", cfg, ReconnectConfig(base=0.05, cap=0.2), send)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collector.run)
+        with trio.fail_after(20):
+            while collector.state_counts["failed"] < 2:
+                await collector.wait_state_change()
+        nursery.cancel_scope.cancel()
+    stats = collector.statistics()
+    assert stats.state == "failed" and stats.last_error is not None
+    assert stats.last_error.startswith("ConnectionRefusedError: ")
+    assert stats.last_error_age is not None and stats.last_error_age >= 0
+    assert not stats.bridge.thread_alive
