@@ -9,7 +9,9 @@ One JSON object a line each way. A request is ``{"op": OP}`` with an optional
   every component with its ``criticality``, ``health``, ``reason`` and ``figures``,
   and the last 20 health ``transitions``;
 - ``clients``: each client's address, subscriptions, queue depth and counters;
-- ``feeds``: each feed's health and figures (counters, rates, ages, books);
+- ``feeds``: each feed's health and figures (counters, rates, ages, books, and
+  ``last_error``: the cause of its last failure, ``Type: message``, with
+  ``last_error_age`` in seconds; ``null`` before any);
 - ``metrics``: every sample of the Prometheus registry.
 
 Every reply has ``type`` (the op), ``id`` and ``health``. A request that cannot be
