@@ -46,13 +46,17 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import attrs
 import orjson
 import trio
 
 from daemon import __version__
 from daemon.errors import StartupError
+
+if TYPE_CHECKING:
+    from daemon.broadcast.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +171,9 @@ class Replies:
         return body
 
 
-def client_figures(session: Any) -> dict[str, Any]:
+def client_figures(session: Session) -> dict[str, Any]:
     """One client: ``address`` and ``subscriptions`` first, then its counters."""
-    stats = dict(session.statistics())
+    stats = attrs.asdict(session.statistics())
     return {"address": stats.pop("remote", None),
             "subscriptions": stats.pop("subscriptions", []), **stats}
 

@@ -1,5 +1,7 @@
-"""A client's queue policies without sockets: a session over an in-memory stream,
-fed by a real dispatcher, its queue read back (conflation, 4008, throttle)."""
+"""A client's queue and its policies without sockets (``daemon.broadcast.queue``):
+a real dispatcher delivers into a ``ClientQueue``; what it holds is rendered into
+the frames a client would get and read back (conflation, 4008, throttle). The
+last test checks the session acts on the verdicts (closes, counts)."""
 
 from __future__ import annotations
 
@@ -12,26 +14,29 @@ from daemon.broadcast.auth import EVERYTHING
 from daemon.broadcast.coalesce import Coalescer
 from daemon.broadcast.connection import ServerConnection
 from daemon.broadcast.frames import build_frames
+from daemon.broadcast.queue import ClientQueue, Verdict
 from daemon.broadcast.session import CLOSE_SLOW_CONSUMER, ServerCounters, Session
 from daemon.config import ServerConfig
-from daemon.dispatch import Dispatcher
+from daemon.dispatch import Dispatcher, Message
+from daemon.events import BookSnapshot, BookUpdate
 from tests.test_channels import ticker, trade
 
-HELLO = {"type": "welcome", "epoch": "e"}
+
+class Client:
+    """A subscriber whose messages wait in a ``ClientQueue``, at a clock the test sets."""
+
+    def __init__(self, limit: int) -> None:
+        self.queue = ClientQueue(limit)
+        self.now = 0.0
+        self.verdicts: list[Verdict] = []
+
+    def deliver(self, message: Message) -> None:
+        self.verdicts.append(self.queue.offer(message, self.now))
 
 
-def session(dispatcher: Dispatcher, **config: object) -> tuple[Session, ServerCounters]:
-    stream, _ = trio.testing.memory_stream_pair()
-    shared = ServerCounters(latency=HdrHistogram(1, 60_000_000, 3))
-    client = Session(ServerConnection(stream, 65536), "test", dispatcher,
-                     ServerConfig(**config), HELLO, EVERYTHING, shared,  # type: ignore[arg-type]
-                     Coalescer(0.0))
-    return client, shared
-
-
-def sent(client: Session) -> list[dict[str, object]]:
-    """What the queue becomes on the wire: the messages, in order."""
-    data = build_frames(client.queue, client._render, 256, 1 << 20).data
+def sent(queue: ClientQueue, now: float = 0.0) -> list[dict[str, object]]:
+    """What the queue becomes on the wire: the messages, in order (frames parsed)."""
+    data = build_frames(queue.items, lambda item: queue.render(item, now), 256, 1 << 20).data
     out = []
     while data:
         n = data[1]
@@ -43,40 +48,110 @@ def sent(client: Session) -> list[dict[str, object]]:
     return out
 
 
-async def test_a_full_queue_conflates_a_ticker_and_closes_on_a_trade() -> None:
+def test_a_full_queue_conflates_a_ticker_to_its_latest_state() -> None:
     dispatcher = Dispatcher(8, {})
-    client, shared = session(dispatcher, client_queue=3)
-    dispatcher.subscribe(client, ["ticker", "trades"], ["*"])
+    client = Client(limit=3)
+    dispatcher.subscribe(client, ["ticker"], ["*"])
     for bid in ("1", "2", "3", "4", "5"):
         dispatcher.publish(ticker(bid))
-    assert client.close_code is None and shared.conflations == 1
-    got = sent(client)
+    assert client.verdicts == [Verdict.QUEUED] * 3 + [Verdict.CONFLATED, Verdict.MARKED]
+    assert client.queue.statistics().conflated == 1
+    got = sent(client.queue)
     assert [m["bid"] for m in got] == ["5"]  # the backlog became the latest state
-    assert got[-1]["conflated"] is True and got[-1]["seq"] == 5
+    assert got[0]["conflated"] is True and got[0]["seq"] == 5
+    dispatcher.publish(ticker("6"))  # the marker left: the stream queues again
+    assert client.verdicts[-1] is Verdict.QUEUED
+    assert [(m["bid"], m.get("conflated")) for m in sent(client.queue)] == [("6", None)]
+
+
+def test_a_conflated_book_arrives_as_the_current_snapshot() -> None:
+    dispatcher = Dispatcher(8, {})
+    client = Client(limit=2)
+    dispatcher.subscribe(client, ["book"], ["*"])
+    dispatcher.publish(BookSnapshot(exchange="x", symbol="A-B", ts=1.0, recv_ts=1.0,
+                                    bids=(("10", "1"),), asks=(("11", "1"),)))
+    for size in ("2", "3", "0"):
+        dispatcher.publish(BookUpdate(exchange="x", symbol="A-B", ts=1.0, recv_ts=1.0,
+                                      bids=(("10", size),), asks=(("12", size),)))
+    assert client.verdicts == [Verdict.QUEUED, Verdict.QUEUED, Verdict.CONFLATED, Verdict.MARKED]
+    [snapshot] = sent(client.queue)
+    assert snapshot["type"] == "book_snapshot" and snapshot["conflated"] is True
+    assert snapshot["bids"] == [] and snapshot["asks"] == [["11", "1"]]
+    assert snapshot["seq"] == 4
+
+
+def test_a_full_queue_with_a_trade_is_a_slow_consumer_and_queues_nothing() -> None:
+    dispatcher = Dispatcher(8, {})
+    client = Client(limit=3)
+    dispatcher.subscribe(client, ["trades"], ["*"])
     for i in range(4):
         dispatcher.publish(trade(i))
-    assert client.close_code == CLOSE_SLOW_CONSUMER and shared.slow_consumers == 1
-    assert [m["id"] for m in sent(client)] == ["0", "1", "2"]  # nothing after the close
+    assert client.verdicts[-1] is Verdict.SLOW_CONSUMER
+    assert [m["id"] for m in sent(client.queue)] == ["0", "1", "2"]
 
 
-async def test_throttle_passes_a_message_after_the_interval_and_holds_the_rest(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+def test_initial_messages_and_control_messages_pass_the_limit() -> None:
+    queue = ClientQueue(1)
     dispatcher = Dispatcher(8, {})
-    client, _ = session(dispatcher)
-    client.handle(orjson.dumps({"op": "subscribe", "id": 1, "channels": ["ticker"],
-                                "symbols": ["*"], "throttle_ms": 100}).decode())
+    dispatcher.subscribe(Client(1), ["trades"], ["*"])
+    for i in range(3):
+        dispatcher.publish(trade(i))
+    history, _ = dispatcher.subscribe(Client(1), ["trades"], ["*"], history=3)
+    assert [queue.offer(m, 0.0, initial=True) for m in history] == [Verdict.QUEUED] * 3
+    queue.control(b'{"type":"pong","id":1}')
+    assert [m.get("id") for m in sent(queue)] == ["0", "1", "2", 1]
+
+
+def test_throttle_passes_one_message_per_interval_and_the_latest_state_after() -> None:
+    dispatcher = Dispatcher(8, {})
+    client = Client(limit=100)
+    dispatcher.subscribe(client, ["ticker"], ["*"])
+    client.queue.throttle([("ticker", "*")], 0.1)
     dispatcher.publish(ticker("1"))  # the first passes as it is
     dispatcher.publish(ticker("2"))  # within 100 ms: held
     dispatcher.publish(ticker("3"))
-    got = sent(client)
-    assert [m["type"] for m in got] == ["ack", "ticker"]
-    assert got[1]["bid"] == "1" and "conflated" not in got[1]
-    assert client.counters.throttled == 1
-    await trio.sleep(0.1)
-    client._release_due()  # the writer task's wake-up when the interval is over
-    [late] = sent(client)
+    assert client.verdicts == [Verdict.QUEUED, Verdict.THROTTLED, Verdict.MARKED]
+    assert client.queue.next_due == 0.1 and client.queue.statistics().throttled == 1
+    got = sent(client.queue)
+    assert [(m["bid"], m.get("conflated")) for m in got] == [("1", None)]
+    assert not client.queue.release_due(0.05)  # not due yet
+    assert client.queue.release_due(0.1)
+    [late] = sent(client.queue, now=0.1)
     assert late["bid"] == "3" and late["conflated"] is True and late["seq"] == 3
-    await trio.sleep(0.1)
-    dispatcher.publish(ticker("4"))  # the interval since has passed: as it is
-    assert [(m["bid"], m.get("conflated")) for m in sent(client)] == [("4", None)]
+    client.now = 0.2  # the interval since the held state left has passed
+    dispatcher.publish(ticker("4"))
+    assert [(m["bid"], m.get("conflated")) for m in sent(client.queue)] == [("4", None)]
+    client.queue.unthrottle([("ticker", "*")])
+    dispatcher.publish(ticker("5"))
+    dispatcher.publish(ticker("6"))
+    assert [m["bid"] for m in sent(client.queue)] == ["5", "6"]
+
+
+def test_a_throttle_does_not_hold_lossless_streams() -> None:
+    dispatcher = Dispatcher(8, {})
+    client = Client(limit=100)
+    dispatcher.subscribe(client, ["trades"], ["*"])
+    client.queue.throttle([("trades", "*")], 1.0)
+    for i in range(3):
+        dispatcher.publish(trade(i))
+    assert client.verdicts == [Verdict.QUEUED] * 3
+
+
+async def test_the_session_closes_a_slow_consumer_and_counts_a_conflation() -> None:
+    stream, _ = trio.testing.memory_stream_pair()
+    shared = ServerCounters(latency=HdrHistogram(1, 60_000_000, 3))
+    dispatcher = Dispatcher(8, {})
+    client = Session(ServerConnection(stream, 65536), "test", dispatcher,
+                     ServerConfig(client_queue=3), {"type": "welcome", "epoch": "e"},
+                     EVERYTHING, shared, Coalescer(0.0))
+    client.handle('{"op":"subscribe","id":1,"channels":["ticker","trades"],"symbols":["*"]}')
+    for bid in ("1", "2", "3", "4"):
+        dispatcher.publish(ticker(bid))
+    assert client.close_code is None and shared.conflations == 1
+    assert client.statistics().conflated == 1
+    client.queue.items.clear()  # as if written
+    for i in range(4):
+        dispatcher.publish(trade(i))
+    assert client.close_code == CLOSE_SLOW_CONSUMER and shared.slow_consumers == 1
+    assert client not in dispatcher.subscriptions  # nothing more is delivered
+    assert len(client.queue) == 3

@@ -132,7 +132,7 @@ class BroadcastServer:
             messages += c.sent
             frames += c.frames
             sent_bytes += c.bytes
-            throttled += c.throttled
+            throttled += session.queue.throttled
         counters = self.counters
         return ServerStatistics(
             listen=f"{self.config.host}:{self.port}" if self.port else None,
@@ -227,7 +227,7 @@ class BroadcastServer:
             departed[0] += c.sent
             departed[1] += c.frames
             departed[2] += c.bytes
-            departed[3] += c.throttled
+            departed[3] += session.queue.throttled
             log.info("broadcast: client %s left (%s %s), sent %d",
                      remote, session.close_code or (conn.closed and conn.closed.code),
                      session.close_reason, session.counters.sent)

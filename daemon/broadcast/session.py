@@ -1,37 +1,25 @@
-"""One client connection: its subscriptions, its bounded queue, its writer.
+"""One client connection: the tasks that serve it, composed of parts with one job each.
 
-Theory of operation
--------------------
-The dispatcher calls ``deliver`` synchronously for every message of a subscribed
-stream; the message is the one encoding every client shares, and when it leaves
-alone, the one frame too. ``deliver`` never blocks: it appends to this client's
-queue. When the queue holds ``client_queue`` messages the client is a **slow
-consumer**, and the policy depends on the data:
+- ``requests.RequestHandler`` (sans-IO) answers the client's requests and applies
+  its rate limit;
+- ``queue.ClientQueue`` (sans-IO) holds what waits for the client and applies the
+  slow-consumer and throttle policies (conflate, or close with 4008);
+- ``frames.build_frames`` turns the queue into WebSocket frames (batches);
+- ``writer`` writes them (the raw socket for plain TCP, trio's stream for TLS);
+- ``coalesce.Coalescer`` decides when the queues are written.
 
-- ``book`` and ``ticker`` streams **conflate**: the stream's queued messages are
-  taken out and one marker takes their place; when the writer reaches it, it
-  sends the stream's state at that moment (the current ``book_snapshot``, the
-  latest ``ticker``) marked ``"conflated": true``. Later messages of a marked
-  stream are not queued: the marker already stands for them. Never a stale book.
-- ``trades`` and ``system`` are lossless: the client is closed with **4008**
-  ``slow consumer``, and can resume with ``since``.
-
-``throttle_ms`` on a subscription uses the same marker: at most one message per
-``book`` or ``ticker`` stream per interval, the latest state wins.
-
-The writer batches: the messages pending when it wakes leave in one frame (a JSON
-array, at most ``max_batch`` messages and ``max_frame_bytes``); one pending
-message leaves at once in its own frame, prebuilt and shared by all clients. A
-close never cuts a frame: the writer finishes the frame it is writing first.
+The session itself is the glue and the I/O: it reads frames, runs the keepalive
+(ping, idle) and the writer task, and closes the client. The dispatcher calls
+``deliver`` synchronously for every message of a subscribed stream; it never
+blocks. A close never cuts a frame: the writer finishes the frame it is writing
+first, then the close frame.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
-from collections import deque
 from typing import Any
 
 import attrs
@@ -41,18 +29,11 @@ from daemon.broadcast.auth import Grant
 from daemon.broadcast.coalesce import Coalescer
 from daemon.broadcast.connection import ConnectionClosed, ServerConnection
 from daemon.broadcast.frames import Built, build_frames
-from daemon.broadcast.protocol import (
-    FORBIDDEN,
-    RATE_LIMITED,
-    TOO_MANY_SUBSCRIPTIONS,
-    Ping,
-    RequestError,
-    Subscribe,
-    parse_request,
-)
+from daemon.broadcast.queue import ClientQueue, Item, Verdict
+from daemon.broadcast.requests import Answer, RequestHandler
 from daemon.broadcast.writer import Writer, open_writer
 from daemon.config import ServerConfig
-from daemon.dispatch import Dispatcher, Message, Stream, matches
+from daemon.dispatch import Dispatcher, Message
 from daemon.wire import encode
 
 log = logging.getLogger(__name__)
@@ -61,19 +42,11 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_PING_TIMEOUT = 4001
 CLOSE_IDLE = 4000
-CLOSE_RATE_LIMITED = 4029
 SLOW_CONSUMER = "slow consumer"
 #: Every LATENCY_SAMPLE-th write of a client goes into the latency histogram.
 LATENCY_SAMPLE = 8
 #: Seconds a closing client gets to take the frame being written and the close frame.
 CLOSE_TIMEOUT = 5.0
-
-
-@attrs.define(eq=False, slots=True)
-class Marker:
-    """Stands in a queue for a conflated or throttled stream's latest state."""
-
-    stream: Stream
 
 
 @attrs.define(slots=True)
@@ -94,16 +67,30 @@ class ServerCounters:
 
 @attrs.define
 class SessionCounters:
-    """What a session did: messages and frames sent, bytes written, conflations
-    (backlogs replaced by the latest state), throttled messages, requests refused
-    for the rate limit."""
+    """What a session wrote: messages and frames sent, bytes written."""
 
     sent: int = 0
     frames: int = 0
     bytes: int = 0
-    conflated: int = 0
-    throttled: int = 0
-    rate_limited: int = 0
+
+
+@attrs.frozen
+class SessionStatistics:
+    """One client's figures: ``remote`` address, ``grant`` (its token's name),
+    ``queue`` depth, messages ``sent``, ``frames``, ``bytes`` written,
+    ``conflated`` backlogs, ``throttled`` messages, requests refused for the rate
+    limit (``rate_limited``), and its ``subscriptions`` (``channel:pattern``)."""
+
+    remote: str
+    grant: str
+    queue: int
+    sent: int
+    frames: int
+    bytes: int
+    conflated: int
+    throttled: int
+    rate_limited: int
+    subscriptions: tuple[str, ...]
 
 
 class Session:
@@ -132,11 +119,9 @@ class Session:
         self.grant = grant
         self.shared = shared
         self.coalescer = coalescer
-        self.queue: deque[Message | Marker | bytes] = deque()  # bytes: a control message
-        self.marked: set[Stream] = set()
-        self.throttles: dict[tuple[str, str], float] = {}  # (channel, pattern) -> seconds
-        self.last_sent: dict[Stream, float] = {}
-        self.due: dict[Stream, float] = {}
+        self.queue = ClientQueue(config.client_queue)
+        self.requests = RequestHandler(self, dispatcher, self.queue, grant, config,
+                                       str(hello["epoch"]), trio.current_time())
         self.counters = SessionCounters()
         self.close_code: int | None = None
         self.close_reason = ""
@@ -144,9 +129,6 @@ class Session:
         self._wake = trio.Event()
         self._scope = trio.CancelScope(shield=True)
         self._read_scope = trio.CancelScope()
-        self._tokens = config.max_messages_per_second
-        self._refilled = trio.current_time()
-        self._over_since: float | None = None
         self._pong_due: float | None = None
         self.writer: Writer | None = None
         self._ping_count = 0
@@ -154,59 +136,23 @@ class Session:
     # -- called by the dispatcher --------------------------------------------------------
 
     def deliver(self, message: Message, initial: bool = False) -> None:
-        """Queue one message, or apply the throttle or the slow-consumer policy.
-        ``initial`` messages (history, recovery, snapshots: bounded by retention)
-        are queued past the bound."""
+        """Queue one message, or act on the queue's policy (``queue.Verdict``):
+        wake the writer for a throttled stream, count a conflation, close a slow
+        consumer (4008). ``initial`` messages are queued past the limit."""
         if self.close_code is not None:
             return
-        stream = message.stream
-        if stream in self.marked:
-            return  # a marker in the queue already stands for the latest state
-        if stream.policy.conflates and self.throttles:
-            interval = self._throttle(stream)
-            if interval:
-                now = trio.current_time()
-                due = self.last_sent.get(stream, -math.inf) + interval
-                if now < due:
-                    self.counters.throttled += 1
-                    self.marked.add(stream)
-                    self.due[stream] = due
-                    self._wake.set()
-                    return
-                self.last_sent[stream] = now
-        if len(self.queue) >= self.config.client_queue and not initial:
-            if stream.policy.conflates:
-                self._conflate(stream)
-                return
+        verdict = self.queue.offer(message, trio.current_time(), initial)
+        if verdict is Verdict.QUEUED:
+            self.coalescer.mark(self)
+        elif verdict is Verdict.THROTTLED:
+            self._wake.set()
+        elif verdict is Verdict.CONFLATED:
+            self.shared.conflations += 1
+            self.coalescer.mark(self)
+        elif verdict is Verdict.SLOW_CONSUMER:
             self.shared.slow_consumers += 1
             log.warning("broadcast: client %s closed as a slow consumer", self.remote)
             self.close(CLOSE_SLOW_CONSUMER, SLOW_CONSUMER)
-            return
-        self.queue.append(message)
-        self.coalescer.mark(self)
-
-    def _conflate(self, stream: Stream) -> None:
-        self.counters.conflated += 1
-        self.shared.conflations += 1
-        self.queue = deque(
-            item for item in self.queue
-            if not (isinstance(item, Message) and item.stream is stream)
-        )
-        self.marked.add(stream)
-        self.queue.append(Marker(stream))
-        self.coalescer.mark(self)
-
-    def _throttle(self, stream: Stream) -> float:
-        return max(
-            (seconds for (channel, pattern), seconds in self.throttles.items()
-             if channel == stream.channel and matches(pattern, stream.exchange, stream.symbol)),
-            default=0.0,
-        )
-
-    def _control(self, message: dict[str, Any]) -> None:
-        """Queue a control message (ack, error, pong): never conflated, never dropped."""
-        if self.close_code is None:
-            self.queue.append(encode(message))
 
     def close(self, code: int, reason: str, timeout: float = CLOSE_TIMEOUT) -> None:
         """Close this client with ``code``: nothing more is queued, the frame being
@@ -217,6 +163,23 @@ class Session:
             self._read_scope.cancel()
             self._wake.set()
         self._scope.deadline = min(self._scope.deadline, trio.current_time() + timeout)
+
+    def handle(self, text: str | bytes) -> None:
+        """Answer one client request (``requests.RequestHandler``): queue its
+        replies and initial messages, or close the client."""
+        self.apply(self.requests.receive(text, trio.current_time()))
+
+    def apply(self, answer: Answer) -> None:
+        """Carry out an ``Answer``: replies first, then the initial messages."""
+        if answer.close is not None:
+            self.close(answer.close.code, answer.close.reason)
+            return
+        if self.close_code is not None:
+            return
+        for reply in answer.replies:
+            self.queue.control(encode(reply))
+        for message in answer.initial:
+            self.deliver(message, initial=True)
 
     # -- the connection's tasks ----------------------------------------------------------
 
@@ -232,7 +195,7 @@ class Session:
         try:
             with self._scope:
                 try:
-                    self._control(self.hello)
+                    self.queue.control(encode(self.hello))
                     self.flush()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._write)
@@ -272,82 +235,8 @@ class Session:
                 if exc.code in (1003, 1009):  # we closed it: message too big, binary
                     self.close(exc.code, exc.reason)
                 return
-            if self._rate_limited():
-                self.flush()
-                continue
             self.handle(text)
             self.flush()
-
-    def _rate_limited(self) -> bool:
-        now = trio.current_time()
-        rate = self.config.max_messages_per_second
-        self._tokens = min(rate, self._tokens + (now - self._refilled) * rate)
-        self._refilled = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            if self._tokens >= rate / 2:  # the client slowed down: forgiven
-                self._over_since = None
-            return False
-        self.counters.rate_limited += 1
-        if self._over_since is None:
-            self._over_since = now
-        if now - self._over_since >= self.config.rate_limit_grace:
-            self.close(CLOSE_RATE_LIMITED, "rate limited")
-        else:
-            self._control({"type": "error", "id": None, "code": RATE_LIMITED,
-                           "message": f"more than {rate:g} requests per second"})
-        return True
-
-    def handle(self, text: str) -> None:
-        """Answer one client request: ``ack`` + initial messages, ``pong`` or
-        ``error``."""
-        try:
-            request = parse_request(text)
-            if isinstance(request, Ping):
-                self._control({"type": "pong", "id": request.id})
-            elif isinstance(request, Subscribe):
-                self._subscribe(request)
-            else:
-                self.dispatcher.unsubscribe(self, request.channels, request.symbols)
-                for channel in request.channels:
-                    for symbol in request.symbols:
-                        self.throttles.pop((channel, symbol), None)
-                self._control({"type": "ack", "id": request.id, "op": "unsubscribe",
-                               "channels": request.channels, "symbols": request.symbols})
-        except RequestError as exc:
-            self._control({"type": "error", "id": exc.request_id, "code": exc.code,
-                           "message": exc.message})
-
-    def _subscribe(self, request: Subscribe) -> None:
-        for channel in request.channels:
-            for symbol in request.symbols:
-                if not self.grant.allows(channel, symbol):
-                    raise RequestError(
-                        FORBIDDEN, f"this token may not subscribe to {channel} {symbol}",
-                        request.id)
-        pairs = self.dispatcher.subscriptions.get(self, set())
-        new = {(c, s) for c in request.channels for s in request.symbols} - pairs
-        if len(pairs) + len(new) > self.config.max_subscriptions:
-            raise RequestError(
-                TOO_MANY_SUBSCRIPTIONS,
-                f"at most {self.config.max_subscriptions} channel x symbol pairs", request.id)
-        since = request.since
-        epoch_ok = request.epoch is None or request.epoch == self.hello["epoch"]
-        if request.throttle_ms:
-            for pair in new:
-                self.throttles[pair] = request.throttle_ms / 1000
-        initial, recovered = self.dispatcher.subscribe(
-            self, request.channels, request.symbols, request.history,
-            since if epoch_ok else None,
-        )
-        ack: dict[str, Any] = {"type": "ack", "id": request.id, "op": "subscribe",
-                               "channels": request.channels, "symbols": request.symbols}
-        if since:
-            ack["recovered"] = {key: recovered.get(key, False) for key in since}
-            ack["epoch"] = self.hello["epoch"]
-        self._control(ack)
-        for message in initial:
-            self.deliver(message, initial=True)
 
     # -- the write side ----------------------------------------------------------------
     #
@@ -387,7 +276,7 @@ class Session:
         """Frames for everything queued (``frames.build_frames``). Within one write
         (``coalescer.cache``), a queue of the same messages as another session's is
         written as the bytes built for that session."""
-        queue = self.queue
+        queue = self.queue.items
         cache = self.coalescer.cache
         if cache is not None:
             key = tuple(map(id, queue))
@@ -429,37 +318,17 @@ class Session:
                 self.flush()
                 continue
             self._wake = trio.Event()
-            next_due = min(self.due.values(), default=math.inf)
-            with trio.move_on_at(next_due):
+            with trio.move_on_at(self.queue.next_due):
                 await self._wake.wait()
-            self._release_due()
+            self.queue.release_due(trio.current_time())
 
     async def _drain(self) -> None:
         writer = self.writer
         while writer is not None and writer.pending and not writer.broken:
             await writer.send_pending()
 
-    def _render(self, item: Message | Marker | bytes) -> bytes | None:
-        if isinstance(item, bytes):
-            return item
-        if isinstance(item, Message):
-            return item.payload
-        stream = item.stream
-        self.marked.discard(stream)
-        self.last_sent[stream] = trio.current_time()
-        if stream.channel == "book":
-            message = stream.snapshot_message(conflated=True)
-            return message.payload if message is not None else None
-        if stream.latest is None:
-            return None
-        return stream.latest.payload[:-1] + b',"conflated":true}'
-
-    def _release_due(self) -> None:
-        now = trio.current_time()
-        for stream, due in list(self.due.items()):
-            if due <= now:
-                del self.due[stream]
-                self.queue.append(Marker(stream))
+    def _render(self, item: Item) -> bytes | None:
+        return self.queue.render(item, trio.current_time())
 
     async def _keepalive(self, scope: trio.CancelScope) -> None:
         with scope:
@@ -495,14 +364,16 @@ class Session:
     def _pong(self, payload: bytes) -> None:
         self._pong_due = None
 
-    def statistics(self) -> dict[str, Any]:
-        """This client's figures: address, queue depth, subscriptions, counters."""
-        return {
-            "remote": self.remote,
-            "grant": self.grant.name,
-            "queue": len(self.queue),
-            **attrs.asdict(self.counters),
-            "subscriptions": sorted(
+    def statistics(self) -> SessionStatistics:
+        """This client's figures now (see ``SessionStatistics``)."""
+        queue = self.queue.statistics()
+        counters = self.counters
+        return SessionStatistics(
+            remote=self.remote, grant=self.grant.name, queue=queue.depth,
+            sent=counters.sent, frames=counters.frames, bytes=counters.bytes,
+            conflated=queue.conflated, throttled=queue.throttled,
+            rate_limited=self.requests.rate_limit.refused,
+            subscriptions=tuple(sorted(
                 f"{c}:{p}" for c, p in self.dispatcher.subscriptions.get(self, ())
-            ),
-        }
+            )),
+        )

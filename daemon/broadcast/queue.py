@@ -1,0 +1,184 @@
+"""One client's queue and its slow-consumer and throttle policies, sans-IO.
+
+The dispatcher hands every message of a subscribed stream to ``ClientQueue.offer``,
+which never blocks and answers with a ``Verdict``; the session acts on it (wakes
+its writer, closes the client). Time is passed in (seconds, any monotonic clock):
+nothing here sleeps, reads a clock or touches a socket.
+
+When the queue holds ``limit`` messages the client is a **slow consumer**, and the
+policy is its channel's (``daemon.channels``):
+
+- conflating channels (``book``, ``ticker``): the stream's queued messages are
+  taken out and one ``Marker`` takes their place; ``render`` turns the marker
+  into the stream's state at that moment (the current ``book_snapshot``, the
+  latest ``ticker``) marked ``"conflated": true``. Later messages of a marked
+  stream are not queued: the marker already stands for them. Never a stale book.
+- lossless channels (``trades``, ``system``): ``Verdict.SLOW_CONSUMER``; the
+  session closes the client with 4008, and the client can resume with ``since``.
+
+``throttle_ms`` on a subscription uses the same marker: at most one message per
+conflating stream per interval; the first passes as it is, the rest wait as a
+marker released by ``release_due`` once the interval is over (the latest state
+wins). Control messages (ack, error, pong: bytes) are never conflated or dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from collections.abc import Iterable
+
+import attrs
+
+from daemon.dispatch import Message, Stream, matches
+
+
+@attrs.define(eq=False, slots=True)
+class Marker:
+    """Stands in a queue for a conflated or throttled stream's latest state."""
+
+    stream: Stream
+
+
+#: What a queue holds: a message, a marker for a stream's latest state, or the
+#: encoded bytes of a control message.
+Item = Message | Marker | bytes
+
+
+class Verdict(enum.Enum):
+    """What ``ClientQueue.offer`` did with a message."""
+
+    #: appended to the queue: the writer has something to send
+    QUEUED = "queued"
+    #: a marker already stands for the stream's latest state: nothing to do
+    MARKED = "marked"
+    #: within the stream's throttle interval: held as a marker due at ``next_due``
+    THROTTLED = "throttled"
+    #: the queue was full: the stream's backlog became one marker
+    CONFLATED = "conflated"
+    #: the queue was full with a lossless message: the client must be closed (4008)
+    SLOW_CONSUMER = "slow_consumer"
+
+
+@attrs.frozen
+class QueueStatistics:
+    """A queue's figures: ``depth`` (items queued now), ``conflated`` (backlogs
+    replaced by the latest state), ``throttled`` (messages held by a throttle)."""
+
+    depth: int
+    conflated: int
+    throttled: int
+
+
+class ClientQueue:
+    """The bounded queue of one client (see the module docstring).
+
+    ``limit``: messages queued before the slow-consumer policy applies
+    (``server.client_queue``). ``items`` is read and emptied by the writer
+    (``frames.build_frames`` with ``render``).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.items: deque[Item] = deque()
+        self.marked: set[Stream] = set()
+        self.throttles: dict[tuple[str, str], float] = {}  # (channel, pattern) -> seconds
+        self.last_sent: dict[Stream, float] = {}
+        self.due: dict[Stream, float] = {}
+        self.conflated = 0
+        self.throttled = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def offer(self, message: Message, now: float, initial: bool = False) -> Verdict:
+        """Queue ``message`` or apply the throttle or the slow-consumer policy.
+        ``initial`` messages (history, recovery, snapshots: bounded by retention)
+        are queued past the limit."""
+        stream = message.stream
+        if stream in self.marked:
+            return Verdict.MARKED
+        if stream.policy.conflates and self.throttles:
+            interval = self._interval(stream)
+            if interval:
+                due = self.last_sent.get(stream, -math.inf) + interval
+                if now < due:
+                    self.throttled += 1
+                    self.marked.add(stream)
+                    self.due[stream] = due
+                    return Verdict.THROTTLED
+                self.last_sent[stream] = now
+        if len(self.items) >= self.limit and not initial:
+            if not stream.policy.conflates:
+                return Verdict.SLOW_CONSUMER
+            self.conflated += 1
+            self.items = deque(
+                item for item in self.items
+                if not (isinstance(item, Message) and item.stream is stream)
+            )
+            self.marked.add(stream)
+            self.items.append(Marker(stream))
+            return Verdict.CONFLATED
+        self.items.append(message)
+        return Verdict.QUEUED
+
+    def control(self, data: bytes) -> None:
+        """Queue an encoded control message (ack, error, pong)."""
+        self.items.append(data)
+
+    def throttle(self, pairs: Iterable[tuple[str, str]], seconds: float) -> None:
+        """At most one message per ``seconds`` for the streams of these
+        ``(channel, symbol pattern)`` pairs."""
+        for pair in pairs:
+            self.throttles[pair] = seconds
+
+    def unthrottle(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Forget the throttles of these ``(channel, symbol pattern)`` pairs."""
+        for pair in pairs:
+            self.throttles.pop(pair, None)
+
+    @property
+    def next_due(self) -> float:
+        """When the next throttled stream is due (``math.inf`` when none is)."""
+        return min(self.due.values(), default=math.inf)
+
+    def release_due(self, now: float) -> bool:
+        """Queue a marker for every throttled stream due by ``now``; True if any."""
+        released = False
+        for stream, due in list(self.due.items()):
+            if due <= now:
+                del self.due[stream]
+                self.items.append(Marker(stream))
+                released = True
+        return released
+
+    def render(self, item: Item, now: float) -> bytes | None:
+        """The JSON bytes ``item`` stands for as it leaves at ``now``: a message's
+        payload, a control message, or for a marker the stream's state marked
+        ``"conflated": true`` (None: the stream has no state yet)."""
+        if isinstance(item, bytes):
+            return item
+        if isinstance(item, Message):
+            return item.payload
+        stream = item.stream
+        self.marked.discard(stream)
+        self.last_sent[stream] = now
+        if stream.channel == "book":
+            message = stream.snapshot_message(conflated=True)
+            return message.payload if message is not None else None
+        if stream.latest is None:
+            return None
+        return stream.latest.payload[:-1] + b',"conflated":true}'
+
+    def statistics(self) -> QueueStatistics:
+        """The queue's figures now."""
+        return QueueStatistics(depth=len(self.items), conflated=self.conflated,
+                               throttled=self.throttled)
+
+    def _interval(self, stream: Stream) -> float:
+        return max(
+            (seconds for (channel, pattern), seconds in self.throttles.items()
+             if channel == stream.channel and matches(pattern, stream.exchange, stream.symbol)),
+            default=0.0,
+        )

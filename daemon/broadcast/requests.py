@@ -1,0 +1,153 @@
+"""Answering one client's requests, sans-IO: text frames in, an ``Answer`` out.
+
+``RequestHandler.receive(text, now)`` applies the rate limit, parses the request
+(``protocol.parse_request``), checks the client's grant and subscription limit,
+subscribes or unsubscribes it at the dispatcher (itself sans-IO), sets throttles
+on its ``ClientQueue``, and returns what the session must send: the replies
+(``ack``, ``pong``, ``error``: docs/protocol.md "Requests"), then the initial
+messages of a subscribe (history, recovery, snapshots), or a close. Time is
+passed in (seconds, any monotonic clock); nothing here reads a socket or a clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from daemon.broadcast.auth import Grant
+from daemon.broadcast.protocol import (
+    FORBIDDEN,
+    RATE_LIMITED,
+    TOO_MANY_SUBSCRIPTIONS,
+    Ping,
+    RequestError,
+    Subscribe,
+    Unsubscribe,
+    parse_request,
+)
+from daemon.broadcast.queue import ClientQueue
+from daemon.config import ServerConfig
+from daemon.dispatch import Dispatcher, Message, Subscriber
+
+#: Close code for a client that stays above the request rate (docs/protocol.md).
+CLOSE_RATE_LIMITED = 4029
+
+
+@attrs.frozen
+class Close:
+    """The client must be closed with ``code`` (RFC 6455 section 7.4) and ``reason``."""
+
+    code: int
+    reason: str
+
+
+@attrs.frozen
+class Answer:
+    """What one request asks the session to do, in order: queue ``replies`` (JSON
+    objects), deliver ``initial`` messages past the queue's limit, or ``close``."""
+
+    replies: tuple[dict[str, Any], ...] = ()
+    initial: tuple[Message, ...] = ()
+    close: Close | None = None
+
+
+class RateLimit:
+    """A token bucket of ``rate`` requests per second (the burst is one second's
+    worth). A client above the rate gets a ``rate_limited`` error per request;
+    one that stays above it for ``grace`` seconds is closed (4029); one that slows
+    down to half the bucket is forgiven."""
+
+    def __init__(self, rate: float, grace: float, now: float) -> None:
+        self.rate = rate
+        self.grace = grace
+        self.tokens = rate
+        self.refilled = now
+        self.over_since: float | None = None
+        self.refused = 0
+
+    def take(self, now: float) -> Answer | None:
+        """None when a request may be served at ``now``, else the answer to give."""
+        rate = self.rate
+        self.tokens = min(rate, self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            if self.tokens >= rate / 2:
+                self.over_since = None
+            return None
+        self.refused += 1
+        if self.over_since is None:
+            self.over_since = now
+        if now - self.over_since >= self.grace:
+            return Answer(close=Close(CLOSE_RATE_LIMITED, "rate limited"))
+        return Answer(replies=({"type": "error", "id": None, "code": RATE_LIMITED,
+                                "message": f"more than {rate:g} requests per second"},))
+
+
+class RequestHandler:
+    """Answers the requests of ``subscriber`` (a session, as the dispatcher knows
+    it), whose messages wait in ``queue``. ``grant``: what its token allows;
+    ``config``: ``max_subscriptions``, ``max_messages_per_second``,
+    ``rate_limit_grace``; ``epoch``: the server's, for recovery with ``since``."""
+
+    def __init__(self, subscriber: Subscriber, dispatcher: Dispatcher, queue: ClientQueue,
+                 grant: Grant, config: ServerConfig, epoch: str, now: float) -> None:
+        self.subscriber = subscriber
+        self.dispatcher = dispatcher
+        self.queue = queue
+        self.grant = grant
+        self.config = config
+        self.epoch = epoch
+        self.rate_limit = RateLimit(config.max_messages_per_second, config.rate_limit_grace, now)
+
+    def receive(self, text: str | bytes, now: float) -> Answer:
+        """Answer one client text frame received at ``now`` (never raises for bad
+        input: a malformed request is an ``error`` reply with its ``id``)."""
+        refused = self.rate_limit.take(now)
+        if refused is not None:
+            return refused
+        try:
+            request = parse_request(text)
+            if isinstance(request, Ping):
+                return Answer(replies=({"type": "pong", "id": request.id},))
+            if isinstance(request, Subscribe):
+                return self._subscribe(request)
+            return self._unsubscribe(request)
+        except RequestError as exc:
+            return Answer(replies=({"type": "error", "id": exc.request_id, "code": exc.code,
+                                    "message": exc.message},))
+
+    def _unsubscribe(self, request: Unsubscribe) -> Answer:
+        self.dispatcher.unsubscribe(self.subscriber, request.channels, request.symbols)
+        self.queue.unthrottle((c, s) for c in request.channels for s in request.symbols)
+        return Answer(replies=({"type": "ack", "id": request.id, "op": "unsubscribe",
+                                "channels": request.channels, "symbols": request.symbols},))
+
+    def _subscribe(self, request: Subscribe) -> Answer:
+        for channel in request.channels:
+            for symbol in request.symbols:
+                if not self.grant.allows(channel, symbol):
+                    raise RequestError(
+                        FORBIDDEN, f"this token may not subscribe to {channel} {symbol}",
+                        request.id)
+        pairs = self.dispatcher.subscriptions.get(self.subscriber, set())
+        new = {(c, s) for c in request.channels for s in request.symbols} - pairs
+        if len(pairs) + len(new) > self.config.max_subscriptions:
+            raise RequestError(
+                TOO_MANY_SUBSCRIPTIONS,
+                f"at most {self.config.max_subscriptions} channel x symbol pairs", request.id)
+        since = request.since
+        epoch_ok = request.epoch is None or request.epoch == self.epoch
+        if request.throttle_ms:
+            self.queue.throttle(new, request.throttle_ms / 1000)
+        initial, recovered = self.dispatcher.subscribe(
+            self.subscriber, request.channels, request.symbols, request.history,
+            since if epoch_ok else None,
+        )
+        ack: dict[str, Any] = {"type": "ack", "id": request.id, "op": "subscribe",
+                               "channels": request.channels, "symbols": request.symbols}
+        if since:
+            ack["recovered"] = {key: recovered.get(key, False) for key in since}
+            ack["epoch"] = self.epoch
+        return Answer(replies=(ack,), initial=tuple(initial))
