@@ -26,17 +26,17 @@ class Client:
     """A subscriber whose messages wait in a ``ClientQueue``, at a clock the test sets."""
 
     def __init__(self, limit: int) -> None:
-        self.queue = ClientQueue(limit)
         self.now = 0.0
+        self.queue = ClientQueue(limit, lambda: self.now)
         self.verdicts: list[Verdict] = []
 
     def deliver(self, message: Message) -> None:
-        self.verdicts.append(self.queue.offer(message, self.now))
+        self.verdicts.append(self.queue.offer(message))
 
 
-def sent(queue: ClientQueue, now: float = 0.0) -> list[dict[str, object]]:
+def sent(queue: ClientQueue) -> list[dict[str, object]]:
     """What the queue becomes on the wire: the messages, in order (frames parsed)."""
-    data = build_frames(queue.items, lambda item: queue.render(item, now), 256, 1 << 20).data
+    data = build_frames(queue.items, queue.render, 256, 1 << 20).data
     out = []
     while data:
         n = data[1]
@@ -91,13 +91,13 @@ def test_a_full_queue_with_a_trade_is_a_slow_consumer_and_queues_nothing() -> No
 
 
 def test_initial_messages_and_control_messages_pass_the_limit() -> None:
-    queue = ClientQueue(1)
+    queue = ClientQueue(1, lambda: 0.0)
     dispatcher = Dispatcher(8, {})
     dispatcher.subscribe(Client(1), ["trades"], ["*"])
     for i in range(3):
         dispatcher.publish(trade(i))
     history, _ = dispatcher.subscribe(Client(1), ["trades"], ["*"], history=3)
-    assert [queue.offer(m, 0.0, initial=True) for m in history] == [Verdict.QUEUED] * 3
+    assert [queue.offer(m, initial=True) for m in history] == [Verdict.QUEUED] * 3
     queue.control(b'{"type":"pong","id":1}')
     assert [m.get("id") for m in sent(queue)] == ["0", "1", "2", 1]
 
@@ -114,9 +114,11 @@ def test_throttle_passes_one_message_per_interval_and_the_latest_state_after() -
     assert client.queue.next_due == 0.1 and client.queue.statistics().throttled == 1
     got = sent(client.queue)
     assert [(m["bid"], m.get("conflated")) for m in got] == [("1", None)]
-    assert not client.queue.release_due(0.05)  # not due yet
-    assert client.queue.release_due(0.1)
-    [late] = sent(client.queue, now=0.1)
+    client.now = 0.05
+    assert not client.queue.release_due()  # not due yet
+    client.now = 0.1
+    assert client.queue.release_due()
+    [late] = sent(client.queue)
     assert late["bid"] == "3" and late["conflated"] is True and late["seq"] == 3
     client.now = 0.2  # the interval since the held state left has passed
     dispatcher.publish(ticker("4"))

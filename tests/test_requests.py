@@ -74,7 +74,7 @@ def test_invalid_requests_are_errors_with_their_id(text: str, code: str, message
 
 def handler(grant: Grant = EVERYTHING, **config: object) -> tuple[RequestHandler, Dispatcher]:
     dispatcher = Dispatcher(8, {})
-    queue = ClientQueue(100)
+    queue = ClientQueue(100, lambda: 0.0)
     subscriber = QueueSubscriber(queue)
     settings = ServerConfig(**config)  # type: ignore[arg-type]
     return RequestHandler(subscriber, dispatcher, queue, grant, settings, "e1", 0.0), dispatcher
@@ -85,7 +85,7 @@ class QueueSubscriber:
         self.queue = queue
 
     def deliver(self, message: Message) -> None:
-        self.queue.offer(message, 0.0)
+        self.queue.offer(message)
 
 
 def test_a_subscribe_is_acked_then_gets_its_history() -> None:

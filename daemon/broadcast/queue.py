@@ -2,8 +2,10 @@
 
 The dispatcher hands every message of a subscribed stream to ``ClientQueue.offer``,
 which never blocks and answers with a ``Verdict``; the session acts on it (wakes
-its writer, closes the client). Time is passed in (seconds, any monotonic clock):
-nothing here sleeps, reads a clock or touches a socket.
+its writer, closes the client). Time comes from the ``clock`` the queue is given
+(seconds, any monotonic clock: ``trio.current_time`` in the session, a plain
+function in tests), read only where a throttle needs it: nothing here sleeps or
+touches a socket.
 
 When the queue holds ``limit`` messages the client is a **slow consumer**, and the
 policy is its channel's (``daemon.channels``):
@@ -27,7 +29,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 
@@ -75,12 +77,13 @@ class ClientQueue:
     """The bounded queue of one client (see the module docstring).
 
     ``limit``: messages queued before the slow-consumer policy applies
-    (``server.client_queue``). ``items`` is read and emptied by the writer
-    (``frames.build_frames`` with ``render``).
+    (``server.client_queue``); ``clock``: the time now, in seconds. ``items`` is
+    read and emptied by the writer (``frames.build_frames`` with ``render``).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, clock: Callable[[], float]) -> None:
         self.limit = limit
+        self.clock = clock
         self.items: deque[Item] = deque()
         self.marked: set[Stream] = set()
         self.throttles: dict[tuple[str, str], float] = {}  # (channel, pattern) -> seconds
@@ -92,7 +95,7 @@ class ClientQueue:
     def __len__(self) -> int:
         return len(self.items)
 
-    def offer(self, message: Message, now: float, initial: bool = False) -> Verdict:
+    def offer(self, message: Message, initial: bool = False) -> Verdict:
         """Queue ``message`` or apply the throttle or the slow-consumer policy.
         ``initial`` messages (history, recovery, snapshots: bounded by retention)
         are queued past the limit."""
@@ -102,6 +105,7 @@ class ClientQueue:
         if stream.policy.conflates and self.throttles:
             interval = self._interval(stream)
             if interval:
+                now = self.clock()
                 due = self.last_sent.get(stream, -math.inf) + interval
                 if now < due:
                     self.throttled += 1
@@ -143,8 +147,9 @@ class ClientQueue:
         """When the next throttled stream is due (``math.inf`` when none is)."""
         return min(self.due.values(), default=math.inf)
 
-    def release_due(self, now: float) -> bool:
-        """Queue a marker for every throttled stream due by ``now``; True if any."""
+    def release_due(self) -> bool:
+        """Queue a marker for every throttled stream due now; True if any."""
+        now = self.clock()
         released = False
         for stream, due in list(self.due.items()):
             if due <= now:
@@ -153,8 +158,8 @@ class ClientQueue:
                 released = True
         return released
 
-    def render(self, item: Item, now: float) -> bytes | None:
-        """The JSON bytes ``item`` stands for as it leaves at ``now``: a message's
+    def render(self, item: Item) -> bytes | None:
+        """The JSON bytes ``item`` stands for as it leaves now: a message's
         payload, a control message, or for a marker the stream's state marked
         ``"conflated": true`` (None: the stream has no state yet)."""
         if isinstance(item, bytes):
@@ -163,7 +168,7 @@ class ClientQueue:
             return item.payload
         stream = item.stream
         self.marked.discard(stream)
-        self.last_sent[stream] = now
+        self.last_sent[stream] = self.clock()
         if stream.channel == "book":
             message = stream.snapshot_message(conflated=True)
             return message.payload if message is not None else None

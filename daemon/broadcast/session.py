@@ -29,7 +29,7 @@ from daemon.broadcast.auth import Grant
 from daemon.broadcast.coalesce import Coalescer
 from daemon.broadcast.connection import ConnectionClosed, ServerConnection
 from daemon.broadcast.frames import Built, build_frames
-from daemon.broadcast.queue import ClientQueue, Item, Verdict
+from daemon.broadcast.queue import ClientQueue, Verdict
 from daemon.broadcast.requests import Answer, RequestHandler
 from daemon.broadcast.writer import Writer, open_writer
 from daemon.config import ServerConfig
@@ -119,7 +119,7 @@ class Session:
         self.grant = grant
         self.shared = shared
         self.coalescer = coalescer
-        self.queue = ClientQueue(config.client_queue)
+        self.queue = ClientQueue(config.client_queue, trio.current_time)
         self.requests = RequestHandler(self, dispatcher, self.queue, grant, config,
                                        str(hello["epoch"]), trio.current_time())
         self.counters = SessionCounters()
@@ -141,7 +141,7 @@ class Session:
         consumer (4008). ``initial`` messages are queued past the limit."""
         if self.close_code is not None:
             return
-        verdict = self.queue.offer(message, trio.current_time(), initial)
+        verdict = self.queue.offer(message, initial)
         if verdict is Verdict.QUEUED:
             self.coalescer.mark(self)
         elif verdict is Verdict.THROTTLED:
@@ -286,7 +286,7 @@ class Session:
                 self.shared.shared_batches += hit.batches
                 return self._account(hit)
             items: list[object] = list(queue)
-        built = build_frames(queue, self._render, self.config.max_batch,
+        built = build_frames(queue, self.queue.render, self.config.max_batch,
                              self.config.max_frame_bytes)
         if cache is not None and built.shareable:
             cache.put(key, built, items)
@@ -320,15 +320,12 @@ class Session:
             self._wake = trio.Event()
             with trio.move_on_at(self.queue.next_due):
                 await self._wake.wait()
-            self.queue.release_due(trio.current_time())
+            self.queue.release_due()
 
     async def _drain(self) -> None:
         writer = self.writer
         while writer is not None and writer.pending and not writer.broken:
             await writer.send_pending()
-
-    def _render(self, item: Item) -> bytes | None:
-        return self.queue.render(item, trio.current_time())
 
     async def _keepalive(self, scope: trio.CancelScope) -> None:
         with scope:
