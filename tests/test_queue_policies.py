@@ -1,7 +1,7 @@
 """A client's queue and its policies without sockets (``daemon.broadcast.queue``):
 a real dispatcher delivers into a ``ClientQueue``; what it holds is rendered into
 the frames a client would get and read back (conflation, 4008, throttle). The
-last test checks the session acts on the verdicts (closes, counts)."""
+last test checks the session acts on what its queue tells it (closes, counts)."""
 
 from __future__ import annotations
 
@@ -14,24 +14,24 @@ from daemon.broadcast.auth import EVERYTHING
 from daemon.broadcast.coalesce import Coalescer
 from daemon.broadcast.connection import ServerConnection
 from daemon.broadcast.frames import build_frames
-from daemon.broadcast.queue import ClientQueue, Verdict
+from daemon.broadcast.queue import ClientQueue, QueueHooks
 from daemon.broadcast.session import CLOSE_SLOW_CONSUMER, ServerCounters, Session
 from daemon.config import ServerConfig
-from daemon.dispatch import Dispatcher, Message
+from daemon.dispatch import Dispatcher
 from daemon.events import BookSnapshot, BookUpdate
 from tests.test_channels import ticker, trade
 
 
 class Client:
-    """A subscriber whose messages wait in a ``ClientQueue``, at a clock the test sets."""
+    """A ``ClientQueue`` at a clock the test sets, and what it told its owner."""
 
     def __init__(self, limit: int) -> None:
         self.now = 0.0
-        self.queue = ClientQueue(limit, lambda: self.now)
-        self.verdicts: list[Verdict] = []
-
-    def deliver(self, message: Message) -> None:
-        self.verdicts.append(self.queue.offer(message))
+        self.told: list[str] = []
+        self.queue = ClientQueue(limit, lambda: self.now, QueueHooks(
+            ready=lambda: self.told.append("ready"), wake=lambda: self.told.append("wake"),
+            conflated=lambda: self.told.append("conflated"),
+            slow_consumer=lambda: self.told.append("slow_consumer")))
 
 
 def sent(queue: ClientQueue) -> list[dict[str, object]]:
@@ -51,29 +51,29 @@ def sent(queue: ClientQueue) -> list[dict[str, object]]:
 def test_a_full_queue_conflates_a_ticker_to_its_latest_state() -> None:
     dispatcher = Dispatcher(8, {})
     client = Client(limit=3)
-    dispatcher.subscribe(client, ["ticker"], ["*"])
+    dispatcher.subscribe(client.queue, ["ticker"], ["*"])
     for bid in ("1", "2", "3", "4", "5"):
         dispatcher.publish(ticker(bid))
-    assert client.verdicts == [Verdict.QUEUED] * 3 + [Verdict.CONFLATED, Verdict.MARKED]
+    assert client.told == ["ready"] * 3 + ["conflated", "ready"]  # the 5th: marked, nothing
     assert client.queue.statistics().conflated == 1
     got = sent(client.queue)
     assert [m["bid"] for m in got] == ["5"]  # the backlog became the latest state
     assert got[0]["conflated"] is True and got[0]["seq"] == 5
     dispatcher.publish(ticker("6"))  # the marker left: the stream queues again
-    assert client.verdicts[-1] is Verdict.QUEUED
+    assert client.told[-1] == "ready" and len(client.queue) == 1
     assert [(m["bid"], m.get("conflated")) for m in sent(client.queue)] == [("6", None)]
 
 
 def test_a_conflated_book_arrives_as_the_current_snapshot() -> None:
     dispatcher = Dispatcher(8, {})
     client = Client(limit=2)
-    dispatcher.subscribe(client, ["book"], ["*"])
+    dispatcher.subscribe(client.queue, ["book"], ["*"])
     dispatcher.publish(BookSnapshot(exchange="x", symbol="A-B", ts=1.0, recv_ts=1.0,
                                     bids=(("10", "1"),), asks=(("11", "1"),)))
     for size in ("2", "3", "0"):
         dispatcher.publish(BookUpdate(exchange="x", symbol="A-B", ts=1.0, recv_ts=1.0,
                                       bids=(("10", size),), asks=(("12", size),)))
-    assert client.verdicts == [Verdict.QUEUED, Verdict.QUEUED, Verdict.CONFLATED, Verdict.MARKED]
+    assert client.told == ["ready", "ready", "conflated", "ready"]
     [snapshot] = sent(client.queue)
     assert snapshot["type"] == "book_snapshot" and snapshot["conflated"] is True
     assert snapshot["bids"] == [] and snapshot["asks"] == [["11", "1"]]
@@ -83,34 +83,38 @@ def test_a_conflated_book_arrives_as_the_current_snapshot() -> None:
 def test_a_full_queue_with_a_trade_is_a_slow_consumer_and_queues_nothing() -> None:
     dispatcher = Dispatcher(8, {})
     client = Client(limit=3)
-    dispatcher.subscribe(client, ["trades"], ["*"])
+    dispatcher.subscribe(client.queue, ["trades"], ["*"])
     for i in range(4):
         dispatcher.publish(trade(i))
-    assert client.verdicts[-1] is Verdict.SLOW_CONSUMER
+    assert client.told == ["ready"] * 3 + ["slow_consumer"] and client.queue.closed
+    dispatcher.publish(trade(9))  # a closed queue takes nothing more
+    client.queue.control(b'{"type":"pong"}')
+    assert client.told[-1] == "slow_consumer"
     assert [m["id"] for m in sent(client.queue)] == ["0", "1", "2"]
 
 
 def test_initial_messages_and_control_messages_pass_the_limit() -> None:
-    queue = ClientQueue(1, lambda: 0.0)
+    client = Client(1)
     dispatcher = Dispatcher(8, {})
-    dispatcher.subscribe(Client(1), ["trades"], ["*"])
     for i in range(3):
         dispatcher.publish(trade(i))
-    history, _ = dispatcher.subscribe(Client(1), ["trades"], ["*"], history=3)
-    assert [queue.offer(m, initial=True) for m in history] == [Verdict.QUEUED] * 3
-    queue.control(b'{"type":"pong","id":1}')
-    assert [m.get("id") for m in sent(queue)] == ["0", "1", "2", 1]
+    history, _ = dispatcher.subscribe(client.queue, ["trades"], ["*"], history=3)
+    for message in history:
+        client.queue.deliver(message, initial=True)
+    client.queue.control(b'{"type":"pong","id":1}')
+    assert client.told == ["ready"] * 3 and not client.queue.closed
+    assert [m.get("id") for m in sent(client.queue)] == ["0", "1", "2", 1]
 
 
 def test_throttle_passes_one_message_per_interval_and_the_latest_state_after() -> None:
     dispatcher = Dispatcher(8, {})
     client = Client(limit=100)
-    dispatcher.subscribe(client, ["ticker"], ["*"])
+    dispatcher.subscribe(client.queue, ["ticker"], ["*"])
     client.queue.throttle([("ticker", "*")], 0.1)
     dispatcher.publish(ticker("1"))  # the first passes as it is
     dispatcher.publish(ticker("2"))  # within 100 ms: held
     dispatcher.publish(ticker("3"))
-    assert client.verdicts == [Verdict.QUEUED, Verdict.THROTTLED, Verdict.MARKED]
+    assert client.told == ["ready", "wake"]
     assert client.queue.next_due == 0.1 and client.queue.statistics().throttled == 1
     got = sent(client.queue)
     assert [(m["bid"], m.get("conflated")) for m in got] == [("1", None)]
@@ -132,11 +136,11 @@ def test_throttle_passes_one_message_per_interval_and_the_latest_state_after() -
 def test_a_throttle_does_not_hold_lossless_streams() -> None:
     dispatcher = Dispatcher(8, {})
     client = Client(limit=100)
-    dispatcher.subscribe(client, ["trades"], ["*"])
+    dispatcher.subscribe(client.queue, ["trades"], ["*"])
     client.queue.throttle([("trades", "*")], 1.0)
     for i in range(3):
         dispatcher.publish(trade(i))
-    assert client.verdicts == [Verdict.QUEUED] * 3
+    assert client.told == ["ready"] * 3 and len(client.queue) == 3
 
 
 async def test_the_session_closes_a_slow_consumer_and_counts_a_conflation() -> None:
@@ -155,5 +159,5 @@ async def test_the_session_closes_a_slow_consumer_and_counts_a_conflation() -> N
     for i in range(4):
         dispatcher.publish(trade(i))
     assert client.close_code == CLOSE_SLOW_CONSUMER and shared.slow_consumers == 1
-    assert client not in dispatcher.subscriptions  # nothing more is delivered
+    assert client.queue not in dispatcher.subscriptions  # nothing more is delivered
     assert len(client.queue) == 3

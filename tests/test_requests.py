@@ -20,10 +20,10 @@ from daemon.broadcast.protocol import (
     Unsubscribe,
     parse_request,
 )
-from daemon.broadcast.queue import ClientQueue
+from daemon.broadcast.queue import ClientQueue, QueueHooks
 from daemon.broadcast.requests import CLOSE_RATE_LIMITED, Close, RequestHandler
 from daemon.config import ServerConfig
-from daemon.dispatch import Dispatcher, Message
+from daemon.dispatch import Dispatcher
 from tests.test_channels import trade
 
 
@@ -74,18 +74,10 @@ def test_invalid_requests_are_errors_with_their_id(text: str, code: str, message
 
 def handler(grant: Grant = EVERYTHING, **config: object) -> tuple[RequestHandler, Dispatcher]:
     dispatcher = Dispatcher(8, {})
-    queue = ClientQueue(100, lambda: 0.0)
-    subscriber = QueueSubscriber(queue)
+    queue = ClientQueue(100, lambda: 0.0, QueueHooks(ready=list, wake=list, conflated=list,
+                                                      slow_consumer=list))
     settings = ServerConfig(**config)  # type: ignore[arg-type]
-    return RequestHandler(subscriber, dispatcher, queue, grant, settings, "e1", 0.0), dispatcher
-
-
-class QueueSubscriber:
-    def __init__(self, queue: ClientQueue) -> None:
-        self.queue = queue
-
-    def deliver(self, message: Message) -> None:
-        self.queue.offer(message)
+    return RequestHandler(queue, dispatcher, grant, settings, "e1", 0.0), dispatcher
 
 
 def test_a_subscribe_is_acked_then_gets_its_history() -> None:
@@ -97,7 +89,7 @@ def test_a_subscribe_is_acked_then_gets_its_history() -> None:
     assert answer.replies == ({"type": "ack", "id": 7, "op": "subscribe",
                                "channels": ("trades",), "symbols": ("x:*",)},)
     assert [m.seq for m in answer.initial] == [4, 5] and answer.close is None
-    assert dispatcher.subscriptions[requests.subscriber] == {("trades", "x:*")}
+    assert dispatcher.subscriptions[requests.queue] == {("trades", "x:*")}
 
 
 def test_recovery_with_since_needs_the_servers_epoch() -> None:
@@ -130,7 +122,7 @@ def test_a_grant_and_the_subscription_limit_are_errors_and_subscribe_nothing() -
         b'{"op":"subscribe","id":2,"channels":["trades"],'
         b'"symbols":["binance:A-B","binance:C-D","binance:E-F"]}', 0.0)
     assert answer.replies[0]["code"] == TOO_MANY_SUBSCRIPTIONS
-    assert requests.subscriber not in dispatcher.subscriptions
+    assert requests.queue not in dispatcher.subscriptions
 
 
 def test_unsubscribe_drops_the_throttle_and_malformed_input_is_an_error_reply() -> None:

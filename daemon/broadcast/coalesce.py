@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 import trio
@@ -68,6 +70,12 @@ class Coalescer:
         """``session`` has something queued for the next write."""
         self.dirty.add(session)
 
+    def marker(self, session: Flushable) -> Callable[[], None]:
+        """``mark(session)`` as a call without arguments, the cheapest there is
+        (it runs once per client per message): ``dirty`` is one set for the
+        coalescer's life, emptied in place by each write."""
+        return partial(self.dirty.add, session)
+
     def discard(self, session: Flushable) -> None:
         """``session`` is gone."""
         self.dirty.discard(session)
@@ -85,7 +93,8 @@ class Coalescer:
 
     def _write(self) -> None:
         started = time.perf_counter()
-        dirty, self.dirty = self.dirty, set()
+        dirty = list(self.dirty)
+        self.dirty.clear()
         self.writes += 1
         self.cache = WriteCache()
         try:

@@ -28,7 +28,7 @@ from daemon.broadcast.protocol import (
 )
 from daemon.broadcast.queue import ClientQueue
 from daemon.config import ServerConfig
-from daemon.dispatch import Dispatcher, Message, Subscriber
+from daemon.dispatch import Dispatcher, Message
 
 #: Close code for a client that stays above the request rate (docs/protocol.md).
 CLOSE_RATE_LIMITED = 4029
@@ -86,14 +86,13 @@ class RateLimit:
 
 
 class RequestHandler:
-    """Answers the requests of ``subscriber`` (a session, as the dispatcher knows
-    it), whose messages wait in ``queue``. ``grant``: what its token allows;
+    """Answers the requests of the client whose messages wait in ``queue`` (its
+    subscriber, as the dispatcher knows it). ``grant``: what its token allows;
     ``config``: ``max_subscriptions``, ``max_messages_per_second``,
     ``rate_limit_grace``; ``epoch``: the server's, for recovery with ``since``."""
 
-    def __init__(self, subscriber: Subscriber, dispatcher: Dispatcher, queue: ClientQueue,
-                 grant: Grant, config: ServerConfig, epoch: str, now: float) -> None:
-        self.subscriber = subscriber
+    def __init__(self, queue: ClientQueue, dispatcher: Dispatcher, grant: Grant,
+                 config: ServerConfig, epoch: str, now: float) -> None:
         self.dispatcher = dispatcher
         self.queue = queue
         self.grant = grant
@@ -119,7 +118,7 @@ class RequestHandler:
                                     "message": exc.message},))
 
     def _unsubscribe(self, request: Unsubscribe) -> Answer:
-        self.dispatcher.unsubscribe(self.subscriber, request.channels, request.symbols)
+        self.dispatcher.unsubscribe(self.queue, request.channels, request.symbols)
         self.queue.unthrottle((c, s) for c in request.channels for s in request.symbols)
         return Answer(replies=({"type": "ack", "id": request.id, "op": "unsubscribe",
                                 "channels": request.channels, "symbols": request.symbols},))
@@ -131,7 +130,7 @@ class RequestHandler:
                     raise RequestError(
                         FORBIDDEN, f"this token may not subscribe to {channel} {symbol}",
                         request.id)
-        pairs = self.dispatcher.subscriptions.get(self.subscriber, set())
+        pairs = self.dispatcher.subscriptions.get(self.queue, set())
         new = {(c, s) for c in request.channels for s in request.symbols} - pairs
         if len(pairs) + len(new) > self.config.max_subscriptions:
             raise RequestError(
@@ -142,7 +141,7 @@ class RequestHandler:
         if request.throttle_ms:
             self.queue.throttle(new, request.throttle_ms / 1000)
         initial, recovered = self.dispatcher.subscribe(
-            self.subscriber, request.channels, request.symbols, request.history,
+            self.queue, request.channels, request.symbols, request.history,
             since if epoch_ok else None,
         )
         ack: dict[str, Any] = {"type": "ack", "id": request.id, "op": "subscribe",

@@ -9,10 +9,11 @@
 - ``coalesce.Coalescer`` decides when the queues are written.
 
 The session itself is the glue and the I/O: it reads frames, runs the keepalive
-(ping, idle) and the writer task, and closes the client. The dispatcher calls
-``deliver`` synchronously for every message of a subscribed stream; it never
-blocks. A close never cuts a frame: the writer finishes the frame it is writing
-first, then the close frame.
+(ping, idle) and the writer task, and closes the client. The session's queue is
+the dispatcher's subscriber: the dispatcher calls ``queue.deliver`` synchronously
+for every message of a subscribed stream, and it never blocks. A close never
+cuts a frame: the writer finishes the frame it is writing first, then the close
+frame.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from daemon.broadcast.auth import Grant
 from daemon.broadcast.coalesce import Coalescer
 from daemon.broadcast.connection import ConnectionClosed, ServerConnection
 from daemon.broadcast.frames import Built, build_frames
-from daemon.broadcast.queue import ClientQueue, Verdict
+from daemon.broadcast.queue import ClientQueue, QueueHooks
 from daemon.broadcast.requests import Answer, RequestHandler
 from daemon.broadcast.writer import Writer, open_writer
 from daemon.config import ServerConfig
-from daemon.dispatch import Dispatcher, Message
+from daemon.dispatch import Dispatcher
 from daemon.wire import encode
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_SLOW_CONSUMER = 4008
 CLOSE_PING_TIMEOUT = 4001
 CLOSE_IDLE = 4000
-SLOW_CONSUMER = "slow consumer"
 #: Every LATENCY_SAMPLE-th write of a client goes into the latency histogram.
 LATENCY_SAMPLE = 8
 #: Seconds a closing client gets to take the frame being written and the close frame.
@@ -119,8 +119,10 @@ class Session:
         self.grant = grant
         self.shared = shared
         self.coalescer = coalescer
-        self.queue = ClientQueue(config.client_queue, trio.current_time)
-        self.requests = RequestHandler(self, dispatcher, self.queue, grant, config,
+        self.queue = ClientQueue(config.client_queue, trio.current_time, QueueHooks(
+            ready=coalescer.marker(self), wake=self._wake_writer,
+            conflated=self._conflated, slow_consumer=self._slow_consumer))
+        self.requests = RequestHandler(self.queue, dispatcher, grant, config,
                                        str(hello["epoch"]), trio.current_time())
         self.counters = SessionCounters()
         self.close_code: int | None = None
@@ -135,31 +137,21 @@ class Session:
 
     # -- called by the dispatcher --------------------------------------------------------
 
-    def deliver(self, message: Message, initial: bool = False) -> None:
-        """Queue one message, or act on the queue's policy (``queue.Verdict``):
-        wake the writer for a throttled stream, count a conflation, close a slow
-        consumer (4008). ``initial`` messages are queued past the limit."""
-        if self.close_code is not None:
-            return
-        verdict = self.queue.offer(message, initial)
-        if verdict is Verdict.QUEUED:
-            self.coalescer.mark(self)
-        elif verdict is Verdict.THROTTLED:
-            self._wake.set()
-        elif verdict is Verdict.CONFLATED:
-            self.shared.conflations += 1
-            self.coalescer.mark(self)
-        elif verdict is Verdict.SLOW_CONSUMER:
-            self.shared.slow_consumers += 1
-            log.warning("broadcast: client %s closed as a slow consumer", self.remote)
-            self.close(CLOSE_SLOW_CONSUMER, SLOW_CONSUMER)
+    def _conflated(self) -> None:
+        self.shared.conflations += 1
+
+    def _slow_consumer(self) -> None:
+        self.shared.slow_consumers += 1
+        log.warning("broadcast: client %s closed as a slow consumer", self.remote)
+        self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
 
     def close(self, code: int, reason: str, timeout: float = CLOSE_TIMEOUT) -> None:
         """Close this client with ``code``: nothing more is queued, the frame being
         written is finished (within ``timeout`` seconds), then the close frame."""
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
-            self.dispatcher.remove(self)
+            self.queue.close()
+            self.dispatcher.remove(self.queue)
             self._read_scope.cancel()
             self._wake.set()
         self._scope.deadline = min(self._scope.deadline, trio.current_time() + timeout)
@@ -179,7 +171,7 @@ class Session:
         for reply in answer.replies:
             self.queue.control(encode(reply))
         for message in answer.initial:
-            self.deliver(message, initial=True)
+            self.queue.deliver(message, initial=True)
 
     # -- the connection's tasks ----------------------------------------------------------
 
@@ -209,7 +201,7 @@ class Session:
                         else:
                             self._wake.set()  # the writer finishes what it has begun
                 finally:
-                    self.dispatcher.remove(self)
+                    self.dispatcher.remove(self.queue)
                     self.coalescer.discard(self)
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + 1.0
@@ -345,7 +337,7 @@ class Session:
                 self.shared.ping_timeouts += 1
                 self.close(CLOSE_PING_TIMEOUT, "ping timeout")
                 return
-            if self.dispatcher.subscriptions.get(self):
+            if self.dispatcher.subscriptions.get(self.queue):
                 idle_since = now
             elif now - idle_since >= config.idle_timeout:
                 self.close(CLOSE_IDLE, "idle")
@@ -371,6 +363,6 @@ class Session:
             conflated=queue.conflated, throttled=queue.throttled,
             rate_limited=self.requests.rate_limit.refused,
             subscriptions=tuple(sorted(
-                f"{c}:{p}" for c, p in self.dispatcher.subscriptions.get(self, ())
+                f"{c}:{p}" for c, p in self.dispatcher.subscriptions.get(self.queue, ())
             )),
         )
