@@ -8,12 +8,16 @@ does (``conflates``: replace the backlog by the latest state, else close the
 client with 4008) and whether ``throttle_ms`` applies. ``retention`` is the
 default of ``history.<channel>`` (the configuration may override it).
 
-The table is keyed by channel name and made of frozen records, so that a channel
-declared later (issue 15: published channels) is one more row.
+The table is keyed by channel name and made of frozen records. Published
+channels (the desk's own streams: ``signals``, ``executions``, ``portfolio``,
+``trading_state`` and any ``[channels.NAME]`` of the configuration) are more rows
+of the same table (``table()``): ``lossless`` ones keep history like ``trades``,
+``latest`` ones keep each key's current value like ``ticker``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Literal
@@ -22,6 +26,10 @@ import attrs
 
 #: What a new subscriber of a stream gets before live events.
 LateJoiner = Literal["history", "snapshot", "latest"]
+#: The two policies a published channel may declare.
+Kind = Literal["lossless", "latest"]
+#: A published channel's name: a plain lower-case word.
+NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
 @attrs.frozen
@@ -44,7 +52,9 @@ class ChannelPolicy:
     ``throttle_ms`` applies; ``late_joiner``: ``history`` (up to the request's
     ``history`` retained messages), ``snapshot`` (the current book) or ``latest``
     (the last message); ``retention``: the default count and age of retained
-    messages (``history.<channel>`` in the configuration overrides it).
+    messages (``history.<channel>`` in the configuration overrides it);
+    ``published``: a channel other processes publish into (``daemon.publish``),
+    whose messages carry ``message_type`` as their ``type``.
     """
 
     name: str
@@ -52,6 +62,8 @@ class ChannelPolicy:
     conflates: bool
     late_joiner: LateJoiner
     retention: Retention
+    published: bool = False
+    message_type: str = ""
 
     def __attrs_post_init__(self) -> None:
         if self.lossless == self.conflates:
@@ -85,3 +97,36 @@ DEFAULT = ChannelPolicy(name="*", lossless=True, conflates=False, late_joiner="h
 def policy_of(channel: str) -> ChannelPolicy:
     """The policy of ``channel`` (``DEFAULT`` for a channel the table does not name)."""
     return POLICIES.get(channel, DEFAULT)
+
+
+def published(name: str, kind: Kind, retention: Retention, message_type: str = "message",
+              ) -> ChannelPolicy:
+    """The policy of a published channel: ``lossless`` (late joiners get history, a
+    slow client is closed with 4008) or ``latest`` (late joiners get every key's
+    current value, a slow client is conflated). Raises ``ValueError`` for a name
+    that is not a plain word or is a market-data channel's."""
+    if not NAME.match(name):
+        raise ValueError(f"channel {name!r}: a channel name is a plain lower-case word")
+    if name in POLICIES:
+        raise ValueError(f"channel {name!r} is a market-data channel and cannot be declared")
+    lossless = kind == "lossless"
+    return ChannelPolicy(name=name, lossless=lossless, conflates=not lossless,
+                         late_joiner="history" if lossless else "latest",
+                         retention=retention, published=True, message_type=message_type)
+
+
+#: The published channels every daemon has (the configuration may change their
+#: retention or add others).
+PUBLISHED: Mapping[str, ChannelPolicy] = _table(
+    published("signals", "lossless", Retention(1000, 3600.0), "signal"),
+    published("executions", "lossless", Retention(10_000, 86400.0), "execution"),
+    published("portfolio", "latest", Retention(100, 3600.0), "portfolio"),
+    published("trading_state", "latest", Retention(100, 3600.0), "trading_state"),
+)
+
+
+def table(declared: Mapping[str, ChannelPolicy] = MappingProxyType({})
+          ) -> Mapping[str, ChannelPolicy]:
+    """Every channel's policy: the market-data table, the default published
+    channels, and ``declared`` ones (which replace a default of the same name)."""
+    return _table(*POLICIES.values(), *{**PUBLISHED, **declared}.values())

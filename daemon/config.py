@@ -13,14 +13,16 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import cattrs
 from cattrs import Converter
 
+from daemon.channels import PUBLISHED, ChannelPolicy, Kind, Retention, published, table
 from daemon.events import MARKET_CHANNELS
 
 NATIVE_EXCHANGES = ("binance", "binanceus", "coinbase", "kraken")
@@ -161,15 +163,26 @@ class ServerConfig(_Listening):
 
 
 @attrs.frozen(kw_only=True)
+class PublishGrantConfig:
+    """What a token may publish: ``channels`` (published channel names, ``*``: all)
+    and ``sources`` (source names, ``*``: any)."""
+
+    channels: list[str] = attrs.field(factory=list)
+    sources: list[str] = attrs.field(factory=lambda: ["*"])
+
+
+@attrs.frozen(kw_only=True)
 class TokenConfig:
     """One client token: ``sha256`` is the hex SHA-256 of the token (the token itself
     is never stored); ``channels`` and ``symbols`` (patterns as in ``subscribe``)
-    bound what it may subscribe to."""
+    bound what it may subscribe to; ``publish`` what it may publish (none unless
+    given: a subscriber's token never publishes)."""
 
     name: str
     sha256: str = attrs.field(validator=attrs.validators.matches_re(r"^[0-9a-f]{64}$"))
     channels: list[str] = attrs.field(factory=lambda: ["*"])
     symbols: list[str] = attrs.field(factory=lambda: ["*"])
+    publish: PublishGrantConfig | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -232,6 +245,50 @@ class MetricsConfig(_Listening):
     ``listen`` (the default) serves none."""
 
     listen: str = attrs.field(default="", validator=_listen_or_off)
+
+
+@attrs.frozen(kw_only=True)
+class PublishConfig(_Listening):
+    """Publishing into declared channels (docs/protocol.md "Publishing").
+
+    ``listen``: the HTTP listener for ``POST /api/publish`` (empty, the default:
+    none; the admin socket and the WebSocket still take publishes);
+    ``timeout``: seconds a publish waits for room in the dispatcher before it is
+    answered ``busy`` (HTTP 503); ``max_message_bytes``: the largest ``data``,
+    encoded; ``idempotency_window``: seconds an ``idempotency_key`` is
+    remembered; ``allow_loopback_anonymous``: publishes without a token on a
+    loopback ``listen`` (off: a token with a publish grant is required).
+    """
+
+    listen: str = attrs.field(default="", validator=_listen_or_off)
+    timeout: float = attrs.field(default=5.0, validator=_positive)
+    max_message_bytes: int = attrs.field(default=65536, validator=_positive)
+    idempotency_window: float = attrs.field(default=300.0, validator=_positive)
+    allow_loopback_anonymous: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class ChannelConfig:
+    """A published channel (``[channels.NAME]``): ``policy`` ``lossless`` (late
+    joiners get history, a slow client is closed with 4008) or ``latest`` (late
+    joiners get each key's current value, a slow client is conflated);
+    ``retention`` messages per stream, none older than ``max_age`` seconds;
+    ``type``: the ``type`` its messages carry (empty: a default channel's own,
+    else ``message``)."""
+
+    policy: str = attrs.field(validator=_one_of("lossless", "latest"))
+    retention: int = attrs.field(default=1000, validator=_positive)
+    max_age: float = attrs.field(default=3600.0, validator=_positive)
+    type: str = attrs.field(default="",
+                            validator=attrs.validators.matches_re(r"^([a-z][a-z0-9_]{0,63})?$"))
+
+    def policy_of(self, name: str) -> ChannelPolicy:
+        """This declaration as channel ``name``'s policy (``daemon.channels``);
+        raises ``ValueError`` for a name that cannot be declared."""
+        default = PUBLISHED.get(name)
+        message_type = self.type or (default.message_type if default else "message")
+        return published(name, cast(Kind, self.policy),
+                         Retention(self.retention, self.max_age), message_type)
 
 
 @attrs.frozen(kw_only=True)
@@ -358,11 +415,26 @@ class Config:
     dispatch: DispatchConfig = DispatchConfig()
     history: HistoryConfig = HistoryConfig()
     reconnect: ReconnectConfig = ReconnectConfig()
+    publish: PublishConfig = PublishConfig()
+    channels: dict[str, ChannelConfig] = attrs.field(factory=dict)
     log_level: str = attrs.field(
         default="info",
         validator=_one_of("debug", "info", "warning", "error"),
     )
     exchanges: dict[str, ExchangeConfig] = attrs.field(factory=dict)
+
+    @channels.validator
+    def _declared(self, attribute: attrs.Attribute[Any], value: dict[str, ChannelConfig]) -> None:
+        for name, channel in value.items():
+            try:
+                channel.policy_of(name)
+            except ValueError as exc:
+                raise ValueError(f"channels.{name}: {exc}") from None
+
+    def channel_table(self) -> Mapping[str, ChannelPolicy]:
+        """Every channel's policy: market data, the default published channels and
+        the declared ones (``daemon.channels.table``)."""
+        return table({name: c.policy_of(name) for name, c in self.channels.items()})
 
     @exchanges.validator
     def _known(self, attribute: attrs.Attribute[Any], value: dict[str, ExchangeConfig]) -> None:

@@ -2,16 +2,20 @@
 
 Theory of operation
 -------------------
-Sources (collectors today; other processes and derived streams later) send events
-into one bounded ``trio`` memory channel from ``open_source()``. When it is full,
+Sources (collectors, the health reporter, publishers: other processes through
+``daemon.publish``; derived streams later) send events into one bounded ``trio``
+memory channel from ``open_source()``. When it is full,
 their ``send`` waits: backpressure reaches the collector, which stops reading its
 socket. Nothing is dropped here.
 
 For each event the dispatcher, in one synchronous step:
 
-1. finds its stream (``channel:exchange:symbol``); a trade whose id the stream
-   already carried (two sources, one trade) is dropped and counted in
-   ``duplicates``;
+1. finds its stream (``channel:exchange:symbol``; a published message's
+   ``channel:source:key``); a trade whose id the stream already carried (two
+   sources, one trade) is dropped and counted in ``duplicates``; a published
+   message whose idempotency key was seen within the window is not numbered
+   again (its receipt gets the first one's ``seq``), nor one whose ``version`` is
+   not above the key's current one (``stale``);
 2. gives it the stream's next ``seq`` (from 1, contiguous) and encodes it once
    (``daemon.wire``) into the ``Message`` every subscriber gets;
 3. keeps what late joiners and reconnecting clients need: the current L2 book of
@@ -41,9 +45,10 @@ import orjson
 import trio
 
 from daemon.book import BookError, L2Book
-from daemon.channels import ChannelPolicy, policy_of
+from daemon.channels import DEFAULT, ChannelPolicy, policy_of, table
 from daemon.channels import Retention as Retention  # re-exported: the dispatcher's API
-from daemon.events import BookSnapshot, BookUpdate, Event, Trade
+from daemon.events import BookSnapshot, BookUpdate, Event, MarketEvent, Published, Trade
+from daemon.recent import Recent
 from daemon.wire import event_dict
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,10 @@ TRADE_IDS_KEPT = 10_000
 
 #: ``exchange:SYMBOL`` with ``*`` allowed for either part, or ``*`` alone.
 SYMBOL_PATTERN = re.compile(r"^(\*|[a-z0-9_.]+:(\*|[A-Z0-9.]+-[A-Z0-9.]+))$")
+#: A published channel's ``source:key`` with ``*`` allowed for either part, or ``*``.
+KEY_PATTERN = re.compile(r"^(\*|[a-z0-9][a-z0-9_.-]*:(\*|[A-Za-z0-9][A-Za-z0-9_./-]*))$")
+#: Idempotency keys remembered at most (the window bounds them by age too).
+IDEMPOTENCY_KEYS_KEPT = 100_000
 
 
 class Source(Protocol):
@@ -106,7 +115,7 @@ class Stream:
     ``policy``: its channel's (``daemon.channels``); ``seq``: the last sequence
     number given; ``history``: the retained messages;
     ``book``: the current L2 book (book streams); ``latest``: the last message of
-    any other stream (the latest ticker, status).
+    any other stream (the latest ticker, status, published state).
     """
 
     key: str
@@ -119,11 +128,12 @@ class Stream:
     seq: int = 0
     history: deque[Message] = attrs.field(factory=deque)
     book: L2Book | None = None
-    book_event: Event | None = None
+    book_event: MarketEvent | None = None
     latest: Message | None = None
     subscribers: set[Subscriber] = attrs.field(factory=set)
-    trade_ids: set[str] = attrs.field(factory=set)
-    trade_order: deque[str] = attrs.field(factory=deque)
+    trade_ids: Recent[None] = attrs.field(factory=lambda: Recent(TRADE_IDS_KEPT))
+    #: the ``version`` of the latest published state (``latest`` channels)
+    version: int | None = None
     #: encoded snapshots of the current book, by extra fields (``conflated``): every
     #: subscriber of a moment shares one; cleared whenever the book changes
     snapshots: dict[tuple[tuple[str, object], ...], Message] = attrs.field(factory=dict)
@@ -197,13 +207,20 @@ class Dispatcher:
     """Numbers, encodes, retains and fans out events (see the module docstring).
 
     ``buffer``: bound of the input channel; ``retention``: per channel name (a
-    channel it does not name keeps its policy's default, ``daemon.channels``).
+    channel it does not name keeps its policy's default, ``daemon.channels``);
+    ``channels``: every channel's policy (``daemon.channels.table()``: the market
+    data's and the published channels'); ``idempotency_window``: seconds a
+    publish's idempotency key is remembered.
     """
 
-    def __init__(self, buffer: int, retention: Mapping[str, Retention]) -> None:
+    def __init__(self, buffer: int, retention: Mapping[str, Retention],
+                 channels: Mapping[str, ChannelPolicy] | None = None,
+                 idempotency_window: float = 300.0) -> None:
         self._send, self._receive = trio.open_memory_channel[Event](buffer)
         self._buffer = buffer
         self.retention = dict(retention)
+        self.channels = channels if channels is not None else table()
+        self.idempotency: Recent[int] = Recent(IDEMPOTENCY_KEYS_KEPT, idempotency_window)
         self.streams: dict[str, Stream] = {}
         self.subscriptions: dict[Subscriber, set[tuple[str, str]]] = {}
         self.events = 0
@@ -240,7 +257,7 @@ class Dispatcher:
         key = f"{channel}:{exchange}:{symbol}"
         stream = self.streams.get(key)
         if stream is None:
-            rules = policy_of(channel)
+            rules = self.channels.get(channel, DEFAULT)
             stream = Stream(
                 key=key, channel=channel, exchange=exchange, symbol=symbol, policy=rules,
                 retention=self.retention.get(channel, rules.retention),
@@ -260,15 +277,15 @@ class Dispatcher:
         counted in ``rejected``, logged, and not numbered, so clients never see a
         hole in ``seq``.
         """
+        if isinstance(event, Published):
+            self._publish_published(event)
+            return
         stream = self._stream(event.CHANNEL, event.exchange, event.symbol)
         if isinstance(event, Trade):
             if event.id in stream.trade_ids:
                 self.duplicates += 1
                 return
-            stream.trade_ids.add(event.id)
-            stream.trade_order.append(event.id)
-            if len(stream.trade_order) > TRADE_IDS_KEPT:
-                stream.trade_ids.discard(stream.trade_order.popleft())
+            stream.trade_ids.add(event.id, None, 0.0)
         if stream.snapshots and isinstance(event, BookSnapshot | BookUpdate):
             stream.snapshots.clear()
         try:
@@ -295,6 +312,46 @@ class Dispatcher:
         else:
             stream.latest = message
         stream.retain(message)
+        for subscriber in list(stream.subscribers):
+            subscriber.deliver(message)
+
+    def _publish_published(self, event: Published) -> None:
+        """A published message: check its idempotency key and version, number it,
+        encode it once with its ``data`` unchanged, retain and deliver it, and
+        settle its receipt (``accepted``, ``duplicate`` or ``stale``)."""
+        now = time.monotonic()
+        receipt = event.receipt
+        idempotency = None
+        if event.idempotency_key is not None:
+            idempotency = (event.channel, event.source, event.idempotency_key)
+            first = self.idempotency.get(idempotency, now)
+            if first is not None:
+                self.duplicates += 1
+                if receipt is not None:
+                    receipt.settle("duplicate", first)
+                return
+        stream = self._stream(event.channel, event.source, event.key)
+        if (event.version is not None and stream.version is not None
+                and event.version <= stream.version):
+            if receipt is not None:
+                receipt.settle("stale", stream.seq, stream.version)
+            return
+        self.events += 1
+        stream.seq += 1
+        body: dict[str, object] = {
+            "type": event.type, "channel": event.channel, "source": event.source,
+            "key": event.key, "data": orjson.Fragment(event.data), "ts": event.ts,
+            "recv_ts": event.recv_ts, "seq": stream.seq,
+        }
+        if event.version is not None:
+            body["version"] = stream.version = event.version
+        message = Message(stream, stream.seq, orjson.dumps(body), event.recv_ts, now)
+        stream.latest = message
+        stream.retain(message)
+        if idempotency is not None:
+            self.idempotency.add(idempotency, stream.seq, now)
+        if receipt is not None:
+            receipt.settle("accepted", stream.seq, event.version)
         for subscriber in list(stream.subscribers):
             subscriber.deliver(message)
 

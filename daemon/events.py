@@ -16,6 +16,7 @@ This module imports nothing else of the daemon: sources other than the collector
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import attrs
@@ -202,8 +203,70 @@ class HealthChange:
     reason: str = ""
 
 
-Event = Trade | BookSnapshot | BookUpdate | Ticker | FeedState | Gap | Status | HealthChange
-EVENT_TYPES: tuple[type[Event], ...] = (
+@attrs.define(eq=False)
+class Receipt:
+    """What the dispatcher did with one ``Published`` event, filled in when it has
+    handled it: ``outcome`` ``accepted`` (numbered ``seq``), ``duplicate`` (its
+    idempotency key was seen within the window: ``seq`` is the first one's) or
+    ``stale`` (its ``version`` is not above the key's current ``version``).
+    ``notify`` is called once, when the outcome is set (the publisher wakes)."""
+
+    notify: Callable[[], None] | None = None
+    outcome: str = ""
+    seq: int = 0
+    version: int | None = None
+
+    def settle(self, outcome: str, seq: int, version: int | None = None) -> None:
+        """Set the outcome and call ``notify``."""
+        self.outcome, self.seq, self.version = outcome, seq, version
+        if self.notify is not None:
+            self.notify()
+
+
+@attrs.frozen(kw_only=True)
+class Published:
+    """A desk's own message, published by another process into a declared channel
+    (signals, executions, portfolio, trading state): stream
+    ``channel:source:key``.
+
+    ``data``: the publisher's JSON object, encoded (carried unchanged to clients);
+    ``type``: the channel's message type (``signal``, ``execution``,
+    ``portfolio``, ``trading_state`` or ``message``); ``ts``: the publisher's time
+    (epoch s) or None; ``recv_ts``: when tickwire received it; ``idempotency_key``
+    and ``version``: see docs/protocol.md "Publishing"; ``receipt``: where the
+    dispatcher says what it did (not part of the message).
+    """
+
+    TYPE: ClassVar[str] = "message"
+    CHANNEL: ClassVar[str] = ""  # each message names its own (``channel``)
+
+    channel: str
+    source: str
+    key: str
+    type: str
+    data: bytes
+    ts: float | None
+    recv_ts: float
+    idempotency_key: str | None = None
+    version: int | None = None
+    receipt: Receipt | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def exchange(self) -> str:
+        """The stream's second part: the publishing ``source``."""
+        return self.source
+
+    @property
+    def symbol(self) -> str:
+        """The stream's third part: the ``key``."""
+        return self.key
+
+
+#: Events the collectors and the reporter produce (market data and health).
+MarketEvent = Trade | BookSnapshot | BookUpdate | Ticker | FeedState | Gap | Status | HealthChange
+#: Everything a source may send the dispatcher.
+Event = MarketEvent | Published
+EVENT_TYPES: tuple[type[MarketEvent], ...] = (
     Trade, BookSnapshot, BookUpdate, Ticker, FeedState, Gap, Status, HealthChange,
 )
 #: Every channel name an event can be published on.
@@ -211,5 +274,8 @@ CHANNELS: tuple[str, ...] = tuple(dict.fromkeys(cls.CHANNEL for cls in EVENT_TYP
 
 
 def stream_key(event: Event) -> str:
-    """The stream an event belongs to: ``"CHANNEL:exchange:symbol"``."""
+    """The stream an event belongs to: ``"CHANNEL:exchange:symbol"`` (a published
+    message's: ``"channel:source:key"``)."""
+    if isinstance(event, Published):
+        return f"{event.channel}:{event.source}:{event.key}"
     return f"{event.CHANNEL}:{event.exchange}:{event.symbol}"

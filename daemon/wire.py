@@ -18,13 +18,13 @@ from typing import Any
 import orjson
 from cattrs.preconf.orjson import make_converter
 
-from daemon.events import EVENT_TYPES, Event
+from daemon.events import EVENT_TYPES, MarketEvent
 
 converter = make_converter()
-_BY_TYPE: dict[str, type[Event]] = {cls.TYPE: cls for cls in EVENT_TYPES}
+_BY_TYPE: dict[str, type[MarketEvent]] = {cls.TYPE: cls for cls in EVENT_TYPES}
 
 
-def event_dict(event: Event, seq: int, **extra: Any) -> dict[str, Any]:
+def event_dict(event: MarketEvent, seq: int, **extra: Any) -> dict[str, Any]:
     """The wire object of ``event`` as a dict: ``type``, the event's fields, ``seq``."""
     body: dict[str, Any] = {"type": event.TYPE}
     body.update(converter.unstructure(event))
@@ -34,7 +34,7 @@ def event_dict(event: Event, seq: int, **extra: Any) -> dict[str, Any]:
     return body
 
 
-def encode_event(event: Event, seq: int, **extra: Any) -> bytes:
+def encode_event(event: MarketEvent, seq: int, **extra: Any) -> bytes:
     """Serialize ``event`` with its stream ``seq`` as UTF-8 JSON bytes.
 
     ``extra`` adds fields (e.g. ``conflated=True``) after ``seq``.
@@ -47,7 +47,7 @@ def encode(message: dict[str, Any]) -> bytes:
     return orjson.dumps(message)
 
 
-def decode_event(obj: dict[str, Any]) -> tuple[Event, int]:
+def decode_event(obj: dict[str, Any]) -> tuple[MarketEvent, int]:
     """Turn a wire object back into ``(event, seq)``.
 
     Raises ``KeyError`` for an unknown ``type`` and cattrs' ``ClassValidationError``

@@ -516,7 +516,7 @@ async def test_backpressure_holds_the_bridge_at_its_bound_and_drops_nothing(
     books = {s: dispatcher.streams[f"book:binance:{s}"].book.levels() for s in SYMBOLS}
     assert {s: (as_plain(b), as_plain(a)) for s, (b, a) in books.items()} == expected
     trades = [i for key, stream in dispatcher.streams.items() if key.startswith("trades:")
-              for i in stream.trade_order]
+              for i in stream.trade_ids]
     assert sorted(trades) == trade_ids
     print(f"\nwatch backpressure: {collector.items} bridge items, bound {bound}, "
           f"{dispatcher.events} events")
