@@ -12,7 +12,12 @@ One JSON object a line each way. A request is ``{"op": OP}`` with an optional
 - ``feeds``: each feed's health and figures (counters, rates, ages, books, and
   ``last_error``: the cause of its last failure, ``Type: message``, with
   ``last_error_age`` in seconds; ``null`` before any);
-- ``metrics``: every sample of the Prometheus registry.
+- ``metrics``: every sample of the Prometheus registry;
+- ``publish``: publish ``message`` (a publish message, docs/protocol.md
+  "Publishing") with no token: the socket's mode (0660) decides who may; the
+  reply adds ``ok``, ``seq`` and ``epoch`` (``duplicate`` for a repeated
+  idempotency key), or is an ``error`` with the publish code (``stale``,
+  ``unknown_channel``, ``busy``, ...).
 
 Every reply has ``type`` (the op), ``id`` and ``health``. A request that cannot be
 served gets ``{"type":"error","id":...,"code":...,"message":...}`` (codes as in the
@@ -44,7 +49,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +65,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-OPS = ("status", "clients", "feeds", "metrics")
+OPS = ("status", "clients", "feeds", "metrics", "publish")
 #: Largest request line, bytes.
 MAX_REQUEST = 64 * 1024
 #: Seconds an admin connection may stay idle.
@@ -111,8 +116,18 @@ def client_socket_paths(environ: Mapping[str, str] | None = None) -> list[Path]:
 # -- the protocol (no I/O) ---------------------------------------------------------------
 
 
-def parse_request(line: bytes) -> tuple[str, Any]:
-    """``(op, id)`` of one request line; raises ``RequestError``."""
+@attrs.frozen
+class AdminRequest:
+    """One request: its ``op``, ``id`` (echoed back) and, for ``publish``, the
+    ``message``."""
+
+    op: str
+    id: Any = None
+    message: Any = None
+
+
+def parse_request(line: bytes) -> AdminRequest:
+    """One request line, checked; raises ``RequestError``."""
     try:
         request = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -125,13 +140,16 @@ def parse_request(line: bytes) -> tuple[str, Any]:
     op = request.get("op")
     if not isinstance(op, str):
         raise RequestError("invalid_request", "missing 'op' (a string)", request_id)
-    extra = sorted(set(request) - {"op", "id"})
-    if extra:
-        raise RequestError("invalid_request", f"unknown field {extra[0]!r}", request_id)
+    extra = sorted(set(request) - {"op", "id", "message"})
+    if extra or ("message" in request and op != "publish"):
+        field = extra[0] if extra else "message"
+        raise RequestError("invalid_request", f"unknown field {field!r}", request_id)
     if op not in OPS:
         raise RequestError("unknown_op", f"unknown op {op!r}; ops are {', '.join(OPS)}",
                            request_id)
-    return op, request_id
+    if op == "publish" and "message" not in request:
+        raise RequestError("invalid_request", "publish needs a 'message'", request_id)
+    return AdminRequest(op, request_id, request.get("message"))
 
 
 def encode(reply: dict[str, Any]) -> bytes:
@@ -185,9 +203,14 @@ class AdminServer:
     """Serves the admin protocol on the Unix socket ``path``; ``answer(op)`` builds a
     reply's body. ``address`` is the path while listening."""
 
-    def __init__(self, path: Path, answer: Callable[[str], dict[str, Any]]) -> None:
+    def __init__(self, path: Path, answer: Callable[[str], dict[str, Any]],
+                 publish: Callable[[Any], Awaitable[dict[str, Any]]] | None = None,
+                 max_request: int = MAX_REQUEST) -> None:
         self.path = path
         self.answer = answer
+        #: publishes one message with the socket's trust; None: ``publish`` fails
+        self.publish = publish
+        self.max_request = max_request
         self.address: str | None = None
         self.connections = 0
         self.requests = 0
@@ -197,20 +220,32 @@ class AdminServer:
         return {"socket": str(self.path), "connections": self.connections,
                 "requests": self.requests, "errors": self.errors}
 
-    def reply(self, line: bytes) -> dict[str, Any]:
+    async def reply(self, line: bytes) -> dict[str, Any]:
         """The reply to one request line; never raises."""
         self.requests += 1
         try:
-            op, request_id = parse_request(line)
+            request = parse_request(line)
         except RequestError as exc:
             self.errors += 1
             return error(exc.code, exc.message, exc.request_id)
+        op, request_id = request.op, request.id
         try:
+            if op == "publish":
+                return await self._publish(request)
             return {"type": op, "id": request_id, **self.answer(op)}
         except Exception as exc:
             self.errors += 1
             log.exception("admin: %s failed", op)
             return error("internal_error", f"{type(exc).__name__}: {exc}", request_id)
+
+    async def _publish(self, request: AdminRequest) -> dict[str, Any]:
+        if self.publish is None:
+            return error("unknown_op", "this daemon does not publish", request.id)
+        answer = await self.publish(request.message)
+        if not answer.pop("ok"):
+            self.errors += 1
+            return {"type": "error", "id": request.id, **answer}
+        return {"type": "publish", "id": request.id, "ok": True, **answer}
 
     async def serve(self, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind (see the module docstring) and serve until cancelled; ``started(path)``.
@@ -249,14 +284,15 @@ class AdminServer:
             if not data and buffer.strip():  # the last request, without its newline
                 lines.append(buffer)
             for line in [*lines, buffer]:
-                if len(line) > MAX_REQUEST:
+                if len(line) > self.max_request:
                     self.errors += 1
                     await stream.send_all(encode(error(
-                        "request_too_large", f"a request line is at most {MAX_REQUEST} bytes")))
+                        "request_too_large",
+                        f"a request line is at most {self.max_request} bytes")))
                     return
             for line in lines:
                 if line.strip():
-                    await stream.send_all(encode(self.reply(line)))
+                    await stream.send_all(encode(await self.reply(line)))
             if not data:
                 return
 

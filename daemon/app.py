@@ -4,7 +4,8 @@ the reporter under one root.
 Startup is ordered with ``nursery.start``: the dispatcher first (so sources have
 somewhere to send), the admin socket (a second daemon on the same socket stops
 there, before it takes any port), the broadcast server (listening), the metrics
-endpoint (when configured), one supervised feed per exchange (its
+endpoint and the publish listener (when configured), one supervised feed per
+exchange (its
 collector and, for a native one, its polling fallback), and last the reporter.
 Then, and only then, systemd hears ``READY=1``.
 
@@ -28,7 +29,7 @@ import attrs
 import trio
 
 from daemon import __version__
-from daemon.admin import AdminServer, Replies, socket_path
+from daemon.admin import MAX_REQUEST, AdminServer, Replies, socket_path
 from daemon.broadcast.server import BroadcastServer
 from daemon.collectors.base import Collector
 from daemon.collectors.fallback import CCXT_IDS, Fallback
@@ -45,6 +46,7 @@ from daemon.health import (
     DispatcherHealth,
     FeedHealth,
     ListenerHealth,
+    PublishHealth,
     Reporter,
     ServerHealth,
     summary,
@@ -52,6 +54,9 @@ from daemon.health import (
 from daemon.logs import set_level
 from daemon.metrics import MetricsServer, make_registry
 from daemon.notify import Notifier
+from daemon.publish.endpoint import PublishEndpoint
+from daemon.publish.message import ANYONE
+from daemon.publish.publisher import Publisher
 from daemon.supervise import Backoff, supervise
 from daemon.tls import TlsError, clear_text_warning, server_context
 from daemon.tls import reload as reload_tls
@@ -80,30 +85,45 @@ class Feed:
 class App:
     """One daemon instance built from ``config``. After ``run`` has started:
     ``port`` is the broadcast server's port, ``admin.path`` the admin socket,
-    ``metrics_port`` the metrics endpoint's port (or ``None``)."""
+    ``metrics_port`` the metrics endpoint's port and ``publish_port`` the publish
+    listener's (or ``None``)."""
 
     def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         self.config = config
         self.notifier = notifier if notifier is not None else Notifier()
         self.epoch = new_epoch()
         self.started_at = time.time()
+        channels = config.channel_table()
         self.dispatcher = Dispatcher(
             config.dispatch.buffer,
             {
                 channel: Retention(retention.size, retention.max_age)
                 for channel, retention in attrs.asdict(config.history, recurse=False).items()
             },
+            channels=channels,
+            idempotency_window=config.publish.idempotency_window,
         )
         hello = {"type": "welcome", "server": "tickwire", "version": __version__,
                  "epoch": self.epoch}
-        self.server = BroadcastServer(self.dispatcher, config.server, hello, config.auth)
+        #: every way in (WebSocket, admin socket, HTTP) publishes through this one
+        self.publisher = Publisher(self.dispatcher.open_source(), channels, config.publish,
+                                   self.epoch)
+        self.server = BroadcastServer(self.dispatcher, config.server, hello, config.auth,
+                                      publisher=self.publisher)
+        self.endpoint: PublishEndpoint | None = None
+        if config.publish.listen:
+            self.endpoint = PublishEndpoint(self.publisher, config.publish, config.auth)
         self.feeds: dict[str, Feed] = {}
         self.collectors: dict[str, Collector] = {}
         self.fallbacks: dict[str, Fallback] = {}
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.publish_port: int | None = None
         self.registry = make_registry(self)
-        self.admin = AdminServer(socket_path(config.admin.socket), Replies(self).answer)
+        self.admin = AdminServer(
+            socket_path(config.admin.socket), Replies(self).answer,
+            publish=partial(self.publisher.publish, grant=ANYONE),
+            max_request=max(MAX_REQUEST, 2 * config.publish.max_message_bytes + 4096))
         self.metrics: MetricsServer | None = None
         if config.metrics.listen:
             self.metrics = MetricsServer(self.registry, config.metrics.host, config.metrics.port)
@@ -114,6 +134,8 @@ class App:
         ]
         if self.metrics is not None:
             self._health.append(ListenerHealth("metrics", self.metrics, NONCRITICAL))
+        self._health.append(PublishHealth(self.publisher, self.endpoint, NONCRITICAL,
+                                          config.reporter))
         self.reporter = Reporter(
             self.components, self.dispatcher.open_source(), self.notifier, config.reporter,
             time.monotonic(),
@@ -138,6 +160,8 @@ class App:
             self.port = await root.start(self.server.serve)
             if self.metrics is not None:
                 self.metrics_port = await root.start(self.metrics.serve)
+            if self.endpoint is not None:
+                self.publish_port = await root.start(self.endpoint.serve)
             for name, exchange in self.config.exchanges.items():
                 await self._start_feed(name, exchange)
             self.reporter.tick(notify=False)
@@ -254,6 +278,8 @@ class App:
         self.server.ssl_context = context
         if self.metrics is not None:
             self.metrics.http.ssl_context = context
+        if self.endpoint is not None:
+            self.endpoint.http.ssl_context = context
         warning = clear_text_warning(self.config)
         if warning:
             log.warning("%s", warning)
@@ -301,7 +327,7 @@ class App:
                     changes.append(f"log level {config.log_level}")
                 changes += self._reload_tls(config)
                 for section in ("server", "admin", "metrics", "dispatch", "history",
-                                "reconnect", "reporter", "auth"):
+                                "reconnect", "reporter", "auth", "publish", "channels"):
                     if getattr(config, section, None) != getattr(self.config, section, None):
                         log.warning("reload: [%s] changed; it applies at the next start", section)
                 self.config = attrs.evolve(self.config, exchanges=dict(new),

@@ -424,6 +424,44 @@ class ListenerHealth:
         return _check(self, HEALTHY, "", figures)
 
 
+class PublishHealth:
+    """Publishing (``daemon.publish``): its counters by channel and source, and
+    its HTTP listener when configured (``listener``: unhealthy while it does not
+    listen). Publishers answered ``busy`` make it degraded while recent."""
+
+    kind = "publish"
+    name = "publish"
+
+    def __init__(self, publisher: Any, listener: Any, criticality: str,
+                 config: ReporterConfig) -> None:
+        self.publisher = publisher
+        self.listener = listener
+        self.criticality = criticality
+        self.recent = config.recent
+        self._busy = 0
+        self._busy_at: float | None = None
+
+    def sample(self, now: float) -> None:
+        pass
+
+    def check(self, now: float) -> Check:
+        stats = self.publisher.statistics()
+        figures: dict[str, Any] = {
+            "listen": self.listener.address if self.listener is not None else None,
+            "busy": stats.busy,
+            **{outcome: sum(getattr(f, outcome) for f in stats.figures)
+               for outcome in ("accepted", "duplicate", "stale", "refused")},
+            "publishers": [attrs.asdict(f) for f in stats.figures],
+        }
+        if stats.busy != self._busy:
+            self._busy, self._busy_at = stats.busy, now
+        if self.listener is not None and self.listener.address is None:
+            return _check(self, UNHEALTHY, "not listening", figures)
+        if self._busy_at is not None and now - self._busy_at < self.recent:
+            return _check(self, DEGRADED, "publishers answered busy (dispatcher full)", figures)
+        return _check(self, HEALTHY, "", figures)
+
+
 # -- the reporter ------------------------------------------------------------------------
 
 

@@ -63,7 +63,7 @@ async def test_status_during_a_replay_shows_every_feed_healthy_with_live_figures
         assert status["version"] and status["epoch"] and status["pid"] and status["uptime"] > 0
         assert {c["name"]: c["criticality"] for c in status["components"]} == {
             "dispatcher": "critical", "server": "critical", "admin": "critical",
-            "feed:binance": "degraded", "feed:coinbase": "degraded", "feed:kraken": "degraded"}
+            "publish": "degraded", "feed:binance": "degraded", "feed:coinbase": "degraded", "feed:kraken": "degraded"}
         for feed in feeds.values():
             f = feed["figures"]
             assert f["state"] == "subscribed" and f["last_message_age"] < 5
@@ -123,7 +123,7 @@ async def test_malformed_requests_get_errors_and_the_connection_goes_on(
         ]
         assert all(r["message"] for r in replies[:-1])
         # a line too long is refused and that connection closed; the daemon goes on
-        (reply,) = await admin(sock, b"x" * 70_000)
+        (reply,) = await admin(sock, b"x" * 200_000)  # above 2 x publish.max_message_bytes
         assert reply["code"] == "request_too_large"
         (metrics,) = await admin(sock, {"op": "metrics"})
         names = {s["name"] for s in metrics["samples"]}
@@ -199,8 +199,8 @@ async def test_status_exits_2_when_the_daemon_reports_unhealthy(tmp_path: Path) 
         while data.count(b"\n") < 2:
             data += await stream.receive_some()
         for line in data.splitlines():
-            op, request_id = parse_request(line)
-            body = {"type": op, "id": request_id, "health": "unhealthy", "clients": [],
+            request = parse_request(line)
+            body = {"type": request.op, "id": request.id, "health": "unhealthy", "clients": [],
                     "components": [{"name": "dispatcher", "kind": "dispatcher",
                                     "criticality": "critical", "health": "unhealthy",
                                     "reason": "stalled", "figures": {}}]}

@@ -6,6 +6,13 @@ Client ops (see docs/protocol.md)::
      "since":{"trades:binance:NKN-USDT":1234},"epoch":"...","throttle_ms":250}
     {"op":"unsubscribe","id":2,"channels":["trades"],"symbols":["binance:*"]}
     {"op":"ping","id":3}
+    {"op":"publish","id":4,"channel":"signals","source":"momentum","key":"BTC-USD","data":{...}}
+
+Market-data channels take ``exchange:BASE-QUOTE`` symbols; published channels
+(``daemon.channels``: signals, executions, portfolio, trading_state, declared ones)
+take ``source:key``; both take ``*`` for a part or the whole. A ``publish`` is
+checked here only for its ``id``: its fields are the publish message's, checked
+by ``daemon.publish.message``.
 
 ``parse_request`` raises ``RequestError`` with a machine ``code`` and a message for
 people; the session answers it with an ``error`` and stays open.
@@ -13,13 +20,14 @@ people; the session answers it with an ``error`` and stays open.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import orjson
 
-from daemon.dispatch import SYMBOL_PATTERN
-from daemon.events import CHANNELS
+from daemon.channels import ChannelPolicy, table
+from daemon.dispatch import KEY_PATTERN, SYMBOL_PATTERN
 
 #: Error codes of ``error`` replies.
 INVALID_JSON = "invalid_json"
@@ -77,11 +85,25 @@ class Ping:
     id: Any
 
 
-Request = Subscribe | Unsubscribe | Ping
+@attrs.frozen
+class Publish:
+    """Publish ``message`` (the publish message's fields, unchecked) into a
+    published channel; answered with ``ack`` and its ``seq``, or an ``error``."""
+
+    id: Any
+    message: dict[str, Any]
 
 
-def parse_request(text: str | bytes) -> Request:
-    """Validate one client frame; raises ``RequestError`` (see the module docstring)."""
+Request = Subscribe | Unsubscribe | Ping | Publish
+
+#: The channels of a daemon without declared ones.
+DEFAULT_CHANNELS = table()
+
+
+def parse_request(text: str | bytes,
+                  channels: Mapping[str, ChannelPolicy] = DEFAULT_CHANNELS) -> Request:
+    """Validate one client frame against ``channels`` (every channel's policy);
+    raises ``RequestError`` (see the module docstring)."""
     try:
         obj = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
@@ -97,29 +119,35 @@ def parse_request(text: str | bytes) -> Request:
     if op == "ping":
         _only(obj, {"op", "id"}, request_id)
         return Ping(id=request_id)
+    if op == "publish":
+        return Publish(id=request_id,
+                       message={k: v for k, v in obj.items() if k not in ("op", "id")})
     if op in ("subscribe", "unsubscribe"):
         allowed = {"op", "id", "channels", "symbols"} | (
             {"history", "since", "epoch", "throttle_ms"} if op == "subscribe" else set()
         )
         _only(obj, allowed, request_id)
-        channels = _strings(obj, "channels", request_id)
-        for channel in channels:
-            if channel not in CHANNELS:
+        names = _strings(obj, "channels", request_id)
+        for channel in names:
+            if channel not in channels:
                 raise RequestError(
                     UNKNOWN_CHANNEL,
-                    f"unknown channel {channel!r}; channels are {', '.join(CHANNELS)}",
+                    f"unknown channel {channel!r}; channels are {', '.join(channels)}",
                     request_id,
                 )
         symbols = _strings(obj, "symbols", request_id)
-        for symbol in symbols:
-            if not SYMBOL_PATTERN.match(symbol):
-                raise RequestError(
-                    INVALID_SYMBOL,
-                    f"invalid symbol {symbol!r}; use EXCHANGE:BASE-QUOTE, EXCHANGE:* or *",
-                    request_id,
-                )
+        for channel in names:
+            published = channels[channel].published
+            pattern = KEY_PATTERN if published else SYMBOL_PATTERN
+            for symbol in symbols:
+                if not pattern.match(symbol):
+                    use = ("SOURCE:KEY, SOURCE:* or *" if published
+                           else "EXCHANGE:BASE-QUOTE, EXCHANGE:* or *")
+                    raise RequestError(
+                        INVALID_SYMBOL, f"invalid symbol {symbol!r} for {channel}; use {use}",
+                        request_id)
         if op == "unsubscribe":
-            return Unsubscribe(id=request_id, channels=channels, symbols=symbols)
+            return Unsubscribe(id=request_id, channels=names, symbols=symbols)
         history = obj.get("history", 0)
         if (isinstance(history, bool) or not isinstance(history, int)
                 or not 0 <= history <= MAX_HISTORY):
@@ -142,12 +170,14 @@ def parse_request(text: str | bytes) -> Request:
             raise RequestError(
                 INVALID_REQUEST, "throttle_ms must be an integer from 0 to 60000", request_id)
         return Subscribe(
-            id=request_id, channels=channels, symbols=symbols, history=history,
+            id=request_id, channels=names, symbols=symbols, history=history,
             since=since, epoch=epoch, throttle_ms=throttle,
         )
     if op is None:
         raise RequestError(INVALID_REQUEST, "missing op", request_id)
-    raise RequestError(UNKNOWN_OP, f"unknown op {op!r}; ops are subscribe, unsubscribe, ping", request_id)
+    raise RequestError(
+        UNKNOWN_OP, f"unknown op {op!r}; ops are subscribe, unsubscribe, ping, publish",
+        request_id)
 
 
 def _only(obj: dict[str, Any], allowed: set[str], request_id: Any) -> None:

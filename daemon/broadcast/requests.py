@@ -5,7 +5,9 @@
 subscribes or unsubscribes it at the dispatcher (itself sans-IO), sets throttles
 on its ``ClientQueue``, and returns what the session must send: the replies
 (``ack``, ``pong``, ``error``: docs/protocol.md "Requests"), then the initial
-messages of a subscribe (history, recovery, snapshots), or a close. Time is
+messages of a subscribe (history, recovery, snapshots), or a close; a
+``publish`` the client's grant allows is handed back for the session to await
+(``daemon.publish.publisher``). Time is
 passed in (seconds, any monotonic clock); nothing here reads a socket or a clock.
 """
 
@@ -21,6 +23,7 @@ from daemon.broadcast.protocol import (
     RATE_LIMITED,
     TOO_MANY_SUBSCRIPTIONS,
     Ping,
+    Publish,
     RequestError,
     Subscribe,
     Unsubscribe,
@@ -45,11 +48,13 @@ class Close:
 @attrs.frozen
 class Answer:
     """What one request asks the session to do, in order: queue ``replies`` (JSON
-    objects), deliver ``initial`` messages past the queue's limit, or ``close``."""
+    objects), deliver ``initial`` messages past the queue's limit, or ``close``;
+    or ``publish`` a message (the session awaits the publisher, then replies)."""
 
     replies: tuple[dict[str, Any], ...] = ()
     initial: tuple[Message, ...] = ()
     close: Close | None = None
+    publish: Publish | None = None
 
 
 class RateLimit:
@@ -107,11 +112,15 @@ class RequestHandler:
         if refused is not None:
             return refused
         try:
-            request = parse_request(text)
+            request = parse_request(text, self.dispatcher.channels)
             if isinstance(request, Ping):
                 return Answer(replies=({"type": "pong", "id": request.id},))
             if isinstance(request, Subscribe):
                 return self._subscribe(request)
+            if isinstance(request, Publish):
+                if self.grant.publish is None:
+                    raise RequestError(FORBIDDEN, "this token may not publish", request.id)
+                return Answer(publish=request)
             return self._unsubscribe(request)
         except RequestError as exc:
             return Answer(replies=({"type": "error", "id": exc.request_id, "code": exc.code,

@@ -28,6 +28,7 @@ from daemon.broadcast.session import CLOSE_GOING_AWAY, ServerCounters, Session
 from daemon.config import AuthConfig, ServerConfig
 from daemon.dispatch import Dispatcher
 from daemon.listen import open_listeners
+from daemon.publish.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ class ServerStatistics:
 class BroadcastServer:
     """Serves ``dispatcher``'s streams on ``config.listen``.
 
-    ``hello`` is the ``welcome`` message every client gets first. Counters:
+    ``hello`` is the ``welcome`` message every client gets first; ``publisher``
+    takes the ``publish`` requests of clients whose grant allows it. Counters:
     ``connections`` accepted, ``rejected`` upgrades by status, ``slow_consumers``
     closed (4008), ``conflations`` (backlogs replaced by the latest state),
     ``ping_timeouts`` (4001). ``latency``: receive-to-client-write, microseconds.
@@ -76,11 +78,16 @@ class BroadcastServer:
         hello: dict[str, Any],
         auth: AuthConfig | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.config = config
         self.hello = hello
-        self.auth = Authenticator(auth or AuthConfig(), config.host)
+        #: takes the clients' ``publish`` requests (none: clients cannot publish)
+        self.publisher = publisher
+        self.auth = Authenticator(
+            auth or AuthConfig(), config.host,
+            anonymous_publish=publisher is not None and publisher.config.allow_loopback_anonymous)
         #: TLS for every connection (``wss://``) when set; see ``daemon.tls``
         self.ssl_context = ssl_context
         self.sessions: set[Session] = set()
@@ -214,7 +221,7 @@ class BroadcastServer:
             return
         await conn.accept()
         session = Session(conn, remote, self.dispatcher, self.config, self.hello, verdict,
-                          self.counters, self.coalescer)
+                          self.counters, self.coalescer, self.publisher)
         self.connections += 1
         self.sessions.add(session)
         log.info("broadcast: client %s connected (%s)", remote, verdict.name)

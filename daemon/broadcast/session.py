@@ -30,11 +30,13 @@ from daemon.broadcast.auth import Grant
 from daemon.broadcast.coalesce import Coalescer
 from daemon.broadcast.connection import ConnectionClosed, ServerConnection
 from daemon.broadcast.frames import Built, build_frames
+from daemon.broadcast.protocol import FORBIDDEN, Publish
 from daemon.broadcast.queue import ClientQueue, QueueHooks
 from daemon.broadcast.requests import Answer, RequestHandler
 from daemon.broadcast.writer import Writer, open_writer
 from daemon.config import ServerConfig
 from daemon.dispatch import Dispatcher
+from daemon.publish.publisher import Publisher
 from daemon.wire import encode
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ class Session:
         grant: Grant,
         shared: ServerCounters,
         coalescer: Coalescer,
+        publisher: Publisher | None = None,
     ) -> None:
         self.conn = conn
         self.remote = remote
@@ -119,6 +122,7 @@ class Session:
         self.grant = grant
         self.shared = shared
         self.coalescer = coalescer
+        self.publisher = publisher
         self.queue = ClientQueue(config.client_queue, trio.current_time, QueueHooks(
             ready=coalescer.marker(self), wake=self._wake_writer,
             conflated=self._conflated, slow_consumer=self._slow_consumer))
@@ -227,8 +231,27 @@ class Session:
                 if exc.code in (1003, 1009):  # we closed it: message too big, binary
                     self.close(exc.code, exc.reason)
                 return
-            self.handle(text)
+            answer = self.requests.receive(text, trio.current_time())
+            if answer.publish is not None:
+                await self._publish(answer.publish)
+            else:
+                self.apply(answer)
             self.flush()
+
+    async def _publish(self, request: Publish) -> None:
+        """Publish for the client (its read waits meanwhile: backpressure) and
+        queue the answer: ``ack`` with ``seq`` and ``epoch``, or an ``error``."""
+        grant = self.grant.publish
+        if self.publisher is None or grant is None:
+            reply: dict[str, Any] = {"type": "error", "id": request.id, "code": FORBIDDEN,
+                                     "message": "publishing is not available here"}
+        else:
+            result = await self.publisher.publish(request.message, grant)
+            if result.pop("ok"):
+                reply = {"type": "ack", "id": request.id, "op": "publish", **result}
+            else:
+                reply = {"type": "error", "id": request.id, **result}
+        self.apply(Answer(replies=(reply,)))
 
     # -- the write side ----------------------------------------------------------------
     #

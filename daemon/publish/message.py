@@ -21,6 +21,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import orjson
 
 from daemon.channels import ChannelPolicy
@@ -61,6 +62,26 @@ class PublishError(ValueError):
     def answer(self) -> dict[str, Any]:
         """The error answer: ``{"ok": false, "code": ..., "message": ...}``."""
         return {"ok": False, "code": self.code, "message": self.message}
+
+
+@attrs.frozen
+class PublishGrant:
+    """What a publisher may publish: ``channels`` and ``sources`` (``*``: any).
+    ``name`` names it in logs (a token's name, ``admin`` for the Unix socket)."""
+
+    name: str
+    channels: frozenset[str]
+    sources: frozenset[str]
+
+    def allows(self, channel: str, source: str) -> bool:
+        """Whether this grant covers publishing ``channel`` as ``source``."""
+        return (("*" in self.channels or channel in self.channels)
+                and ("*" in self.sources or source in self.sources))
+
+
+#: The grant of a publisher the admin socket let in (its file mode and peer
+#: credentials decide), or an anonymous one on loopback where configured.
+ANYONE = PublishGrant("local", frozenset({"*"}), frozenset({"*"}))
 
 
 def decode(body: bytes | str) -> Any:

@@ -43,6 +43,7 @@ from daemon.publish.message import (
     SOURCE,
     STALE,
     PublishError,
+    PublishGrant,
     accepted,
     decode,
     parse_publish,
@@ -52,26 +53,6 @@ log = logging.getLogger(__name__)
 
 #: (channel, source) pairs counted apart at most; more are counted under ``-``.
 MAX_COUNTED_PAIRS = 1000
-
-
-@attrs.frozen
-class PublishGrant:
-    """What a publisher may publish: ``channels`` and ``sources`` (``*``: any).
-    ``name`` names it in logs (a token's name, ``admin`` for the Unix socket)."""
-
-    name: str
-    channels: frozenset[str]
-    sources: frozenset[str]
-
-    def allows(self, channel: str, source: str) -> bool:
-        """Whether this grant covers publishing ``channel`` as ``source``."""
-        return (("*" in self.channels or channel in self.channels)
-                and ("*" in self.sources or source in self.sources))
-
-
-#: The grant of a publisher the admin socket let in (its file mode and peer
-#: credentials decide), or an anonymous one on loopback where configured.
-ANYONE = PublishGrant("local", frozenset({"*"}), frozenset({"*"}))
 
 
 @attrs.define
