@@ -78,6 +78,7 @@ class TickwireCollector:
         yield from self._feeds([c for c in checks if c.kind == "feed"])
         yield from self._dispatcher(app)
         yield from self._server(app)
+        yield from self._publish(app)
 
     def _daemon(self, app: Any, health: str, checks: list[Check]) -> Iterator[Metric]:
         info = _gauge("tickwire_info", "The daemon's version and epoch.", ["version", "epoch"])
@@ -207,6 +208,24 @@ class TickwireCollector:
         yield GaugeMetricFamily("tickwire_client_queue_depth_max",
                                 "The longest client queue, messages.", value=stats.queue_max)
         yield latency_summary(server.latency)
+
+
+    def _publish(self, app: Any) -> Iterator[Metric]:
+        """Publishes by channel, source and outcome (``accepted``, ``duplicate``,
+        ``stale``, ``refused``); a channel that is not declared is ``-``, and at
+        most ``publisher.MAX_COUNTED_PAIRS`` pairs are counted apart, so a client
+        cannot make series at will."""
+        stats = app.publisher.statistics()
+        published = _counter("tickwire_publish", "Publishes by channel, source and outcome.",
+                             ["channel", "source", "outcome"])
+        for f in stats.figures:
+            for outcome in ("accepted", "duplicate", "stale", "refused"):
+                published.add_metric([f.channel, f.source, outcome], getattr(f, outcome))
+        yield published
+        yield CounterMetricFamily(
+            "tickwire_publish_busy",
+            "Publishes answered busy (503): the dispatcher stayed full for publish.timeout.",
+            value=stats.busy)
 
 
 def latency_summary(histogram: Any) -> Metric:

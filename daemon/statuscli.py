@@ -140,6 +140,17 @@ def render_status(console: Console, status: dict[str, Any], clients: dict[str, A
         line += (f", latency p50 {_num(latency.get('p50_us'))}us"
                  f" p99 {_num(latency.get('p99_us'))}us p99.9 {_num(latency.get('p999_us'))}us")
     console.print(line, highlight=False)
+    publish = others.get("publish")
+    if publish and (publish.get("listen") or publish.get("publishers")):
+        line = (f"publish: {publish.get('listen') or 'admin socket and WebSocket'}, "
+                f"{_num(publish.get('accepted'))} accepted, "
+                f"{_num(publish.get('duplicate'))} duplicate, {_num(publish.get('stale'))} "
+                f"stale, {_num(publish.get('refused'))} refused, {_num(publish.get('busy'))} busy")
+        console.print(line, highlight=False)
+        for f in publish.get("publishers", []):
+            console.print(f"  {f['channel']}:{f['source']}: {_num(f['accepted'])} accepted, "
+                          f"{_num(f['duplicate'])} duplicate, {_num(f['stale'])} stale, "
+                          f"{_num(f['refused'])} refused", markup=False, highlight=False)
     console.print(clients_table(clients))
     transitions = status.get("transitions", [])
     if transitions:
