@@ -9,8 +9,10 @@ It awaits ``attempt()`` until it returns and returns its value; an error in the
 ``retryable`` allowlist is followed by ``on_retry`` (the caller's state change,
 awaited if it returns an awaitable) and a backoff delay; anything else propagates
 at once, so a bug is never retried as if it were a network fault. The backoff
-starts over after an attempt that lasted ``healthy_after`` seconds. ``clock`` and
-``sleep`` default to trio's; the ccxt.pro bridge passes its asyncio loop's.
+starts over after an attempt that lasted ``healthy_after`` seconds, or that called
+``backoff.reset()`` itself (a caller that knows when it is healthy again, e.g.
+``tickwire tail`` once subscribed). ``clock`` and ``sleep`` default to trio's; the
+ccxt.pro bridge passes its asyncio loop's.
 
 Logging: a failure that repeats is logged once, then at a lower rate
 (``RetryLog``): the first failure of a run of failures, and each failure whose
@@ -131,7 +133,8 @@ async def retry(
     ``on_retry(Failure)`` (awaiting what it returns, if awaitable), log
     ``"{name}: {error}; retry in {delay}s"`` (rate-limited, ``RetryLog``) and sleep
     ``backoff``'s next delay, in seconds of ``clock``; an attempt that lasted
-    ``healthy_after`` seconds or more resets ``backoff`` and the count of failures.
+    ``healthy_after`` seconds or more resets ``backoff`` and the count of failures,
+    and so does an attempt that reset ``backoff`` itself.
 
     Raises what ``attempt`` raises outside ``retryable``, and cancellation, at once.
     """
@@ -142,8 +145,8 @@ async def retry(
         try:
             return await attempt()
         except retryable as exc:
-            if clock() - started >= healthy_after:
-                backoff.reset()
+            if clock() - started >= healthy_after or backoff.attempt == 0:
+                backoff.reset()  # a healthy run, timed here or told by the attempt
                 failures = 0
             failures += 1
             failure = Failure(exc, backoff.next_delay(), failures, describe(exc))

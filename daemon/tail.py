@@ -2,9 +2,10 @@
 
 When the connection ends for a reason that passes (the daemon restarts: 1001; this
 client fell behind: 4008; no pong in time: 4001; the connection dropped: 1006), it
-connects again after a full-jitter backoff and subscribes with ``since``: per
-stream, the last ``seq`` it printed, and the ``epoch`` it printed it in
-(docs/protocol.md, "Recovery with since"). What the daemon still retains arrives
+connects again after a full-jitter backoff (the daemon's one retry loop,
+``daemon.supervise.retry``; the backoff starts over once subscribed) and
+subscribes with ``since``: per stream, the last ``seq`` it printed, and the
+``epoch`` it printed it in (docs/protocol.md, "Recovery with since"). What the daemon still retains arrives
 exactly once. A stream it could not recover starts fresh, and a line on stderr
 says so; its messages at or below the last ``seq`` printed (the ``history`` sent
 again) are not printed twice. After a daemon restart (another epoch) every stream
@@ -15,16 +16,18 @@ starts fresh, and stderr says that too.
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any, TextIO
 
 import attrs
 import orjson
-import trio
 import trio_websocket
 
 from daemon.events import EVENT_TYPES
-from daemon.supervise import Backoff
+from daemon.supervise import Backoff, Failure, retry
+
+log = logging.getLogger(__name__)
 
 #: The channel of each event ``type`` on the wire.
 CHANNEL_OF_TYPE = {cls.TYPE: cls.CHANNEL for cls in EVENT_TYPES}
@@ -39,6 +42,11 @@ BUSY_STATUSES = frozenset({429, 503})
 
 class TailError(Exception):
     """The daemon answered ``error`` or closed the connection for good."""
+
+
+class _Reconnect(Exception):
+    """A connection ended in a way that passes: ``retry`` connects again. Its message
+    is the note for stderr."""
 
 
 @attrs.define
@@ -115,7 +123,9 @@ async def tail_events(
     """Subscribe to ``channels`` x ``symbols`` on ``url`` and write every event to
     ``out`` (stdout), one JSON object a line (batches are split); notes go to ``err``
     (stderr). With ``resume``, a connection that ends is followed by another (see
-    the module docstring; delays from ``backoff``, default 0.5 s doubling to 30 s).
+    the module docstring), through the daemon's one retry loop
+    (``daemon.supervise.retry``), with delays from ``backoff`` (default 0.5 s doubling
+    to 30 s), started over once subscribed again.
     ``token``: sent as ``Authorization: Bearer TOKEN`` (a daemon with auth on).
 
     Raises ``TailError`` on an ``error`` reply, on a close in ``FINAL_CLOSE_CODES``,
@@ -130,7 +140,11 @@ async def tail_events(
     backoff = backoff or Backoff(0.5, 30.0)
     connected_once = False
     headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
-    while True:
+
+    async def connect_once() -> None:
+        """One connection, from the handshake to its end; ``_Reconnect`` when it
+        ended in a way that passes."""
+        nonlocal connected_once
         try:
             async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
                 connected_once = True
@@ -141,12 +155,12 @@ async def tail_events(
             reason = (closed.reason if closed is not None else None) or ""
             if not resume or code in FINAL_CLOSE_CODES:
                 raise TailError(f"closed: {code} {reason}".rstrip()) from None
-            note = f"closed: {code} {reason}".rstrip()
+            raise _Reconnect(f"closed: {code} {reason}".rstrip()) from None
         except trio_websocket.ConnectionRejected as exc:  # an HTTP status
             if not (resume and connected_once and exc.status_code in BUSY_STATUSES):
                 raise TailError(f"refused: HTTP {exc.status_code} "
                                 f"{(exc.body or b'').decode(errors='replace').strip()}") from None
-            note = f"refused: HTTP {exc.status_code}"
+            raise _Reconnect(f"refused: HTTP {exc.status_code}") from None
         except (OSError, trio_websocket.HandshakeError) as exc:
             # trio-websocket gives a refused connection as a HandshakeError from OSError
             cause = exc if isinstance(exc, OSError) else exc.__cause__
@@ -154,11 +168,15 @@ async def tail_events(
                 if isinstance(cause, OSError):
                     raise cause from None
                 raise
-            note = f"cannot reconnect: {cause if cause else repr(exc)}"
-        delay = backoff.next_delay()
-        err.write(f"tail: {note}; connecting again in {delay:.1f} s\n")
+            raise _Reconnect(f"cannot reconnect: {cause if cause else repr(exc)}") from None
+
+    def say(failure: Failure) -> None:
+        err.write(f"tail: {failure.error}; connecting again in {failure.delay:.1f} s\n")
         err.flush()
-        await trio.sleep(delay)
+
+    # the notes are tail's stderr; the retry loop's own lines only at DEBUG
+    await retry("tail", connect_once, backoff, retryable=(_Reconnect,), on_retry=say,
+                logger=log, level=logging.DEBUG)
 
 
 async def _serve(ws: trio_websocket.WebSocketConnection, state: Resume, backoff: Backoff,

@@ -112,6 +112,26 @@ async def test_retry_resets_after_a_healthy_attempt(autojump_clock) -> None:
     assert backoff.attempt == 2
 
 
+async def test_retry_starts_over_when_the_attempt_resets_the_backoff_itself(autojump_clock) -> None:
+    """A caller that knows when it is healthy again (tail, once subscribed) resets the
+    backoff inside its attempt: the next failure waits the first delay again and
+    counts as the first of a run."""
+    outcomes = iter(["fail", "fail", "fail", "reset-then-fail", "fail", "return"])
+    failures: list[Failure] = []
+    backoff = Backoff(base=1.0, cap=64.0, rng=random.Random(5))
+
+    async def attempt() -> None:
+        outcome = next(outcomes)
+        if outcome == "reset-then-fail":
+            backoff.reset()
+        if outcome != "return":
+            raise FeedDisconnected(outcome)
+
+    await retry("test", attempt, backoff, retryable=(FeedError,), on_retry=failures.append)
+    assert [f.failures for f in failures] == [1, 2, 3, 1, 2]
+    assert backoff.attempt == 2
+
+
 async def test_a_repeating_failure_is_logged_once_then_once_a_minute(autojump_clock, caplog) -> None:
     """An exchange down for 10 minutes, tried every 0.5-1 s: the first failure and
     each change of error are logged at the caller's level, the repeats once a

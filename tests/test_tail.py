@@ -44,9 +44,9 @@ async def until_printed(out: io.StringIO, count: int) -> list[dict]:
 async def tail_in(nursery: trio.Nursery, running: Running, symbol: str, **kwargs) -> tuple[
         io.StringIO, io.StringIO]:
     out, err = io.StringIO(), io.StringIO()
+    kwargs.setdefault("backoff", Backoff(**FAST))
     nursery.start_soon(lambda: tail_events(
-        running.url, ["trades"], [f"coinbase:{symbol}"], backoff=Backoff(**FAST),
-        out=out, err=err, **kwargs))
+        running.url, ["trades"], [f"coinbase:{symbol}"], out=out, err=err, **kwargs))
     with trio.fail_after(10):
         while not running.dispatcher.subscriptions:
             await trio.sleep(0.01)
@@ -62,9 +62,10 @@ async def test_tail_resumes_after_a_slow_consumer_close_with_exactly_the_missed_
         captures: Path) -> None:
     trades = busiest_trades(captures)
     assert len(trades) >= 10
+    backoff = Backoff(**FAST)
     async with trio.open_nursery() as nursery:
         running = await start(nursery)
-        out, err = await tail_in(nursery, running, trades[0].symbol)
+        out, err = await tail_in(nursery, running, trades[0].symbol, backoff=backoff)
         await publish(running, trades[:4])
         await until_printed(out, 4)
         close_every_client(running, 4008, "slow consumer")
@@ -73,8 +74,9 @@ async def test_tail_resumes_after_a_slow_consumer_close_with_exactly_the_missed_
         nursery.cancel_scope.cancel()
     assert [e["seq"] for e in events] == list(range(1, len(trades) + 1))
     assert [e["id"] for e in events] == [t.id for t in trades]
-    assert "closed: 4008 slow consumer" in err.getvalue()
+    assert "tail: closed: 4008 slow consumer; connecting again in" in err.getvalue()
     assert "no longer retained" not in err.getvalue()
+    assert backoff.attempt == 0  # subscribed again: the next failure starts over
 
 
 async def test_tail_says_when_the_missed_trades_are_no_longer_retained(captures: Path) -> None:
