@@ -20,7 +20,7 @@ from daemon.collectors.base import CollectorStatistics
 from daemon.config import ReporterConfig
 from daemon.dispatch import Dispatcher, DispatcherStatistics, Message, Retention
 from daemon.events import ComponentHealth, HealthChange, Status
-from daemon.exchanges.base import FeedStats
+from daemon.exchanges.base import FeedCounters
 from daemon.health import (
     CRITICAL,
     NONCRITICAL,
@@ -59,7 +59,7 @@ def test_criticality_decides_what_a_component_does_to_the_daemon() -> None:
 @attrs.define
 class FakeBookFeed:
     synced: set[str] = attrs.field(factory=set)
-    stats: FeedStats = attrs.field(factory=FeedStats)
+    stats: FeedCounters = attrs.field(factory=FeedCounters)
 
     def book(self, symbol: str) -> object | None:
         return object() if symbol in self.synced else None

@@ -23,7 +23,7 @@ from daemon.collectors.poll import PollCollector, poll_period
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.errors import FeedDisconnected, FeedProtocolError, ccxt_errors
 from daemon.events import FeedState, Gap, Ticker, Trade
-from daemon.exchanges.base import FeedStats
+from daemon.exchanges.base import FeedCounters
 from daemon.replay.capture import read_capture
 from daemon.replay.emulator import Emulator
 from daemon.replay.tape import merge_frames
@@ -329,7 +329,7 @@ def ids(events: list[Any]) -> list[str]:
 
 
 def test_trade_tracker_drops_repeats_orders_and_asks_since_the_newest() -> None:
-    tracker = TradeTracker("x", "A-B", limit=5, stats=FeedStats())
+    tracker = TradeTracker("x", "A-B", limit=5, stats=FeedCounters())
     assert tracker.since() is None
     out = tracker.page([trade(3, 1000), trade(1, 1000), trade(2, 999)], None, 1.0)
     assert ids(out) == ["2", "1", "3"]  # by time, then by numeric id
@@ -341,7 +341,7 @@ def test_trade_tracker_drops_repeats_orders_and_asks_since_the_newest() -> None:
 
 
 def test_trade_tracker_reports_a_gap_only_for_a_full_page_that_does_not_overlap() -> None:
-    tracker = TradeTracker("x", "A-B", limit=3, stats=FeedStats())
+    tracker = TradeTracker("x", "A-B", limit=3, stats=FeedCounters())
     tracker.page([trade(10, 100)], None, 1.0)
     out = tracker.page([trade(11, 101), trade(12, 102)], 100, 2.0)  # not full: no gap
     assert ids(out) == ["11", "12"]
@@ -353,7 +353,7 @@ def test_trade_tracker_reports_a_gap_only_for_a_full_page_that_does_not_overlap(
 
 
 def test_trade_tracker_jumps_to_the_newest_page_when_since_stalls_or_stays_behind() -> None:
-    tracker = TradeTracker("x", "A-B", limit=2, stats=FeedStats())
+    tracker = TradeTracker("x", "A-B", limit=2, stats=FeedCounters())
     tracker.page([trade(1, 10)], None, 1.0)
     tracker.page([trade(1, 10)], 10, 1.0)  # nothing new from `since`: the window may be stale
     assert tracker.since() is None
@@ -368,7 +368,7 @@ def test_trade_tracker_jumps_to_the_newest_page_when_since_stalls_or_stays_behin
 
 
 def test_trade_tracker_memory_is_bounded_and_forgotten_trades_stay_delivered() -> None:
-    tracker = TradeTracker("x", "A-B", limit=10, stats=FeedStats())
+    tracker = TradeTracker("x", "A-B", limit=10, stats=FeedCounters())
     for start in range(0, 500, 10):
         tracker.page([trade(i, 1000 + i) for i in range(start, start + 10)], tracker.since(), 1.0)
     assert len(tracker.seen) == tracker.memory == 100

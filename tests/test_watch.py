@@ -34,7 +34,7 @@ from daemon.config import (
     structure_config,
 )
 from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
-from daemon.exchanges.base import FeedStats
+from daemon.exchanges.base import FeedCounters
 from daemon.replay.capture import read_capture
 from daemon.replay.emulator import Emulator
 from daemon.replay.run import serve_replay, start_when_subscribed
@@ -60,7 +60,7 @@ def test_side_delta_is_complete_and_best_first() -> None:
 
 
 def test_book_tracker_snapshot_then_deltas_then_resync() -> None:
-    stats = FeedStats()
+    stats = FeedCounters()
     book = BookTracker("binance", "NKN-USDT", stats)
     first = book.book({0.35: 10.0}, {0.36: 5.0}, 1.0, 2.0)
     assert isinstance(first[0], BookSnapshot) and first[0].bids == (("0.35", "10.0"),)

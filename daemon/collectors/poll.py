@@ -69,7 +69,7 @@ from daemon.collectors.state import CollectorState
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.dispatch import Source
 from daemon.errors import FeedError, ccxt_errors
-from daemon.exchanges.base import FeedStats
+from daemon.exchanges.base import FeedCounters
 from daemon.supervise import Backoff, Failure, retry
 from daemon.trades import TradeTracker
 
@@ -135,7 +135,7 @@ class PollCollector(CollectorState):
             log.info("%s: poll interval raised from %.3gs to %.3gs (rate limit %sms x %d requests)",
                      exchange, self.interval, self.period, self.api.rateLimit,
                      self.requests_per_round)
-        self.stats = FeedStats()
+        self.stats = FeedCounters()
         limit = trades_limit(exchange)
         self.trades = {s: TradeTracker(exchange, s, limit, self.stats) for s in self.markets}
         self._init_state()

@@ -16,13 +16,13 @@ import trio
 
 from daemon.dispatch import Source
 from daemon.events import Event, FeedState, Ticker
-from daemon.exchanges.base import FeedStats
+from daemon.exchanges.base import FeedCounters
 from daemon.supervise import Failure
 
 
 class CollectorState:
     """Mixed into a collector that has ``exchange``, ``out`` (a dispatcher source)
-    and ``stats`` (``FeedStats``, for ``publish_ticker``); ``label`` prefixes state
+    and ``stats`` (``FeedCounters``, for ``publish_ticker``); ``label`` prefixes state
     details."""
 
     exchange: str
@@ -82,7 +82,7 @@ class CollectorState:
         self.last_event[event.symbol] = trio.current_time()
         await self.out.send(event)
 
-    async def publish_ticker(self, event: Ticker, stats: FeedStats) -> None:
+    async def publish_ticker(self, event: Ticker, stats: FeedCounters) -> None:
         """Publish a ticker only when its symbol's top of book changed (counted in
         ``stats.tickers``)."""
         top = (event.bid, event.bid_size, event.ask, event.ask_size)

@@ -61,7 +61,7 @@ from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.dispatch import Source
 from daemon.errors import FeedDisconnected
 from daemon.events import Gap
-from daemon.exchanges.base import FeedStats
+from daemon.exchanges.base import FeedCounters
 from daemon.trades import TradeTracker
 
 __all__ = ["BRIDGE_BUFFER", "THREAD_PREFIX", "HandOff", "WatchCollector", "trades_gap"]
@@ -116,7 +116,7 @@ class WatchCollector(CollectorState):
         self.buffer = buffer
         self.markets = {symbol: ccxt_symbol(symbol) for symbol in cfg.symbols}
         self.channels = tuple(c for c in WATCH_CHANNELS if c in cfg.channels)
-        self.stats = FeedStats()
+        self.stats = FeedCounters()
         self.trades_limit = trades_limit(self.ccxt_id)
         self.trades = {s: TradeTracker(exchange, s, self.trades_limit, self.stats)
                        for s in self.markets}

@@ -148,10 +148,6 @@ class FeedCounters:
         )
 
 
-#: The name ``FeedCounters`` had before; kept while collectors still use it.
-FeedStats = FeedCounters
-
-
 class ExchangeFeed(Protocol):
     """The sans-IO protocol of one exchange connection, as a collector drives it
     (module docstring: the order of the calls and the rules of their outputs).

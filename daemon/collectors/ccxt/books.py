@@ -31,7 +31,7 @@ from typing import Any
 
 from daemon.collectors.ccxt.common import level_text
 from daemon.events import BookSnapshot, BookUpdate, Event, FeedState, Levels
-from daemon.exchanges.base import FeedStats
+from daemon.exchanges.base import FeedCounters
 
 #: One copied side of a book: ``{price: size}`` (ccxt's floats).
 Side = dict[float, float]
@@ -70,7 +70,7 @@ class BookTracker:
     ``BookSnapshot`` with a ``synced`` state; the next ones as complete
     ``BookUpdate`` deltas (none when nothing changed)."""
 
-    def __init__(self, exchange: str, symbol: str, stats: FeedStats) -> None:
+    def __init__(self, exchange: str, symbol: str, stats: FeedCounters) -> None:
         self.exchange = exchange
         self.symbol = symbol
         self.stats = stats
