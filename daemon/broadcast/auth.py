@@ -8,19 +8,19 @@ implied by a subscriber's grant). A browser's ``Origin`` must be in
 ``auth.origins`` when that list is set.
 
 Authentication is ``on``, ``off``, or ``auto``: on when the server listens on a
-non-loopback address.
+non-loopback address (``daemon.config.is_loopback``, which the config check and the
+TLS warning use too).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 
 import attrs
 
 from daemon.broadcast.connection import Handshake, Rejection
-from daemon.config import AuthConfig
+from daemon.config import AuthConfig, is_loopback
 from daemon.publish.message import ANYONE, PublishGrant
 
 
@@ -47,16 +47,6 @@ class Grant:
 
 
 EVERYTHING = Grant("anonymous", frozenset({"*"}), frozenset({"*"}))
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or ``localhost``) is a loopback address."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def bearer(authorization: str | None) -> str | None:
