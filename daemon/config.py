@@ -514,20 +514,38 @@ def _one_line(message: str) -> str:
     return f"{text} @ {where}"
 
 
+#: The packaged default config, every key explained: the example to copy.
+EXAMPLE_CONFIG = resources.files("daemon").joinpath("default.toml")
+
+
+def _unreadable(path: str | Path | None, exc: OSError) -> str:
+    """The one line for a config file that cannot be read: the cause, and what to do."""
+    line = f"cannot read {path}: {exc.strerror or exc}"
+    if isinstance(exc, FileNotFoundError):
+        return (f"{line}; to write one, copy the example {EXAMPLE_CONFIG} to {path} and "
+                "edit it (without --config, tickwire run uses that example as it is)")
+    if isinstance(exc, PermissionError):
+        return f"{line}; make it readable by this user"
+    if isinstance(exc, IsADirectoryError):
+        return f"{line}; give the path of a TOML file"
+    return line
+
+
 def load_config(path: str | Path | None = None) -> Config:
     """Read and check a TOML config file; ``None`` loads the packaged default.
 
     Raises ``ConfigError`` (one line) for unreadable files, TOML syntax errors,
-    unknown keys and wrong values.
+    unknown keys and wrong values; a file that is missing or not readable is told
+    what to do (``_unreadable``).
     """
     try:
         if path is None:
-            text = resources.files("daemon").joinpath("default.toml").read_text()
+            text = EXAMPLE_CONFIG.read_text()
         else:
             text = Path(path).read_text(encoding="utf-8")
         data = tomllib.loads(text)
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        raise ConfigError(_unreadable(path, exc)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     return structure_config(data)

@@ -76,10 +76,21 @@ def test_auth_off_or_on_loopback_needs_no_token(tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", [["check-config"], ["run", "--config"],
                                      ["replay", str(Path(__file__)), "--config"]])
 def test_a_missing_config_file_is_one_line_and_exit_2(tmp_path: Path, command: list[str]) -> None:
-    result = run_cli(*command, str(tmp_path / "nope.toml"))
+    """The line says what to do: copy the example it names to that path; doing so
+    gives a config that check-config accepts."""
+    missing = tmp_path / "nope.toml"
+    result = run_cli(*command, str(missing))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f"tickwire: config error: cannot read {tmp_path / 'nope.toml'}: No such file or directory"]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(
+        f"tickwire: config error: cannot read {missing}: No such file or directory; ")
+    found = re.search(r"copy the example (\S+) to (\S+) and edit it", line)
+    assert found is not None, line
+    example, target = Path(found[1]), Path(found[2])
+    assert target == missing and example.name == "default.toml"
+    target.write_bytes(example.read_bytes())  # what the line says to do
+    checked = run_cli("check-config", str(target))
+    assert checked.returncode == 0, checked.stderr
 
 
 async def start_replay(captures: Path, *args: str) -> tuple[trio.Process, int, list[str]]:
