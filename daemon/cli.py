@@ -143,7 +143,7 @@ def _speed(ctx: click.Context, param: click.Parameter, value: str) -> float | No
 
 
 @main.command(short_help="Run the daemon on recorded exchange traffic.")
-@click.argument("captures", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("captures", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--speed", default="1", show_default=True, callback=_speed,
               help="Replay speed: a factor of the recorded timing, or 'max'.")
 @click.option("--listen", default=None, help="HOST:PORT of the broadcast server.")
@@ -170,10 +170,12 @@ def replay(
     an emulator on 127.0.0.1, and the collectors connect to it as to the exchange.
 
     An exchange's files go together: its WebSocket recordings (X.ws.*), its markets
-    (X.0) and, for Binance, its REST book snapshots (X.http.*). For example:
+    (X.0) and, for Binance, its REST book snapshots (X.http.*). A folder stands for
+    the files in it; README*, LICENSE* and *.md files are skipped. For example:
 
     \b
         tickwire replay tests/captures/KRAKEN.* --speed 5
+        tickwire replay tests/captures     (every exchange recorded there)
         tickwire tail book 'kraken:*'      (in another shell)"""
     from functools import partial
 
@@ -205,7 +207,7 @@ def replay(
 
 
 @main.command(short_help="Serve recorded traffic as the exchanges would.")
-@click.argument("captures", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("captures", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--speed", default="1", show_default=True, callback=_speed,
               help="Replay speed: a factor of the recorded timing, or 'max'.")
 @click.option("--loop", is_flag=True, help="Play the captures again and again (as replay).")
@@ -216,9 +218,10 @@ def replay(
 def emulate(captures: tuple[str, ...], speed: float | None, loop: bool,
             rate: float | None, parent_pipe: bool) -> None:
     """Serve recorded traffic as the exchanges would, on 127.0.0.1, without the
-    daemon: one emulator per exchange. Prints one JSON line per exchange with its
-    rest_url, ws_url and the recorded symbols and channels, and another when its
-    tape has played (tickwire replay --emulators process runs this)."""
+    daemon: one emulator per exchange (CAPTURES: files or folders, as for replay).
+    Prints one JSON line per exchange with its rest_url, ws_url and the recorded
+    symbols and channels, and another when its tape has played (tickwire replay
+    --emulators process runs this)."""
     from functools import partial
 
     from daemon.replay.process import serve_emulators

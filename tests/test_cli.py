@@ -179,17 +179,63 @@ def the_line(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.parametrize("command", ["replay", "emulate"])
-def test_a_file_that_is_not_a_capture_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
+def test_a_file_that_is_not_a_capture_is_one_line_and_exit_2(
+        tmp_path: Path, captures: Path, command: str) -> None:
+    """A README, LICENSE or Markdown file alone leaves nothing to replay; any other
+    file that is no capture is refused, even beside good captures."""
     readme = Path(__file__).parent.parent / "README.md"
     result = run_cli(command, str(readme))
     assert result.returncode == 2
     line = the_line(result)
-    assert f"{readme}:1: not a capture file" in line and "tests/captures/README.md" in line
+    assert f"no capture file among {readme} (README*, LICENSE*, *.md files are not captures)" in line
+    assert "tests/captures/README.md" in line
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    kraken = sorted(str(p) for p in captures.glob("KRAKEN.*"))
+    result = run_cli(command, *kraken, str(notes), "--speed", "max")
+    assert result.returncode == 2
+    line = the_line(result)
+    assert f"{notes}:1: not a capture file" in line and "tests/captures/README.md" in line
     binary = tmp_path / "BINANCE.ws.1.0"
     binary.write_bytes(b"\xff\xfe\x00binary")
     result = run_cli(command, str(binary))
     assert result.returncode == 2
     assert "not a capture file (not UTF-8 text)" in the_line(result)
+
+
+def captures_folder_with_notes(tmp_path: Path, captures: Path, form: str) -> tuple[Path, list[str]]:
+    """A folder with every file of ``captures`` (links) and a README.md, a
+    LICENSE.cryptofeed and a notes.md; the arguments naming it: its files as a shell
+    glob would (``form="files"``), or the folder."""
+    folder = tmp_path / "captures"
+    folder.mkdir()
+    for path in captures.iterdir():
+        (folder / path.name).symlink_to(path.resolve())
+    for name in ("README.md", "LICENSE.cryptofeed", "notes.md"):  # whatever TICKWIRE_CAPTURES holds
+        if not (folder / name).exists():
+            (folder / name).write_text("not a capture\n")
+    return folder, sorted(str(p) for p in folder.iterdir()) if form == "files" else [str(folder)]
+
+
+@pytest.mark.parametrize("form", ["files", "folder"])
+async def test_replay_of_a_captures_folder_skips_its_readme_and_licence(
+        tmp_path: Path, captures: Path, form: str) -> None:
+    """``tickwire replay tests/captures/*`` (the shell names README.md and
+    LICENSE.cryptofeed too) and ``tickwire replay tests/captures`` replay every
+    exchange there; the files that are no captures are skipped with a debug line."""
+    from tests.daemon_process import tickwire
+
+    folder, given = captures_folder_with_notes(tmp_path, captures, form)
+    config = tmp_path / "tickwire.toml"
+    config.write_text(f'log_level = "debug"\n[server]\nlisten = "127.0.0.1:0"\n'
+                      f'[admin]\nsocket = "{tmp_path / "admin.sock"}"\n')
+    async with tickwire("replay", *given, "--speed", "max", "--config", str(config)) as daemon:
+        await daemon.wait_for(r"started: .* 3 feeds", seconds=30)
+        await daemon.wait_for(r"replay: every capture played", seconds=60)
+        for name in ("README.md", "LICENSE.cryptofeed", "notes.md"):
+            await daemon.wait_for(rf"level=debug .*{re.escape(str(folder / name))}: skipped, "
+                                  r"not a capture", seconds=1)
+    assert daemon.process.returncode == 0, daemon.log()
 
 
 @pytest.mark.parametrize(

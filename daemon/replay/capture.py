@@ -8,13 +8,16 @@ One record per line:
 - ``URL -> T: BODY``: a REST GET of URL answered with BODY (``X.0``, ``X.http.*``);
 - ``configuration: JSON``: channels and symbols the recorder subscribed.
 
-Pure parsing: no I/O beyond reading the file, no trio.
+Pure parsing: no I/O beyond reading the file (and listing a folder given as the
+captures, ``capture_paths``), no trio.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +29,12 @@ from daemon.errors import StartupError
 #: What a person should do about a file that is not a capture (the end of the line).
 CAPTURE_FORMAT = ("give tickwire capture files (X.0, X.ws.*, X.http.*: "
                   "tests/captures/README.md says what they hold)")
+
+#: Names of files that are clearly not captures (case-insensitive patterns): a folder
+#: of captures holds its README and licence, which ``tests/captures/*`` names too.
+NOT_CAPTURES = ("README*", "LICENSE*", "*.md")
+
+log = logging.getLogger(__name__)
 
 
 class CaptureError(StartupError, ValueError):
@@ -81,6 +90,37 @@ class Capture:
     def urls(self) -> list[str]:
         """Every URL the file names (connections, then REST requests)."""
         return [c.url for c in self.connections] + [r.url for r in self.rest]
+
+
+def is_not_a_capture(name: str) -> bool:
+    """Whether a file name is one of ``NOT_CAPTURES`` (``README.md``, ``LICENSE.x``)."""
+    return any(fnmatch.fnmatchcase(name.upper(), pattern.upper()) for pattern in NOT_CAPTURES)
+
+
+def capture_paths(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The capture files among ``paths``, in order: a folder stands for the files in
+    it (sorted by name; hidden files and subfolders left out), and a file named as
+    one of ``NOT_CAPTURES`` is skipped with a debug log line. Any other file is kept,
+    to be read (and refused, if it is no capture) by ``read_capture``.
+
+    Raises ``CaptureError`` (one line) when no file is left.
+    """
+    found: list[Path] = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            inside = sorted(p for p in given.iterdir() if p.is_file() and not p.name.startswith("."))
+        else:
+            inside = [given]
+        for path in inside:
+            if is_not_a_capture(path.name):
+                log.debug("%s: skipped, not a capture (%s)", path, ", ".join(NOT_CAPTURES))
+            else:
+                found.append(path)
+    if not found:
+        names = ", ".join(str(p) for p in paths)
+        raise CaptureError(f"no capture file among {names} ({', '.join(NOT_CAPTURES)} "
+                           f"files are not captures); {CAPTURE_FORMAT}")
+    return found
 
 
 def read_capture(path: str | os.PathLike[str]) -> Capture:

@@ -19,7 +19,13 @@ import trio
 from daemon.app import App
 from daemon.config import Config, ExchangeConfig
 from daemon.errors import StartupError
-from daemon.replay.capture import Capture, CaptureError, exchange_of, read_capture
+from daemon.replay.capture import (
+    Capture,
+    CaptureError,
+    capture_paths,
+    exchange_of,
+    read_capture,
+)
 from daemon.replay.emulator import Emulator
 from daemon.replay.process import EmulatorProcess, run_emulator_process
 from daemon.replay.tape import NO_FAULTS, Faults
@@ -82,13 +88,15 @@ def group_captures(paths: Sequence[str | Path]) -> dict[str, list[Capture]]:
     """Read capture files, group them by exchange and check that each exchange's
     set can be replayed: a WebSocket recording, the recorded markets (``X.0``),
     and the REST book snapshots where the exchange's book needs them (Binance's
-    ``X.http.*``).
+    ``X.http.*``). A folder in ``paths`` stands for its files, and README, LICENSE
+    and Markdown files are skipped (``capture_paths``): ``tests/captures/*`` and
+    ``tests/captures`` replay every capture there.
 
     Raises ``CaptureError`` (a ``StartupError``: one line naming the file and what
     to do) for a file that cannot be read or whose URLs name no known exchange,
-    and for a set that lacks one of those files."""
+    for a set that lacks one of those files, and when no capture file is given."""
     groups: dict[str, list[Capture]] = defaultdict(list)
-    for path in paths:
+    for path in capture_paths(paths):
         capture = read_capture(path)
         exchanges = {exchange for url in capture.urls if (exchange := exchange_of(url))}
         if len(exchanges) != 1:
