@@ -306,7 +306,8 @@ def clients(socket_path: str | None, as_json: bool) -> None:
 @click.argument("channel")
 @click.argument("symbols", nargs=-1, required=True)
 @click.option("--url", default="ws://127.0.0.1:8765", show_default=True, help="tickwire server.")
-@click.option("--history", default=0, show_default=True, help="Retained trades to get first.")
+@click.option("--history", default=0, show_default=True,
+              help="Retained messages to get first (trades, signals, executions).")
 @click.option("--once", is_flag=True,
               help="Exit (status 1) when the connection ends, instead of resuming.")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,

@@ -55,7 +55,8 @@ class Resume:
 
     ``channels`` x ``symbols`` is the subscription, ``history`` the retained messages
     asked for with it. ``epoch``: the daemon's, from its last welcome; ``last``:
-    per stream key (``channel:exchange:symbol``), the highest ``seq`` printed.
+    per stream key (``channel:exchange:symbol``, a published channel's
+    ``channel:source:key``), the highest ``seq`` printed.
     """
 
     channels: list[str]
@@ -95,11 +96,15 @@ class Resume:
         """Whether to print ``message`` (an event): not if its stream was printed up
         to its ``seq`` already (a ``book_snapshot`` may repeat the last ``seq``: it
         is the book's state, printed again)."""
-        channel = CHANNEL_OF_TYPE.get(message.get("type", ""))
         seq = message.get("seq")
+        if "source" in message:  # a published channel's message names its stream
+            channel = message.get("channel")
+            stream = f"{channel}:{message.get('source')}:{message.get('key')}"
+        else:
+            channel = CHANNEL_OF_TYPE.get(message.get("type", ""))
+            stream = f"{channel}:{message.get('exchange')}:{message.get('symbol')}"
         if channel is None or not isinstance(seq, int):
             return True
-        stream = f"{channel}:{message.get('exchange')}:{message.get('symbol')}"
         last = self.last.get(stream)
         if last is not None and seq <= last and not (
                 message["type"] == "book_snapshot" and seq == last):
