@@ -9,8 +9,9 @@ Two implementations of one interface (``Writer``):
   writer task sends the buffer with ``send_all``: one task switch per client per
   write.
 - ``SocketWriter``, for plain TCP only, writes at once with a non-blocking
-  ``send`` on a duplicate of the connection's file descriptor (``os.dup``: the
-  trio socket's own ``send`` is async): the server's write pass reaches every
+  ``os.write`` on the connection's own file descriptor (the trio socket's
+  ``send`` is async; the descriptor is already non-blocking, and no second one is
+  opened: one descriptor per client): the server's write pass reaches every
   client in one synchronous loop, without waking a task per client. That loop is
   what the fan-out figures of docs/benchmarks.md measure. Measured (run Q,
   ``benchmarks/fanout.py --clients 100 --idle 0 --modes max``, and the same with
@@ -25,7 +26,6 @@ bounded (``MAX_PILED``): a client that pings and never reads is dropped.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from typing import Protocol
 
@@ -125,13 +125,15 @@ class StreamWriter(_Buffered):
 
 
 class SocketWriter(_Buffered):
-    """Writes at once on a duplicate of ``stream``'s socket (plain TCP only)."""
+    """Writes at once on ``stream``'s socket (plain TCP only), through its own
+    descriptor: the stream owns and closes it; the writer stops using it at
+    ``close``."""
 
     def __init__(self, stream: trio.SocketStream, on_break: Callable[[bool], None],
                  on_pending: Callable[[], None]) -> None:
         super().__init__(on_break, on_pending)
-        self.raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
-        self.raw.setblocking(False)
+        self.socket = stream.socket
+        self.fd = stream.socket.fileno()
 
     def emit(self, data: bytes, control: bool = False) -> None:
         if self._broken:
@@ -143,7 +145,7 @@ class SocketWriter(_Buffered):
             return
         self._piled = 0
         try:
-            sent = self.raw.send(data)
+            sent = os.write(self.fd, data)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -155,9 +157,9 @@ class SocketWriter(_Buffered):
 
     async def send_pending(self) -> None:
         while self._out and not self._broken:
-            await trio.lowlevel.wait_writable(self.raw)
+            await trio.lowlevel.wait_writable(self.socket)
             try:
-                sent = self.raw.send(self._out)
+                sent = os.write(self.fd, self._out)
             except BlockingIOError:
                 continue
             except OSError:
@@ -167,7 +169,10 @@ class SocketWriter(_Buffered):
             return
 
     def close(self) -> None:
-        self.raw.close()
+        # nothing more is written (the descriptor's number could be reused once the
+        # stream closes it)
+        self._broken = True
+        self._out.clear()
 
 
 #: ``TICKWIRE_WRITER=stream`` makes plain connections use ``StreamWriter`` too (to
