@@ -348,5 +348,127 @@ def tail(channel: str, symbols: tuple[str, ...], url: str, history: int, once: b
         sys.exit(2)
 
 
+def _publish_ts(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    if value == "now":
+        import time
+
+        return time.time()
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter("epoch seconds (e.g. 1733400000.5) or 'now'") from None
+
+
+def _publish_data(text: str) -> dict[str, Any]:
+    """The JSON argument (``-``: stdin) as an object; anything else is one line and
+    exit 2."""
+    import orjson
+
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        click.echo(f"tickwire: JSON: not JSON ({exc}): give the data as an object, e.g. "
+                   """'{"side":"buy"}'""", err=True)
+        sys.exit(2)
+    if not isinstance(data, dict):
+        click.echo(f"tickwire: JSON: the data must be a JSON object ({{...}}), not "
+                   f"{_json_kind(data)}", err=True)
+        sys.exit(2)
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+@main.command(short_help="Publish a message into a channel (signals, portfolio, ...).")
+@click.argument("channel")
+@click.argument("source")
+@click.argument("key")
+@click.argument("data", metavar="JSON")
+@click.option("--ts", callback=_publish_ts, default=None, metavar="SECONDS|now",
+              help="The message's time, epoch seconds, or 'now' (default: none; "
+                   "subscribers get the daemon's recv_ts).")
+@click.option("--idempotency-key", default=None, metavar="K",
+              help="Makes a retry safe: the same key again within the daemon's "
+                   "publish.idempotency_window is answered with the first seq, "
+                   "not delivered again.")
+@click.option("--version", "version", type=click.IntRange(min=0), default=None, metavar="N",
+              help="The state's version, on a latest channel (portfolio, trading_state): "
+                   "one not above the key's current version is refused as stale.")
+@click.option("--url", default=None,
+              help="Publish over HTTP to this publish listener (publish.listen), e.g. "
+                   "http://127.0.0.1:8766; default: the admin socket.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="With --url: a file holding a token with a publish grant (else the "
+                   "TICKWIRE_TOKEN environment variable; never the command line, which "
+                   "ps shows to every user).")
+@_socket_option
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, metavar="SECONDS",
+              show_default=True, help="Seconds connecting, sending or waiting may take.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the daemon's answer (one JSON object), error answers too.")
+def publish(channel: str, source: str, key: str, data: str, ts: float | None,
+            idempotency_key: str | None, version: int | None, url: str | None,
+            token_file: str | None, socket_path: str | None, timeout: float,
+            as_json: bool) -> None:
+    """Publish one message into CHANNEL (a published channel: signals,
+    executions, portfolio, trading_state or one the config declares) as SOURCE,
+    for KEY, with JSON (a JSON object; - reads it from stdin). Subscribers get it
+    on the stream CHANNEL:SOURCE:KEY. For example:
+
+    \b
+        tickwire publish signals momentum BTC-USD '{"side":"buy","confidence":0.8}'
+
+    By default through the running daemon's admin socket (no token: the socket's
+    permissions decide); with --url, over HTTP to its publish listener, with the
+    token from --token-file or TICKWIRE_TOKEN.
+
+    Prints CHANNEL:SOURCE:KEY seq N (epoch E). Exit status: 0 published (or a
+    duplicate of an earlier publish), 1 refused (error: CODE: message on stderr),
+    2 the daemon cannot be reached, or a usage error (JSON that is not an object)."""
+    from daemon import client
+
+    _die_on_broken_pipe()
+    if url is not None and socket_path is not None:
+        click.echo("tickwire: give --url (HTTP) or --socket (the admin socket), not both",
+                   err=True)
+        sys.exit(2)
+    body = _publish_data(data)
+    token = _token(token_file) if url is not None else None
+    try:
+        receipt = client.publish(channel, source, key, body, ts=ts,
+                                 idempotency_key=idempotency_key, version=version, url=url,
+                                 token=token, socket=socket_path, timeout=timeout)
+    except ValueError as exc:  # a URL that is not http(s)://
+        click.echo(f"tickwire: {exc}", err=True)
+        sys.exit(2)
+    except client.PublishRefused as refused:
+        if as_json:
+            click.echo(_json_line(refused.as_dict()))
+        else:
+            click.echo(f"error: {refused.code}: {refused.message}", err=True)
+        sys.exit(1)
+    except (client.Unreachable, client.BadAnswer) as exc:
+        click.echo(f"tickwire: unreachable: {exc}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(_json_line(receipt.as_dict()))
+    else:
+        note = "; a duplicate: published before with this idempotency key" if receipt.duplicate else ""
+        click.echo(f"{channel}:{source}:{key} seq {receipt.seq} (epoch {receipt.epoch}{note})")
+
+
+def _json_line(value: Any) -> str:
+    import orjson
+
+    return orjson.dumps(value).decode()
+
+
 if __name__ == "__main__":
     main()
