@@ -135,6 +135,11 @@ class ServerConfig(_Listening):
     at most about a third of the process's time; an event after a quiet window goes
     out at once (0: every batch of events is written at once); ``ping_interval`` /
     ``ping_timeout``: keepalive, seconds (no pong in time closes with 4001);
+    ``stall_timeout``: seconds a client's connection may take nothing before it is
+    a slow consumer: closed with 4008 if it has a lossless subscription, else
+    conflated; ``send_buffer``: each connection's TCP send buffer, bytes
+    (``SO_SNDBUF``; 0: the kernel's autotuned default), so the kernel holds little
+    for a client that stops reading;
     ``handshake_timeout``: seconds to complete the upgrade; ``idle_timeout``:
     seconds a client may stay without any subscription;
     ``max_connections`` (total) and ``max_connections_per_ip``;
@@ -152,6 +157,8 @@ class ServerConfig(_Listening):
     max_write_delay_ms: float = attrs.field(default=5.0, validator=_non_negative)
     ping_interval: float = attrs.field(default=20.0, validator=_positive)
     ping_timeout: float = attrs.field(default=20.0, validator=_positive)
+    stall_timeout: float = attrs.field(default=10.0, validator=_positive)
+    send_buffer: int = attrs.field(default=262_144, validator=_non_negative)
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
     idle_timeout: float = attrs.field(default=300.0, validator=_positive)
     max_connections: int = attrs.field(default=10_000, validator=_positive)

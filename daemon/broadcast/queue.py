@@ -92,6 +92,8 @@ class ClientQueue:
         self.hooks = hooks
         self._ready = hooks.ready
         self.closed = False
+        #: the client does not read: conflating streams keep only a marker
+        self.holding = False
         self.items: deque[Item] = deque()
         self.marked: set[Stream] = set()
         self.throttles: dict[tuple[str, str], float] = {}  # (channel, pattern) -> seconds
@@ -112,6 +114,11 @@ class ClientQueue:
         stream = message.stream
         if stream in self.marked:
             return  # a marker in the queue already stands for the latest state
+        if self.holding and stream.policy.conflates:
+            self.conflated += 1
+            self.marked.add(stream)
+            self.items.append(Marker(stream))
+            return
         if stream.policy.conflates and self.throttles:
             interval = self._interval(stream)
             if interval:
@@ -141,6 +148,28 @@ class ClientQueue:
             return
         self.items.append(message)
         self._ready()
+
+    def hold(self) -> None:
+        """The client does not read: replace the queued messages of every
+        conflating stream by one marker per stream (its latest state when
+        written), and until ``release`` conflate each new one the same way;
+        control messages and lossless messages keep their place."""
+        self.holding = True
+        items: deque[Item] = deque()
+        for item in self.items:
+            if isinstance(item, Message) and item.stream.policy.conflates:
+                stream = item.stream
+                if stream not in self.marked:
+                    self.marked.add(stream)
+                    self.conflated += 1
+                    items.append(Marker(stream))
+            else:
+                items.append(item)
+        self.items = items
+
+    def release(self) -> None:
+        """The client reads again (see ``hold``)."""
+        self.holding = False
 
     def close(self) -> None:
         """Take nothing more (control messages included)."""

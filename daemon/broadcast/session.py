@@ -14,6 +14,18 @@ the dispatcher's subscriber: the dispatcher calls ``queue.deliver`` synchronousl
 for every message of a subscribed stream, and it never blocks. A close never
 cuts a frame: the writer finishes the frame it is writing first, then the close
 frame.
+
+Slow consumers
+--------------
+The queue's policy (``queue.py``) decides what a slow client gets, not the
+socket buffers: the connection's send buffer is bounded (``server.send_buffer``,
+``SO_SNDBUF``), and the writer's stall clock says since when it has waited for
+the client to take bytes. After ``stall_timeout`` (default 10 s) of no progress
+the client is a slow consumer: closed 4008 if it has a lossless subscription,
+else its queue holds (every state stream conflated to one marker, the latest
+state) until the writer has sent what it keeps. A ping cannot leave while the
+writer waits, so its timeout does not run meanwhile: a stalled client is closed
+4001 only after ``stall_timeout + ping_timeout``.
 """
 
 from __future__ import annotations
@@ -135,7 +147,10 @@ class Session:
         self._wake = trio.Event()
         self._scope = trio.CancelScope(shield=True)
         self._read_scope = trio.CancelScope()
-        self._pong_due: float | None = None
+        #: when the outstanding ping went out (``None``: none is outstanding)
+        self._ping_at: float | None = None
+        #: set when the writer starts waiting for the client (the stall clock runs)
+        self._waits = trio.Event()
         self.writer: Writer | None = None
         self._ping_count = 0
 
@@ -186,7 +201,9 @@ class Session:
         ``close(1001, ...)`` instead, so that no frame is cut in the middle and the
         client gets its close code.
         """
-        writer = self.writer = open_writer(self.conn.stream, self._break, self._wake_writer)
+        writer = self.writer = open_writer(self.conn.stream, self._break, self._wake_writer,
+                                           self._writer_waits)
+        _bound_send_buffer(self.conn.stream, self.config.send_buffer)
         self.conn.output = self._control_output
         try:
             with self._scope:
@@ -271,11 +288,14 @@ class Session:
     def _wake_writer(self) -> None:
         self._wake.set()
 
+    def _writer_waits(self) -> None:
+        self._waits.set()
+
     def flush(self) -> None:
         """Move what is queued to the writer now, as far as the client takes it."""
         writer = self.writer
         if (writer is not None and not writer.pending and self.queue
-                and self.close_code is None):
+                and self.close_code is None and not self.queue.holding):
             writer.emit(self._build())
 
     def _break(self, piled: bool) -> None:
@@ -326,10 +346,12 @@ class Session:
         while not writer.broken:
             if writer.pending:
                 await writer.send_pending()  # then the queue, once it is all sent
+                if self.queue.holding and writer.stalled_since is None:
+                    self.queue.release()  # the client reads again: the latest states
                 continue
             if self.close_code is not None:
                 return
-            if self.queue:
+            if self.queue and not self.queue.holding:
                 self.flush()
                 continue
             self._wake = trio.Event()
@@ -347,16 +369,50 @@ class Session:
             await self._keepalive_loop()
 
     async def _keepalive_loop(self) -> None:
-        """Ping every ``ping_interval``; no pong within ``ping_timeout`` closes the
-        client (4001). A client with no subscription for ``idle_timeout`` is closed
-        (4000)."""
+        """Keepalive, idle clients and the slow-consumer contract (see "Slow
+        consumers" in the module docstring).
+
+        A ping every ``ping_interval``; no pong within ``ping_timeout`` closes the
+        client (4001), counted from when the ping could leave: not while the writer
+        waits for the client. A writer that has waited ``stall_timeout`` for the
+        client to take bytes makes it a slow consumer (``_stalled``); one that waits
+        ``stall_timeout + ping_timeout`` closes it 4001. No subscription for
+        ``idle_timeout`` closes it (4000)."""
         config = self.config
         self.conn.on_pong = self._pong
         idle_since = self.connected_at
+        next_ping = self.connected_at + config.ping_interval
+        writer = self.writer
+        assert writer is not None
         while self.close_code is None:
-            await trio.sleep(min(config.ping_interval, config.idle_timeout))
+            stalled = writer.stalled_since
+            deadlines = [idle_since + config.idle_timeout]
+            if stalled is not None:
+                deadlines.append(stalled + config.stall_timeout + (
+                    config.ping_timeout if self.queue.holding else 0.0))
+            elif self._ping_at is not None:
+                deadlines.append(self._ping_at + config.ping_timeout)
+            else:
+                deadlines.append(next_ping)
+            with trio.move_on_at(min(deadlines)):
+                if stalled is None:
+                    self._waits = trio.Event()
+                    await self._waits.wait()  # the writer waits for the client
+                    continue
+                await trio.sleep_forever()
             now = trio.current_time()
-            if self._pong_due is not None and now >= self._pong_due:
+            stalled = writer.stalled_since
+            if stalled is not None:
+                if self._ping_at is not None:
+                    self._ping_at = now  # stuck behind data: its time starts when it leaves
+                waited = now - stalled
+                if waited >= config.stall_timeout + config.ping_timeout:
+                    self.shared.ping_timeouts += 1
+                    self.close(CLOSE_PING_TIMEOUT, "ping timeout")
+                    return
+                if waited >= config.stall_timeout and not self.queue.holding and self._stalled():
+                    return
+            elif self._ping_at is not None and now - self._ping_at >= config.ping_timeout:
                 self.shared.ping_timeouts += 1
                 self.close(CLOSE_PING_TIMEOUT, "ping timeout")
                 return
@@ -365,16 +421,33 @@ class Session:
             elif now - idle_since >= config.idle_timeout:
                 self.close(CLOSE_IDLE, "idle")
                 return
-            if self._pong_due is None:
+            if self._ping_at is None and stalled is None and now >= next_ping:
                 self._ping_count += 1
-                self._pong_due = now + config.ping_timeout
+                self._ping_at = now
+                next_ping = now + config.ping_interval
                 try:
                     await self.conn.ping(str(self._ping_count).encode())
                 except ConnectionClosed:
                     return
 
+    def _stalled(self) -> bool:
+        """The client has taken nothing for ``stall_timeout``: 4008 with a lossless
+        subscription (returns True: closed); else conflate what waits and hold the
+        queue until the writer has sent what it keeps."""
+        channels = self.dispatcher.channels
+        lossless = any(channels[c].lossless if c in channels else True
+                       for c, _ in self.dispatcher.subscriptions.get(self.queue, ()))
+        if lossless:
+            self._slow_consumer()
+            return True
+        self.queue.hold()
+        self.shared.conflations += 1
+        log.info("broadcast: client %s does not read: its streams are conflated until it "
+                 "does", self.remote)
+        return False
+
     def _pong(self, payload: bytes) -> None:
-        self._pong_due = None
+        self._ping_at = None
 
     def statistics(self) -> SessionStatistics:
         """This client's figures now (see ``SessionStatistics``)."""
@@ -389,3 +462,14 @@ class Session:
                 f"{c}:{p}" for c, p in self.dispatcher.subscriptions.get(self.queue, ())
             )),
         )
+
+
+def _bound_send_buffer(stream: trio.abc.Stream, size: int) -> None:
+    """Set the TCP send buffer of ``stream``'s socket (under TLS, its transport's)
+    to ``size`` bytes (Linux doubles it and turns its autotuning off), so that
+    what the kernel holds for a client that stops reading stays small."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream) and size:
+        with contextlib.suppress(OSError):
+            stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, size)

@@ -20,7 +20,9 @@ Two implementations of one interface (``Writer``):
   why plain TCP keeps the raw path; TLS needs ``StreamWriter``.
 
 Control frames (pong, ping, close) that pile up behind a full connection are
-bounded (``MAX_PILED``): a client that pings and never reads is dropped.
+bounded (``MAX_PILED``): a client that pings and never reads is dropped. Each
+writer keeps a stall clock (``stalled_since``: since when bytes have waited for
+the connection without progress), which the session's slow-consumer rule reads.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class Writer(Protocol):
     def broken(self) -> bool:
         """Whether the connection failed (or the client was dropped)."""
 
+    @property
+    def stalled_since(self) -> float | None:
+        """Since when (trio time, s) the writer has waited for the connection to
+        take bytes without progress; ``None`` while it does not wait."""
+
     def emit(self, data: bytes, control: bool = False) -> None:
         """Write ``data`` now as far as the connection takes it, keep the rest in
         order. ``control``: a control frame, which may pile up behind a full
@@ -59,14 +66,31 @@ class Writer(Protocol):
 
 
 class _Buffered:
-    """The kept bytes and the pile-up rule both writers share."""
+    """The kept bytes, the pile-up rule and the stall clock both writers share."""
 
-    def __init__(self, on_break: Callable[[bool], None], on_pending: Callable[[], None]) -> None:
+    def __init__(self, on_break: Callable[[bool], None], on_pending: Callable[[], None],
+                 on_wait: Callable[[], None]) -> None:
         self._out = bytearray()
         self._piled = 0
         self._broken = False
         self._on_break = on_break
         self._on_pending = on_pending
+        self._on_wait = on_wait
+        self._since: float | None = None
+
+    @property
+    def stalled_since(self) -> float | None:
+        return self._since
+
+    def _waiting(self) -> None:
+        """Bytes wait for the connection from now on (if they did not already)."""
+        if self._since is None:
+            self._since = trio.current_time()
+            self._on_wait()
+
+    def _progress(self) -> None:
+        """The connection took bytes: the stall clock starts over, or stops."""
+        self._since = trio.current_time() if self._out else None
 
     @property
     def pending(self) -> bool:
@@ -87,17 +111,19 @@ class _Buffered:
         if not self._broken:
             self._broken = True
             self._out.clear()
+            self._since = None
             self._on_break(piled)
 
 
 class StreamWriter(_Buffered):
     """Writes through ``stream`` (plain or TLS) from the session's writer task.
     ``on_pending`` wakes that task; ``on_break(piled)`` is called once if the
-    stream fails (``False``) or the pile-up bound is passed (``True``)."""
+    stream fails (``False``) or the pile-up bound is passed (``True``);
+    ``on_wait`` when the writer starts waiting for the connection (a send)."""
 
     def __init__(self, stream: trio.abc.Stream, on_break: Callable[[bool], None],
-                 on_pending: Callable[[], None]) -> None:
-        super().__init__(on_break, on_pending)
+                 on_pending: Callable[[], None], on_wait: Callable[[], None]) -> None:
+        super().__init__(on_break, on_pending, on_wait)
         self.stream = stream
 
     def emit(self, data: bytes, control: bool = False) -> None:
@@ -115,10 +141,12 @@ class StreamWriter(_Buffered):
         self._out.clear()
         if not data or self._broken:
             return
+        self._waiting()  # one send_all: its progress is not seen until it returns
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._break()
+        self._progress()
 
     def close(self) -> None:
         pass
@@ -130,8 +158,8 @@ class SocketWriter(_Buffered):
     ``close``."""
 
     def __init__(self, stream: trio.SocketStream, on_break: Callable[[bool], None],
-                 on_pending: Callable[[], None]) -> None:
-        super().__init__(on_break, on_pending)
+                 on_pending: Callable[[], None], on_wait: Callable[[], None]) -> None:
+        super().__init__(on_break, on_pending, on_wait)
         self.socket = stream.socket
         self.fd = stream.socket.fileno()
 
@@ -153,6 +181,7 @@ class SocketWriter(_Buffered):
             return
         if sent < len(data):
             self._out += data[sent:]
+            self._waiting()
             self._on_pending()
 
     async def send_pending(self) -> None:
@@ -166,6 +195,7 @@ class SocketWriter(_Buffered):
                 self._break()
                 return
             del self._out[:sent]
+            self._progress()
             return
 
     def close(self) -> None:
@@ -181,9 +211,9 @@ FORCE_STREAM = os.environ.get("TICKWIRE_WRITER") == "stream"
 
 
 def open_writer(stream: trio.abc.Stream, on_break: Callable[[bool], None],
-                on_pending: Callable[[], None]) -> Writer:
+                on_pending: Callable[[], None], on_wait: Callable[[], None]) -> Writer:
     """The writer for ``stream``: ``SocketWriter`` for a plain ``trio.SocketStream``
     (unless ``TICKWIRE_WRITER=stream``), ``StreamWriter`` for anything else (TLS)."""
     if isinstance(stream, trio.SocketStream) and not FORCE_STREAM:
-        return SocketWriter(stream, on_break, on_pending)
-    return StreamWriter(stream, on_break, on_pending)
+        return SocketWriter(stream, on_break, on_pending, on_wait)
+    return StreamWriter(stream, on_break, on_pending, on_wait)
