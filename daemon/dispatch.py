@@ -49,7 +49,7 @@ from daemon.channels import DEFAULT, ChannelPolicy, policy_of, table
 from daemon.channels import Retention as Retention  # re-exported: the dispatcher's API
 from daemon.events import BookSnapshot, BookUpdate, Event, MarketEvent, Published, Trade
 from daemon.recent import Recent
-from daemon.wire import event_dict
+from daemon.wire import encode_event
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class Stream:
             exchange=ref.exchange, symbol=ref.symbol, ts=ref.ts, recv_ts=ref.recv_ts,
             bids=bids, asks=asks,
         )
-        payload = orjson.dumps(event_dict(event, self.seq, **extra))
+        payload = encode_event(event, self.seq, **extra)
         message = self.snapshots[key] = Message(
             self, self.seq, payload, ref.recv_ts, time.monotonic())
         return message
@@ -228,6 +228,8 @@ class Dispatcher:
         self.duplicates = 0
         #: called after each batch of events is published (the server writes then)
         self.after_publish: Callable[[], None] | None = None
+        self._delivering = False
+        self._removed: list[Subscriber] = []
 
     def open_source(self) -> Source:
         """A send channel for one source (``Source``); close it (``async with``)
@@ -304,7 +306,7 @@ class Dispatcher:
         self.events += 1
         stream.seq += 1
         message = Message(
-            stream, stream.seq, orjson.dumps(event_dict(event, stream.seq)), event.recv_ts,
+            stream, stream.seq, encode_event(event, stream.seq), event.recv_ts,
             time.monotonic(),
         )
         if isinstance(event, BookSnapshot | BookUpdate):
@@ -312,8 +314,7 @@ class Dispatcher:
         else:
             stream.latest = message
         stream.retain(message)
-        for subscriber in list(stream.subscribers):
-            subscriber.deliver(message)
+        self._deliver(stream, message)
 
     def _publish_published(self, event: Published) -> None:
         """A published message: check its idempotency key and version, number it,
@@ -352,8 +353,22 @@ class Dispatcher:
             self.idempotency.add(idempotency, stream.seq, now)
         if receipt is not None:
             receipt.settle("accepted", stream.seq, event.version)
-        for subscriber in list(stream.subscribers):
-            subscriber.deliver(message)
+        self._deliver(stream, message)
+
+    def _deliver(self, stream: Stream, message: Message) -> None:
+        """Hand ``message`` to every subscriber of ``stream``, iterating the set
+        itself (no copy per event): a subscriber removed meanwhile (a slow consumer
+        closed by its ``deliver``) leaves the sets once the loop is done."""
+        self._delivering = True
+        try:
+            for subscriber in stream.subscribers:
+                subscriber.deliver(message)
+        finally:
+            self._delivering = False
+            if self._removed:
+                removed, self._removed = self._removed, []
+                for subscriber in removed:
+                    self.remove(subscriber)
 
     # -- subscriptions ----------------------------------------------------------------
 
@@ -422,7 +437,11 @@ class Dispatcher:
                 stream.subscribers.discard(subscriber)
 
     def remove(self, subscriber: Subscriber) -> None:
-        """Forget a subscriber entirely (it disconnected)."""
+        """Forget a subscriber entirely (it disconnected); during a delivery, once
+        it is done."""
+        if self._delivering:
+            self._removed.append(subscriber)
+            return
         if self.subscriptions.pop(subscriber, None) is None:
             return
         for stream in self.streams.values():

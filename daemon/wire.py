@@ -1,8 +1,13 @@
 """The wire encoding: events to and from JSON, in one place.
 
-One cattrs converter (its orjson preconf) unstructures events; the ``type`` tag and
-the per-stream ``seq`` are added here. Every event is encoded once by the
-dispatcher and the same bytes go to every client.
+Encoding runs once per event (the dispatcher's, then every client gets the same
+bytes), so it is one dict per event built by a function made once per event class
+from its attrs fields (``type``, the fields in order, ``seq``), handed to
+``orjson.dumps``; a nested attrs object (a status's components) is turned into a
+dict by orjson's ``default`` hook. Measured (a trade, ``timeit``, best of 7):
+0.50 us against 1.09 us for unstructuring with the cattrs converter and copying
+into a second dict. Decoding (clients, tests)
+keeps the cattrs converter: it validates, and it does not run per event here.
 
 Shape of an encoded event (see docs/protocol.md)::
 
@@ -13,8 +18,10 @@ Shape of an encoded event (see docs/protocol.md)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import attrs
 import orjson
 from cattrs.preconf.orjson import make_converter
 
@@ -24,11 +31,36 @@ converter = make_converter()
 _BY_TYPE: dict[str, type[MarketEvent]] = {cls.TYPE: cls for cls in EVENT_TYPES}
 
 
+def _body_maker(cls: type[MarketEvent]) -> Callable[[Any, int], dict[str, Any]]:
+    """A function ``(event, seq) -> dict`` for one event class: ``type``, its
+    fields in declaration order, ``seq``; generated as one dict literal (as attrs
+    and cattrs generate theirs), the fastest a dict is built in Python."""
+    names = [field.name for field in attrs.fields(cls)]
+    assert all(name.isidentifier() for name in names)
+    items = "".join(f"{name!r}: event.{name}, " for name in names)
+    source = f"def body(event, seq):\n    return {{'type': kind, {items}'seq': seq}}\n"
+    namespace: dict[str, Any] = {"kind": cls.TYPE}
+    exec(compile(source, f"<wire encoder of {cls.__name__}>", "exec"), namespace)  # noqa: S102
+    function: Callable[[Any, int], dict[str, Any]] = namespace["body"]
+    return function
+
+
+_BODIES: dict[type, Callable[[Any, int], dict[str, Any]]] = {
+    cls: _body_maker(cls) for cls in EVENT_TYPES}
+
+
+def _nested(obj: Any) -> Any:
+    """orjson's ``default``: an attrs object inside an event (a status component)."""
+    if attrs.has(type(obj)):
+        return attrs.asdict(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
 def event_dict(event: MarketEvent, seq: int, **extra: Any) -> dict[str, Any]:
-    """The wire object of ``event`` as a dict: ``type``, the event's fields, ``seq``."""
-    body: dict[str, Any] = {"type": event.TYPE}
-    body.update(converter.unstructure(event))
-    body["seq"] = seq
+    """The wire object of ``event`` as a dict: ``type``, the event's fields, ``seq``
+    (and ``extra`` after it). Nested attrs objects stay objects: encode with
+    ``encode_event``."""
+    body = _BODIES[type(event)](event, seq)
     if extra:
         body.update(extra)
     return body
@@ -39,7 +71,7 @@ def encode_event(event: MarketEvent, seq: int, **extra: Any) -> bytes:
 
     ``extra`` adds fields (e.g. ``conflated=True``) after ``seq``.
     """
-    return orjson.dumps(event_dict(event, seq, **extra))
+    return orjson.dumps(event_dict(event, seq, **extra), default=_nested)
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -32,7 +32,7 @@ from daemon.health import (
 )
 from daemon.logs import LogfmtFormatter
 from daemon.notify import Notifier
-from daemon.wire import decode_event, event_dict
+from daemon.wire import decode_event, encode_event
 
 CONFIG = ReporterConfig(interval=1.0, check=1.0, recent=10.0, silent_after=5.0,
                         book_silent_after=30.0)
@@ -287,11 +287,11 @@ def test_status_and_health_change_events_round_trip_on_the_wire() -> None:
                           component="feed:kraken", criticality="degraded", health="healthy",
                           previous="unhealthy", daemon="healthy", reason="")
     for event in (status, change):
-        wire = orjson.loads(orjson.dumps(event_dict(event, 3)))
+        wire = orjson.loads(encode_event(event, 3))
         assert wire["type"] == event.TYPE and wire["seq"] == 3
         assert decode_event(wire) == (event, 3)
         hash(event)  # events stay hashable
-    assert orjson.loads(orjson.dumps(event_dict(status, 1)))["components"][0] == {
+    assert orjson.loads(encode_event(status, 1))["components"][0] == {
         "name": "feed:kraken", "criticality": "degraded", "health": "unhealthy",
         "reason": "reconnecting"}
 
