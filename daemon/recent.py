@@ -44,6 +44,7 @@ class Recent(Generic[V]):
         """Remember ``key`` with ``value`` at ``now``; forget the oldest keys beyond
         ``size`` or ``max_age``."""
         entries = self._entries
+        entries.pop(key, None)  # added again (after its window): the newest, not in its old place
         entries[key] = (value, now)
         if len(entries) > self.size:
             del entries[next(iter(entries))]

@@ -113,7 +113,10 @@ def parse_publish(obj: Any, channels: Mapping[str, ChannelPolicy], max_bytes: in
     data = obj.get("data")
     if not isinstance(data, dict):
         raise PublishError(INVALID_FIELD, "data must be a JSON object")
-    encoded = orjson.dumps(data)
+    try:
+        encoded = orjson.dumps(data)
+    except orjson.JSONEncodeError:  # read (1,024 levels) but not writable (254)
+        raise PublishError(INVALID_FIELD, "data is nested too deeply") from None
     if len(encoded) > max_bytes:
         raise PublishError(TOO_LARGE, f"data is {len(encoded)} bytes; at most {max_bytes}")
     ts = obj.get("ts")
@@ -122,7 +125,7 @@ def parse_publish(obj: Any, channels: Mapping[str, ChannelPolicy], max_bytes: in
         raise PublishError(INVALID_FIELD, "ts must be a time in epoch seconds")
     idempotency_key = obj.get("idempotency_key")
     if idempotency_key is not None and (not isinstance(idempotency_key, str)
-                                        or not IDEMPOTENCY_KEY.match(idempotency_key)):
+                                        or not IDEMPOTENCY_KEY.fullmatch(idempotency_key)):
         raise PublishError(INVALID_FIELD,
                            "idempotency_key must be 1 to 128 printable ASCII characters")
     version = obj.get("version")
@@ -150,7 +153,7 @@ def accepted(seq: int, epoch: str, duplicate: bool = False) -> dict[str, Any]:
 
 def _name(obj: dict[str, Any], field: str, pattern: re.Pattern[str], rule: str) -> str:
     value = obj.get(field)
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):  # ``$`` passes a final \n
         raise PublishError(INVALID_FIELD, f"{field} must be a name of {rule}")
     return value
 

@@ -157,7 +157,7 @@ class Publisher:
             if policy is not None and policy.published:
                 channel = policy.name
                 value = obj.get("source")
-                if isinstance(value, str) and SOURCE.match(value):
+                if isinstance(value, str) and SOURCE.fullmatch(value):
                     source = value
         key = (channel, source)
         counters = self.counters.get(key)
