@@ -24,6 +24,7 @@ from daemon.broadcast.queue import ClientQueue, QueueHooks
 from daemon.broadcast.requests import CLOSE_RATE_LIMITED, Close, RequestHandler
 from daemon.config import ServerConfig
 from daemon.dispatch import Dispatcher
+from daemon.publish.message import PublishGrant
 from tests.test_channels import trade
 
 
@@ -158,3 +159,19 @@ def test_the_rate_limit_refuses_then_closes_and_forgives_a_client_that_slows_dow
     assert calm.receive(ping, 5.0).replies[0]["type"] == "pong"  # full bucket: forgiven
     assert calm.receive(ping, 5.0).replies[0]["type"] == "pong"
     assert calm.rate_limit.over_since is None
+
+
+def test_a_granted_publisher_is_paced_by_the_dispatcher_not_the_request_rate() -> None:
+    publisher = Grant("desk", frozenset({"*"}), frozenset({"*"}),
+                      PublishGrant("desk", frozenset({"signals"}), frozenset({"*"})))
+    requests, _ = handler(publisher, max_messages_per_second=2, rate_limit_grace=1.0)
+    body = b'{"op":"publish","id":1,"channel":"signals","source":"s","key":"k","data":{}}'
+    answers = [requests.receive(body, 0.0) for _ in range(10)]
+    assert all(a.publish is not None and a.close is None for a in answers)
+    assert requests.rate_limit.refused == 0
+    ping = b'{"op":"ping","id":1}'  # other requests still count
+    assert [requests.receive(ping, 0.0).replies[0]["type"] for _ in range(3)] == \
+        ["pong", "pong", "error"]
+    subscriber, _ = handler(max_messages_per_second=2)  # EVERYTHING: no publish grant
+    [error] = subscriber.receive(body, 0.0).replies
+    assert error["code"] == FORBIDDEN and subscriber.rate_limit.tokens == 1

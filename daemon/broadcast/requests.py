@@ -108,19 +108,28 @@ class RequestHandler:
     def receive(self, text: str | bytes, now: float) -> Answer:
         """Answer one client text frame received at ``now`` (never raises for bad
         input: a malformed request is an ``error`` reply with its ``id``)."""
+        try:
+            request = parse_request(text, self.dispatcher.channels)
+        except RequestError as exc:
+            request_error: RequestError | None = exc
+        else:
+            request_error = None
+            if isinstance(request, Publish) and self.grant.publish is not None:
+                # paced by the dispatcher, not the request rate: the session awaits
+                # each publish before it reads the next frame (backpressure)
+                return Answer(publish=request)
         refused = self.rate_limit.take(now)
         if refused is not None:
             return refused
         try:
-            request = parse_request(text, self.dispatcher.channels)
+            if request_error is not None:
+                raise request_error
             if isinstance(request, Ping):
                 return Answer(replies=({"type": "pong", "id": request.id},))
             if isinstance(request, Subscribe):
                 return self._subscribe(request)
             if isinstance(request, Publish):
-                if self.grant.publish is None:
-                    raise RequestError(FORBIDDEN, "this token may not publish", request.id)
-                return Answer(publish=request)
+                raise RequestError(FORBIDDEN, "this token may not publish", request.id)
             return self._unsubscribe(request)
         except RequestError as exc:
             return Answer(replies=({"type": "error", "id": exc.request_id, "code": exc.code,
