@@ -58,7 +58,7 @@ from daemon.publish.endpoint import PublishEndpoint
 from daemon.publish.message import ANYONE
 from daemon.publish.publisher import Publisher
 from daemon.supervise import Backoff, supervise
-from daemon.tls import TlsError, clear_text_warning, server_context
+from daemon.tls import TlsError, exposure_warnings, server_context
 from daemon.tls import reload as reload_tls
 
 log = logging.getLogger(__name__)
@@ -273,15 +273,15 @@ class App:
 
     def _start_tls(self) -> None:
         """TLS for clients from ``[server.tls]`` (``daemon.tls``); raises ``TlsError``
-        (a ``StartupError``); warns when tokens would travel in the clear."""
+        (a ``StartupError``); logs ``exposure_warnings`` (tokens in the clear, auth
+        off on a public address)."""
         context = server_context(self.config.server.tls)
         self.server.ssl_context = context
         if self.metrics is not None:
             self.metrics.http.ssl_context = context
         if self.endpoint is not None:
             self.endpoint.http.ssl_context = context
-        warning = clear_text_warning(self.config)
-        if warning:
+        for warning in exposure_warnings(self.config):
             log.warning("%s", warning)
 
     def _reload_tls(self, config: Config) -> list[str]:

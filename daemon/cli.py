@@ -124,10 +124,16 @@ def run(config_path: str | None) -> None:
 @main.command("check-config", short_help="Check a config file (exit 0, or one line and exit 2).")
 @click.argument("path", type=click.Path(dir_okay=False))
 def check_config(path: str) -> None:
-    """Check a configuration file: exit 0 if usable, else one line and exit 2."""
+    """Check a configuration file: exit 0 if usable, else one line and exit 2.
+    A usable but risky exposure (auth off or tokens in the clear on a public
+    address) is a "warning:" line on stderr, as the daemon logs it at start."""
+    from daemon.tls import exposure_warnings
+
     config = _config(path)
     feeds = ", ".join(f"{name} ({len(e.symbols)} symbols)" for name, e in config.exchanges.items())
     click.echo(f"{path}: ok; listen {config.server.listen}; feeds: {feeds or 'none'}")
+    for warning in exposure_warnings(config):
+        click.echo(f"warning: {warning}", err=True)
 
 
 def _speed(ctx: click.Context, param: click.Parameter, value: str) -> float | None:

@@ -42,6 +42,12 @@ def _non_negative(instance: Any, attribute: attrs.Attribute[Any], value: float) 
         raise ValueError(f"{attribute.name}: must be 0 or more, got {value!r}")
 
 
+def _throttle_range(instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= 60_000:
+        raise ValueError(f"{attribute.name}: must be from 0 to 60000 (the range of "
+                         f"throttle_ms), got {value!r}")
+
+
 #: Environment variable suffixes of ``credentials_env`` and ccxt's setting for each.
 CREDENTIAL_VARIABLES = {"APIKEY": "apiKey", "SECRET": "secret", "PASSWORD": "password",
                         "UID": "uid"}
@@ -144,6 +150,11 @@ class ServerConfig(_Listening):
     seconds a client may stay without any subscription;
     ``max_connections`` (total) and ``max_connections_per_ip``;
     ``max_subscriptions``: channel x symbol pairs per client;
+    ``min_throttle_ms``: the shortest ``throttle_ms`` a subscription may ask (a
+    shorter one is refused, not raised); ``max_throttled``: streams a client may
+    throttle: each throttled stream costs up to one conflated message (a book's
+    whole snapshot) per ``min_throttle_ms``, so these two bound what one client's
+    throttles cost (docs/protocol.md "Throttle");
     ``max_messages_per_second``: client requests per second (past it ``rate_limited``
     errors, and close 4029 when it goes on for ``rate_limit_grace`` seconds);
     ``tls``: ``[server.tls]`` (``TlsConfig``).
@@ -164,6 +175,8 @@ class ServerConfig(_Listening):
     max_connections: int = attrs.field(default=10_000, validator=_positive)
     max_connections_per_ip: int = attrs.field(default=1000, validator=_positive)
     max_subscriptions: int = attrs.field(default=1000, validator=_positive)
+    min_throttle_ms: int = attrs.field(default=50, validator=_throttle_range)
+    max_throttled: int = attrs.field(default=100, validator=_positive)
     max_messages_per_second: float = attrs.field(default=50.0, validator=_positive)
     rate_limit_grace: float = attrs.field(default=5.0, validator=_positive)
     tls: TlsConfig = TlsConfig()

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from daemon.config import AuthConfig, Config, ServerConfig, TlsConfig, TokenConfig
 from daemon.metrics import MetricsServer
-from daemon.tls import TlsError, clear_text_warning, reload, server_context
+from daemon.tls import TlsError, exposure_warnings, reload, server_context
 from tests.broadcast_server import HELLO, publish, start
 from tests.helpers import messages, receive_until, request
 from tests.test_channels import trade
@@ -120,11 +120,11 @@ def test_tls_is_on_by_default_with_a_certificate_and_a_warning_without(tmp_path:
         TlsConfig(cert=tls.cert)
     with pytest.raises(ValueError, match="needs cert and key"):
         TlsConfig(enabled="on")
-    warning = clear_text_warning(Config(server=public, auth=auth))
-    assert warning is not None and "tokens travel in the clear" in warning
+    [warning] = exposure_warnings(Config(server=public, auth=auth))
+    assert "tokens travel in the clear" in warning
     with_tls = Config(server=ServerConfig(listen="0.0.0.0:8765", tls=tls), auth=auth)
-    assert clear_text_warning(with_tls) is None
-    assert clear_text_warning(Config()) is None  # loopback, no auth
+    assert exposure_warnings(with_tls) == []
+    assert exposure_warnings(Config()) == []  # loopback, no auth
     with pytest.raises(TlsError, match="server.tls.cert"):
         server_context(TlsConfig(cert=str(tmp_path / "missing.pem"), key=tls.key))
     with pytest.raises(TlsError, match="not a PEM certificate chain"):

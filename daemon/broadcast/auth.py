@@ -5,11 +5,13 @@ token is never logged. A client presents its token as ``Authorization: Bearer
 TOKEN`` or ``?token=TOKEN``; each token grants a set of channels and symbol
 patterns, and may grant publishing (``publish``: channels and sources; never
 implied by a subscriber's grant). A browser's ``Origin`` must be in
-``auth.origins`` when that list is set.
+``auth.origins`` when that list is set (a request with several ``Origin`` headers
+never gets here: ``connection.check_upgrade`` refuses it with 400, so the one
+judged is the only one sent).
 
 Authentication is ``on``, ``off``, or ``auto``: on when the server listens on a
 non-loopback address (``daemon.config.is_loopback``, which the config check and the
-TLS warning use too).
+exposure warnings, ``daemon.tls``, use too).
 """
 
 from __future__ import annotations

@@ -38,6 +38,10 @@ INVALID_SYMBOL = "invalid_symbol"
 FORBIDDEN = "forbidden"
 RATE_LIMITED = "rate_limited"
 TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+#: ``throttle_ms`` under ``server.min_throttle_ms`` (checked by ``requests.py``)
+THROTTLE_TOO_LOW = "throttle_too_low"
+#: more throttled streams than ``server.max_throttled``
+TOO_MANY_THROTTLED = "too_many_throttled"
 
 #: The most retained messages a subscribe may ask for (more is an error, not clamped).
 MAX_HISTORY = 1000

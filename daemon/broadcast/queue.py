@@ -27,6 +27,14 @@ policy is its channel's (``daemon.channels``):
 conflating stream per interval; the first passes as it is, the rest wait as a
 marker released by ``release_due`` once the interval is over (the latest state
 wins). Control messages (ack, error, pong: bytes) are never conflated or dropped.
+
+A throttle costs what its releases cost (a book's release is a whole
+``book_snapshot``), so a client throttles at most ``max_throttled`` streams
+(``server.max_throttled``, which ``requests.py`` checks when it subscribes); a
+stream that appears later beyond that number is delivered unthrottled, and the
+client is told once with an ``error`` (``too_many_throttled``). Each stream's
+interval is found once per change of the throttles (``throttle_patterns``: three
+lookups), not per message.
 """
 
 from __future__ import annotations
@@ -37,7 +45,9 @@ from collections.abc import Callable, Iterable
 
 import attrs
 
-from daemon.dispatch import Message, Stream, matches
+from daemon.broadcast.protocol import TOO_MANY_THROTTLED
+from daemon.dispatch import Message, Stream
+from daemon.wire import encode
 
 
 @attrs.define(eq=False, slots=True)
@@ -76,20 +86,32 @@ class QueueStatistics:
     throttled: int
 
 
+def throttle_patterns(stream: Stream) -> tuple[tuple[str, str], ...]:
+    """Every ``(channel, pattern)`` pair of a subscription that matches ``stream``:
+    patterns are ``*``, ``EXCHANGE:*`` (``SOURCE:*``) or the exact symbol
+    (``dispatch.SYMBOL_PATTERN``, ``KEY_PATTERN``), so there are three."""
+    channel = stream.channel
+    return ((channel, "*"), (channel, f"{stream.exchange}:*"),
+            (channel, f"{stream.exchange}:{stream.symbol}"))
+
+
 class ClientQueue:
     """The bounded queue of one client (see the module docstring).
 
     ``limit``: messages queued before the slow-consumer policy applies
     (``server.client_queue``); ``clock``: the time now, in seconds; ``hooks``:
-    see ``QueueHooks``. ``items`` is read and emptied by the writer
-    (``frames.build_frames`` with ``render``). ``closed``: the queue takes
-    nothing more (a slow consumer, or ``close()``).
+    see ``QueueHooks``; ``max_throttled``: streams it throttles at most
+    (``server.max_throttled``; ``RequestHandler`` sets it). ``items`` is read and
+    emptied by the writer (``frames.build_frames`` with ``render``). ``closed``:
+    the queue takes nothing more (a slow consumer, or ``close()``).
     """
 
-    def __init__(self, limit: int, clock: Callable[[], float], hooks: QueueHooks) -> None:
+    def __init__(self, limit: int, clock: Callable[[], float], hooks: QueueHooks,
+                 max_throttled: float = math.inf) -> None:
         self.limit = limit
         self.clock = clock
         self.hooks = hooks
+        self.max_throttled = max_throttled
         self._ready = hooks.ready
         self.closed = False
         #: the client does not read: conflating streams keep only a marker
@@ -97,6 +119,10 @@ class ClientQueue:
         self.items: deque[Item] = deque()
         self.marked: set[Stream] = set()
         self.throttles: dict[tuple[str, str], float] = {}  # (channel, pattern) -> seconds
+        #: each stream's throttle interval (0: none), found once per change of throttles
+        self.intervals: dict[Stream, float] = {}
+        #: streams of ``intervals`` with a throttle (at most ``max_throttled``)
+        self.throttled_streams = 0
         self.last_sent: dict[Stream, float] = {}
         self.due: dict[Stream, float] = {}
         self.conflated = 0
@@ -120,7 +146,9 @@ class ClientQueue:
             self.items.append(Marker(stream))
             return
         if stream.policy.conflates and self.throttles:
-            interval = self._interval(stream)
+            interval = self.intervals.get(stream)
+            if interval is None:
+                interval = self._interval(stream)
             if interval:
                 now = self.clock()
                 due = self.last_sent.get(stream, -math.inf) + interval
@@ -185,11 +213,13 @@ class ClientQueue:
         ``(channel, symbol pattern)`` pairs."""
         for pair in pairs:
             self.throttles[pair] = seconds
+        self._throttles_changed()
 
     def unthrottle(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Forget the throttles of these ``(channel, symbol pattern)`` pairs."""
         for pair in pairs:
             self.throttles.pop(pair, None)
+        self._throttles_changed()
 
     @property
     def next_due(self) -> float:
@@ -230,9 +260,25 @@ class ClientQueue:
         return QueueStatistics(depth=len(self.items), conflated=self.conflated,
                                throttled=self.throttled)
 
+    def _throttles_changed(self) -> None:
+        self.intervals.clear()
+        self.throttled_streams = 0
+
     def _interval(self, stream: Stream) -> float:
-        return max(
-            (seconds for (channel, pattern), seconds in self.throttles.items()
-             if channel == stream.channel and matches(pattern, stream.exchange, stream.symbol)),
-            default=0.0,
-        )
+        """``stream``'s throttle interval (the longest that matches it), once per
+        change of the throttles; beyond ``max_throttled`` streams none (and the
+        client is told)."""
+        throttles = self.throttles
+        interval = max((throttles[pair] for pair in throttle_patterns(stream)
+                        if pair in throttles), default=0.0)
+        if interval:
+            if self.throttled_streams >= self.max_throttled:
+                interval = 0.0
+                self.control(encode({
+                    "type": "error", "id": None, "code": TOO_MANY_THROTTLED,
+                    "message": f"{stream.key} is not throttled: a client throttles at most "
+                               f"{self.max_throttled:g} streams (server.max_throttled)"}))
+            else:
+                self.throttled_streams += 1
+        self.intervals[stream] = interval
+        return interval

@@ -3,11 +3,12 @@
 ``RequestHandler.receive(text, now)`` applies the rate limit, parses the request
 (``protocol.parse_request``), checks the client's grant and subscription limit,
 subscribes or unsubscribes it at the dispatcher (itself sans-IO), sets throttles
-on its ``ClientQueue``, and returns what the session must send: the replies
-(``ack``, ``pong``, ``error``: docs/protocol.md "Requests"), then the initial
-messages of a subscribe (history, recovery, snapshots), or a close; a
-``publish`` the client's grant allows is handed back for the session to await
-(``daemon.publish.publisher``). Time is
+on its ``ClientQueue`` (within ``server.min_throttle_ms`` and
+``server.max_throttled``: what one client's throttles may cost), and returns
+what the session must send: the replies (``ack``, ``pong``, ``error``:
+docs/protocol.md "Requests"), then the initial messages of a subscribe (history,
+recovery, snapshots), or a close; a ``publish`` the client's grant allows is
+handed back for the session to await (``daemon.publish.publisher``). Time is
 passed in (seconds, any monotonic clock); nothing here reads a socket or a clock.
 """
 
@@ -21,7 +22,9 @@ from daemon.broadcast.auth import Grant
 from daemon.broadcast.protocol import (
     FORBIDDEN,
     RATE_LIMITED,
+    THROTTLE_TOO_LOW,
     TOO_MANY_SUBSCRIPTIONS,
+    TOO_MANY_THROTTLED,
     Ping,
     Publish,
     RequestError,
@@ -29,7 +32,7 @@ from daemon.broadcast.protocol import (
     Unsubscribe,
     parse_request,
 )
-from daemon.broadcast.queue import ClientQueue
+from daemon.broadcast.queue import ClientQueue, throttle_patterns
 from daemon.config import ServerConfig
 from daemon.dispatch import Dispatcher, Message
 
@@ -94,12 +97,14 @@ class RequestHandler:
     """Answers the requests of the client whose messages wait in ``queue`` (its
     subscriber, as the dispatcher knows it). ``grant``: what its token allows;
     ``config``: ``max_subscriptions``, ``max_messages_per_second``,
-    ``rate_limit_grace``; ``epoch``: the server's, for recovery with ``since``."""
+    ``rate_limit_grace``, ``min_throttle_ms``, ``max_throttled`` (given to the
+    queue too); ``epoch``: the server's, for recovery with ``since``."""
 
     def __init__(self, queue: ClientQueue, dispatcher: Dispatcher, grant: Grant,
                  config: ServerConfig, epoch: str, now: float) -> None:
         self.dispatcher = dispatcher
         self.queue = queue
+        queue.max_throttled = config.max_throttled
         self.grant = grant
         self.config = config
         self.epoch = epoch
@@ -154,6 +159,8 @@ class RequestHandler:
             raise RequestError(
                 TOO_MANY_SUBSCRIPTIONS,
                 f"at most {self.config.max_subscriptions} channel x symbol pairs", request.id)
+        if request.throttle_ms:
+            self._check_throttle(request, new)
         since = request.since
         epoch_ok = request.epoch is None or request.epoch == self.epoch
         if request.throttle_ms:
@@ -168,3 +175,24 @@ class RequestHandler:
             ack["recovered"] = {key: recovered.get(key, False) for key in since}
             ack["epoch"] = self.epoch
         return Answer(replies=(ack,), initial=tuple(initial))
+
+    def _check_throttle(self, request: Subscribe, new: set[tuple[str, str]]) -> None:
+        """Refuse a throttle under ``min_throttle_ms``, or one that would make the
+        client throttle more than ``max_throttled`` of the streams there are now
+        (``ClientQueue`` holds to it for streams that appear later)."""
+        floor = self.config.min_throttle_ms
+        if request.throttle_ms < floor:
+            raise RequestError(
+                THROTTLE_TOO_LOW,
+                f"throttle_ms must be 0 (no throttle) or at least {floor} (server.min_throttle_ms)",
+                request.id)
+        throttled = set(self.queue.throttles) | new
+        count = sum(1 for stream in self.dispatcher.streams.values()
+                    if stream.policy.conflates
+                    and not throttled.isdisjoint(throttle_patterns(stream)))
+        cap = self.config.max_throttled
+        if count > cap:
+            raise RequestError(
+                TOO_MANY_THROTTLED,
+                f"a client throttles at most {cap} streams (server.max_throttled); with this "
+                f"subscription it would throttle {count}", request.id)

@@ -4,8 +4,9 @@ authentication, and runs a ``Session`` for each.
 Listening is trio's TCP listener (with TLS, ``wss://``, when given an
 ``ssl.SSLContext``: ``daemon.tls``); each connection is upgraded by wsproto
 (``connection.py``) within ``handshake_timeout``. A refused upgrade gets an HTTP
-status: 401 (no or unknown token), 403 (Origin not allowed), 429 (too many
-connections from that address), 503 (too many connections). On shutdown every
+status: 400 (a malformed handshake), 426 (not a WebSocket request, or another
+WebSocket version), 401 (no or unknown token), 403 (Origin not allowed), 429 (too
+many connections from that address), 503 (too many connections). On shutdown every
 client is closed with 1001 (sessions are shielded from the cancellation itself,
 so that no frame is cut; see ``Session.run``).
 """
@@ -23,7 +24,12 @@ from hdrh.histogram import HdrHistogram
 
 from daemon.broadcast.auth import Authenticator, Grant
 from daemon.broadcast.coalesce import Coalescer
-from daemon.broadcast.connection import ConnectionClosed, Rejection, ServerConnection
+from daemon.broadcast.connection import (
+    ConnectionClosed,
+    HandshakeRefused,
+    Rejection,
+    ServerConnection,
+)
 from daemon.broadcast.session import CLOSE_GOING_AWAY, ServerCounters, Session
 from daemon.config import AuthConfig, ServerConfig
 from daemon.dispatch import Dispatcher
@@ -185,6 +191,10 @@ class BroadcastServer:
         self.per_address[ip] += 1
         try:
             await self._upgrade_and_serve(stream, remote, ip)
+        except HandshakeRefused as exc:  # answered: 400, 426 or 431 (connection.py)
+            self.rejected[exc.rejection.status] += 1
+            log.info("broadcast: client %s refused: %d %s", remote, exc.rejection.status,
+                     exc.rejection.reason)
         except ConnectionClosed:
             pass
         except Exception:
