@@ -1,7 +1,9 @@
 """The nursery tree: dispatcher, broadcast server, admin socket, metrics, feeds and
 the reporter under one root.
 
-Startup is ordered with ``nursery.start``: the dispatcher first (so sources have
+First the open-file limit is raised to the hard limit, and the broadcast server
+told how many descriptors its clients may use (``daemon.limits``). Then startup
+is ordered with ``nursery.start``: the dispatcher first (so sources have
 somewhere to send), the admin socket (a second daemon on the same socket stops
 there, before it takes any port), the broadcast server (listening), the metrics
 endpoint and the publish listener (when configured), one supervised feed per
@@ -51,6 +53,7 @@ from daemon.health import (
     ServerHealth,
     summary,
 )
+from daemon.limits import prepare as prepare_descriptors
 from daemon.logs import set_level
 from daemon.metrics import MetricsServer, make_registry
 from daemon.notify import Notifier
@@ -151,6 +154,8 @@ class App:
         """Run the whole tree until cancelled; ``started(port)`` once everything has
         started and the server listens. ``STOPPING=1`` goes out as soon as the tree
         is cancelled (or fails)."""
+        # the open-file limit raised to the hard one; the clients' share of it
+        self.server.admission.budget = prepare_descriptors(self.config)
         async with trio.open_nursery() as root:
             self._root = root
             root.start_soon(self._stopping)

@@ -126,14 +126,27 @@ def run(config_path: str | None) -> None:
 def check_config(path: str) -> None:
     """Check a configuration file: exit 0 if usable, else one line and exit 2.
     A usable but risky exposure (auth off or tokens in the clear on a public
-    address) is a "warning:" line on stderr, as the daemon logs it at start."""
+    address) is a "warning:" line on stderr, as the daemon logs it at start; so is
+    a server.max_connections this shell's open-file limit cannot hold."""
     from daemon.tls import exposure_warnings
 
     config = _config(path)
     feeds = ", ".join(f"{name} ({len(e.symbols)} symbols)" for name, e in config.exchanges.items())
     click.echo(f"{path}: ok; listen {config.server.listen}; feeds: {feeds or 'none'}")
-    for warning in exposure_warnings(config):
+    for warning in [*exposure_warnings(config), *_descriptor_warning(config)]:
         click.echo(f"warning: {warning}", err=True)
+
+
+def _descriptor_warning(config: Config) -> list[str]:
+    """The warning when ``server.max_connections`` and the daemon's own descriptors
+    exceed this shell's hard open-file limit (the daemon raises its soft limit to
+    it: ``daemon.limits``), or none."""
+    from daemon import limits
+
+    hard = limits.current().hard
+    line = limits.warning(config, hard, f"this shell's hard open-file limit ({hard}), which the "
+                                        "daemon would raise its soft limit to")
+    return [line] if line else []
 
 
 def _speed(ctx: click.Context, param: click.Parameter, value: str) -> float | None:

@@ -148,7 +148,9 @@ class ServerConfig(_Listening):
     for a client that stops reading;
     ``handshake_timeout``: seconds to complete the upgrade; ``idle_timeout``:
     seconds a client may stay without any subscription;
-    ``max_connections`` (total) and ``max_connections_per_ip``;
+    ``max_connections`` (total; one open file each: ``daemon.limits``) and
+    ``max_connections_per_ip``, each connection counted from its accept to its
+    close (``daemon.broadcast.admission``);
     ``max_subscriptions``: channel x symbol pairs per client;
     ``min_throttle_ms``: the shortest ``throttle_ms`` a subscription may ask (a
     shorter one is refused, not raised); ``max_throttled``: streams a client may

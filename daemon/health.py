@@ -374,7 +374,9 @@ def latency_figures(histogram: Any) -> dict[str, Any] | None:
 
 
 class ServerHealth:
-    """The broadcast server, critical: unhealthy while it does not listen."""
+    """The broadcast server, critical: unhealthy while it does not listen; degraded
+    while it refuses new clients for a limit (``max_connections``, the descriptor
+    budget, ``accept`` failing for lack of descriptors)."""
 
     name = "server"
     kind = "server"
@@ -396,10 +398,23 @@ class ServerHealth:
             "slow_consumers": stats.slow_consumers,
             "queued": stats.queued,
             "latency": latency_figures(getattr(server, "latency", None)),
+            "open": stats.open,
+            "limit": stats.limit,
+            "at_limit": stats.at_limit,
         }
         if server.port is None:
             return _check(self, UNHEALTHY, "not listening", figures)
+        if stats.at_limit is not None:
+            return _check(self, DEGRADED, _AT_LIMIT.get(stats.at_limit, stats.at_limit),
+                          figures)
         return _check(self, HEALTHY, "", figures)
+
+
+_AT_LIMIT = {
+    "max_connections": "new clients refused (503): at server.max_connections",
+    "descriptors": "new clients refused (503): at the descriptor budget (open-file limit)",
+    "accept": "cannot accept clients: no descriptor left (EMFILE)",
+}
 
 
 class ListenerHealth:

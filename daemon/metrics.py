@@ -167,6 +167,12 @@ class TickwireCollector:
         server = app.server
         stats = server.statistics()
         yield GaugeMetricFamily("tickwire_clients", "Connected clients.", value=stats.clients)
+        yield GaugeMetricFamily("tickwire_connections_open",
+                                "Client connections counted against the limits now "
+                                "(handshakes included).", value=stats.open)
+        yield GaugeMetricFamily("tickwire_connections_limit",
+                                "Client connections admitted at most: server.max_connections "
+                                "or the descriptor budget, the lower.", value=stats.limit)
         for name, doc, value in (
             ("tickwire_connections", "Client connections accepted.", stats.connections),
             ("tickwire_slow_consumers", "Clients closed by the slow-consumer policy (4008).",

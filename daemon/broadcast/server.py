@@ -2,17 +2,30 @@
 authentication, and runs a ``Session`` for each.
 
 Listening is trio's TCP listener (with TLS, ``wss://``, when given an
-``ssl.SSLContext``: ``daemon.tls``); each connection is upgraded by wsproto
-(``connection.py``) within ``handshake_timeout``. A refused upgrade gets an HTTP
-status: 400 (a malformed handshake), 426 (not a WebSocket request, or another
-WebSocket version), 401 (no or unknown token), 403 (Origin not allowed), 429 (too
-many connections from that address), 503 (too many connections). On shutdown every
-client is closed with 1001 (sessions are shielded from the cancellation itself,
-so that no frame is cut; see ``Session.run``).
+``ssl.SSLContext``: ``daemon.tls``), with an accept loop of our own. Each
+connection is checked and counted against the connection limits the moment it is
+accepted (``admission.py``: ``max_connections``, the descriptor budget,
+``max_connections_per_ip``), and counts until it is closed. One over a limit is
+answered 503 (or 429, per address) with ``Retry-After`` and closed; the others
+are upgraded by wsproto (``connection.py``) within ``handshake_timeout``, or
+refused with an HTTP status: 400 (a malformed handshake), 426 (not a WebSocket
+request, or another WebSocket version), 401 (no or unknown token), 403 (Origin
+not allowed). On shutdown every client is closed with 1001 (sessions are
+shielded from the cancellation itself, so that no frame is cut; see
+``Session.run``).
+
+When ``accept`` fails for lack of descriptors (EMFILE and its kind: the budget
+was not enough, see ``daemon.limits``), the loop logs one line, lets go of its
+spare descriptors so that the admin socket still answers, and waits until a
+connection ends or a second has passed; it takes the spares back, and accepts
+again, once one more descriptor is free besides them, and logs one line when it
+does (both lines quiet for a minute after one: ``admission.QuietLines``). trio's
+``serve_listeners`` would log a traceback per failed accept instead.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import ssl
 from collections import Counter
@@ -22,6 +35,7 @@ import attrs
 import trio
 from hdrh.histogram import HdrHistogram
 
+from daemon.broadcast.admission import Admission, Ticket
 from daemon.broadcast.auth import Authenticator, Grant
 from daemon.broadcast.coalesce import Coalescer
 from daemon.broadcast.connection import (
@@ -33,11 +47,23 @@ from daemon.broadcast.connection import (
 from daemon.broadcast.session import CLOSE_GOING_AWAY, ServerCounters, Session
 from daemon.config import AuthConfig, ServerConfig
 from daemon.dispatch import Dispatcher
+from daemon.limits import CAPACITY_ERRNOS, Spares
 from daemon.listen import open_listeners
 from daemon.publish.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
+#: Seconds a refused connection gets to send its request (then it is closed unanswered).
+REFUSE_TIMEOUT = 2.0
+#: Bytes of a refused connection's request read at most before it is answered.
+REFUSE_READ = 16384
+#: Seconds between attempts to accept again after ``accept`` failed for lack of descriptors.
+RETRY_ACCEPT = 1.0
+
+
+def errno_name(exc: OSError) -> str:
+    """``EMFILE`` for ``exc``'s errno."""
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
 
 @attrs.frozen
@@ -48,7 +74,11 @@ class ServerStatistics:
     ``writes`` (coalesced write passes), ``shared_batches``; over every client
     since the start (those gone included): ``messages``, ``frames`` and ``bytes``
     sent, ``throttled``; now: ``queued`` (messages in every client queue) and
-    ``queue_max`` (the longest queue)."""
+    ``queue_max`` (the longest queue); the connection limits: ``open``
+    (connections counted now, handshakes included), ``limit`` (admitted at most:
+    ``max_connections`` or the descriptor budget), ``at_limit`` (the limit new
+    clients are refused for now: ``max_connections``, ``descriptors``, ``accept``
+    when accepting fails for lack of descriptors; ``None``: none)."""
 
     listen: str | None
     clients: int
@@ -65,6 +95,9 @@ class ServerStatistics:
     throttled: int
     queued: int
     queue_max: int
+    open: int = 0
+    limit: int = 0
+    at_limit: str | None = None
 
 
 class BroadcastServer:
@@ -97,7 +130,13 @@ class BroadcastServer:
         #: TLS for every connection (``wss://``) when set; see ``daemon.tls``
         self.ssl_context = ssl_context
         self.sessions: set[Session] = set()
-        self.per_address: Counter[str] = Counter()
+        #: the connection limits (the descriptor budget is set by ``daemon.app``)
+        self.admission = Admission(config.max_connections, config.max_connections_per_ip,
+                                   clock=trio.current_time, notify=log.warning)
+        #: whether ``accept`` fails for lack of descriptors (see the module docstring)
+        self.out_of_descriptors = False
+        self.spares = Spares()
+        self._room = trio.Event()
         self.connections = 0
         self.rejected: Counter[int] = Counter()
         self.latency = HdrHistogram(1, 60_000_000, 3)
@@ -155,6 +194,8 @@ class BroadcastServer:
             writes=self.coalescer.writes, shared_batches=counters.shared_batches,
             messages=messages, frames=frames, bytes=sent_bytes, throttled=throttled,
             queued=sum(queues), queue_max=max(queues, default=0),
+            open=self.admission.connections, limit=self.admission.limit,
+            at_limit="accept" if self.out_of_descriptors else self.admission.at_limit,
         )
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -163,14 +204,19 @@ class BroadcastServer:
         listeners = await open_listeners(self.config.host, self.config.port,
                                          what="broadcast server", setting="server.listen")
         self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, self._handle, listeners)
-            nursery.start_soon(self._drain_on_shutdown)
-            nursery.start_soon(self.coalescer.serve)
-            log.info("broadcast: listening on %s://%s:%d%s", self.scheme, self.config.host,
-                     self.port,
-                     " (authentication on)" if self.auth.enabled else "")
-            task_status.started(self.port)
+        self.spares.hold()
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept, listener, nursery)
+                nursery.start_soon(self._drain_on_shutdown)
+                nursery.start_soon(self.coalescer.serve)
+                log.info("broadcast: listening on %s://%s:%d%s", self.scheme, self.config.host,
+                         self.port,
+                         " (authentication on)" if self.auth.enabled else "")
+                task_status.started(self.port)
+        finally:
+            self.spares.release()
 
     async def _drain_on_shutdown(self) -> None:
         try:
@@ -179,18 +225,65 @@ class BroadcastServer:
             for session in list(self.sessions):
                 session.close(CLOSE_GOING_AWAY, "server shutting down")
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        # serve_listeners ends on a handler's exception: everything is caught here
+    # -- accepting -----------------------------------------------------------------------
+
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept connections on ``listener`` (for ``nursery``) until cancelled: each
+        is admitted or refused at once (``admission.py``); see the module docstring
+        for a lack of descriptors."""
+        admission = self.admission
+        async with listener:
+            while True:
+                while self.out_of_descriptors and not self.spares.hold(headroom=1):
+                    with trio.move_on_after(RETRY_ACCEPT):
+                        await self._room.wait()
+                while not admission.accepting:
+                    with trio.move_on_after(RETRY_ACCEPT):
+                        await self._room.wait()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in CAPACITY_ERRNOS:
+                        raise
+                    self._no_descriptor(exc)
+                    continue
+                if self.out_of_descriptors:
+                    self.out_of_descriptors = False
+                    admission.lines.line("accepting", f"broadcast: accepting clients again "
+                                                      f"({admission.connections} connections)")
+                try:
+                    address = stream.socket.getpeername()
+                except OSError:  # the client has gone already
+                    stream.socket.close()
+                    continue
+                ticket = admission.admit(address[0])
+                nursery.start_soon(self._handle, stream, f"{address[0]}:{address[1]}", ticket)
+
+    def _no_descriptor(self, exc: OSError) -> None:
+        """``accept`` failed for lack of descriptors: let go of the spares (for the
+        admin socket) and log it once."""
+        self.spares.release()
+        if not self.out_of_descriptors:
+            self.out_of_descriptors = True
+            admission = self.admission
+            admission.lines.line("no descriptor", (
+                f"broadcast: cannot accept clients: {errno_name(exc)} ({exc.strerror}); new "
+                f"clients wait until descriptors are free ({admission.connections} "
+                f"connections, {admission.refusing} refused being answered); the admin socket "
+                "keeps working: raise the open-file limit or lower server.max_connections"))
+
+    def _ended(self, ticket: Ticket) -> None:
+        self.admission.release(ticket)
+        self._room.set()
+        self._room = trio.Event()
+
+    async def _handle(self, stream: trio.SocketStream, remote: str, ticket: Ticket) -> None:
+        # the accept loop ends on a handler's exception: everything is caught here
         try:
-            address = stream.socket.getpeername()
-            remote = f"{address[0]}:{address[1]}"
-            ip = address[0]
-        except OSError:
-            await stream.aclose()
-            return
-        self.per_address[ip] += 1
-        try:
-            await self._upgrade_and_serve(stream, remote, ip)
+            if ticket.refusal is not None:
+                await self._refuse(stream, remote, ticket)
+            else:
+                await self._upgrade_and_serve(stream, remote, ticket.address)
         except HandshakeRefused as exc:  # answered: 400, 426 or 431 (connection.py)
             self.rejected[exc.rejection.status] += 1
             log.info("broadcast: client %s refused: %d %s", remote, exc.rejection.status,
@@ -200,10 +293,33 @@ class BroadcastServer:
         except Exception:
             log.exception("broadcast: client %s: unexpected error", remote)
         finally:
-            self.per_address[ip] -= 1
-            if not self.per_address[ip]:
-                del self.per_address[ip]
-            await stream.aclose()
+            try:
+                await trio.aclose_forcefully(stream)
+            finally:
+                self._ended(ticket)
+
+    async def _refuse(self, stream: trio.SocketStream, remote: str, ticket: Ticket) -> None:
+        """Answer a connection over a limit: read its request (so that closing does
+        not reset the connection under the answer), send the refusal, close."""
+        refusal = ticket.refusal
+        assert refusal is not None
+        self.rejected[refusal.status] += 1
+        log.debug("broadcast: client %s refused: %d %s", remote, refusal.status, refusal.reason)
+        client: trio.abc.Stream = stream
+        with trio.move_on_after(REFUSE_TIMEOUT):
+            try:
+                if self.ssl_context is not None:
+                    client = tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+                    await tls.do_handshake()
+                request = b""
+                while b"\r\n\r\n" not in request and len(request) < REFUSE_READ:
+                    data = await client.receive_some(REFUSE_READ)
+                    if not data:
+                        return
+                    request += data
+                await client.send_all(refusal.response())
+            except trio.BrokenResourceError:
+                return
 
     async def _upgrade_and_serve(self, stream: trio.SocketStream, remote: str, ip: str) -> None:
         client: trio.abc.Stream = stream
@@ -222,8 +338,7 @@ class BroadcastServer:
         if handshake_scope.cancelled_caught:
             log.info("broadcast: client %s: no handshake in time", remote)
             return
-        refusal = self._admit(ip)
-        verdict: Grant | Rejection = refusal or self.auth.check(handshake)
+        verdict: Grant | Rejection = self.auth.check(handshake)
         if isinstance(verdict, Rejection):
             self.rejected[verdict.status] += 1
             log.info("broadcast: client %s refused: %d %s", remote, verdict.status, verdict.reason)
@@ -248,10 +363,3 @@ class BroadcastServer:
             log.info("broadcast: client %s left (%s %s), sent %d",
                      remote, session.close_code or (conn.closed and conn.closed.code),
                      session.close_reason, session.counters.sent)
-
-    def _admit(self, ip: str) -> Rejection | None:
-        if len(self.sessions) >= self.config.max_connections:
-            return Rejection(503, "too many connections")
-        if self.per_address[ip] > self.config.max_connections_per_ip:
-            return Rejection(429, "too many connections from this address")
-        return None
