@@ -22,7 +22,10 @@ Theory of operation
 4. After every update the CRC32 of the top 10 asks then top 10 bids is compared to
    ``c``. A match publishes a ``BookUpdate``; a mismatch, or a malformed book frame,
    resyncs that pair alone: unsubscribe, subscribe, and ignore its updates until
-   Kraken's next snapshot.
+   Kraken's next snapshot. The checksum text is kept from one update to the next
+   (``_Checksum``): a side's is made again only when its top 10 prices changed or
+   the update touched one of them, from each level's text, made once per level
+   and dropped when the level changes; the asks' CRC32 is kept too.
 5. Trades. v1 trades carry no id: each gets ``"<time>-<k>"``, the time rounded to
    the microsecond (v1's own precision: ``"1618678142.557535"``, unchanged) and
    ``k`` the count of earlier trades of the pair at that same time. Live, ``k`` is
@@ -65,12 +68,13 @@ import math
 import zlib
 from collections.abc import Iterable, Sequence
 from decimal import Decimal, InvalidOperation
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from daemon.book import L2Book
-from daemon.events import BookSnapshot, BookUpdate, FeedState, Ticker, Trade
+from daemon.book import BookError, L2Book, Side
+from daemon.events import BookSnapshot, FeedState, Levels, Trade
 from daemon.exchanges.base import (
     ExchangeFeed,
     FeedCounters,
@@ -79,6 +83,9 @@ from daemon.exchanges.base import (
     Outputs,
     Send,
     malformed,
+    new_book_update,
+    new_ticker,
+    new_trade,
     normalize_symbol,
 )
 from daemon.trades import TradeRules, TradeTracker
@@ -162,7 +169,8 @@ def _decimal(value: object) -> Decimal:
         number = Decimal(value) if isinstance(value, str) else None
     except InvalidOperation:
         number = None
-    if number is None or not number.is_finite() or number < 0:
+    # only a string with a minus sign can be negative (comparing costs more)
+    if number is None or not number.is_finite() or ("-" in value and number < 0):  # type: ignore[operator]
         raise _Bad(f"not a decimal price or volume: {value!r}")
     return number
 
@@ -178,17 +186,21 @@ def _time(value: object) -> float:
     return seconds
 
 
-def _trade_time(value: object) -> Decimal:
+def _trade_time(value: object) -> tuple[Decimal, float]:
     """A trade time, a string (WebSocket) or a number (REST, read as ``Decimal``), in
-    epoch seconds rounded to the microsecond; else ``_Bad``."""
+    epoch seconds rounded to the microsecond, and that as a float; else ``_Bad``.
+    (A string already at the microsecond is read by ``float`` itself: the same
+    value, for a third of what converting the ``Decimal`` costs.)"""
     try:
         ok = isinstance(value, str | int | Decimal) and not isinstance(value, bool)
         number = Decimal(value) if ok else None  # type: ignore[arg-type]
     except InvalidOperation:
         number = None
-    if number is None or not number.is_finite() or number < 0:
+    if number is None or not number.is_finite() \
+            or (number < 0 if not isinstance(value, str) or "-" in value else False):
         raise _Bad(f"not a trade time: {value!r}")
-    return number.quantize(_MICROSECOND)
+    when = number.quantize(_MICROSECOND)
+    return when, float(value) if isinstance(value, str) and when == number else float(when)
 
 
 def _ns(when: Decimal) -> int:
@@ -241,6 +253,95 @@ def book_checksum(book: L2Book) -> int:
     """Kraken's checksum (``checksum``) of the top 10 asks and bids of ``book``."""
     bids, asks = book.top(CHECKSUM_LEVELS)
     return checksum(asks, bids)
+
+
+#: Strings kept by a feed's ``_Digits`` before it starts over.
+DIGITS_MEMORY = 50_000
+
+
+class _Digits(dict[str, str]):
+    """Each price or volume string as Kraken's checksum writes it (``.`` removed,
+    leading zeros stripped), computed once per string (``_Fragments`` asks)."""
+
+    def __missing__(self, text: str) -> str:
+        if len(self) >= DIGITS_MEMORY:
+            self.clear()
+        digits = self[text] = text.replace(".", "").lstrip("0")
+        return digits
+
+
+class _Fragments(dict[str, str]):
+    """The checksum text of each level of one side (``_Digits`` of its price, then
+    of its volume), by price string, made when first asked for; the owner drops a
+    price's entry whenever its level changes (``_Top.update``)."""
+
+    __slots__ = ("side", "digits")
+
+    def __init__(self, side: Side, digits: _Digits) -> None:
+        super().__init__()
+        self.side = side
+        self.digits = digits
+
+    def __missing__(self, price: str) -> str:
+        if len(self) >= DIGITS_MEMORY:
+            self.clear()
+        digits = self.digits
+        text = self[price] = digits[price] + digits[self.side.size[price]]
+        return text
+
+
+class _Top:
+    """The checksum bytes of one side's top 10 levels (``data``) and their prices,
+    kept from one update to the next: made again only when the top prices differ
+    or one of them was touched."""
+
+    __slots__ = ("prices", "data", "fragments")
+
+    def __init__(self, side: Side, digits: _Digits) -> None:
+        self.prices: list[str] | None = None
+        self.data = b""
+        self.fragments = _Fragments(side, digits)
+
+    def update(self, prices: list[str], touched: list[str]) -> bool:
+        """Take the side's top 10 ``prices`` now, after the levels at ``touched``
+        changed; whether ``data`` changed."""
+        fragments = self.fragments
+        if touched:
+            for price in touched:
+                fragments.pop(price, None)
+            if prices == self.prices and not any(map(prices.__contains__, touched)):
+                return False
+        elif prices == self.prices:
+            return False
+        self.prices = prices
+        self.data = "".join(map(fragments.__getitem__, prices)).encode()
+        return True
+
+
+class _Checksum:
+    """Kraken's checksum of one book, kept up to date from the levels each update
+    touched: equal to ``book_checksum(book)`` (``reset`` after a snapshot)."""
+
+    __slots__ = ("asks", "bids", "ask_crc")
+
+    def __init__(self, book: L2Book, digits: _Digits) -> None:
+        self.asks = _Top(book.ask_side, digits)
+        self.bids = _Top(book.bid_side, digits)
+        self.ask_crc = 0  # CRC32 of asks.data
+
+    def reset(self) -> None:
+        """Forget what was kept: the book was replaced."""
+        self.asks.prices = self.bids.prices = None
+        self.asks.fragments.clear()
+        self.bids.fragments.clear()
+
+    def __call__(self, book: L2Book, asks: list[str], bids: list[str]) -> int:
+        """The checksum of ``book``, whose levels at ``asks`` and ``bids`` (price
+        strings) may have changed since the last call."""
+        if self.asks.update(book.ask_side.first(CHECKSUM_LEVELS), asks):
+            self.ask_crc = zlib.crc32(self.asks.data)
+        self.bids.update(book.bid_side.last(CHECKSUM_LEVELS), bids)
+        return zlib.crc32(self.bids.data, self.ask_crc)
 
 
 def _id(key: _Key) -> str:
@@ -303,6 +404,8 @@ class KrakenFeed:
             for s in self.symbols
         }
         self._paging: dict[str, _Paging] = {}
+        digits = _Digits()  # checksum text of price and volume strings
+        self._checksums = {s: _Checksum(book, digits) for s, book in self._books.items()}
         self._to_recover: set[str] = set()  # after a reconnect, until subscribed
         self._opens = 0
         self._now = 0.0  # latest time handed in, for events of resync()
@@ -447,37 +550,43 @@ class KrakenFeed:
         except orjson.JSONDecodeError:
             return [malformed(self.stats, "not JSON", text)]
         if isinstance(message, dict):
+            if message.get("event") == "heartbeat":  # the most common: one a second
+                self.last_heartbeat = recv_ts
+                return []
             try:
                 return self._on_event(message, text)
             except (TypeError, AttributeError) as exc:  # a field of the wrong type
                 return [malformed(self.stats, f"bad event: {exc}", text)]
         if not isinstance(message, list):
             return [malformed(self.stats, "neither an object nor an array", text)]
-        channel_id = message[0] if message and type(message[0]) is int else None
-        route = self._channel_ids.get(channel_id) if channel_id is not None else None
-        # The book a bad frame concerns: by channelID, else by the pair it names,
-        # then only if synced (a stray frame during a resubscription is no news).
-        book_symbol = route[1] if route and route[0] == "book" else None
-        if route is None and len(message) >= 3 and str(message[-2]).startswith("book"):
-            named = self._symbol.get(message[-1]) if isinstance(message[-1], str) else None
-            book_symbol = named if named in self._synced else None
+        route = self._channel_ids.get(message[0]) if message and type(message[0]) is int else None
         try:
             if len(message) < 4:
                 raise _Bad("data array too short")
             if route is None:
                 raise _Bad(f"unknown channelID {message[0]!r}")
             channel, symbol = route
-            payload = message[1:-2]
+            if channel == "book":
+                return self._on_book(symbol, message[1:-2], recv_ts)
             if channel == "trades":
-                return self._on_trades(symbol, payload, recv_ts)
-            if channel == "ticker":
-                return self._on_ticker(symbol, payload, recv_ts)
-            return self._on_book(symbol, payload, recv_ts)
+                return self._on_trades(symbol, message[1:-2], recv_ts)
+            return self._on_ticker(symbol, message[1:-2], recv_ts)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             out: Outputs = [malformed(self.stats, str(exc), text)]
+            book_symbol = self._book_named(message, route)
             if book_symbol is not None:
                 out += self.resync(book_symbol, f"malformed book frame: {exc}")
             return out
+
+    def _book_named(self, message: list[Any], route: tuple[str, str] | None) -> str | None:
+        """The book a bad data frame concerns: by its channelID, else by the pair it
+        names, then only if synced (a stray frame during a resubscription is no news)."""
+        if route is not None:
+            return route[1] if route[0] == "book" else None
+        if len(message) >= 3 and str(message[-2]).startswith("book"):
+            named = self._symbol.get(message[-1]) if isinstance(message[-1], str) else None
+            return named if named in self._synced else None
+        return None
 
     def _on_event(self, message: dict[str, Any], text: str) -> Outputs:
         event = message.get("event")
@@ -546,12 +655,11 @@ class KrakenFeed:
         price, size, time, side = entry[0], entry[1], entry[2], entry[3]
         _decimal(price)
         _decimal(size)
-        when = _trade_time(time)
+        when, ts = _trade_time(time)
         if side not in _SIDES:
             raise _Bad(f"trade side {side!r}")
         key = (when, previous[1] + 1 if previous is not None and previous[0] == when else 0)
-        trade = Trade(exchange=self.exchange, symbol=symbol, ts=float(when), recv_ts=recv_ts,
-                      id=_id(key), price=price, size=size, side=_SIDES[side])
+        trade = new_trade("kraken", symbol, ts, recv_ts, _id(key), price, size, _SIDES[side])
         return key, trade
 
     def _history(self, tracker: TradeTracker) -> FetchTrades | None:
@@ -604,13 +712,11 @@ class KrakenFeed:
         for value in (bid[0], bid[2], ask[0], ask[2]):
             _decimal(value)
         self.stats.tickers += 1
-        return [
-            Ticker(exchange=self.exchange, symbol=symbol, ts=recv_ts, recv_ts=recv_ts,
-                   bid=bid[0], bid_size=bid[2], ask=ask[0], ask_size=ask[2])
-        ]
+        return [new_ticker("kraken", symbol, recv_ts, recv_ts, bid[0], bid[2], ask[0], ask[2])]
 
     def _on_book(self, symbol: str, payload: list[Any], recv_ts: float) -> Outputs:
-        if not payload or len(payload) > 2 or not all(isinstance(p, dict) for p in payload):
+        if not (isinstance(payload[0], dict) if len(payload) == 1 else len(payload) == 2
+                and isinstance(payload[0], dict) and isinstance(payload[1], dict)):
             raise _Bad("book payload is not one or two objects")
         if "as" in payload[0] or "bs" in payload[0]:
             return self._on_book_snapshot(symbol, payload, recv_ts)
@@ -619,14 +725,14 @@ class KrakenFeed:
         return self._on_book_update(symbol, payload, recv_ts)
 
     def _on_book_snapshot(self, symbol: str, payload: list[Any], recv_ts: float) -> Outputs:
-        asks = _levels(payload[0].get("as", []))
-        bids = _levels(payload[0].get("bs", []))
+        asks, ask_ts = _snapshot_levels(payload[0].get("as", []))
+        bids, bid_ts = _snapshot_levels(payload[0].get("bs", []))
         book = self._books[symbol]
-        book.load([lv[:2] for lv in bids], [lv[:2] for lv in asks])
+        bid_levels, ask_levels = book.load(bids, asks)
+        self._checksums[symbol].reset()
         self._synced.add(symbol)
         self.stats.snapshots += 1
-        ts = max((lv[2] for lv in asks + bids), default=recv_ts)
-        bid_levels, ask_levels = book.levels()
+        ts = max([t for t in (ask_ts, bid_ts) if t is not None], default=recv_ts)
         return [
             BookSnapshot(exchange=self.exchange, symbol=symbol, ts=ts, recv_ts=recv_ts,
                          bids=bid_levels, asks=ask_levels),
@@ -637,41 +743,129 @@ class KrakenFeed:
         """Apply ``{"a": levels}`` and/or ``{"b": levels, "c": checksum}``, verify the
         checksum (always sent by v1; an update without one is applied unverified), and
         publish the complete delta: every touched level with its new size, and the
-        levels the depth cut as ``"0"``. ``ts`` is the latest level time."""
-        asks: list[tuple[str, str, float]] = []
-        bids: list[tuple[str, str, float]] = []
+        levels the depth cut as ``"0"``. ``ts`` is the latest level time.
+
+        Levels are checked as they are applied (a bad one raises, and the caller
+        resyncs the book, which clears what was applied): a price already in the
+        book was checked when its level was made, a volume is checked by the book,
+        and both must be non-negative (a string without ``-`` is)."""
+        book = self._books[symbol]
+        asks: list[str] = []
+        bids: list[str] = []
+        latest = -math.inf
         checksum = None
+        respelled = book.ask_side.respelled + book.bid_side.respelled
         for part in payload:
-            asks += _levels(part.get("a", []))
-            bids += _levels(part.get("b", []))
+            for key, side, touched in (("a", book.ask_side, asks), ("b", book.bid_side, bids)):
+                if key not in part:
+                    continue
+                levels = part[key]
+                if type(levels) is not list:
+                    raise _Bad("book levels are not a list")
+                put = side.set
+                for level in levels:
+                    if type(level) is not list or not 3 <= len(level) <= 4:
+                        raise _Bad(f"book level of the wrong shape: {level!r}")
+                    price, volume, when = level[0], level[1], level[2]
+                    try:
+                        signed = "-" in price or "-" in volume
+                    except TypeError:  # not strings
+                        signed = True
+                    if signed:  # else the book checks them (module doc of daemon.book)
+                        _decimal(price)
+                        _decimal(volume)
+                    try:
+                        seconds = float(when) if type(when) is str else math.nan
+                    except ValueError:
+                        seconds = math.nan
+                    if seconds - seconds:  # nan for nan and the infinities, else 0.0
+                        _time(when)  # raises _Bad (or takes a str subclass)
+                        raise _Bad(f"not a time: {when!r}")
+                    if seconds > latest:
+                        latest = seconds
+                    try:
+                        put(price, volume)
+                    except BookError:
+                        _decimal(price)  # raises _Bad, saying which
+                        _decimal(volume)
+                        raise
+                    touched.append(price)
             checksum = part.get("c", checksum)
         if not asks and not bids:
             raise _Bad("book update without levels")
         if checksum is not None and not (isinstance(checksum, str) and checksum.isascii()
                                          and checksum.isdigit()):
             raise _Bad(f"checksum {checksum!r} is not a decimal integer")
-        book = self._books[symbol]
-        # A side held at most `depth` levels and gains at most len(update) new ones,
-        # so the levels the depth cuts are among its len(update) worst ones before.
-        tails = [side.items()[-len(lv):] if lv else [] for side, lv in
-                 ((book.bids, bids), (book.asks, asks))]
-        book.apply([lv[:2] for lv in bids], [lv[:2] for lv in asks])
-        if checksum is not None:
-            if book_checksum(book) != int(checksum):
-                self.stats.checksum_mismatch += 1
-                return self.resync(symbol, f"checksum mismatch (Kraken {checksum})")
+        cut_bids, cut_asks = book.truncate(self.depth)
+        if checksum is None:  # v1 always sends one: what was kept starts over
+            self._checksums[symbol].reset()
+        elif self._checksums[symbol](book, asks, bids) != int(checksum):
+            self.stats.checksum_mismatch += 1
+            return self.resync(symbol, f"checksum mismatch (Kraken {checksum})")
+        else:
             self.stats.checksum_ok += 1
-        deltas = []
-        for side, levels, tail in ((book.bids, bids, tails[0]), (book.asks, asks, tails[1])):
-            touched = {Decimal(price): price for price, _, _ in levels}
-            touched.update((key, level[0]) for key, level in tail if key not in side)
-            deltas.append(tuple(side.get(key, (price, "0")) for key, price in touched.items()))
+        if respelled != book.ask_side.respelled + book.bid_side.respelled:
+            deltas = _respelled_deltas(book, (bids, asks), (cut_bids, cut_asks))
+        elif len(bids) + len(asks) == 1 and not cut_bids and not cut_asks:  # the usual
+            deltas = ((), ((asks[0], book.ask_side.size.get(asks[0], "0")),)) if asks \
+                else (((bids[0], book.bid_side.size.get(bids[0], "0")),), ())
+        else:
+            deltas = (_delta(book.bid_side, bids, cut_bids),
+                      _delta(book.ask_side, asks, cut_asks))
         self.stats.book_updates += 1
-        ts = max(lv[2] for lv in asks + bids)
-        return [
-            BookUpdate(exchange=self.exchange, symbol=symbol, ts=ts, recv_ts=recv_ts,
-                       bids=deltas[0], asks=deltas[1])
-        ]
+        return [new_book_update("kraken", symbol, latest, recv_ts, deltas[0], deltas[1])]
+
+
+def _snapshot_levels(raw: object) -> tuple[list[Any], float | None]:
+    """A snapshot side's ``[price, volume, time(, "r")]`` levels checked as
+    ``_levels`` checks them: the ``[price, volume]`` pairs and the latest time
+    (``None`` without levels); raises ``_Bad``. A snapshot has a thousand levels:
+    they are checked in bulk (strings without ``-``, as the book then checks that
+    they are decimals; finite times), and by ``_levels`` when that is not enough."""
+    try:
+        if type(raw) is not list or not {*map(type, raw)} <= {list} \
+                or not {*map(len, raw)} <= {3, 4}:
+            raise _Bad("shape")
+        prices, volumes = "".join(map(itemgetter(0), raw)), "".join(map(itemgetter(1), raw))
+        times = [*map(itemgetter(2), raw)]
+        seconds = [*map(float, times)] if {*map(type, times)} <= {str} else []
+        if "-" in prices or "-" in volumes or len(seconds) != len(raw) \
+                or not all(map(math.isfinite, seconds)):
+            raise _Bad("values")
+    except (_Bad, TypeError, ValueError):
+        levels = _levels(raw)  # raises _Bad, with what is wrong (or takes "-0")
+        return [level[:2] for level in levels], max((lv[2] for lv in levels), default=None)
+    return [level[:2] for level in raw], max(seconds, default=None)
+
+
+def _delta(side: Side, touched: list[str], cut: list[tuple[str, str]]) -> Levels:
+    """One side of a ``BookUpdate``: each price touched (once) with its size now, or
+    ``"0"`` when it is gone, then the levels the depth cut that were not touched."""
+    if len(touched) > 1:
+        touched = list(dict.fromkeys(touched))
+    size = side.size
+    delta = [(price, size.get(price, "0")) for price in touched]
+    if cut:
+        delta += [(price, "0") for price, _ in cut if price not in touched]
+    return tuple(delta)
+
+
+def _respelled_deltas(
+    book: L2Book, touched: tuple[list[str], list[str]],
+    cut: tuple[list[tuple[str, str]], list[tuple[str, str]]],
+) -> tuple[Levels, Levels]:
+    """``_delta`` for an update that sent a known price in another spelling: one
+    entry per price value (the spelling the book holds), in the order first sent."""
+    deltas = []
+    for side, prices, gone in zip((book.bid_side, book.ask_side), touched, cut, strict=True):
+        now = {Decimal(price): price for price in side.size}
+        levels = {Decimal(price): price for price in prices}
+        levels.update((Decimal(price), price) for price, _ in gone if Decimal(price) not in levels)
+        deltas.append(tuple(
+            (now[key], side.size[now[key]]) if key in now else (price, "0")
+            for key, price in levels.items()
+        ))
+    return deltas[0], deltas[1]
 
 
 if TYPE_CHECKING:

@@ -22,7 +22,6 @@ from typing import Any
 
 import attrs
 import orjson
-from sortedcontainers import SortedDict
 
 from daemon.book import L2Book
 from daemon.exchanges.kraken import CHECKSUM_LEVELS, checksum
@@ -73,13 +72,13 @@ class Book:
         self.depth = depth
 
     @property
-    def asks(self) -> SortedDict:
-        """Asks by ``Decimal`` price, best first: ``(price, volume)`` strings."""
+    def asks(self) -> dict[Decimal, tuple[str, str]]:
+        """Asks by ``Decimal`` price: ``(price, volume)`` strings (a copy)."""
         return self.book.asks
 
     @property
-    def bids(self) -> SortedDict:
-        """Bids by ``Decimal`` price, best (highest) first: ``(price, volume)``."""
+    def bids(self) -> dict[Decimal, tuple[str, str]]:
+        """Bids by ``Decimal`` price: ``(price, volume)`` strings (a copy)."""
         return self.book.bids
 
     def apply(self, asks: Sequence[Sequence[Any]], bids: Sequence[Sequence[Any]]) -> None:
@@ -97,7 +96,7 @@ class Book:
                 times[price] = time
         self.book.apply(sides[1], sides[0])
         if len(times) > 4 * self.depth + 64:  # forget the times of levels long gone
-            kept = {price for side in (self.book.asks, self.book.bids) for price, _ in side.values()}
+            kept = {*self.book.ask_side.size, *self.book.bid_side.size}  # price strings
             self.times = {price: time for price, time in times.items() if price in kept}
 
     def levels(self, count: int | None = None) -> tuple[list[KrakenLevel], list[KrakenLevel]]:
