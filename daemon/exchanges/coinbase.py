@@ -18,7 +18,8 @@ Theory of operation
    removes) apply to it and are ignored before it. ``on_open`` marks every book
    unsynced: after any reconnect each book is rebuilt from the new snapshot.
 3. Level2 has no sequence number, so the book checks itself: an update that turns
-   it crossed (best bid >= best ask) proves it corrupt. That update is not
+   it crossed (best bid >= best ask: the ends of the book's sorted sides, two
+   comparisons per update) proves it corrupt. That update is not
    published; the book resyncs: ``FeedState`` ``resyncing``, then ``unsubscribe``
    and ``subscribe`` of level2 for that one product, which brings a new snapshot.
    A malformed ``snapshot`` or ``l2update`` resyncs its book too. A snapshot that is
@@ -60,7 +61,8 @@ walk back through the history pages is here.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
@@ -76,6 +78,9 @@ from daemon.exchanges.base import (
     Outputs,
     Send,
     malformed,
+    new_book_update,
+    new_ticker,
+    new_trade,
     normalize_symbol,
 )
 from daemon.trades import TradeRules, TradeTracker, integer_key
@@ -89,9 +94,13 @@ _CHANNELS = {"trades": "matches", "book": "level2", "ticker": "ticker"}
 #: ``trade_id`` counts up by one per trade of a product (module doc, rule 5).
 TRADE_RULES = TradeRules(key=integer_key, contiguous=True)
 _TAKER_SIDE = {"buy": "sell", "sell": "buy"}  # maker order side -> taker side
-#: Prices and sizes as Coinbase writes them: plain non-negative decimals.
-_DECIMAL = re.compile(r"\d+(?:\.\d+)?")
+#: Epoch seconds of the whole-second part of recent ``time`` strings (``parse_time``).
+_SECONDS: dict[str, int] = {}
+#: Entries of ``_SECONDS`` beyond which it starts over.
+SECONDS_MEMORY = 4096
 
+
+_ZERO = timedelta(0)
 
 _E = TypeVar("_E", BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade)
 
@@ -128,18 +137,35 @@ def parse_time(text: object) -> float:
     """ISO-8601 time (``"2021-04-17T16:43:37.071893Z"``) -> Unix epoch seconds.
 
     A time without an offset is taken as UTC. Raises ``ValueError`` otherwise.
+    Coinbase's own form (microseconds, ``Z``) is read from the epoch second of its
+    first 19 characters, kept once the whole text has been read by ``datetime``
+    (the result is the same float: ``datetime.timestamp`` divides the whole
+    microseconds by a million too).
     """
+    if type(text) is str and len(text) == 27 and text[19] == "." and text[26] == "Z":
+        seconds = _SECONDS.get(text[:19])
+        micros = text[20:26]
+        if seconds is not None and micros.isdigit() and micros.isascii():
+            return (seconds * 1_000_000 + int(micros)) / 1_000_000
     if not isinstance(text, str):
         raise _BadFrame(f"time is not a string: {text!r}")
     when = datetime.fromisoformat(text)
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    if len(text) == 27 and text[19] == "." and text[26] == "Z" and when.utcoffset() == _ZERO:
+        if len(_SECONDS) >= SECONDS_MEMORY:
+            _SECONDS.clear()
+        _SECONDS[text[:19]] = int(when.replace(microsecond=0).timestamp())
+    return when.timestamp()
 
 
 def _dec(value: object, what: str) -> str:
-    """``value`` checked to be a decimal string, returned as sent."""
-    if not isinstance(value, str) or not _DECIMAL.fullmatch(value):
-        raise _BadFrame(f"{what} is not a decimal string: {value!r}")
-    return value
+    """``value`` checked to be a decimal string (``\\d+(\\.\\d+)?``, Unicode digits
+    as ``re`` reads ``\\d``), returned as sent."""
+    if isinstance(value, str):
+        whole, dot, fraction = value.partition(".")
+        if whole.isdecimal() and (fraction.isdecimal() or not dot):
+            return value
+    raise _BadFrame(f"{what} is not a decimal string: {value!r}")
 
 
 def _levels(raw: object, what: str) -> list[tuple[str, str]]:
@@ -231,6 +257,7 @@ class CoinbaseFeed:
         self._product = {s: product_of[s] for s in dict.fromkeys(symbols)}
         self._symbol = {pid: s for s, pid in self._product.items()}
         self._books = {s: L2Book() for s in self._product} if "book" in channels else {}
+        self._book_of = {pid: s for pid, s in self._symbol.items() if s in self._books}
         self._synced: set[str] = set()
         self._last_seq: dict[tuple[str, str], int] = {}
         #: per product: trades delivered (kept across reconnects), recovery, gaps
@@ -315,7 +342,7 @@ class CoinbaseFeed:
         if handler is None:
             return [malformed(self.stats, f"unknown type {kind!r}", _text(text))]
         try:
-            return handler(msg, _text(text), recv_ts)
+            return handler(msg, text if type(text) is str else _text(text), recv_ts)
         except (KeyError, TypeError, ValueError) as exc:  # _BadFrame, BookError too
             reason = f"bad {kind}: {type(exc).__name__}: {exc}"
             out: Outputs = [malformed(self.stats, reason, _text(text))]
@@ -418,10 +445,9 @@ class CoinbaseFeed:
         bids, asks = _levels(msg["bids"], "bids"), _levels(msg["asks"], "asks")
         ts = parse_time(msg["time"]) if "time" in msg else recv_ts
         book = self._books[symbol]
-        book.load(bids, asks)
+        book_bids, book_asks = book.load(bids, asks)
         self._synced.add(symbol)
         self.stats.snapshots += 1
-        book_bids, book_asks = book.levels()
         detail = "level2 snapshot" + (" (crossed)" if book.is_crossed() else "")
         return [
             self._event(BookSnapshot, symbol, ts, recv_ts, bids=book_bids, asks=book_asks),
@@ -429,27 +455,66 @@ class CoinbaseFeed:
         ]
 
     def _on_l2update(self, msg: dict[str, Any], text: str, recv_ts: float) -> Outputs:
-        symbol = self._known(msg, text, book=True)
-        if isinstance(symbol, Malformed):
-            return [symbol]
-        if not isinstance(msg["changes"], list):
+        pid = msg["product_id"]
+        symbol = self._book_of.get(pid) if type(pid) is str else None
+        if symbol is None:  # not a product with a book: say why
+            known = self._known(msg, text, book=True)
+            if isinstance(known, Malformed):
+                return [known]
+            symbol = known
+        changes = msg["changes"]
+        if not isinstance(changes, list):
             raise _BadFrame("changes is not a list")
-        sides: dict[str, list[tuple[str, str]]] = {"buy": [], "sell": []}
-        for change in msg["changes"]:
-            if not isinstance(change, list) or len(change) < 3 or change[0] not in sides:
-                raise _BadFrame(f"bad change: {change!r}")
-            sides[change[0]].append((_dec(change[1], "price"), _dec(change[2], "size")))
+        if symbol not in self._synced:  # before the (new) snapshot, which holds these
+            for change in changes:
+                self._change(change)
+            if "time" in msg:
+                parse_time(msg["time"])
+            return []
         ts = parse_time(msg["time"]) if "time" in msg else recv_ts
-        if symbol not in self._synced:
-            return []  # before the (new) snapshot, which will hold this change
         book = self._books[symbol]
-        was_crossed = book.is_crossed()
-        book.apply(sides["buy"], sides["sell"])
-        if book.is_crossed() and not was_crossed:
+        bid_side, ask_side = book.bid_side, book.ask_side
+        # crossed: the best bid (the last of the bids) >= the best ask (the first of
+        # the asks), read from the sides' lists, which the changes change in place
+        best_bids, best_asks = bid_side.maxes, ask_side.keys
+        was_crossed = best_bids and best_asks and best_bids[-1] >= best_asks[0][0]
+        bids: list[tuple[str, str]] = []
+        asks: list[tuple[str, str]] = []
+        # each change is checked as it is applied (a bad one raises and the book
+        # resyncs); a price the book holds was checked when its level was made
+        for change in changes:
+            if type(change) is not list or len(change) < 3:
+                raise _BadFrame(f"bad change: {change!r}")
+            name, price, size = change[0], change[1], change[2]
+            if name == "buy":
+                side, levels = bid_side, bids
+            elif name == "sell":
+                side, levels = ask_side, asks
+            else:
+                raise _BadFrame(f"bad change: {change!r}")
+            if price not in side.size:
+                _dec(price, "price")
+            if not isinstance(size, str):  # _dec(size, "size"), inline
+                raise _BadFrame(f"size is not a decimal string: {size!r}")
+            whole, dot, fraction = size.partition(".")
+            if not whole.isdecimal() or dot and not fraction.isdecimal():
+                raise _BadFrame(f"size is not a decimal string: {size!r}")
+            # not zero: a digit other than 0 (Decimal tells for other scripts' digits)
+            nonzero = bool(size.strip("0.")) if size.isascii() else bool(Decimal(size))
+            side.put(price, size, nonzero)
+            levels.append((price, size))
+        if not was_crossed and best_bids and best_asks and best_bids[-1] >= best_asks[0][0]:
             return self._resync(symbol, "crossed book", recv_ts)
         self.stats.book_updates += 1
-        bids, asks = tuple(sides["buy"]), tuple(sides["sell"])
-        return [self._event(BookUpdate, symbol, ts, recv_ts, bids=bids, asks=asks)]
+        return [new_book_update("coinbase", symbol, ts, recv_ts, tuple(bids), tuple(asks))]
+
+    @staticmethod
+    def _change(change: object) -> None:
+        """Check one ``[side, price, size]`` change; raises ``_BadFrame``."""
+        if not isinstance(change, list) or len(change) < 3 or change[0] not in ("buy", "sell"):
+            raise _BadFrame(f"bad change: {change!r}")
+        _dec(change[1], "price")
+        _dec(change[2], "size")
 
     def _on_match(self, msg: dict[str, Any], text: str, recv_ts: float) -> Outputs:
         symbol = self._known(msg, text)
@@ -468,9 +533,7 @@ class CoinbaseFeed:
             raise _BadFrame(f"bad side {msg['side']!r}")
         price, size = _dec(msg["price"], "price"), _dec(msg["size"], "size")
         ts = parse_time(msg["time"])
-        return self._event(
-            Trade, symbol, ts, recv_ts, id=str(trade_id), price=price, size=size, side=side
-        )
+        return new_trade(self.exchange, symbol, ts, recv_ts, str(trade_id), price, size, side)
 
     def _on_ticker(self, msg: dict[str, Any], text: str, recv_ts: float) -> Outputs:
         symbol = self._known(msg, text)
@@ -479,14 +542,12 @@ class CoinbaseFeed:
         seq = _sequence(msg)
         bid, ask = _dec(msg["best_bid"], "best_bid"), _dec(msg["best_ask"], "best_ask")
         # the sizes are in today's docs but absent from the 2021 capture: "" then
-        bid_size, ask_size = (
-            "" if msg.get(key) is None else _dec(msg[key], key)
-            for key in ("best_bid_size", "best_ask_size")
-        )
+        bid_size = msg.get("best_bid_size")
+        bid_size = "" if bid_size is None else _dec(bid_size, "best_bid_size")
+        ask_size = msg.get("best_ask_size")
+        ask_size = "" if ask_size is None else _dec(ask_size, "best_ask_size")
         ts = parse_time(msg["time"]) if "time" in msg else recv_ts
-        ticker = self._event(
-            Ticker, symbol, ts, recv_ts, bid=bid, bid_size=bid_size, ask=ask, ask_size=ask_size
-        )
+        ticker = new_ticker(self.exchange, symbol, ts, recv_ts, bid, bid_size, ask, ask_size)
         if not self._in_sequence(symbol, "ticker", seq):
             return []
         self.stats.tickers += 1
