@@ -31,12 +31,13 @@ paging of the history is here.
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from daemon.book import BookError, L2Book
-from daemon.events import BookSnapshot, BookUpdate, FeedState, Ticker, Trade
+from daemon.events import BookSnapshot, FeedState, Trade
 from daemon.exchanges.base import (
     ExchangeFeed,
     FeedCounters,
@@ -45,6 +46,9 @@ from daemon.exchanges.base import (
     FetchTrades,
     Outputs,
     malformed,
+    new_book_update,
+    new_ticker,
+    new_trade,
 )
 from daemon.trades import TradeRules, TradeTracker, integer_key
 
@@ -125,6 +129,9 @@ class BinanceFeed:
             raise ValueError(f"{exchange} lists no market {', '.join(missing)}")
         self.native = {s: by_symbol[s] for s in symbols}  # NKN-USDT -> NKNUSDT
         self.symbols = {native: s for s, native in self.native.items()}
+        #: the streams of the URL -> (kind, symbol); any other reads as on_message says
+        self._routes = {f"{native.lower()}@{kind}": (kind, s)
+                        for s, native in self.native.items() for kind in _STREAMS.values()}
         self.stats = FeedCounters()  # the counters; statistics() reads them
         self.books: dict[str, _BookSync] = {}
         #: per symbol: trades delivered, recovery window, gaps (``daemon.trades``)
@@ -210,10 +217,14 @@ class BinanceFeed:
                 raise TypeError("stream or data of the wrong type")
         except (KeyError, TypeError) as exc:
             return [malformed(self.stats, f"not a stream frame: {exc!r}", _text(text))]
-        kind = stream.partition("@")[2]
-        symbol = self.symbols.get(stream.partition("@")[0].upper())
-        if symbol is None:
-            return [malformed(self.stats, f"unknown stream {stream!r}", _text(text))]
+        route = self._routes.get(stream)
+        if route is None:
+            name, _, kind = stream.partition("@")
+            symbol = self.symbols.get(name.upper())
+            if symbol is None:
+                return [malformed(self.stats, f"unknown stream {stream!r}", _text(text))]
+        else:
+            kind, symbol = route
         try:
             if kind == "aggTrade":
                 return self._trade(symbol, data, recv_ts)
@@ -234,15 +245,10 @@ class BinanceFeed:
         return self.trades[symbol].live([trade], recv_ts)
 
     def _parse_trade(self, symbol: str, d: dict[str, Any], recv_ts: float) -> Trade:
-        return Trade(
-            exchange=self.exchange,
-            symbol=symbol,
-            ts=int(d["T"]) / 1000,
-            recv_ts=recv_ts,
-            id=str(int(d["a"])),
-            price=_dec(d["p"]),
-            size=_dec(d["q"]),
-            side="sell" if d["m"] else "buy",  # m: the buyer is the maker, so the taker sold
+        return new_trade(
+            self.exchange, symbol, int(d["T"]) / 1000, recv_ts, str(int(d["a"])),
+            _dec(d["p"]), _dec(d["q"]),
+            "sell" if d["m"] else "buy",  # m: the buyer is the maker, so the taker sold
         )
 
     def _history(self, tracker: TradeTracker) -> FetchTrades | None:
@@ -289,21 +295,16 @@ class BinanceFeed:
         return out
 
     def _ticker(self, symbol: str, d: dict[str, Any], recv_ts: float) -> Outputs:
-        ticker = Ticker(
-            exchange=self.exchange,
-            symbol=symbol,
-            ts=int(d["E"]) / 1000 if "E" in d else recv_ts,  # spot bookTicker has no time
-            recv_ts=recv_ts,
-            bid=_dec(d["b"]),
-            bid_size=_dec(d["B"]),
-            ask=_dec(d["a"]),
-            ask_size=_dec(d["A"]),
-        )
+        ts = int(d["E"]) / 1000 if "E" in d else recv_ts  # spot bookTicker has no time
+        ticker = new_ticker(self.exchange, symbol, ts, recv_ts,
+                            _dec(d["b"]), _dec(d["B"]), _dec(d["a"]), _dec(d["A"]))
         self.stats.tickers += 1
         return [ticker]
 
     def _depth(self, symbol: str, d: dict[str, Any], recv_ts: float) -> Outputs:
-        self.last_exchange_ms = max(self.last_exchange_ms, int(d["E"]))
+        exchange_ms = int(d["E"])
+        if exchange_ms > self.last_exchange_ms:
+            self.last_exchange_ms = exchange_ms
         sync = self.books.get(symbol)
         if sync is None:
             return []
@@ -312,7 +313,7 @@ class BinanceFeed:
             "u": int(d["u"]),
             "b": _levels(d["b"]),
             "a": _levels(d["a"]),
-            "ts": int(d["E"]) / 1000,
+            "ts": exchange_ms / 1000,
             "recv_ts": recv_ts,
         }
         if not sync.synced:
@@ -348,16 +349,7 @@ class BinanceFeed:
         if not emit:
             return []
         self.stats.book_updates += 1
-        return [
-            BookUpdate(
-                exchange=self.exchange,
-                symbol=symbol,
-                ts=e["ts"],
-                recv_ts=e["recv_ts"],
-                bids=e["b"],
-                asks=e["a"],
-            )
-        ]
+        return [new_book_update(self.exchange, symbol, e["ts"], e["recv_ts"], e["b"], e["a"])]
 
     # -- REST snapshots -------------------------------------------------------------
 
@@ -380,7 +372,7 @@ class BinanceFeed:
         try:
             snap = orjson.loads(body)
             last_update_id = int(snap["lastUpdateId"])
-            sync.book.load(_levels(snap["bids"]), _levels(snap["asks"]))
+            levels = sync.book.load(_strings(snap["bids"]), _strings(snap["asks"]))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             return [malformed(self.stats, f"bad depth snapshot: {exc!r}", _text(body)),
                     *self._fetch(symbol, sync)]
@@ -399,7 +391,7 @@ class BinanceFeed:
             if out:  # a gap inside the buffer: resync started again
                 return out
         self.stats.snapshots += 1
-        bids, asks = sync.book.levels()
+        bids, asks = sync.book.levels() if buffered else levels
         return [
             BookSnapshot(
                 exchange=self.exchange, symbol=symbol, ts=sync.ts, recv_ts=recv_ts,
@@ -415,7 +407,22 @@ class BinanceFeed:
 
 
 def _levels(raw: Any) -> tuple[tuple[str, str], ...]:
-    return tuple((_dec(price), _dec(size)) for price, size in raw)
+    """``[[price, size], ...]`` as a tuple of ``(price, size)`` string pairs; raises
+    ``TypeError`` or ``ValueError`` otherwise (the book checks the decimals)."""
+    levels = tuple(map(tuple, raw))
+    for level in levels:  # a depth event has a few levels: checked one by one
+        if len(level) != 2 or type(level[0]) is not str or type(level[1]) is not str:
+            return tuple((_dec(price), _dec(size)) for price, size in raw)  # raises (or subclasses)
+    return levels
+
+
+def _strings(raw: Any) -> Any:
+    """``raw``, a snapshot side ``[[price, size], ...]``, checked to hold only strings
+    (in bulk: it has a thousand levels; ``L2Book.load`` checks that each is a pair
+    of decimals); raises ``TypeError`` otherwise."""
+    if not {*map(type, chain.from_iterable(raw))} <= {str}:
+        _levels(raw)  # raises, with the value at fault (or takes str subclasses)
+    return raw
 
 
 def _dec(value: Any) -> str:
