@@ -61,8 +61,10 @@ walk back through the history pages is here.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
@@ -94,13 +96,15 @@ _CHANNELS = {"trades": "matches", "book": "level2", "ticker": "ticker"}
 #: ``trade_id`` counts up by one per trade of a product (module doc, rule 5).
 TRADE_RULES = TradeRules(key=integer_key, contiguous=True)
 _TAKER_SIDE = {"buy": "sell", "sell": "buy"}  # maker order side -> taker side
-#: Epoch seconds of the whole-second part of recent ``time`` strings (``parse_time``).
-_SECONDS: dict[str, int] = {}
-#: Entries of ``_SECONDS`` beyond which it starts over.
+#: Epoch microseconds of the whole-second part of recent ``time`` strings, by their
+#: first 20 characters (``"2021-04-17T16:43:37."``; ``parse_time``).
+_MICROS: dict[str, int] = {}
+#: Entries of ``_MICROS`` beyond which it starts over.
 SECONDS_MEMORY = 4096
 
 
 _ZERO = timedelta(0)
+_ABSENT = object()
 
 _E = TypeVar("_E", BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade)
 
@@ -138,23 +142,24 @@ def parse_time(text: object) -> float:
 
     A time without an offset is taken as UTC. Raises ``ValueError`` otherwise.
     Coinbase's own form (microseconds, ``Z``) is read from the epoch second of its
-    first 19 characters, kept once the whole text has been read by ``datetime``
+    first 19 characters, kept once a whole text has been read by ``datetime``
     (the result is the same float: ``datetime.timestamp`` divides the whole
     microseconds by a million too).
     """
-    if type(text) is str and len(text) == 27 and text[19] == "." and text[26] == "Z":
-        seconds = _SECONDS.get(text[:19])
-        micros = text[20:26]
-        if seconds is not None and micros.isdigit() and micros.isascii():
-            return (seconds * 1_000_000 + int(micros)) / 1_000_000
+    if type(text) is str and len(text) == 27 and text[26] == "Z":
+        micros = _MICROS.get(text[:20])  # the date, the time and the dot
+        if micros is not None:
+            fraction = text[20:26]
+            if fraction.isdigit() and fraction.isascii():
+                return (micros + int(fraction)) / 1_000_000
     if not isinstance(text, str):
         raise _BadFrame(f"time is not a string: {text!r}")
     when = datetime.fromisoformat(text)
     when = when if when.tzinfo else when.replace(tzinfo=UTC)
     if len(text) == 27 and text[19] == "." and text[26] == "Z" and when.utcoffset() == _ZERO:
-        if len(_SECONDS) >= SECONDS_MEMORY:
-            _SECONDS.clear()
-        _SECONDS[text[:19]] = int(when.replace(microsecond=0).timestamp())
+        if len(_MICROS) >= SECONDS_MEMORY:
+            _MICROS.clear()
+        _MICROS[text[:20]] = int(when.replace(microsecond=0).timestamp()) * 1_000_000
     return when.timestamp()
 
 
@@ -178,6 +183,31 @@ def _levels(raw: object, what: str) -> list[tuple[str, str]]:
             raise _BadFrame(f"bad {what} level: {level!r}")
         out.append((_dec(level[0], "price"), _dec(level[1], "size")))
     return out
+
+
+def _pairs(raw: object, what: str) -> list[Any]:
+    """``_levels`` of a snapshot side, checked in bulk (a snapshot has thousands of
+    levels): ``[price, size]`` lists whose strings hold only decimal digits and
+    dots, neither first nor last, are returned as they are, for ``L2Book.load`` to
+    read as ``Decimal`` (it refuses the rest, such as two dots, and the caller then
+    asks ``_levels`` what is wrong); anything else goes through ``_levels``."""
+    if type(raw) is list and raw and {*map(type, raw)} == {list} and {*map(len, raw)} == {2}:
+        try:
+            if _digits_and_dots(map(itemgetter(0), raw)) \
+                    and _digits_and_dots(map(itemgetter(1), raw)):
+                return raw
+        except TypeError:  # not all strings
+            pass
+    return _levels(raw, what)
+
+
+def _digits_and_dots(values: Iterable[str]) -> bool:
+    """Whether every value is made of decimal digits (``str.isdecimal``: re's
+    ``\\d``) and dots, with no dot first or last; raises ``TypeError`` on a value
+    that is not a string."""
+    joined = ",".join(values)
+    return (joined.replace(".", "").replace(",", "").isdecimal() and ",." not in joined
+            and ".," not in joined and joined[0] != "." and joined[-1] != ".")
 
 
 def _sequence(msg: dict[str, Any]) -> int:
@@ -338,7 +368,11 @@ class CoinbaseFeed:
         if not isinstance(msg, dict):
             return [malformed(self.stats, "not a JSON object", _text(text))]
         kind = msg.get("type")
-        handler = self._handlers.get(kind) if isinstance(kind, str) else None
+        handler: Callable[[dict[str, Any], str, float], Outputs] | None
+        if kind == "l2update":  # nearly every frame
+            handler = self._on_l2update
+        else:
+            handler = self._handlers.get(kind) if isinstance(kind, str) else None
         if handler is None:
             return [malformed(self.stats, f"unknown type {kind!r}", _text(text))]
         try:
@@ -442,10 +476,18 @@ class CoinbaseFeed:
         symbol = self._known(msg, text, book=True)
         if isinstance(symbol, Malformed):
             return [symbol]
-        bids, asks = _levels(msg["bids"], "bids"), _levels(msg["asks"], "asks")
-        ts = parse_time(msg["time"]) if "time" in msg else recv_ts
         book = self._books[symbol]
-        book_bids, book_asks = book.load(bids, asks)
+        try:
+            bids, asks = _pairs(msg["bids"], "bids"), _pairs(msg["asks"], "asks")
+            ts = parse_time(msg["time"]) if "time" in msg else recv_ts
+            book_bids, book_asks = book.load(bids, asks)
+        except (KeyError, TypeError, ValueError):
+            # the first fault, as the checks one level at a time find it
+            _levels(msg["bids"], "bids")
+            _levels(msg["asks"], "asks")
+            if "time" in msg:
+                parse_time(msg["time"])
+            raise
         self._synced.add(symbol)
         self.stats.snapshots += 1
         detail = "level2 snapshot" + (" (crossed)" if book.is_crossed() else "")
@@ -471,7 +513,8 @@ class CoinbaseFeed:
             if "time" in msg:
                 parse_time(msg["time"])
             return []
-        ts = parse_time(msg["time"]) if "time" in msg else recv_ts
+        when = msg.get("time", _ABSENT)
+        ts = recv_ts if when is _ABSENT else parse_time(when)
         book = self._books[symbol]
         bid_side, ask_side = book.bid_side, book.ask_side
         # crossed: the best bid (the last of the bids) >= the best ask (the first of
@@ -492,8 +535,6 @@ class CoinbaseFeed:
                 side, levels = ask_side, asks
             else:
                 raise _BadFrame(f"bad change: {change!r}")
-            if price not in side.size:
-                _dec(price, "price")
             if not isinstance(size, str):  # _dec(size, "size"), inline
                 raise _BadFrame(f"size is not a decimal string: {size!r}")
             whole, dot, fraction = size.partition(".")
@@ -501,7 +542,15 @@ class CoinbaseFeed:
                 raise _BadFrame(f"size is not a decimal string: {size!r}")
             # not zero: a digit other than 0 (Decimal tells for other scripts' digits)
             nonzero = bool(size.strip("0.")) if size.isascii() else bool(Decimal(size))
-            side.put(price, size, nonzero)
+            sizes = side.size
+            if price in sizes:  # a level the book holds: its price was checked
+                if nonzero:
+                    sizes[price] = size
+                else:
+                    side.remove(price)
+            else:
+                _dec(price, "price")
+                side.put(price, size, nonzero)
             levels.append((price, size))
         if not was_crossed and best_bids and best_asks and best_bids[-1] >= best_asks[0][0]:
             return self._resync(symbol, "crossed book", recv_ts)
