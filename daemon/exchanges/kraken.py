@@ -175,6 +175,14 @@ def _decimal(value: object) -> Decimal:
     return number
 
 
+def _check(value: object) -> None:
+    """``_decimal(value)`` without its result: a plain string of ASCII digits with at
+    most one dot (and a digit) is one, and is told without parsing it."""
+    if type(value) is str and value.isascii() and value.replace(".", "", 1).isdigit():
+        return
+    _decimal(value)
+
+
 def _time(value: object) -> float:
     """A Kraken time string (``"1618678142.557535"``, epoch s) as a float; else ``_Bad``."""
     try:
@@ -190,7 +198,12 @@ def _trade_time(value: object) -> tuple[Decimal, float]:
     """A trade time, a string (WebSocket) or a number (REST, read as ``Decimal``), in
     epoch seconds rounded to the microsecond, and that as a float; else ``_Bad``.
     (A string already at the microsecond is read by ``float`` itself: the same
-    value, for a third of what converting the ``Decimal`` costs.)"""
+    value, for a third of what converting the ``Decimal`` costs.) A string of
+    ASCII digits ending in a dot and six digits, as v1 writes them, is at the
+    microsecond already: read, not rounded."""
+    if type(value) is str and value.isascii() and value[-7:-6] == "." \
+            and value[-6:].isdigit() and value[:-7].isdigit():
+        return Decimal(value), float(value)
     try:
         ok = isinstance(value, str | int | Decimal) and not isinstance(value, bool)
         number = Decimal(value) if ok else None  # type: ignore[arg-type]
@@ -653,8 +666,8 @@ class KrakenFeed:
         row, whose time is a number) that follows the trade keyed ``previous``: its
         key and ``Trade``. Raises ``_Bad`` (or ``IndexError``) on a bad entry."""
         price, size, time, side = entry[0], entry[1], entry[2], entry[3]
-        _decimal(price)
-        _decimal(size)
+        _check(price)
+        _check(size)
         when, ts = _trade_time(time)
         if side not in _SIDES:
             raise _Bad(f"trade side {side!r}")
@@ -709,8 +722,10 @@ class KrakenFeed:
         if len(payload) != 1 or not isinstance(payload[0], dict):
             raise _Bad("ticker payload is not one object")
         ask, bid = payload[0]["a"], payload[0]["b"]
-        for value in (bid[0], bid[2], ask[0], ask[2]):
-            _decimal(value)
+        _check(bid[0])
+        _check(bid[2])
+        _check(ask[0])
+        _check(ask[2])
         self.stats.tickers += 1
         return [new_ticker("kraken", symbol, recv_ts, recv_ts, bid[0], bid[2], ask[0], ask[2])]
 
