@@ -98,8 +98,10 @@ class Side:
         try:
             amount = Decimal(size)
         except (InvalidOperation, TypeError, ValueError) as exc:
+            _decimal(price)  # a bad price is the fault named first
             raise BookError(f"not a decimal: {size!r}") from exc
         if amount and not amount.is_finite():
+            _decimal(price)
             raise BookError(f"not a finite decimal: {size!r}")
         self.put(price, size, bool(amount))
 
@@ -257,7 +259,10 @@ def _snapshot_side(
     levels: Iterable[Sequence[Any]],
 ) -> tuple[list[Any], list[Decimal], list[Any]]:
     """The prices, keys and sizes of a snapshot side in ascending price order: what
-    applying the levels one by one to an empty side leaves. Raises ``BookError``."""
+    applying the levels one by one to an empty side leaves. Raises ``BookError``
+    (naming the first bad price or size, the price of a level first)."""
+    if not isinstance(levels, list | tuple):
+        levels = list(levels)
     prices: list[Any] = []
     keys: list[Decimal] = []
     sizes: list[Any] = []
@@ -274,10 +279,11 @@ def _snapshot_side(
             prices.append(price)
             keys.append(key)
             sizes.append(size if amount else None)
-    except BookError:
+    except (InvalidOperation, TypeError, ValueError):  # BookError too
+        for price, size in levels:  # the first fault, named as one level at a time does
+            _decimal(price)
+            _decimal(size)
         raise
-    except (InvalidOperation, TypeError, ValueError) as exc:
-        raise BookError(f"not a decimal: {exc!r}") from exc
     if regular:
         if all(map(lt, keys, keys[1:])):
             return prices, keys, sizes

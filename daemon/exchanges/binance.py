@@ -372,7 +372,12 @@ class BinanceFeed:
         try:
             snap = orjson.loads(body)
             last_update_id = int(snap["lastUpdateId"])
-            levels = sync.book.load(_strings(snap["bids"]), _strings(snap["asks"]))
+            try:
+                levels = sync.book.load(_strings(snap["bids"]), _strings(snap["asks"]))
+            except (TypeError, ValueError):  # BookError too
+                _levels(snap["bids"])  # the first fault, as checking level by level finds it
+                _levels(snap["asks"])
+                raise
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             return [malformed(self.stats, f"bad depth snapshot: {exc!r}", _text(body)),
                     *self._fetch(symbol, sync)]
@@ -409,7 +414,10 @@ class BinanceFeed:
 def _levels(raw: Any) -> tuple[tuple[str, str], ...]:
     """``[[price, size], ...]`` as a tuple of ``(price, size)`` string pairs; raises
     ``TypeError`` or ``ValueError`` otherwise (the book checks the decimals)."""
-    levels = tuple(map(tuple, raw))
+    try:
+        levels = tuple(map(tuple, raw))
+    except TypeError:  # a level that is no sequence: said below
+        levels = ((),)
     for level in levels:  # a depth event has a few levels: checked one by one
         if len(level) != 2 or type(level[0]) is not str or type(level[1]) is not str:
             return tuple((_dec(price), _dec(size)) for price, size in raw)  # raises (or subclasses)
@@ -418,10 +426,9 @@ def _levels(raw: Any) -> tuple[tuple[str, str], ...]:
 
 def _strings(raw: Any) -> Any:
     """``raw``, a snapshot side ``[[price, size], ...]``, checked to hold only strings
-    (in bulk: it has a thousand levels; ``L2Book.load`` checks that each is a pair
-    of decimals); raises ``TypeError`` otherwise."""
-    if not {*map(type, chain.from_iterable(raw))} <= {str}:
-        _levels(raw)  # raises, with the value at fault (or takes str subclasses)
+    (in bulk, by joining them: it has a thousand levels; ``L2Book.load`` checks
+    that each is a pair of decimals); raises ``TypeError`` otherwise."""
+    "".join(chain.from_iterable(raw))
     return raw
 
 
