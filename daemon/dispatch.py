@@ -19,7 +19,9 @@ For each event the dispatcher, in one synchronous step:
 2. gives it the stream's next ``seq`` (from 1, contiguous) and encodes it once
    (``daemon.wire``) into the ``Message`` every subscriber gets;
 3. keeps what late joiners and reconnecting clients need: the current L2 book of
-   a ``book`` stream, the latest ``ticker``, and the last messages of every stream
+   a ``book`` stream (the source's own when it shares it, ``Source.share_books``:
+   a native collector's exact book, so no update is applied twice; else a book
+   kept here from the events), the latest ``ticker``, and the last messages of every stream
    within its channel's retention (count and age) for ``since`` recovery;
 4. hands the message to every subscriber of the stream with ``deliver``, which
    never blocks: a subscriber that cannot keep up applies its own named policy.
@@ -66,12 +68,35 @@ IDEMPOTENCY_KEYS_KEPT = 100_000
 
 class Source(Protocol):
     """What ``Dispatcher.open_source()`` hands a source, and all a source may do
-    with it: ``send`` an event (waits while the dispatcher's input channel is full:
-    backpressure), ``send_nowait`` one (raises ``trio.WouldBlock`` when full), and
-    close it when done (``async with``, ``close`` or ``aclose``; a closed source
-    raises ``trio.ClosedResourceError``). A ``trio.MemorySendChannel[Event]`` is one.
-    Sources today: collectors, the polling fallback, the health reporter."""
+    with it:
 
+    - ``await publish(events)``: publish ``events`` in order, and tell the
+      fan-out once. The dispatcher's inlet does it in the caller's step, without
+      a schedule point: whatever other sources queued before is published first
+      (order is kept), then ``events``. For a source that reads a socket: one
+      call per read, so the events of one read reach clients in one write, and
+      the next read waits until they are published (the native collectors,
+      ``daemon.collectors.native``). Another implementation (an engine on the
+      network) may wait: backpressure, as ``send``;
+    - ``send`` an event (waits while the dispatcher's input channel is full:
+      backpressure; the dispatcher's task publishes it), ``send_nowait`` one
+      (raises ``trio.WouldBlock`` when full);
+    - close it when done (``async with``, ``close`` or ``aclose``; a closed source
+      raises ``trio.ClosedResourceError``).
+
+    A source that keeps exact L2 books (a native collector's protocol) says so
+    once with ``share_books(books)``: ``books(symbol)`` is the book of that
+    symbol as its published events leave it, or ``None`` while it resyncs. The
+    book streams it ``publish``es then keep no book of their own: a late
+    joiner's snapshot is read from it (``Stream.book``), and no update is
+    applied twice. Events it ``send``s are applied to a book of the dispatcher's
+    own, as every other source's (ccxt collectors, the polling fallback).
+
+    Sources today: collectors, the polling fallback, the health reporter, the
+    publisher (other processes' messages)."""
+
+    async def publish(self, events: Iterable[Event], /) -> None: ...
+    def share_books(self, books: BookLookup, /) -> None: ...
     async def send(self, value: Event, /) -> None: ...
     def send_nowait(self, value: Event, /) -> None: ...
     def close(self) -> None: ...
@@ -81,6 +106,51 @@ class Source(Protocol):
         self, exc_type: type[BaseException] | None, exc_value: BaseException | None,
         traceback: TracebackType | None, /,
     ) -> None: ...
+
+
+#: A source's books by symbol (``Source.share_books``).
+BookLookup = Callable[[str], L2Book | None]
+
+
+class Inlet:
+    """The ``Source`` of ``Dispatcher.open_source()``: a clone of the dispatcher's
+    input channel, and ``publish`` straight into the dispatcher (see ``Source``)."""
+
+    def __init__(self, dispatcher: Dispatcher, channel: trio.MemorySendChannel[Event]) -> None:
+        self._dispatcher = dispatcher
+        self._channel = channel
+        self.closed = False
+        self.books: BookLookup | None = None
+        self.send_nowait = channel.send_nowait
+        self.send = channel.send
+
+    async def publish(self, events: Iterable[Event], /) -> None:
+        """Publish ``events`` now, without a schedule point (``Source.publish``).
+        Raises ``trio.ClosedResourceError`` once this source is closed."""
+        if self.closed:
+            raise trio.ClosedResourceError("this source is closed")
+        self._dispatcher.publish_now(events, self.books)
+
+    def share_books(self, books: BookLookup, /) -> None:
+        """``Source.share_books``."""
+        self.books = books
+
+    def close(self) -> None:
+        self.closed = True
+        self._channel.close()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self._channel.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc_value: BaseException | None,
+        traceback: TracebackType | None, /,
+    ) -> None:
+        self.close()
 
 
 @attrs.define(slots=True, eq=False)
@@ -127,7 +197,10 @@ class Stream:
     retention: Retention | None = None
     seq: int = 0
     history: deque[Message] = attrs.field(factory=deque)
-    book: L2Book | None = None
+    #: the book kept here (from a source that does not share its own), or ...
+    own_book: L2Book | None = None
+    #: ... the source's books (``Source.share_books``)
+    shared_books: BookLookup | None = None
     book_event: MarketEvent | None = None
     latest: Message | None = None
     subscribers: set[Subscriber] = attrs.field(factory=set)
@@ -137,6 +210,15 @@ class Stream:
     #: encoded snapshots of the current book, by extra fields (``conflated``): every
     #: subscriber of a moment shares one; cleared whenever the book changes
     snapshots: dict[tuple[tuple[str, object], ...], Message] = attrs.field(factory=dict)
+
+    @property
+    def book(self) -> L2Book | None:
+        """The current L2 book (book streams): as the published events leave it,
+        or ``None`` before the first snapshot and while a shared one resyncs.
+        Read it; do not change it."""
+        if self.shared_books is not None:
+            return self.shared_books(self.symbol)
+        return self.own_book
 
     def retain(self, message: Message) -> None:
         """Keep ``message`` within this channel's retention."""
@@ -153,13 +235,14 @@ class Stream:
     def snapshot_message(self, **extra: object) -> Message | None:
         """The current book as a ``book_snapshot`` at this stream's ``seq``, encoded
         once per book state (and ``extra``) for every subscriber that asks."""
-        if self.book is None or self.book_event is None:
-            return None
+        book = self.book
+        if book is None or self.book_event is None:
+            return None  # none yet, or a shared book resyncs: never a stale one
         key = tuple(sorted(extra.items()))
         cached = self.snapshots.get(key)
         if cached is not None:
             return cached
-        bids, asks = self.book.levels()
+        bids, asks = book.levels()
         ref = self.book_event
         event = BookSnapshot(
             exchange=ref.exchange, symbol=ref.symbol, ts=ref.ts, recv_ts=ref.recv_ts,
@@ -232,9 +315,9 @@ class Dispatcher:
         self._removed: list[Subscriber] = []
 
     def open_source(self) -> Source:
-        """A send channel for one source (``Source``); close it (``async with``)
-        when done."""
-        return self._send.clone()
+        """The inlet of one source (``Source``); close it (``async with``) when
+        done."""
+        return Inlet(self, self._send.clone())
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Publish every event from the sources until cancelled."""
@@ -253,6 +336,22 @@ class Dispatcher:
                 if self.after_publish is not None:
                     self.after_publish()
 
+    def publish_now(self, events: Iterable[Event], books: BookLookup | None = None) -> None:
+        """Publish what the input channel holds, then ``events`` (their source's
+        ``books``, if it shares them), then tell the fan-out (``after_publish``):
+        one synchronous step (``Source.publish``)."""
+        receive = self._receive
+        while True:
+            try:
+                queued = receive.receive_nowait()
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.EndOfChannel):
+                break
+            self.publish(queued)
+        for event in events:
+            self.publish(event, books)
+        if self.after_publish is not None:
+            self.after_publish()
+
     # -- publishing ---------------------------------------------------------------------
 
     def _stream(self, channel: str, exchange: str, symbol: str) -> Stream:
@@ -270,14 +369,15 @@ class Dispatcher:
                     stream.subscribers.add(subscriber)
         return stream
 
-    def publish(self, event: Event) -> None:
+    def publish(self, event: Event, books: BookLookup | None = None) -> None:
         """Number, encode, retain and deliver one event; never blocks.
 
         A trade whose id the stream carried among its last ``TRADE_IDS_KEPT`` is
         dropped and counted in ``duplicates``. A book update for a stream that has
         no book yet, or with levels that are not decimals, is a source's bug: it is
         counted in ``rejected``, logged, and not numbered, so clients never see a
-        hole in ``seq``.
+        hole in ``seq``. ``books``: the source's own books, when it shares them
+        (``Source.share_books``): a book event is then not applied here.
         """
         if isinstance(event, Published):
             self._publish_published(event)
@@ -292,13 +392,19 @@ class Dispatcher:
             stream.snapshots.clear()
         try:
             if isinstance(event, BookSnapshot):
-                book = L2Book()
-                book.load(event.bids, event.asks)
-                stream.book = book
+                if books is not None:
+                    stream.shared_books, stream.own_book = books, None
+                else:
+                    book = L2Book()
+                    book.load(event.bids, event.asks)
+                    stream.shared_books, stream.own_book = None, book
             elif isinstance(event, BookUpdate):
-                if stream.book is None:
-                    raise BookError("book_update before any book_snapshot")
-                stream.book.apply(event.bids, event.asks)
+                if books is not None and books is stream.shared_books:
+                    pass  # the source's book, already changed
+                elif stream.own_book is None:
+                    raise BookError("book_update before any book_snapshot from its source")
+                else:
+                    stream.own_book.apply(event.bids, event.asks)
         except BookError as exc:
             self.rejected += 1
             log.error("dispatch: rejected an event of %s: %s", stream.key, exc)

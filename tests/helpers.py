@@ -11,6 +11,32 @@ import trio
 import trio_websocket
 
 
+class ChannelSource:
+    """A dispatcher ``Source`` over a bare memory channel, for a test that reads a
+    collector's events itself: ``publish`` sends them one by one, so it waits
+    while the channel is full (a dispatcher that does not keep up)."""
+
+    def __init__(self, channel: trio.MemorySendChannel[Any]) -> None:
+        self.channel = channel
+        self.send = channel.send
+        self.send_nowait = channel.send_nowait
+        self.close = channel.close
+        self.aclose = channel.aclose
+
+    async def publish(self, events: Any) -> None:
+        for event in events:
+            await self.channel.send(event)
+
+    def share_books(self, books: Any) -> None:
+        """The test computes its own books from the events."""
+
+    async def __aenter__(self) -> ChannelSource:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.channel.close()
+
+
 def apply_levels(side: dict[str, str], levels: Any) -> None:
     """The simplest book: ``{Decimal-normalized price: size}``; size 0 removes."""
     for price, size, *_ in levels:

@@ -7,7 +7,7 @@ from pathlib import Path
 import orjson
 
 from daemon.dispatch import Dispatcher, Message, Retention
-from daemon.events import BookSnapshot, BookUpdate
+from daemon.events import BookSnapshot, BookUpdate, Event
 from tests.broadcast_server import coinbase_events
 
 
@@ -44,3 +44,67 @@ def test_subscribers_of_one_moment_share_one_encoded_snapshot(captures: Path) ->
     levels = {tuple(level) for level in snapshot["bids"] + snapshot["asks"]}
     changed = [level for level in update.bids + update.asks if level[1] != "0"]
     assert changed and all(tuple(level) in levels for level in changed)
+
+
+def _events(outputs: list) -> list:
+    return [o for o in outputs if isinstance(o, Event)]
+
+
+async def test_a_source_that_shares_its_books_gives_the_snapshots_of_a_kept_copy(
+        captures: Path) -> None:
+    """A native collector's protocol shares its books (``Source.share_books``):
+    on the Coinbase capture, every late joiner's snapshot equals, byte for byte,
+    the one of a dispatcher that applies every update to its own copy; while a
+    shared book resyncs there is none (never a stale book), and an update of that
+    stream from a source that did not send its snapshot is rejected."""
+    from daemon.exchanges.coinbase import parse_markets
+    from daemon.replay.capture import read_capture
+    from tests.test_coinbase_protocol import Recorded, new_feed, with_field
+
+    conn = read_capture(captures / "COINBASE.ws.28.0").connections[0]
+    (rest,) = read_capture(captures / "COINBASE.0").rest
+    recorded = Recorded(opened=conn.opened, frames=tuple((r.ts, r.text) for r in conn.received),
+                        products=tuple(orjson.loads(conn.sent[0][1])["product_ids"]),
+                        markets=parse_markets(rest.body))
+    sharing, keeping = new_feed(recorded), new_feed(recorded)
+    shared, kept = Dispatcher(8, {}), Dispatcher(8, {})
+    inlet = shared.open_source()
+    inlet.share_books(sharing.book)
+    compared = 0
+    for i, (ts, text) in enumerate(recorded.frames):
+        await inlet.publish(_events(sharing.on_message(text, ts)))
+        for event in _events(keeping.on_message(text, ts)):
+            kept.publish(event)
+        if i % 50 == 0 or i == len(recorded.frames) - 1:
+            for key, stream in kept.streams.items():
+                if stream.channel == "book":
+                    ours = shared.streams[key].snapshot_message()
+                    theirs = stream.snapshot_message()
+                    assert ours is not None and theirs is not None
+                    assert ours.payload == theirs.payload
+                    assert shared.streams[key].own_book is None  # no copy kept
+                    compared += 1
+    assert compared > 100
+
+    # a frame that breaks a book: the shared book resyncs and no snapshot is given
+    at = recorded.index("l2update")
+    product = orjson.loads(recorded.frames[at][1])["product_id"]
+    symbol = recorded.markets[product]
+    broken = with_field(recorded.frames[at][1], changes="not a list")
+    await inlet.publish(_events(sharing.on_message(broken, recorded.frames[-1][0])))
+    stream = shared.streams[f"book:coinbase:{symbol}"]
+    assert sharing.book(symbol) is None and stream.book is None
+    assert stream.snapshot_message(conflated=True) is None
+    initial, _ = shared.subscribe(Recorder(), ["book"], [f"coinbase:{symbol}"])
+    assert initial == []
+    # the snapshot that ends the resync: the book is shared again
+    snapshot = next(text for _, text in recorded.frames
+                    if orjson.loads(text).get("type") == "snapshot"
+                    and orjson.loads(text)["product_id"] == product)
+    await inlet.publish(_events(sharing.on_message(snapshot, recorded.frames[-1][0])))
+    assert stream.book is sharing.book(symbol) is not None
+    update = BookUpdate(exchange="coinbase", symbol=symbol, ts=1.0, recv_ts=1.0,
+                        bids=(("1", "1"),), asks=())
+    seq = stream.seq
+    shared.publish(update)  # from another source (no shared books): a source's bug
+    assert stream.seq == seq and shared.rejected == 1

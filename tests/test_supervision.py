@@ -14,7 +14,7 @@ import trio
 import trio_websocket
 
 from daemon.app import App
-from daemon.collectors.native import INBOX_SIZE, NativeCollector
+from daemon.collectors.native import NativeCollector
 from daemon.collectors.venues import venue
 from daemon.config import Config, ExchangeConfig, ReconnectConfig
 from daemon.errors import FeedDisconnected, FeedError
@@ -22,7 +22,7 @@ from daemon.events import Ticker, Trade
 from daemon.replay.capture import read_capture
 from daemon.replay.emulator import Emulator
 from daemon.supervise import Backoff, Failure, retry, supervise
-from tests.helpers import receive_until, request
+from tests.helpers import ChannelSource, receive_until, request
 
 BINANCE = ("BINANCE.0", "BINANCE.ws.1.0", "BINANCE.http.0.0")
 
@@ -208,23 +208,29 @@ async def test_a_dispatcher_failure_ends_the_daemon_with_the_error() -> None:
 
 
 async def test_a_full_dispatcher_stops_the_collector_reading_and_nothing_is_lost(captures: Path) -> None:
-    """Nobody drains the collector's output channel: the collector stops after a
-    bounded number of frames (its inbox and output bound), then, drained, delivers
-    every event in order."""
+    """Nobody drains the collector's output channel: the collector stops reading
+    its socket after the frames of one read (their events wait to be published),
+    then, drained, delivers every event in order."""
     async with trio.open_nursery() as nursery:
         emulator = Emulator([read_capture(captures / f) for f in BINANCE], speed=None)
         address = await nursery.start(emulator.serve)
         send, receive = trio.open_memory_channel(4)
         cfg = ExchangeConfig(symbols=["NKN-USDT", "BLZ-ETH", "LRC-BTC", "RUNE-EUR"],
                              rest_url=address.rest_url, ws_url=address.ws_url)
-        collector = NativeCollector(venue("binance"), cfg, ReconnectConfig(), send)
+        collector = NativeCollector(venue("binance"), cfg, ReconnectConfig(),
+                                    ChannelSource(send))
+        collector.read_size = 2048
+        # a read of 2 KiB holds at most this many of the capture's frames
+        shortest = min(len(r.text.encode()) for c in read_capture(captures / BINANCE[1]).connections
+                       for r in c.received)
         await nursery.start(collector.run)
         with trio.fail_after(20):  # the collector fills the channel, then waits
             while send.statistics().tasks_waiting_send == 0:
                 await trio.sleep(0.01)
         stalled = collector.feed.stats.messages
         await trio.sleep(0.3)
-        assert collector.feed.stats.messages == stalled <= INBOX_SIZE + 1  # not reading
+        assert collector.feed.stats.messages == stalled  # not reading
+        assert stalled <= 2048 // shortest + 1 < emulator.sent
         events = []
         with trio.fail_after(20):
             while not (

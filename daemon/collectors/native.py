@@ -8,14 +8,20 @@ On any ``FeedError`` it reconnects after a full-jitter backoff that starts over
 after a healthy run (``daemon.supervise.retry``, as every retry of the daemon);
 subscriptions are restored and books resynced by ``on_open``.
 
-While connected, three tasks share one nursery:
+While connected, one synchronous path per socket read (issue 17): the stream
+task reads what the socket holds (up to 64 KiB, ``daemon.collectors.wsclient``),
+decodes every complete frame in it (``wsframes``), calls the protocol for each,
+and publishes all their events in the same step (``Source.publish``): no task
+switch or channel hop per frame, and the fan-out is told once per read, so the
+events of one read reach a client in one write. The next read waits until
+these are published, so a dispatcher (or fan-out) that cannot keep up stops the
+reads and the exchange's TCP window closes: backpressure, with nothing dropped.
+Every frame of one read carries the read's ``recv_ts``.
 
-- the reader puts every frame (a ``Frame``) in a small bounded inbox;
-- REST fetches (book snapshots, trade history) put their answers (``RestBody``)
-  in the same inbox, retrying with backoff inside their own task;
-- the processor takes the inbox in order, calls the protocol, and sends events to
-  the dispatcher. When the dispatcher is full the processor waits, the inbox fills,
-  the reader waits, and the exchange's socket is no longer read: backpressure.
+REST fetches (book snapshots, trade history) run in tasks of their own,
+retrying with backoff, and hand their answer to the protocol and its events to
+the dispatcher in one synchronous step too, so they are ordered with the frames'
+events exactly as the protocol produced them.
 
 A watchdog closes a connection that received nothing for ``stale_after`` seconds
 (heartbeats and pings count: a quiet symbol does not). Every connection state
@@ -32,14 +38,15 @@ from functools import partial
 import attrs
 import httpx
 import trio
-import trio_websocket
 
 from daemon.collectors.base import CollectorStatistics
 from daemon.collectors.state import CollectorState
 from daemon.collectors.venues import Venue
+from daemon.collectors.wsclient import FeedSocket
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.dispatch import Source
-from daemon.errors import FeedDisconnected, FeedError, FeedStale, feed_errors
+from daemon.errors import FeedError, FeedStale, feed_errors
+from daemon.events import Event
 from daemon.exchanges.base import (
     ExchangeFeed,
     FeedStatistics,
@@ -53,35 +60,12 @@ from daemon.supervise import Backoff, Failure, retry
 
 log = logging.getLogger(__name__)
 
-INBOX_SIZE = 64
 #: Largest exchange frame accepted (Kraken and Binance snapshots can be large).
 MAX_FRAME = 16 * 1024 * 1024
-#: trio-websocket's own message queue and read size (its defaults, 1 message and
-#: 4 KiB, cost a task switch per message and many reads per snapshot); bounded, so
-#: backpressure still reaches the socket
-WS_QUEUE = 64
-WS_RECEIVE_BYTES = 64 * 1024
-
-
-@attrs.define(slots=True)
-class Frame:
-    """Inbox message: one WebSocket frame, received at ``recv_ts`` (Unix seconds)."""
-
-    text: str | bytes
-    recv_ts: float
-
-
-@attrs.define(slots=True)
-class RestBody:
-    """Inbox message: the body of a REST answer to ``request`` (a book snapshot or
-    a trade history page), received at ``recv_ts`` (Unix seconds)."""
-
-    request: FetchSnapshot | FetchTrades
-    body: str
-    recv_ts: float
-
-
-InboxItem = Frame | RestBody
+#: Seconds to connect (TCP, TLS and the WebSocket handshake).
+CONNECT_TIMEOUT = 10.0
+#: Bytes per socket read.
+READ_SIZE = 64 * 1024
 
 
 class NativeCollector(CollectorState):
@@ -113,6 +97,8 @@ class NativeCollector(CollectorState):
         self.frames = 0
         self.connected_since: float | None = None
         self.backoff = Backoff(reconnect.base, reconnect.cap)
+        #: bytes per socket read (the most one synchronous step handles)
+        self.read_size = READ_SIZE
 
     # -- the lifecycle -----------------------------------------------------------------
 
@@ -129,6 +115,9 @@ class NativeCollector(CollectorState):
             )
             feed = self.venue.make_feed(self.cfg, markets)
             self.feed = feed
+            # its books are exact after each publish (one step per read): the
+            # dispatcher reads them instead of keeping copies
+            self.out.share_books(feed.book)
             await retry(
                 f"{self.exchange}: reconnecting", partial(self._connect_once, feed, http),
                 self.backoff, retryable=(FeedError,),
@@ -153,38 +142,42 @@ class NativeCollector(CollectorState):
         url = feed.url(self.ws_url)
         await self.set_state("connecting", url)
         try:
-            with feed_errors(f"{self.exchange} stream"):
-                async with trio_websocket.open_websocket_url(
-                    url, max_message_size=MAX_FRAME, connect_timeout=10, disconnect_timeout=2,
-                    message_queue_size=WS_QUEUE, receive_buffer_size=WS_RECEIVE_BYTES,
-                ) as ws, trio.open_nursery() as nursery:
-                    self.connected_since = trio.current_time()
-                    self.last_receive = trio.current_time()
-                    inbox_send, inbox_receive = trio.open_memory_channel[InboxItem](INBOX_SIZE)
-                    link = _Link(ws, nursery, http, inbox_send)
-                    await self._handle(feed.on_open(time.time()), link)
-                    await self.set_state("subscribed", url)
-                    nursery.start_soon(self._read, ws, inbox_send)
-                    nursery.start_soon(self._watchdog)
-                    await self._process(feed, link, inbox_receive)
+            async with await FeedSocket.connect(
+                url, max_message=MAX_FRAME, connect_timeout=CONNECT_TIMEOUT,
+                read_size=self.read_size,
+            ) as ws, trio.open_nursery() as nursery:
+                self.connected_since = trio.current_time()
+                self.last_receive = trio.current_time()
+                link = _Link(ws, nursery, http)
+                await self._handle(feed.on_open(time.time()), link)
+                await self.set_state("subscribed", url)
+                nursery.start_soon(self._watchdog)
+                await self._stream(feed, link)
         except* FeedError as group:
             raise group.exceptions[0] from None
         finally:
             self.connected_since = None
 
-    async def _read(
-        self, ws: trio_websocket.WebSocketConnection, inbox: trio.MemorySendChannel[InboxItem]
-    ) -> None:
-        with feed_errors(f"{self.exchange} stream"):
-            while True:
-                message = await ws.get_message()
-                self.last_receive = trio.current_time()
-                self.frames += 1
-                item = Frame(message, time.time())
-                try:
-                    inbox.send_nowait(item)  # no schedule point per frame while there is room
-                except trio.WouldBlock:
-                    await inbox.send(item)
+    async def _stream(self, feed: ExchangeFeed, link: _Link) -> None:
+        """Read, decode, call the protocol, publish: one step per socket read."""
+        ws = link.ws
+        on_message = feed.on_message
+        while True:
+            messages = await ws.receive()
+            if not messages:
+                continue
+            self.last_receive = trio.current_time()
+            self.frames += len(messages)
+            recv_ts = time.time()
+            if len(messages) == 1:
+                await self._handle(on_message(messages[0], recv_ts), link)
+                continue
+            outputs: Outputs = []
+            for text in messages:
+                out = on_message(text, recv_ts)
+                if out:
+                    outputs.extend(out)
+            await self._handle(outputs, link)
 
     async def _watchdog(self) -> None:
         limit = self.reconnect.stale_after
@@ -194,50 +187,32 @@ class NativeCollector(CollectorState):
                 raise FeedStale(f"{self.exchange}: no frame for {silent:.1f}s")
             await trio.sleep(limit - silent)
 
-    async def _process(
-        self, feed: ExchangeFeed, link: _Link, inbox_receive: trio.MemoryReceiveChannel[InboxItem]
-    ) -> None:
-        async for item in inbox_receive:
-            # what is already queued is handled without a schedule point per item
-            while True:
-                if type(item) is Frame:
-                    outputs = feed.on_message(item.text, item.recv_ts)
-                elif isinstance(item, RestBody):
-                    request = item.request
-                    if isinstance(request, FetchSnapshot):
-                        outputs = feed.on_snapshot(request.symbol, item.body, item.recv_ts)
-                    else:
-                        outputs = feed.on_trades(request.symbol, item.body, item.recv_ts)
-                else:
-                    raise AssertionError(f"unknown inbox item {item!r}")
-                if outputs:
-                    await self._handle(outputs, link)
-                try:
-                    item = inbox_receive.receive_nowait()
-                except trio.WouldBlock:
-                    break
-        raise FeedDisconnected(f"{self.exchange}: stream ended")
-
     async def _handle(self, outputs: Outputs, link: _Link) -> None:
+        """Publish the events of ``outputs`` in one step, then send what is to be
+        sent, start what is to be fetched, log what was malformed."""
+        events: list[Event] = []
+        sends: list[Send] = []
+        last_event = self.last_event
+        now = trio.current_time()
         for output in outputs:
             if isinstance(output, Send):
-                with feed_errors(f"{self.exchange} send"):
-                    await link.ws.send_message(output.text)
+                sends.append(output)
             elif isinstance(output, FetchSnapshot | FetchTrades):
                 link.nursery.start_soon(self._fetch, link, output)
             elif isinstance(output, Malformed):
                 log.warning("%s: skipped a frame: %s: %s", self.exchange, output.reason, output.text)
             else:
-                self.last_event[output.symbol] = trio.current_time()
-                try:
-                    self.out.send_nowait(output)
-                except trio.WouldBlock:
-                    await self.out.send(output)  # the dispatcher is full: wait (backpressure)
+                last_event[output.symbol] = now
+                events.append(output)
+        if events:
+            await self.out.publish(events)
+        for send in sends:
+            await link.ws.send_text(send.text)
 
     async def _fetch(self, link: _Link, request: FetchSnapshot | FetchTrades) -> None:
-        """GET a book snapshot or a trade history page and queue its body; REST
-        failures retry with backoff inside this task, so one slow endpoint does not
-        drop the WebSocket."""
+        """GET a book snapshot or a trade history page and hand its body to the
+        protocol; REST failures retry with backoff inside this task, so one slow
+        endpoint does not drop the WebSocket."""
         kind = "snapshot" if isinstance(request, FetchSnapshot) else "trades"
         what = f"{self.exchange} {kind} {request.symbol}"
 
@@ -250,7 +225,14 @@ class NativeCollector(CollectorState):
         body = await retry(what, get, Backoff(self.reconnect.base, self.reconnect.cap),
                            retryable=(FeedError,), logger=log,
                            on_retry=lambda failure: self.note_error(failure.cause))
-        await link.inbox.send(RestBody(request, body, time.time()))
+        feed = self.feed
+        assert feed is not None  # fetches start once the feed exists
+        recv_ts = time.time()
+        if isinstance(request, FetchSnapshot):
+            outputs = feed.on_snapshot(request.symbol, body, recv_ts)
+        else:
+            outputs = feed.on_trades(request.symbol, body, recv_ts)
+        await self._handle(outputs, link)
 
     def statistics(self) -> CollectorStatistics:
         """State, counters, the last error, and ages in seconds: of the last frame
@@ -278,10 +260,9 @@ class NativeCollector(CollectorState):
 
 @attrs.frozen
 class _Link:
-    """What the tasks of one connection share: the WebSocket, their nursery, the
-    REST client, and the inbox's sending end."""
+    """What the tasks of one connection share: the WebSocket, their nursery and
+    the REST client."""
 
-    ws: trio_websocket.WebSocketConnection
+    ws: FeedSocket
     nursery: trio.Nursery
     http: httpx.AsyncClient
-    inbox: trio.MemorySendChannel[InboxItem]
