@@ -164,9 +164,9 @@ class NativeCollector(CollectorState):
         on_message = feed.on_message
         while True:
             messages = await ws.receive()
+            self.last_receive = trio.current_time()  # any bytes: a snapshot under way too
             if not messages:
                 continue
-            self.last_receive = trio.current_time()
             self.frames += len(messages)
             recv_ts = time.time()
             if len(messages) == 1:
