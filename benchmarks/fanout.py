@@ -93,6 +93,8 @@ import orjson
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from wsconn import ServerStream, text_frame  # noqa: E402  (needs REPO on the path)
+
 CAPTURE_FILES = ("COINBASE.0", "COINBASE.ws.28.0")
 BUCKET_US = 10  # latency histogram resolution
 BUCKETS = 200_000  # 0 .. 2 s; later ones go to the last bucket
@@ -113,28 +115,13 @@ SUBSCRIBE = orjson.dumps({"op": "subscribe", "id": 1, "channels": ["trades", "bo
 # -- the load client (one process, many connections) ----------------------------------
 
 
-def _frame(opcode: int, payload: bytes) -> bytes:
-    """A masked client frame."""
-    mask = os.urandom(4)
-    n = len(payload)
-    if n < 126:
-        head = bytes([0x80 | opcode, 0x80 | n])
-    elif n < 65536:
-        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return head + mask + body
-
-
 class _Conn:
-    __slots__ = ("sock", "buf", "pos", "parts", "seqs", "closed", "live")
+    __slots__ = ("sock", "stream", "rest", "seqs", "closed", "live")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, rest: bytes) -> None:
         self.sock = sock
-        self.buf = bytearray()
-        self.pos = 0
-        self.parts: list[bytes] = []  # a fragmented message so far
+        self.stream = ServerStream(sock)
+        self.rest = rest  # bytes that came with the handshake's answer
         self.seqs: dict[tuple[str, str, str], int] = {}
         self.closed = False
         self.live = False  # has had an event less than LIVE seconds old
@@ -158,9 +145,7 @@ def _connect(port: int) -> _Conn:
     status, _, rest = head.partition(b"\r\n\r\n")
     if b" 101 " not in status.split(b"\r\n")[0] + b" ":
         raise ConnectionError(f"handshake refused: {status[:80]!r}")
-    conn = _Conn(sock)
-    conn.buf += rest
-    return conn
+    return _Conn(sock, rest)
 
 
 class _Counts:
@@ -172,47 +157,17 @@ class _Counts:
         self.hist = array("q", bytes(8 * BUCKETS))
 
 
-def _consume(conn: _Conn, now: float, counts: _Counts, measuring: bool) -> None:
-    """Parse every complete frame in ``conn.buf``."""
-    buf, pos, end = conn.buf, conn.pos, len(conn.buf)
-    while end - pos >= 2:
-        b0, b1 = buf[pos], buf[pos + 1]
-        length, head = b1 & 0x7F, 2
-        if length == 126:
-            if end - pos < 4:
-                break
-            length, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
-        elif length == 127:
-            if end - pos < 10:
-                break
-            length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
-        if end - pos < head + length:
-            break
-        payload = bytes(buf[pos + head:pos + head + length])
-        pos += head + length
-        opcode = b0 & 0x0F
-        if opcode == 0x9:  # ping
-            conn.sock.setblocking(True)
-            conn.sock.sendall(_frame(0xA, payload))
-            conn.sock.setblocking(False)
-            continue
-        if opcode == 0x8:
+def _consume(conn: _Conn, data: bytes, now: float, counts: _Counts, measuring: bool) -> None:
+    """Handle every message that ``data`` (one read) completes."""
+    for message in conn.stream.messages(data):
+        if message is None:
             conn.closed = True
             counts.closed += 1
             break
-        if opcode in (0x1, 0x2, 0x0):
-            conn.parts.append(payload)
-            if not b0 & 0x80:
-                continue
-            message = b"".join(conn.parts)
-            conn.parts.clear()
-            _message(conn, message, now, counts, measuring)
-    if pos:
-        del buf[:pos]
-    conn.pos = 0
+        _message(conn, message, now, counts, measuring)
 
 
-def _message(conn: _Conn, text: bytes, now: float, counts: _Counts, measuring: bool) -> None:
+def _message(conn: _Conn, text: str | bytes, now: float, counts: _Counts, measuring: bool) -> None:
     parsed = orjson.loads(text)
     seqs = conn.seqs
     hist = counts.hist
@@ -249,7 +204,7 @@ def client_process(port: int, count: int, subscribe: bool, control: Any) -> None
             return
         for conn in conns:
             if subscribe:
-                conn.sock.sendall(_frame(0x1, SUBSCRIBE))
+                conn.sock.sendall(text_frame(SUBSCRIBE))
             conn.sock.setblocking(False)
     except OSError as exc:
         control.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -301,8 +256,10 @@ def client_process(port: int, count: int, subscribe: bool, control: Any) -> None
                     counts.closed += 1
                 selector.unregister(conn.sock)
                 continue
-            conn.buf += receive_view[:n]
-            _consume(conn, time.time(), counts, measuring)
+            data = bytes(receive_view[:n])
+            if conn.rest:
+                data, conn.rest = conn.rest + data, b""
+            _consume(conn, data, time.time(), counts, measuring)
     for conn in conns:
         conn.sock.close()
 

@@ -72,7 +72,6 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import os
-import random
 import selectors
 import shlex
 import socket
@@ -87,7 +86,6 @@ import orjson
 from fanout import (
     REPO,
     _connect,
-    _frame,
     cpu_seconds,
     free_port,
     machine,
@@ -98,6 +96,7 @@ from fanout import (
     wait_listening,
 )
 from hdrh.histogram import HdrHistogram
+from wsconn import ServerStream, text_frame
 
 CHANNEL, SOURCE, KEY = "signals", "bench", "BTC-USD"
 SUBSCRIBE = orjson.dumps({"op": "subscribe", "id": 1, "channels": [CHANNEL], "symbols": ["*"]})
@@ -124,74 +123,18 @@ def _publish_message(n: int) -> dict[str, Any]:
             "data": {"n": n, "side": "buy", "confidence": 0.8}}
 
 
-def _masked(opcode: int, payload: bytes) -> bytes:
-    """A masked client frame (``fanout._frame`` masks byte by byte in Python: too slow
-    for the publisher's every message)."""
-    n = len(payload)
-    if n < 126:
-        head = bytes([0x80 | opcode, 0x80 | n])
-    elif n < 65536:
-        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
-    mask = random.getrandbits(32).to_bytes(4, "big")
-    key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
-    return head + mask + (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
-
-
-def _server_frames(conn: Any, buf: bytearray) -> list[bytes | None]:
-    """The complete messages at the start of ``buf`` (removed from it), pings
-    answered; ``None`` for a close frame. ``conn.parts`` holds a fragmented
-    message so far."""
-    out: list[bytes | None] = []
-    pos, end = 0, len(buf)
-    while end - pos >= 2:
-        b0, length, head = buf[pos], buf[pos + 1] & 0x7F, 2
-        if length == 126:
-            if end - pos < 4:
-                break
-            length, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
-        elif length == 127:
-            if end - pos < 10:
-                break
-            length, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
-        if end - pos < head + length:
-            break
-        payload = bytes(buf[pos + head:pos + head + length])
-        pos += head + length
-        opcode = b0 & 0x0F
-        if opcode == 0x9:  # ping
-            conn.sock.setblocking(True)
-            conn.sock.sendall(_masked(0xA, payload))
-            conn.sock.setblocking(False)
-        elif opcode == 0x8:
-            out.append(None)
-            break
-        elif opcode in (0x0, 0x1, 0x2):
-            if b0 & 0x80 and not conn.parts:
-                out.append(payload)
-            else:
-                conn.parts.append(payload)
-                if b0 & 0x80:
-                    out.append(b"".join(conn.parts))
-                    conn.parts.clear()
-    if pos:
-        del buf[:pos]
-    return out
-
-
 # -- the subscribers (one process, many connections) ------------------------------------
 
 
 class _Sub:
-    __slots__ = ("sock", "buf", "parts", "seqs", "received", "last", "last_at", "acked",
+    __slots__ = ("sock", "stream", "rest", "seqs", "received", "last", "last_at", "acked",
                  "closed")
 
     def __init__(self, port: int) -> None:
         conn = _connect(port)
         self.sock: socket.socket = conn.sock
-        self.buf = bytearray(conn.buf)
-        self.parts: list[bytes] = []
+        self.stream = ServerStream(conn.sock)
+        self.rest = conn.rest  # bytes that came with the handshake's answer
         self.seqs: dict[tuple[str, str, str], int] = {}
         self.received = 0  # messages with a seq since the subscription
         self.last = 0  # the last seq
@@ -216,10 +159,12 @@ class _Tally:
         return hist
 
 
-def _receive(sub: _Sub, tally: _Tally, measuring: bool) -> None:
+def _receive(sub: _Sub, data: bytes, tally: _Tally, measuring: bool) -> None:
     now = time.time()
     latency = tally.latency
-    for payload in _server_frames(sub, sub.buf):
+    if sub.rest:
+        data, sub.rest = sub.rest + data, b""
+    for payload in sub.stream.messages(data):
         if payload is None:
             sub.closed = True
             return
@@ -254,7 +199,7 @@ def subscriber_process(port: int, count: int, control: Any) -> None:
         if control.recv() != "subscribe":
             return
         for sub in subs:
-            sub.sock.sendall(_frame(0x1, SUBSCRIBE))
+            sub.sock.sendall(text_frame(SUBSCRIBE))
             sub.sock.setblocking(False)
     except OSError as exc:
         control.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -305,8 +250,7 @@ def subscriber_process(port: int, count: int, control: Any) -> None:
             except OSError:
                 n = 0
             if n:
-                sub.buf += receive_view[:n]
-                _receive(sub, tally, measuring)
+                _receive(sub, bytes(receive_view[:n]), tally, measuring)
             else:
                 sub.closed = True
             if sub.closed:
@@ -320,16 +264,16 @@ class _Link:
     """One publishing connection: HTTP (one request at a time) or WebSocket (up to
     ``window`` publishes awaiting their ack)."""
 
-    __slots__ = ("sock", "buf", "parts", "ws", "window", "batch", "sent", "closed")
+    __slots__ = ("sock", "buf", "stream", "ws", "window", "batch", "sent", "closed")
 
     def __init__(self, ws_port: int, http_port: int, ws: bool, window: int, batch: int) -> None:
         self.ws, self.window, self.batch = ws, (window if ws else 1), batch
-        self.parts: list[bytes] = []
         self.sent: dict[int, float] = {}  # publish id (HTTP: 0) -> when it was written
         self.closed = False
         if ws:
             conn = _connect(ws_port)
-            self.sock, self.buf = conn.sock, bytearray(conn.buf)
+            self.sock, self.buf = conn.sock, bytearray(conn.rest)
+            self.stream = ServerStream(conn.sock)
         else:
             self.sock = socket.create_connection(("127.0.0.1", http_port), timeout=30)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -350,7 +294,7 @@ class _Link:
                 message["op"], message["id"] = "publish", n
             message["ts"] = now
             body = orjson.dumps(message)
-            data = (_masked(0x1, body) if self.ws
+            data = (text_frame(body) if self.ws
                     else HTTP_HEAD % (b"/api/publish", len(body)) + body)
         self.sock.setblocking(True)
         self.sock.sendall(data)
@@ -361,7 +305,8 @@ class _Link:
         seq or None, error text)."""
         if self.ws:
             out = []
-            for payload in _server_frames(self, self.buf):
+            data, self.buf = bytes(self.buf), bytearray()
+            for payload in self.stream.messages(data):
                 if payload is None:
                     self.closed = True
                     break
