@@ -3,10 +3,13 @@
 Theory of operation
 -------------------
 Sources (collectors, the health reporter, publishers: other processes through
-``daemon.publish``; derived streams later) send events into one bounded ``trio``
-memory channel from ``open_source()``. When it is full,
-their ``send`` waits: backpressure reaches the collector, which stops reading its
-socket. Nothing is dropped here.
+``daemon.publish``; derived streams) get an inlet from ``open_source()``
+(``Source``). They ``send`` events into one bounded queue (``daemon.inbox``),
+which the dispatcher's task publishes; when it is full their ``send`` waits:
+backpressure reaches the source, which stops reading its socket. Or they
+``publish`` a batch in their own step (the native collectors, once per socket
+read): what is queued goes first, so every source's events keep their order.
+Nothing is dropped here.
 
 For each event the dispatcher, in one synchronous step:
 
@@ -50,6 +53,7 @@ from daemon.book import BookError, L2Book
 from daemon.channels import DEFAULT, ChannelPolicy, policy_of, table
 from daemon.channels import Retention as Retention  # re-exported: the dispatcher's API
 from daemon.events import BookSnapshot, BookUpdate, Event, MarketEvent, Published, Trade
+from daemon.inbox import Inbox
 from daemon.recent import Recent
 from daemon.wire import encode_event
 
@@ -113,16 +117,29 @@ BookLookup = Callable[[str], L2Book | None]
 
 
 class Inlet:
-    """The ``Source`` of ``Dispatcher.open_source()``: a clone of the dispatcher's
-    input channel, and ``publish`` straight into the dispatcher (see ``Source``)."""
+    """The ``Source`` of ``Dispatcher.open_source()``: ``send`` and ``send_nowait``
+    queue into the dispatcher's ``Inbox``, ``publish`` publishes at once (see
+    ``Source``)."""
 
-    def __init__(self, dispatcher: Dispatcher, channel: trio.MemorySendChannel[Event]) -> None:
+    def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
-        self._channel = channel
+        self._inbox = dispatcher.inbox
         self.closed = False
         self.books: BookLookup | None = None
-        self.send_nowait = channel.send_nowait
-        self.send = channel.send
+
+    async def send(self, value: Event, /) -> None:
+        """Queue ``value``, waiting while the inbox is full. Raises
+        ``trio.ClosedResourceError`` once this source is closed."""
+        if self.closed:
+            raise trio.ClosedResourceError("this source is closed")
+        await self._inbox.put(value)
+
+    def send_nowait(self, value: Event, /) -> None:
+        """Queue ``value``; ``trio.WouldBlock`` when the inbox is full. Raises
+        ``trio.ClosedResourceError`` once this source is closed."""
+        if self.closed:
+            raise trio.ClosedResourceError("this source is closed")
+        self._inbox.put_nowait(value)
 
     async def publish(self, events: Iterable[Event], /) -> None:
         """Publish ``events`` now, without a schedule point (``Source.publish``).
@@ -137,11 +154,10 @@ class Inlet:
 
     def close(self) -> None:
         self.closed = True
-        self._channel.close()
 
     async def aclose(self) -> None:
         self.closed = True
-        await self._channel.aclose()
+        await trio.lowlevel.checkpoint()
 
     async def __aenter__(self) -> Self:
         return self
@@ -299,8 +315,8 @@ class Dispatcher:
     def __init__(self, buffer: int, retention: Mapping[str, Retention],
                  channels: Mapping[str, ChannelPolicy] | None = None,
                  idempotency_window: float = 300.0) -> None:
-        self._send, self._receive = trio.open_memory_channel[Event](buffer)
-        self._buffer = buffer
+        #: what sources ``send``, in arrival order (``daemon.inbox``)
+        self.inbox: Inbox[Event] = Inbox(buffer)
         self.retention = dict(retention)
         self.channels = channels if channels is not None else table()
         self.idempotency: Recent[int] = Recent(IDEMPOTENCY_KEYS_KEPT, idempotency_window)
@@ -317,36 +333,28 @@ class Dispatcher:
     def open_source(self) -> Source:
         """The inlet of one source (``Source``); close it (``async with``) when
         done."""
-        return Inlet(self, self._send.clone())
+        return Inlet(self)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Publish every event from the sources until cancelled."""
-        receive = self._receive
-        async with receive:
-            task_status.started()
-            async for event in receive:
+        """Publish every event the sources ``send`` until cancelled, up to 256 per
+        step, telling the fan-out once per step."""
+        inbox = self.inbox
+        task_status.started()
+        while True:
+            await inbox.wait()
+            for event in inbox.take(256):
                 self.publish(event)
-                # drain what is already queued without a schedule point per event
-                for _ in range(255):
-                    try:
-                        event = receive.receive_nowait()
-                    except trio.WouldBlock:
-                        break
-                    self.publish(event)
-                if self.after_publish is not None:
-                    self.after_publish()
+            if self.after_publish is not None:
+                self.after_publish()
 
     def publish_now(self, events: Iterable[Event], books: BookLookup | None = None) -> None:
         """Publish what the input channel holds, then ``events`` (their source's
         ``books``, if it shares them), then tell the fan-out (``after_publish``):
         one synchronous step (``Source.publish``)."""
-        receive = self._receive
-        while True:
-            try:
-                queued = receive.receive_nowait()
-            except (trio.WouldBlock, trio.ClosedResourceError, trio.EndOfChannel):
-                break
-            self.publish(queued)
+        inbox = self.inbox
+        if inbox.items:
+            for queued in inbox.take(len(inbox)):
+                self.publish(queued)
         for event in events:
             self.publish(event, books)
         if self.after_publish is not None:
@@ -555,14 +563,14 @@ class Dispatcher:
 
     def statistics(self) -> DispatcherStatistics:
         """Counters and the input channel's fill."""
-        stats = self._send.statistics()
+        stats = self.inbox.statistics()
         return DispatcherStatistics(
             events=self.events,
             rejected=self.rejected,
             duplicates=self.duplicates,
             streams=len(self.streams),
             subscribers=len(self.subscriptions),
-            buffer_used=stats.current_buffer_used,
-            buffer_size=self._buffer,
-            tasks_waiting_send=stats.tasks_waiting_send,
+            buffer_used=stats.queued,
+            buffer_size=stats.size,
+            tasks_waiting_send=stats.tasks_waiting_put,
         )

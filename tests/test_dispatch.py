@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
+import trio
+import trio.testing
 
 from daemon.dispatch import Dispatcher, Message, Retention
 from daemon.events import BookSnapshot, BookUpdate, Event
@@ -108,3 +111,62 @@ async def test_a_source_that_shares_its_books_gives_the_snapshots_of_a_kept_copy
     seq = stream.seq
     shared.publish(update)  # from another source (no shared books): a source's bug
     assert stream.seq == seq and shared.rejected == 1
+
+
+async def test_events_sent_stay_in_order_with_a_publish_that_comes_between() -> None:
+    """Two trades of one stream sent back to back while the dispatcher's task
+    waits, then another source publishes in its own step: the sent ones keep
+    their place (first, in order). With a trio memory channel the first was
+    already handed to the waiting task, and the publish overtook it."""
+    from daemon.events import Trade
+
+    def trade(i: int, symbol: str = "BTC-USD") -> Trade:
+        return Trade(exchange="coinbase", symbol=symbol, ts=float(i), recv_ts=float(i),
+                     id=str(i), price="1", size="1", side="buy")
+
+    dispatcher = Dispatcher(8, {"trades": Retention(10, 60.0)})
+    recorder = Recorder()
+    dispatcher.subscribe(recorder, ["trades"], ["*"])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dispatcher.serve)
+        sender, publisher = dispatcher.open_source(), dispatcher.open_source()
+        sender.send_nowait(trade(1))
+        sender.send_nowait(trade(2))
+        await publisher.publish([trade(3, "ETH-USD")])
+        with trio.fail_after(5):
+            while len(recorder.got) < 3:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert [orjson.loads(m.payload)["id"] for m in recorder.got] == ["1", "2", "3"]
+
+
+async def test_a_full_inbox_makes_senders_wait_in_order_and_a_closed_source_refuses() -> None:
+    from daemon.events import Trade
+
+    dispatcher = Dispatcher(2, {"trades": Retention(100, 60.0)})
+    recorder = Recorder()
+    dispatcher.subscribe(recorder, ["trades"], ["*"])
+    source = dispatcher.open_source()
+    trades = [Trade(exchange="kraken", symbol="BTC-USD", ts=1.0, recv_ts=1.0, id=str(i),
+                    price="1", size="1", side="sell") for i in range(6)]
+    source.send_nowait(trades[0])
+    source.send_nowait(trades[1])
+    with pytest.raises(trio.WouldBlock):
+        source.send_nowait(trades[2])
+    async with trio.open_nursery() as nursery:
+        for t in trades[2:]:  # these wait for room, in this order
+            nursery.start_soon(source.send, t)
+            await trio.testing.wait_all_tasks_blocked()
+        stats = dispatcher.statistics()
+        assert (stats.buffer_used, stats.buffer_size, stats.tasks_waiting_send) == (2, 2, 4)
+        await nursery.start(dispatcher.serve)
+        with trio.fail_after(5):
+            while len(recorder.got) < 6:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert [orjson.loads(m.payload)["id"] for m in recorder.got] == [str(i) for i in range(6)]
+    source.close()
+    with pytest.raises(trio.ClosedResourceError):
+        source.send_nowait(trades[0])
+    with pytest.raises(trio.ClosedResourceError):
+        await source.publish(trades[:1])
