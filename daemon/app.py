@@ -40,11 +40,15 @@ from daemon.collectors.poll import PollCollector
 from daemon.collectors.venues import venue
 from daemon.collectors.watch import WatchCollector
 from daemon.config import Config, ConfigError, ExchangeConfig
+from daemon.derived.bars import BarsComputation
+from daemon.derived.runner import DerivedStream
+from daemon.derived.whales import WhalesComputation, usd
 from daemon.dispatch import Dispatcher, Retention
 from daemon.errors import describe
 from daemon.health import (
     CRITICAL,
     NONCRITICAL,
+    DerivedHealth,
     DispatcherHealth,
     FeedHealth,
     ListenerHealth,
@@ -139,6 +143,9 @@ class App:
             self._health.append(ListenerHealth("metrics", self.metrics, NONCRITICAL))
         self._health.append(PublishHealth(self.publisher, self.endpoint, NONCRITICAL,
                                           config.reporter))
+        #: the derived streams of ``[derived]`` (``daemon.derived``)
+        self.derived = self._make_derived()
+        self._health += [DerivedHealth(derived, config.reporter) for derived in self.derived]
         self.reporter = Reporter(
             self.components, self.dispatcher.open_source(), self.notifier, config.reporter,
             time.monotonic(),
@@ -161,6 +168,8 @@ class App:
             root.start_soon(self._stopping)
             await root.start(self.dispatcher.serve)
             await root.start(self.admin.serve)  # first: a second daemon stops here
+            for derived in self.derived:  # before the feeds: they read from the first event
+                await root.start(self._run_derived, derived)
             self._start_tls()
             self.port = await root.start(self.server.serve)
             if self.metrics is not None:
@@ -185,6 +194,44 @@ class App:
             await trio.sleep_forever()
         finally:
             self.notifier.stopping("stopping: closing clients")
+
+    # -- derived streams ---------------------------------------------------------------
+
+    def _make_derived(self) -> list[DerivedStream]:
+        """One ``DerivedStream`` per derived stream ``[derived]`` turns on: whales
+        when ``enabled``, bars when it names intervals."""
+        config = self.config.derived
+        computations: list[WhalesComputation | BarsComputation] = []
+        whales = config.whales
+        if whales.enabled:
+            computations.append(WhalesComputation(
+                usd(whales.threshold), {key: usd(v) for key, v in whales.thresholds.items()},
+                whales.symbols))
+        bars = config.bars
+        if bars.intervals:
+            computations.append(BarsComputation(bars.intervals, bars.grace, bars.empty_bars,
+                                                bars.partial_ms, bars.symbols))
+        return [DerivedStream(c, self.dispatcher, self.dispatcher.open_source(),
+                              config.input_queue) for c in computations]
+
+    async def _run_derived(self, derived: DerivedStream, *,
+                           task_status: trio.TaskStatus[None]) -> None:
+        """Run one derived stream, restarted with backoff when its task fails (its
+        health is unhealthy meanwhile); ``started`` once it has subscribed."""
+        first = True
+
+        async def attempt() -> None:
+            nonlocal first
+            if first:
+                first = False
+                await derived.run(task_status=task_status)
+            else:
+                await derived.run()
+
+        reconnect = self.config.reconnect
+        async with derived.source:
+            await supervise(f"derived {derived.name}", attempt,
+                            Backoff(reconnect.base, reconnect.cap), reconnect.healthy_after)
 
     # -- feeds -------------------------------------------------------------------------
 
@@ -332,7 +379,7 @@ class App:
                     changes.append(f"log level {config.log_level}")
                 changes += self._reload_tls(config)
                 for section in ("server", "admin", "metrics", "dispatch", "history",
-                                "reconnect", "reporter", "auth", "publish", "channels"):
+                                "reconnect", "reporter", "auth", "publish", "channels", "derived"):
                     if getattr(config, section, None) != getattr(self.config, section, None):
                         log.warning("reload: [%s] changed; it applies at the next start", section)
                 self.config = attrs.evolve(self.config, exchanges=dict(new),

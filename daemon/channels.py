@@ -1,8 +1,10 @@
 """The channel policies: one table that the dispatcher and the broadcast sessions
 both read.
 
-A channel is either **lossless** (every event matters: ``trades``, ``system``) or
-**state** (only the latest state matters: ``book``, ``ticker``, ``status``). From
+A channel is either **lossless** (every event matters: ``trades``, ``system``,
+and the derived ``whales`` and ``bars``) or **state** (only the latest state
+matters: ``book``, ``ticker``, ``status``, the derived ``quote`` and the depth-N
+book ``views``). From
 that follow what a late joiner gets (``late_joiner``), what a full client queue
 does (``conflates``: replace the backlog by the latest state, else close the
 client with 4008) and whether ``throttle_ms`` applies. ``retention`` is the
@@ -86,7 +88,20 @@ POLICIES: Mapping[str, ChannelPolicy] = _table(
                   retention=Retention(100, 86400.0)),
     ChannelPolicy(name="status", lossless=False, conflates=True, late_joiner="latest",
                   retention=Retention(100, 60.0)),
+    # derived streams (daemon.derived): computed in the daemon from the rows above
+    ChannelPolicy(name="whales", lossless=True, conflates=False, late_joiner="history",
+                  retention=Retention(1000, 86400.0)),
+    ChannelPolicy(name="bars", lossless=True, conflates=False, late_joiner="history",
+                  retention=Retention(1000, 86400.0)),
+    ChannelPolicy(name="quote", lossless=False, conflates=True, late_joiner="latest",
+                  retention=Retention(100, 60.0)),
+    ChannelPolicy(name="views", lossless=False, conflates=True, late_joiner="latest",
+                  retention=Retention(100, 60.0)),
 )
+
+#: Channels no client names: a ``book`` subscription with ``depth`` is served from
+#: ``views`` streams (``daemon.derived.views``).
+INTERNAL = frozenset({"views"})
 
 #: The policy of a channel the table does not name: lossless, as nothing is lost
 #: by default.

@@ -336,6 +336,91 @@ class DispatchConfig:
     buffer: int = attrs.field(default=1024, validator=_positive)
 
 
+#: A bar interval: a count and a unit (``1s``, ``15s``, ``1m``, ``5m``, ``1h``, ``1d``).
+INTERVAL = re.compile(r"^([1-9][0-9]{0,5})([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def interval_seconds(text: str) -> int:
+    """Seconds of a bar interval (``"5m"`` -> 300); raises ``ValueError``."""
+    match = INTERVAL.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not an interval (a number and s, m, h or d: 1s, 1m, 5m)")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _intervals(instance: Any, attribute: attrs.Attribute[Any], value: list[str]) -> None:
+    for text in value:
+        try:
+            interval_seconds(text)
+        except ValueError as exc:
+            raise ValueError(f"{attribute.name}: {exc}") from None
+    if len(set(value)) != len(value):
+        raise ValueError(f"{attribute.name}: an interval is listed twice")
+
+
+def _patterns(instance: Any, attribute: attrs.Attribute[Any], value: list[str]) -> None:
+    for pattern in value:
+        if not re.match(r"^(\*|[a-z0-9_.]+:(\*|[A-Z0-9.]+-[A-Z0-9.]+))$", pattern):
+            raise ValueError(f"{attribute.name}: {pattern!r} is not EXCHANGE:BASE-QUOTE, "
+                             "EXCHANGE:* or *")
+
+
+def _thresholds(instance: Any, attribute: attrs.Attribute[Any], value: dict[str, float]) -> None:
+    for key, threshold in value.items():
+        if not re.match(r"^([a-z0-9_.]+|[A-Z0-9.]+-[A-Z0-9.]+|[a-z0-9_.]+:[A-Z0-9.]+-[A-Z0-9.]+)$",
+                        key):
+            raise ValueError(f"{attribute.name}: {key!r} is not EXCHANGE, BASE-QUOTE or "
+                             "EXCHANGE:BASE-QUOTE")
+        if threshold <= 0:
+            raise ValueError(f"{attribute.name}: the threshold of {key} must be greater than 0")
+
+
+@attrs.frozen(kw_only=True)
+class WhalesConfig:
+    """Large trades (``whales`` channel, ``daemon.derived.whales``).
+
+    ``enabled``; ``threshold``: USD notional at or above which a trade is a whale
+    (default 100,000); ``thresholds``: per ``EXCHANGE:BASE-QUOTE``, ``BASE-QUOTE``
+    or ``EXCHANGE`` (the most specific wins), USD; ``symbols``: which trade
+    streams (patterns as in ``subscribe``)."""
+
+    enabled: bool = False
+    threshold: float = attrs.field(default=100_000.0, validator=_positive)
+    thresholds: dict[str, float] = attrs.field(factory=dict, validator=_thresholds)
+    symbols: list[str] = attrs.field(factory=lambda: ["*"], validator=_patterns)
+
+
+@attrs.frozen(kw_only=True)
+class BarsConfig:
+    """Trade bars (``bars`` channel, ``daemon.derived.bars``).
+
+    ``intervals``: e.g. ``["1s", "1m", "5m"]`` (empty: no bars); ``grace``: seconds
+    after a bar's end before it is published (late trades within it still count);
+    ``empty_bars``: an interval without trades is published with the previous
+    close and zero volume (``carry``) or not at all (``skip``); ``partial_ms``: the
+    bar in progress goes to subscribers at most this often; ``symbols``: which
+    trade streams (patterns as in ``subscribe``)."""
+
+    intervals: list[str] = attrs.field(factory=list, validator=_intervals)
+    grace: float = attrs.field(default=1.0, validator=_non_negative)
+    empty_bars: str = attrs.field(default="carry", validator=_one_of("carry", "skip"))
+    partial_ms: int = attrs.field(default=1000, validator=_positive)
+    symbols: list[str] = attrs.field(factory=lambda: ["*"], validator=_patterns)
+
+
+@attrs.frozen(kw_only=True)
+class DerivedConfig:
+    """Streams computed in the daemon (``daemon.derived``). ``input_queue``: messages
+    a derived stream's input holds; when it overflows the stream stops taking
+    messages until it has caught up, then recovers what it missed with ``since``
+    (what is no longer retained is counted as lost and shown in status)."""
+
+    input_queue: int = attrs.field(default=10_000, validator=_positive)
+    whales: WhalesConfig = WhalesConfig()
+    bars: BarsConfig = BarsConfig()
+
+
 @attrs.frozen(kw_only=True)
 class RetentionConfig:
     """Messages kept per stream of a channel: the last ``size``, none older than
@@ -353,6 +438,8 @@ class HistoryConfig:
     book: RetentionConfig = RetentionConfig(size=1000, max_age=60.0)
     ticker: RetentionConfig = RetentionConfig(size=100, max_age=60.0)
     system: RetentionConfig = RetentionConfig(size=100, max_age=86400.0)
+    whales: RetentionConfig = RetentionConfig(size=1000, max_age=86400.0)
+    bars: RetentionConfig = RetentionConfig(size=1000, max_age=86400.0)
 
 
 @attrs.frozen(kw_only=True)
@@ -438,6 +525,7 @@ class Config:
     history: HistoryConfig = HistoryConfig()
     reconnect: ReconnectConfig = ReconnectConfig()
     publish: PublishConfig = PublishConfig()
+    derived: DerivedConfig = DerivedConfig()
     channels: dict[str, ChannelConfig] = attrs.field(factory=dict)
     log_level: str = attrs.field(
         default="info",

@@ -52,7 +52,16 @@ import trio
 from daemon.book import BookError, L2Book
 from daemon.channels import DEFAULT, ChannelPolicy, policy_of, table
 from daemon.channels import Retention as Retention  # re-exported: the dispatcher's API
-from daemon.events import BookSnapshot, BookUpdate, Event, MarketEvent, Published, Trade
+from daemon.events import (
+    KEYED_TYPES,
+    BookSnapshot,
+    BookUpdate,
+    Event,
+    Keyed,
+    MarketEvent,
+    Published,
+    Trade,
+)
 from daemon.inbox import Inbox
 from daemon.recent import Recent
 from daemon.wire import encode_event
@@ -68,6 +77,8 @@ SYMBOL_PATTERN = re.compile(r"^(\*|[a-z0-9_.]+:(\*|[A-Z0-9.]+-[A-Z0-9.]+))$")
 KEY_PATTERN = re.compile(r"^(\*|[a-z0-9][a-z0-9_.-]*:(\*|[A-Za-z0-9][A-Za-z0-9_./-]*))$")
 #: Idempotency keys remembered at most (the window bounds them by age too).
 IDEMPOTENCY_KEYS_KEPT = 100_000
+#: Derived events whose stream has more parts than ``exchange:symbol`` (``Keyed``).
+_KEYED = frozenset(KEYED_TYPES)
 
 
 class Source(Protocol):
@@ -226,6 +237,8 @@ class Stream:
     #: encoded snapshots of the current book, by extra fields (``conflated``): every
     #: subscriber of a moment shares one; cleared whenever the book changes
     snapshots: dict[tuple[tuple[str, object], ...], Message] = attrs.field(factory=dict)
+    #: the bar in progress of a ``bars`` stream (``"partial": true``, not numbered)
+    partial: Message | None = None
 
     @property
     def book(self) -> L2Book | None:
@@ -296,10 +309,14 @@ class DispatcherStatistics:
 
 
 def matches(pattern: str, exchange: str, symbol: str) -> bool:
-    """Whether ``exchange:symbol`` is matched by a subscription pattern."""
+    """Whether ``exchange:symbol`` is matched by a subscription pattern. A derived
+    stream's symbol has more parts (``BTC-USD:1m``): ``coinbase:BTC-USD`` matches
+    each of them, ``coinbase:BTC-USD:1m`` one."""
     if pattern == "*":
         return True
-    return fnmatch.fnmatchcase(f"{exchange}:{symbol}", pattern)
+    name = f"{exchange}:{symbol}"
+    return fnmatch.fnmatchcase(name, pattern) or (
+        ":" in symbol and fnmatch.fnmatchcase(name, f"{pattern}:*"))
 
 
 class Dispatcher:
@@ -390,6 +407,9 @@ class Dispatcher:
         if isinstance(event, Published):
             self._publish_published(event)
             return
+        if type(event) in _KEYED:
+            self._publish_keyed(event)  # type: ignore[arg-type]
+            return
         stream = self._stream(event.CHANNEL, event.exchange, event.symbol)
         if isinstance(event, Trade):
             if event.id in stream.trade_ids:
@@ -469,6 +489,29 @@ class Dispatcher:
             receipt.settle("accepted", stream.seq, event.version)
         self._deliver(stream, message)
 
+    def _publish_keyed(self, event: Keyed) -> None:
+        """A derived event of a stream ``channel:exchange:stream_symbol``
+        (``daemon.derived``): numbered, retained and delivered like any other; a
+        partial bar is not numbered (it carries the stream's current ``seq``) nor
+        retained: it is the stream's ``partial``, which late joiners get after the
+        history."""
+        stream = self._stream(event.CHANNEL, event.exchange, event.stream_symbol)
+        now = time.monotonic()
+        if getattr(event, "partial", False):
+            message = Message(stream, stream.seq, encode_event(event, stream.seq),
+                              event.recv_ts, now)
+            stream.partial = message
+            self._deliver(stream, message)
+            return
+        self.events += 1
+        stream.seq += 1
+        message = Message(stream, stream.seq, encode_event(event, stream.seq), event.recv_ts, now)
+        stream.latest = message
+        if not getattr(event, "revision", 0):
+            stream.partial = None  # a bar closed (a revision is of an older one)
+        stream.retain(message)
+        self._deliver(stream, message)
+
     def _deliver(self, stream: Stream, message: Message) -> None:
         """Hand ``message`` to every subscriber of ``stream``, iterating the set
         itself (no copy per event): a subscriber removed meanwhile (a slow consumer
@@ -534,7 +577,10 @@ class Dispatcher:
             message = stream.snapshot_message()
             return [message] if message is not None else []
         if late_joiner == "history":
-            return list(stream.history)[-history:] if history > 0 else []
+            messages = list(stream.history)[-history:] if history > 0 else []
+            if stream.partial is not None:
+                messages.append(stream.partial)
+            return messages
         return [stream.latest] if stream.latest is not None else []
 
     def unsubscribe(

@@ -262,12 +262,147 @@ class Published:
         return self.key
 
 
+@attrs.frozen(kw_only=True)
+class Whale:
+    """A large trade (``daemon.derived.whales``), on the ``whales`` channel: a trade
+    whose notional (``price`` x ``size``, in the quote currency) converted to USD is
+    at or above ``threshold`` (USD).
+
+    The trade's own fields as the exchange gave them (``id``, ``price``, ``size``,
+    ``side``, ``ts``); ``notional``: in the quote currency; ``notional_usd``: in
+    USD (decimal strings); ``threshold``: the threshold it met, USD; ``recv_ts``:
+    when tickwire received the trade.
+    """
+
+    TYPE: ClassVar[str] = "whale"
+    CHANNEL: ClassVar[str] = "whales"
+
+    exchange: str
+    symbol: str
+    ts: float
+    recv_ts: float
+    id: str
+    price: str
+    size: str
+    side: str
+    notional: str
+    notional_usd: str
+    threshold: str
+
+
+@attrs.frozen(kw_only=True)
+class Bar:
+    """A trade bar (OHLCV, ``daemon.derived.bars``) on the ``bars`` channel, stream
+    ``bars:EXCHANGE:SYMBOL:INTERVAL``.
+
+    ``interval``: as configured (``1s``, ``1m``, ``5m``); ``open_time`` and
+    ``close_time``: the bucket ``[open_time, close_time)`` in exchange time, epoch
+    seconds aligned to multiples of the interval in UTC; ``ts``: ``close_time``;
+    ``recv_ts``: when the bar was made; ``open``, ``high``, ``low``, ``close``: the
+    trades' prices as sent; ``volume``, ``buy_volume``, ``sell_volume`` (by the
+    taker's side), ``vwap`` (``None`` for a bar without trades, whose prices are the
+    previous close): decimal strings; ``count``: trades; ``revision``: 0 when first
+    published, N for the Nth correction by late trades; ``partial``: the bar in
+    progress (not numbered: it carries the ``seq`` of the last closed bar).
+    """
+
+    TYPE: ClassVar[str] = "bar"
+    CHANNEL: ClassVar[str] = "bars"
+
+    exchange: str
+    symbol: str
+    interval: str
+    ts: float
+    recv_ts: float
+    open_time: float
+    close_time: float
+    open: str
+    high: str
+    low: str
+    close: str
+    volume: str
+    buy_volume: str
+    sell_volume: str
+    count: int
+    vwap: str | None
+    revision: int = 0
+    partial: bool = False
+
+    @property
+    def stream_symbol(self) -> str:
+        """The stream's third part: ``SYMBOL:INTERVAL``."""
+        return f"{self.symbol}:{self.interval}"
+
+
+@attrs.frozen(kw_only=True)
+class BookView:
+    """The top ``depth`` levels of a book (``daemon.derived.views``), sent as a
+    ``book_snapshot`` with ``depth`` to the clients that subscribed to ``book`` with
+    ``"depth": N``: stream ``views:EXCHANGE:SYMBOL:DEPTH:INTERVAL_MS``, one per book,
+    depth and interval, shared by every client that asks the same.
+
+    ``bids``/``asks`` as in ``BookSnapshot`` (at most ``depth`` each); ``ts`` and
+    ``recv_ts``: those of the book's last update; ``interval_ms``: at most one
+    view per interval (the subscription's ``throttle_ms``).
+    """
+
+    TYPE: ClassVar[str] = "book_snapshot"
+    CHANNEL: ClassVar[str] = "views"
+
+    exchange: str
+    symbol: str
+    ts: float
+    recv_ts: float
+    bids: Levels
+    asks: Levels
+    depth: int
+    interval_ms: int
+
+    @property
+    def stream_symbol(self) -> str:
+        """The stream's third part: ``SYMBOL:DEPTH:INTERVAL_MS``."""
+        return f"{self.symbol}:{self.depth}:{self.interval_ms}"
+
+
+@attrs.frozen(kw_only=True)
+class Quote:
+    """Best bid and offer from the book (the depth-1 view, ``daemon.derived.views``),
+    on the ``quote`` channel, stream ``quote:EXCHANGE:SYMBOL:INTERVAL_MS``: sent
+    when the best bid or offer changed, at most once per ``interval_ms``. A side
+    without a level has empty strings."""
+
+    TYPE: ClassVar[str] = "quote"
+    CHANNEL: ClassVar[str] = "quote"
+
+    exchange: str
+    symbol: str
+    ts: float
+    recv_ts: float
+    bid: str
+    bid_size: str
+    ask: str
+    ask_size: str
+    interval_ms: int
+
+    @property
+    def stream_symbol(self) -> str:
+        """The stream's third part: ``SYMBOL:INTERVAL_MS``."""
+        return f"{self.symbol}:{self.interval_ms}"
+
+
+#: Events computed in the daemon from other streams (``daemon.derived``) whose
+#: stream has more parts than ``exchange:symbol`` (``stream_symbol``).
+Keyed = Bar | BookView | Quote
+KEYED_TYPES: tuple[type[Keyed], ...] = (Bar, BookView, Quote)
+
 #: Events the collectors and the reporter produce (market data and health).
-MarketEvent = Trade | BookSnapshot | BookUpdate | Ticker | FeedState | Gap | Status | HealthChange
+MarketEvent = (Trade | BookSnapshot | BookUpdate | Ticker | FeedState | Gap | Status | HealthChange
+               | Whale | Bar | BookView | Quote)
 #: Everything a source may send the dispatcher.
 Event = MarketEvent | Published
 EVENT_TYPES: tuple[type[MarketEvent], ...] = (
     Trade, BookSnapshot, BookUpdate, Ticker, FeedState, Gap, Status, HealthChange,
+    Whale, Bar, BookView, Quote,
 )
 #: Every channel name an event can be published on.
 CHANNELS: tuple[str, ...] = tuple(dict.fromkeys(cls.CHANNEL for cls in EVENT_TYPES))
@@ -278,4 +413,6 @@ def stream_key(event: Event) -> str:
     message's: ``"channel:source:key"``)."""
     if isinstance(event, Published):
         return f"{event.channel}:{event.source}:{event.key}"
+    if isinstance(event, Keyed):
+        return f"{event.CHANNEL}:{event.exchange}:{event.stream_symbol}"
     return f"{event.CHANNEL}:{event.exchange}:{event.symbol}"

@@ -477,6 +477,50 @@ class PublishHealth:
         return _check(self, HEALTHY, "", figures)
 
 
+class DerivedHealth:
+    """A derived stream (``daemon.derived.runner``), non-critical: unhealthy while
+    its task is not running (it failed and is being restarted), while its input
+    is overflowed (it is behind: ``stalled``), or when its computation raised
+    within ``recent``; degraded when its input is ``FILL_WARNING`` full, or it
+    lost messages (no longer retained at a resync) within ``recent``."""
+
+    kind = "derived"
+    criticality = NONCRITICAL
+
+    def __init__(self, derived: Any, config: ReporterConfig) -> None:
+        self.derived = derived
+        self.name = f"derived {derived.name}"
+        self.config = config
+        self._samples = _Samples()
+
+    def sample(self, now: float) -> None:
+        stats = self.derived.statistics()
+        self._samples.add(now, {"errors": stats.errors, "lost": stats.lost},
+                          self.config.recent + self.config.check)
+
+    def check(self, now: float) -> Check:
+        stats = self.derived.statistics()
+        figures = attrs.asdict(stats)
+        unhealthy: list[str] = []
+        degraded: list[str] = []
+        if not stats.running:
+            unhealthy.append("not running" + (f" ({stats.last_error})" if stats.last_error else ""))
+        if stats.stalled:
+            unhealthy.append(f"stalled: its input is full ({stats.limit} messages), "
+                             f"{stats.dropped} not taken")
+        grown = self._samples.grown(now, self.config.recent,
+                                    {"errors": stats.errors, "lost": stats.lost})
+        if grown.get("errors"):
+            unhealthy.append(f"{_plural(grown['errors'], 'error')} in the last "
+                             f"{self.config.recent:g}s: {stats.last_error}")
+        if grown.get("lost"):
+            degraded.append(f"{_plural(grown['lost'], 'stream')} lost messages in the last "
+                            f"{self.config.recent:g}s")
+        if stats.limit and stats.queued / stats.limit >= FILL_WARNING:
+            degraded.append(f"input {stats.queued}/{stats.limit} full")
+        return _check(self, *_verdict(unhealthy, degraded), figures)
+
+
 # -- the reporter ------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ from daemon.supervise import Backoff, Failure, retry
 log = logging.getLogger(__name__)
 
 #: The channel of each event ``type`` on the wire.
-CHANNEL_OF_TYPE = {cls.TYPE: cls.CHANNEL for cls in EVENT_TYPES}
+CHANNEL_OF_TYPE = {cls.TYPE: cls.CHANNEL for cls in reversed(EVENT_TYPES)}
 #: Close codes after which tail stops instead of resuming: the daemon refused what
 #: this client sent (1002 protocol error, 1003 binary, 1008 policy, 1009 too big,
 #: 4029 rate limited). Every other close is resumed.

@@ -25,10 +25,14 @@ import attrs
 import orjson
 from cattrs.preconf.orjson import make_converter
 
-from daemon.events import EVENT_TYPES, MarketEvent
+from daemon.events import EVENT_TYPES, BookView, MarketEvent
 
 converter = make_converter()
-_BY_TYPE: dict[str, type[MarketEvent]] = {cls.TYPE: cls for cls in EVENT_TYPES}
+#: The class of each wire ``type`` (the first that has it: a ``book_snapshot`` is a
+#: ``BookSnapshot``, or a ``BookView`` when it has a ``depth``).
+_BY_TYPE: dict[str, type[MarketEvent]] = {}
+for _cls in EVENT_TYPES:
+    _BY_TYPE.setdefault(_cls.TYPE, _cls)
 
 
 def _body_maker(cls: type[MarketEvent]) -> Callable[[Any, int], dict[str, Any]]:
@@ -86,6 +90,8 @@ def decode_event(obj: dict[str, Any]) -> tuple[MarketEvent, int]:
     for missing or mistyped fields.
     """
     cls = _BY_TYPE[obj["type"]]
+    if cls.TYPE == BookView.TYPE and "depth" in obj:
+        cls = BookView
     fields = {k: v for k, v in obj.items() if k not in ("type", "seq", "conflated")}
     for side in ("bids", "asks"):
         if side in fields:

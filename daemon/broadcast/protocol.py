@@ -20,14 +20,19 @@ people; the session answers it with an ``error`` and stays open.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import orjson
 
-from daemon.channels import ChannelPolicy, table
+from daemon.channels import INTERNAL, ChannelPolicy, table
 from daemon.dispatch import KEY_PATTERN, SYMBOL_PATTERN
+
+#: A ``bars`` subscription's symbol: a market symbol pattern, and optionally one
+#: interval (``coinbase:BTC-USD:1m``, ``coinbase:*:1m``); without it, every interval.
+BARS_PATTERN = re.compile(r"^(\*|[a-z0-9_.]+:(\*|[A-Z0-9.]+-[A-Z0-9.]+)(:[1-9][0-9]{0,5}[smhd])?)$")
 
 #: Error codes of ``error`` replies.
 INVALID_JSON = "invalid_json"
@@ -133,20 +138,23 @@ def parse_request(text: str | bytes,
         _only(obj, allowed, request_id)
         names = _strings(obj, "channels", request_id)
         for channel in names:
-            if channel not in channels:
+            if channel not in channels or channel in INTERNAL:
                 raise RequestError(
                     UNKNOWN_CHANNEL,
-                    f"unknown channel {channel!r}; channels are {', '.join(channels)}",
+                    f"unknown channel {channel!r}; channels are "
+                    f"{', '.join(c for c in channels if c not in INTERNAL)}",
                     request_id,
                 )
         symbols = _strings(obj, "symbols", request_id)
         for channel in names:
             published = channels[channel].published
-            pattern = KEY_PATTERN if published else SYMBOL_PATTERN
+            pattern = KEY_PATTERN if published else (
+                BARS_PATTERN if channel == "bars" else SYMBOL_PATTERN)
             for symbol in symbols:
                 if not pattern.match(symbol):
                     use = ("SOURCE:KEY, SOURCE:* or *" if published
-                           else "EXCHANGE:BASE-QUOTE, EXCHANGE:* or *")
+                           else "EXCHANGE:BASE-QUOTE, EXCHANGE:* or *" + (
+                               " (and :INTERVAL)" if channel == "bars" else ""))
                     raise RequestError(
                         INVALID_SYMBOL, f"invalid symbol {symbol!r} for {channel}; use {use}",
                         request_id)

@@ -1,0 +1,363 @@
+"""Trade bars (OHLCV), sans-IO: trades in, ``Bar`` events out.
+
+Theory of operation
+-------------------
+1. A trade goes to the bucket ``[open_time, open_time + interval)`` of its
+   **exchange** time ``ts``, ``open_time`` a multiple of the interval since the
+   Unix epoch (so ``1m`` bars start on UTC minutes). Prices and sizes are read as
+   ``Decimal`` from the decimal strings: no float drift. ``open`` is the price of
+   the earliest trade by ``ts`` (the first received among equal times),
+   ``close`` of the latest; ``high``/``low`` keep the price string as sent;
+   ``vwap`` is ``sum(price x size) / volume`` to 28 significant digits (Python's
+   decimal default), the sums exact.
+2. A bar closes on the clock: once the exchange time *now* is past its end plus
+   ``grace`` (``close_due(now)``), whether or not another trade came. *Now* is
+   the caller's (``ExchangeClock``: the daemon's clock mapped to the exchange's
+   time by the trades seen). Bars close in order, one per interval from the
+   first trade on: an interval without a trade is a bar with the previous close
+   and zero volume (``empty="carry"``) or no bar (``"skip"``).
+3. A trade whose bar was already published is **late**: the bar is made again
+   with it and published with ``revision`` N (its Nth correction). The last
+   ``KEPT`` closed bars are kept for that; a trade older than those is counted
+   in ``too_late`` (and logged by the caller), never silently dropped.
+4. ``partial()`` is the bar in progress, ``"partial": true``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from decimal import Context, Decimal
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from daemon.config import interval_seconds
+from daemon.events import Bar, Event
+
+if TYPE_CHECKING:
+    from daemon.dispatch import Stream
+
+#: Closed bars kept per series for revisions by late trades.
+KEPT = 100
+#: Exact sums and products (far more digits than any price x size has).
+_EXACT = Context(prec=60)
+#: The VWAP's division: Python's default precision.
+_DIVIDE = Context(prec=28)
+_ZERO = Decimal(0)
+
+
+@attrs.define(slots=True)
+class Bucket:
+    """The trades of one interval so far (``open_time``: epoch s)."""
+
+    open_time: float
+    open: str = ""
+    open_ts: float = math.inf
+    high: str = ""
+    high_d: Decimal = _ZERO
+    low: str = ""
+    low_d: Decimal = _ZERO
+    close: str = ""
+    close_ts: float = -math.inf
+    volume: Decimal = _ZERO
+    buy: Decimal = _ZERO
+    sell: Decimal = _ZERO
+    notional: Decimal = _ZERO
+    count: int = 0
+    #: times published: 0 not yet, 1 once (revision 0), N+1 after revision N
+    published: int = 0
+
+    def add(self, ts: float, price: str, size: str, side: str) -> None:
+        """Add one trade; raises ``decimal.InvalidOperation`` (and ``ValueError``)
+        for a price or size that is not a decimal string."""
+        p = Decimal(price)
+        s = Decimal(size)
+        if not (p.is_finite() and s.is_finite()) or p < 0 or s < 0:
+            raise ValueError(f"not a price and size: {price!r} {size!r}")
+        if self.count == 0 or p > self.high_d:
+            self.high, self.high_d = price, p
+        if self.count == 0 or p < self.low_d:
+            self.low, self.low_d = price, p
+        if ts < self.open_ts:
+            self.open, self.open_ts = price, ts
+        if ts >= self.close_ts:
+            self.close, self.close_ts = price, ts
+        self.volume = _EXACT.add(self.volume, s)
+        if side == "buy":
+            self.buy = _EXACT.add(self.buy, s)
+        else:
+            self.sell = _EXACT.add(self.sell, s)
+        self.notional = _EXACT.add(self.notional, _EXACT.multiply(p, s))
+        self.count += 1
+
+
+class BarSeries:
+    """The bars of one ``exchange``, ``symbol`` and interval (see the module
+    docstring). ``interval``: its name (``1m``); ``seconds``: its length;
+    ``grace``: seconds after its end a bar waits for late trades; ``empty``:
+    ``carry`` or ``skip``. Times are exchange epoch seconds."""
+
+    def __init__(self, exchange: str, symbol: str, interval: str, seconds: int,
+                 grace: float, empty: str) -> None:
+        self.exchange = exchange
+        self.symbol = symbol
+        self.interval = interval
+        self.seconds = seconds
+        self.grace = grace
+        self.carry = empty == "carry"
+        #: buckets not yet published, by open time
+        self.open: dict[float, Bucket] = {}
+        #: the last ``KEPT`` published buckets, by open time
+        self.closed: OrderedDict[float, Bucket] = OrderedDict()
+        #: open time of the next bar to publish (None: none pending)
+        self.cursor: float | None = None
+        #: intervals opening before this are decided (published, carried or skipped)
+        self.horizon = -math.inf
+        self.last_close: str | None = None
+        #: the bar in progress changed since ``partial()`` last made it
+        self.changed = False
+        self.trades = 0
+        self.late = 0
+        self.too_late = 0
+        self.bars = 0
+        self.empty = 0
+        self.revisions = 0
+
+    def bucket_of(self, ts: float) -> float:
+        """The open time of the bucket of exchange time ``ts``."""
+        return math.floor(ts / self.seconds) * self.seconds
+
+    def trade(self, ts: float, price: str, size: str, side: str) -> Bar | None:
+        """Add one trade; returns the revised bar when it is late (else None).
+        Raises ``ValueError`` (``decimal.InvalidOperation`` is one) for a price
+        or size that is not a decimal string: nothing is changed then."""
+        open_time = self.bucket_of(ts)
+        if open_time >= self.horizon:
+            bucket = self.open.get(open_time)
+            if bucket is None:
+                bucket = Bucket(open_time)
+                bucket.add(ts, price, size, side)
+                self.open[open_time] = bucket
+            else:
+                bucket.add(ts, price, size, side)
+            if self.cursor is None or open_time < self.cursor:
+                self.cursor = open_time
+            self.trades += 1
+            self.changed = True
+            return None
+        # late: its interval was published (or carried empty, or skipped)
+        bucket = self.closed.get(open_time)
+        if bucket is None:
+            if open_time < next(iter(self.closed), math.inf):
+                self.too_late += 1
+                return None
+            bucket = Bucket(open_time, published=1)  # a skipped interval
+            bucket.add(ts, price, size, side)
+            self._keep(bucket)
+        else:
+            bucket.add(ts, price, size, side)
+        self.trades += 1
+        self.late += 1
+        self.revisions += 1
+        revision = bucket.published
+        bucket.published += 1
+        if bucket.count and bucket.open_time == next(reversed(self.closed)):
+            self.last_close = bucket.close
+        return self._bar(bucket, revision)
+
+    def next_close(self) -> float:
+        """The exchange time at which the next bar closes (``math.inf``: none)."""
+        if self.cursor is None:
+            return math.inf
+        return self.cursor + self.seconds + self.grace
+
+    def close_due(self, now: float) -> list[Bar]:
+        """The bars whose end plus ``grace`` is at or before exchange time ``now``,
+        in order (empty intervals per ``empty``)."""
+        bars: list[Bar] = []
+        seconds = self.seconds
+        while self.cursor is not None and self.cursor + seconds + self.grace <= now:
+            cursor = self.cursor
+            bucket = self.open.pop(cursor, None)
+            if bucket is None and self.carry:
+                bucket = Bucket(cursor)
+                self.empty += 1
+            if bucket is not None:
+                bucket.published = 1
+                self._keep(bucket)
+                bars.append(self._bar(bucket, 0))
+                self.bars += 1
+                if bucket.count:
+                    self.last_close = bucket.close
+            self.horizon = cursor + seconds
+            if self.carry or cursor + seconds in self.open:
+                self.cursor = cursor + seconds
+            else:  # skip: on to the next interval with a trade, if any
+                self.cursor = min(self.open) if self.open else None
+                if self.cursor is None:
+                    self.horizon = max(self.horizon, self.bucket_of(now - self.grace))
+        return bars
+
+    def partial(self) -> Bar | None:
+        """The bar in progress (the one at ``cursor``), ``partial``; None when it
+        has no trade and nothing to carry."""
+        self.changed = False
+        if self.cursor is None:
+            return None
+        bucket = self.open.get(self.cursor)
+        if bucket is None:
+            if not self.carry or self.last_close is None:
+                return None
+            bucket = Bucket(self.cursor)
+        return self._bar(bucket, 0, partial=True)
+
+    def _keep(self, bucket: Bucket) -> None:
+        self.closed[bucket.open_time] = bucket
+        self.closed.move_to_end(bucket.open_time)
+        while len(self.closed) > KEPT:
+            self.closed.popitem(last=False)
+
+    def _bar(self, bucket: Bucket, revision: int, partial: bool = False) -> Bar:
+        close_time = float(bucket.open_time + self.seconds)
+        if bucket.count:
+            prices = (bucket.open, bucket.high, bucket.low, bucket.close)
+            vwap: str | None = str(_DIVIDE.divide(bucket.notional, bucket.volume)) \
+                if bucket.volume else None
+        else:
+            carried = self.last_close or ""
+            prices = (carried, carried, carried, carried)
+            vwap = None
+        return Bar(
+            exchange=self.exchange, symbol=self.symbol, interval=self.interval,
+            ts=close_time, recv_ts=time.time(), open_time=float(bucket.open_time),
+            close_time=close_time, open=prices[0], high=prices[1], low=prices[2],
+            close=prices[3], volume=str(bucket.volume), buy_volume=str(bucket.buy),
+            sell_volume=str(bucket.sell), count=bucket.count, vwap=vwap,
+            revision=revision, partial=partial,
+        )
+
+
+class ExchangeClock:
+    """An exchange's time *now*, from the daemon's clock: ``observe(ts, now)`` for
+    each trade (``ts``: its exchange time, epoch s; ``now``: the daemon's clock,
+    any monotonic seconds), and ``time(now)`` = ``now`` + the largest ``ts - now``
+    seen, so it never goes back, follows the trades when they run ahead (a replay
+    faster than real time) and runs on between them (a bar closes without a later
+    trade). ``clock(time)`` maps an exchange time back to the daemon's clock."""
+
+    def __init__(self) -> None:
+        self.offset = -math.inf
+
+    def observe(self, ts: float, now: float) -> None:
+        """One trade of exchange time ``ts`` received at ``now``."""
+        offset = ts - now
+        if offset > self.offset:
+            self.offset = offset
+
+    def time(self, now: float) -> float:
+        """The exchange's time at daemon time ``now`` (``-inf`` before any trade)."""
+        return now + self.offset
+
+    def clock(self, time: float) -> float:
+        """The daemon time at which the exchange's time is ``time``."""
+        return time - self.offset
+
+
+class BarsComputation:
+    """The ``bars`` derived stream (a ``runner.Computation``): every trade stream
+    matching ``symbols``, one ``BarSeries`` per interval, each exchange's
+    ``ExchangeClock``; partial bars at most every ``partial_ms``. Built from
+    ``[derived.bars]`` (``BarsConfig``)."""
+
+    name = "bars"
+
+    def __init__(self, intervals: Sequence[str], grace: float, empty: str, partial_ms: int,
+                 symbols: Sequence[str]) -> None:
+        self.inputs: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+            (("trades",), tuple(symbols)),)
+        self.intervals = [(name, interval_seconds(name)) for name in intervals]
+        self.grace = grace
+        self.empty = empty
+        self.partial_every = partial_ms / 1000
+        self.series: dict[tuple[str, str], list[BarSeries]] = {}
+        self.clocks: dict[str, ExchangeClock] = {}
+        self.next_partial = -math.inf
+        self.malformed = 0
+        self.partials = 0
+
+    def take(self, stream: Stream, payload: dict[str, Any], now: float) -> list[Event]:
+        """One trade: into each interval's bar; revised bars of late trades."""
+        key = (stream.exchange, stream.symbol)
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = [
+                BarSeries(stream.exchange, stream.symbol, name, seconds, self.grace, self.empty)
+                for name, seconds in self.intervals]
+        try:
+            ts = float(payload["ts"])
+            price, size, side = payload["price"], payload["size"], payload["side"]
+            revised = [bar for s in series if (bar := s.trade(ts, price, size, side)) is not None]
+        except (KeyError, TypeError, ValueError, ArithmeticError):
+            self.malformed += 1
+            return []
+        clock = self.clocks.get(stream.exchange)
+        if clock is None:
+            clock = self.clocks[stream.exchange] = ExchangeClock()
+        clock.observe(ts, now)
+        return list(revised)
+
+    def due(self) -> float:
+        """The earliest of every series' next close (on the daemon's clock) and of
+        the next partial bars when some bar changed."""
+        due = math.inf
+        changed = False
+        for (exchange, _), series in self.series.items():
+            clock = self.clocks.get(exchange)
+            if clock is None:
+                continue
+            for s in series:
+                changed = changed or s.changed
+                close = s.next_close()
+                if close < math.inf:
+                    due = min(due, clock.clock(close))
+        if changed:
+            due = min(due, self.next_partial)
+        return due
+
+    def tick(self, now: float) -> list[Event]:
+        """The bars closed by ``now``, then the partial bars if due."""
+        events: list[Event] = []
+        for (exchange, _), series in self.series.items():
+            clock = self.clocks.get(exchange)
+            if clock is None:
+                continue
+            exchange_now = clock.time(now)
+            for s in series:
+                events += s.close_due(exchange_now)
+        if now >= self.next_partial:
+            sent = False
+            for series in self.series.values():
+                for s in series:
+                    if s.changed:
+                        bar = s.partial()
+                        if bar is not None:
+                            events.append(bar)
+                            self.partials += 1
+                            sent = True
+            if sent:
+                self.next_partial = now + self.partial_every
+        return events
+
+    def figures(self) -> dict[str, Any]:
+        """Counters summed over the series: trades, bars, empty bars, late trades
+        (revisions), trades too late to revise, partial bars, malformed trades."""
+        every = [s for series in self.series.values() for s in series]
+        return {
+            "series": len(every), "trades": sum(s.trades for s in every),
+            "bars": sum(s.bars for s in every), "empty": sum(s.empty for s in every),
+            "late": sum(s.late for s in every), "too_late": sum(s.too_late for s in every),
+            "partials": self.partials, "malformed": self.malformed,
+        }
