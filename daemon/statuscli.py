@@ -151,6 +151,9 @@ def render_status(console: Console, status: dict[str, Any], clients: dict[str, A
             console.print(f"  {f['channel']}:{f['source']}: {_num(f['accepted'])} accepted, "
                           f"{_num(f['duplicate'])} duplicate, {_num(f['stale'])} stale, "
                           f"{_num(f['refused'])} refused", markup=False, highlight=False)
+    for c in components:
+        if c.get("kind") == "derived":
+            console.print(derived_line(c.get("figures", {})), markup=False, highlight=False)
     console.print(clients_table(clients))
     transitions = status.get("transitions", [])
     if transitions:
@@ -159,6 +162,20 @@ def render_status(console: Console, status: dict[str, Any], clients: dict[str, A
             console.print(f"  {t['component']}: {t['previous']} -> {t['health']}"
                           f"{' (' + t['reason'] + ')' if t.get('reason') else ''}",
                           markup=False, highlight=False)
+
+
+def derived_line(f: dict[str, Any]) -> str:
+    """One derived stream's counters: its input and output, resyncs, errors, and
+    its computation's own figures (``daemon.derived.runner.DerivedStatistics``)."""
+    line = (f"derived {f.get('name')}: {_num(f.get('received'))} in, "
+            f"{_num(f.get('published'))} out, input {_num(f.get('queued'))}/"
+            f"{_num(f.get('limit'))}, {_num(f.get('overflows'))} overflows "
+            f"({_num(f.get('dropped'))} not taken, {_num(f.get('recovered'))} streams "
+            f"recovered, {_num(f.get('lost'))} lost), {_num(f.get('errors'))} errors")
+    own = f.get("figures") or {}
+    if own:
+        line += "; " + ", ".join(f"{k} {v}" for k, v in own.items())
+    return line
 
 
 def feeds_table(feeds: list[dict[str, Any]]) -> Table:

@@ -40,6 +40,24 @@ FINAL_CLOSE_CODES = frozenset({1002, 1003, 1008, 1009, 4029})
 BUSY_STATUSES = frozenset({429, 503})
 
 
+def market_stream(message: dict[str, Any]) -> tuple[str | None, str]:
+    """The channel and stream key of a market or derived message: a ``bar``'s
+    stream ends with its ``interval`` (``bars:coinbase:BTC-USD:1m``), a depth-N
+    ``book_snapshot``'s with ``depth`` and ``interval_ms`` (``views:...``), a
+    ``quote``'s with ``interval_ms``."""
+    kind = message.get("type", "")
+    channel = CHANNEL_OF_TYPE.get(kind)
+    symbol = message.get("symbol")
+    if kind == "bar":
+        symbol = f"{symbol}:{message.get('interval')}"
+    elif kind == "book_snapshot" and "depth" in message:
+        channel = "views"
+        symbol = f"{symbol}:{message.get('depth')}:{message.get('interval_ms')}"
+    elif kind == "quote":
+        symbol = f"{symbol}:{message.get('interval_ms')}"
+    return channel, f"{channel}:{message.get('exchange')}:{symbol}"
+
+
 class TailError(Exception):
     """The daemon answered ``error`` or closed the connection for good."""
 
@@ -101,13 +119,13 @@ class Resume:
             channel = message.get("channel")
             stream = f"{channel}:{message.get('source')}:{message.get('key')}"
         else:
-            channel = CHANNEL_OF_TYPE.get(message.get("type", ""))
-            stream = f"{channel}:{message.get('exchange')}:{message.get('symbol')}"
+            channel, stream = market_stream(message)
         if channel is None or not isinstance(seq, int):
             return True
         last = self.last.get(stream)
         if last is not None and seq <= last and not (
-                message["type"] == "book_snapshot" and seq == last):
+                (message["type"] == "book_snapshot" or message.get("partial") is True)
+                and seq == last):
             return False
         self.last[stream] = max(seq, last or 0)
         return True

@@ -29,8 +29,10 @@ def ticker(bid: str) -> Ticker:
 
 def test_every_channel_has_a_policy_and_each_is_lossless_or_conflates() -> None:
     assert set(POLICIES) == set(CHANNELS)
-    assert {c for c, p in POLICIES.items() if p.lossless} == {"trades", "system"}
-    assert {c for c, p in POLICIES.items() if p.conflates} == {"book", "ticker", "status"}
+    assert {c for c, p in POLICIES.items() if p.lossless} == {"trades", "system", "whales",
+                                                                "bars"}
+    assert {c for c, p in POLICIES.items() if p.conflates} == {"book", "ticker", "status",
+                                                                 "quote", "views"}
     assert policy_of("declared-later").lossless  # an unknown channel loses nothing
     with pytest.raises(ValueError, match="lossless or conflates"):
         ChannelPolicy(name="bad", lossless=True, conflates=True, late_joiner="history",

@@ -45,6 +45,8 @@ def test_check_config_accepts_the_default_config() -> None:
         ('[exchanges.binance]\nsymbols = ["BTC-USDT"]\nchannels = ["candles"]\n',
          "unknown channel 'candles', expected one of trades, book, ticker @ exchanges.binance.channels"),
         ('log_level = "loud"\n', "'loud' is not one of debug, info, warning, error @ log_level"),
+        ('[derived.bars]\nintervals = ["1x"]\n',
+         "'1x' is not an interval (a number and s, m, h or d: 1s, 1m, 5m) @ derived.bars.intervals"),
         ("[server\n", "not valid TOML"),
         ('[auth]\nenabled = "on"\n',
          'authentication is on (auth.enabled = "on") but no token is configured'),

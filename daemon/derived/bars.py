@@ -71,8 +71,9 @@ class Bucket:
     published: int = 0
 
     def add(self, ts: float, price: str, size: str, side: str) -> None:
-        """Add one trade; raises ``decimal.InvalidOperation`` (and ``ValueError``)
-        for a price or size that is not a decimal string."""
+        """Add one trade; raises ``decimal.InvalidOperation`` (an ``ArithmeticError``)
+        for a price or size that is not a decimal string, ``ValueError`` for one
+        that is not finite or is negative."""
         p = Decimal(price)
         s = Decimal(size)
         if not (p.is_finite() and s.is_finite()) or p < 0 or s < 0:
@@ -132,8 +133,8 @@ class BarSeries:
 
     def trade(self, ts: float, price: str, size: str, side: str) -> Bar | None:
         """Add one trade; returns the revised bar when it is late (else None).
-        Raises ``ValueError`` (``decimal.InvalidOperation`` is one) for a price
-        or size that is not a decimal string: nothing is changed then."""
+        Raises ``ArithmeticError`` or ``ValueError`` for a price or size that is
+        not a decimal string (``Bucket.add``): nothing is changed then."""
         open_time = self.bucket_of(ts)
         if open_time >= self.horizon:
             bucket = self.open.get(open_time)
