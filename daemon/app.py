@@ -42,6 +42,7 @@ from daemon.collectors.watch import WatchCollector
 from daemon.config import Config, ConfigError, ExchangeConfig
 from daemon.derived.bars import BarsComputation
 from daemon.derived.runner import DerivedStream
+from daemon.derived.views import Views
 from daemon.derived.whales import WhalesComputation, usd
 from daemon.dispatch import Dispatcher, Retention
 from daemon.errors import describe
@@ -115,8 +116,10 @@ class App:
         #: every way in (WebSocket, admin socket, HTTP) publishes through this one
         self.publisher = Publisher(self.dispatcher.open_source(), channels, config.publish,
                                    self.epoch)
+        #: the top-of-book views clients ask for (``book`` with ``depth``, ``quote``)
+        self.views = Views(self.dispatcher, self.dispatcher.open_source())
         self.server = BroadcastServer(self.dispatcher, config.server, hello, config.auth,
-                                      publisher=self.publisher)
+                                      publisher=self.publisher, views=self.views)
         self.endpoint: PublishEndpoint | None = None
         if config.publish.listen:
             self.endpoint = PublishEndpoint(self.publisher, config.publish, config.auth)
@@ -145,7 +148,8 @@ class App:
                                           config.reporter))
         #: the derived streams of ``[derived]`` (``daemon.derived``)
         self.derived = self._make_derived()
-        self._health += [DerivedHealth(derived, config.reporter) for derived in self.derived]
+        self._health += [DerivedHealth(derived, config.reporter)
+                         for derived in (*self.derived, self.views)]
         self.reporter = Reporter(
             self.components, self.dispatcher.open_source(), self.notifier, config.reporter,
             time.monotonic(),
@@ -170,6 +174,7 @@ class App:
             await root.start(self.admin.serve)  # first: a second daemon stops here
             for derived in self.derived:  # before the feeds: they read from the first event
                 await root.start(self._run_derived, derived)
+            await root.start(self._run_derived, self.views)
             self._start_tls()
             self.port = await root.start(self.server.serve)
             if self.metrics is not None:
@@ -214,7 +219,7 @@ class App:
         return [DerivedStream(c, self.dispatcher, self.dispatcher.open_source(),
                               config.input_queue) for c in computations]
 
-    async def _run_derived(self, derived: DerivedStream, *,
+    async def _run_derived(self, derived: DerivedStream | Views, *,
                            task_status: trio.TaskStatus[None]) -> None:
         """Run one derived stream, restarted with backoff when its task fails (its
         health is unhealthy meanwhile); ``started`` once it has subscribed."""
@@ -235,13 +240,18 @@ class App:
 
     # -- feeds -------------------------------------------------------------------------
 
-    def _make_feed(self, name: str, exchange: ExchangeConfig) -> Feed:
+    def _make_feed(self, name: str, exchange: ExchangeConfig, key: str | None = None) -> Feed:
         """The collector of ``exchange``'s mode, its polling fallback (native and
-        watch modes, unless ``fallback_after`` is 0) and its health object."""
+        watch modes, unless ``fallback_after`` is 0) and its health object; ``key``:
+        the feed's name (``coinbase/poll`` for symbols of another mode), by default
+        the exchange's ``name``."""
         collector: Collector
         if exchange.mode == "poll":
+            # a poll mode beside native symbols (``symbols_mode``) polls the same
+            # exchange: ccxt's id of tickwire's (``coinbase``: Coinbase Exchange)
             collector = PollCollector(name, exchange, self.config.reconnect,
-                                      self.dispatcher.open_source())
+                                      self.dispatcher.open_source(),
+                                      ccxt_id=CCXT_IDS.get(name, name) if key else None)
         elif exchange.mode == "watch":
             # ccxt's id of tickwire's exchange (``coinbase``: Coinbase Exchange)
             collector = WatchCollector(name, exchange, self.config.reconnect,
@@ -255,19 +265,25 @@ class App:
         if exchange.mode in ("native", "watch") and exchange.fallback_after > 0:
             fallback = Fallback(collector, partial(self._fallback_poller, name, exchange),
                                 exchange.fallback_after)
-        health = FeedHealth(name, collector, fallback, self.dispatcher, self.config.reporter)
-        return Feed(name, exchange, collector, fallback, health)
+        health = FeedHealth(name, collector, fallback, self.dispatcher, self.config.reporter,
+                            label=key)
+        return Feed(key or name, exchange, collector, fallback, health)
 
     async def _start_feed(self, name: str, exchange: ExchangeConfig) -> None:
+        """Start ``name``'s feeds: one per mode its symbols use (``symbols_mode``):
+        the feed ``name`` for ``mode``'s symbols, ``name/MODE`` for the others."""
         assert self._root is not None
-        feed = self._make_feed(name, exchange)
-        self.feeds[name] = feed
-        self.collectors[name] = feed.collector
-        if feed.fallback is not None:
-            self.fallbacks[name] = feed.fallback
-        else:
-            self.fallbacks.pop(name, None)
-        await self._root.start(self._run_feed, feed)
+        self.collectors.pop(name, None)
+        self.fallbacks.pop(name, None)
+        for mode, group in exchange.groups():
+            key = name if mode == exchange.mode else f"{name}/{mode}"
+            feed = self._make_feed(name, group, key if exchange.symbols_mode else None)
+            self.feeds[key] = feed
+            if key == name:
+                self.collectors[name] = feed.collector
+                if feed.fallback is not None:
+                    self.fallbacks[name] = feed.fallback
+            await self._root.start(self._run_feed, feed)
 
     async def _run_feed(self, feed: Feed, *, task_status: trio.TaskStatus[None]) -> None:
         try:
@@ -283,11 +299,13 @@ class App:
             feed.done.set()
 
     async def _stop_feed(self, name: str) -> None:
-        feed = self.feeds.pop(name)
+        """Stop ``name``'s feeds (each mode's)."""
         self.collectors.pop(name, None)
         self.fallbacks.pop(name, None)
-        feed.scope.cancel()
-        await feed.done.wait()
+        for key in [k for k in self.feeds if k == name or k.startswith(f"{name}/")]:
+            feed = self.feeds.pop(key)
+            feed.scope.cancel()
+            await feed.done.wait()
 
     def _fallback_poller(self, name: str, exchange: ExchangeConfig) -> PollCollector:
         return PollCollector(

@@ -26,6 +26,8 @@ from daemon.channels import PUBLISHED, ChannelPolicy, Kind, Retention, published
 from daemon.events import MARKET_CHANNELS
 
 NATIVE_EXCHANGES = ("binance", "binanceus", "coinbase", "kraken")
+#: How an exchange (or one of its symbols) is collected.
+MODES = ("native", "poll", "watch")
 
 
 class ConfigError(ValueError):
@@ -493,13 +495,39 @@ class ExchangeConfig:
 
     symbols: list[str] = attrs.field(validator=_symbols)
     channels: list[str] = attrs.field(default=list(MARKET_CHANNELS), validator=_channels)
-    mode: str = attrs.field(default="native", validator=_one_of("native", "poll", "watch"))
+    mode: str = attrs.field(default="native", validator=_one_of(*MODES))
     depth: int = attrs.field(default=100, validator=_positive)
     interval: float = attrs.field(default=2.0, validator=_positive)
     fallback_after: float = attrs.field(default=30.0, validator=_non_negative)
     rest_url: str = ""
     ws_url: str = ""
     credentials_env: str = attrs.field(default="", validator=_credentials_env)
+    symbols_mode: dict[str, str] = attrs.field(factory=dict)
+
+    @symbols_mode.validator
+    def _symbols_mode(self, attribute: attrs.Attribute[Any], value: dict[str, str]) -> None:
+        for symbol, mode in value.items():
+            if symbol not in self.symbols:
+                raise ValueError(f"symbols_mode: {symbol!r} is not one of this exchange's symbols")
+            if mode not in MODES:
+                raise ValueError(f"symbols_mode: {mode!r} (of {symbol}) is not one of "
+                                 f"{', '.join(MODES)}")
+
+    def modes(self) -> set[str]:
+        """Every mode this exchange's symbols use."""
+        return {mode for mode, _ in self.groups()}
+
+    def groups(self) -> list[tuple[str, ExchangeConfig]]:
+        """The symbols by mode (``symbols_mode`` overriding ``mode``): each mode's
+        own ``ExchangeConfig`` with its symbols, ``mode`` first; modes with no
+        symbol left out."""
+        groups = []
+        for mode in (self.mode, *sorted(set(MODES) - {self.mode})):
+            symbols = [s for s in self.symbols if self.symbols_mode.get(s, self.mode) == mode]
+            if symbols:
+                groups.append((mode, attrs.evolve(self, symbols=symbols, mode=mode,
+                                                  symbols_mode={})))
+        return groups
 
     def credentials(self) -> dict[str, str]:
         """ccxt's credential settings (``apiKey``, ``secret``, ``password``,
@@ -548,9 +576,9 @@ class Config:
 
     @exchanges.validator
     def _known(self, attribute: attrs.Attribute[Any], value: dict[str, ExchangeConfig]) -> None:
-        polled = [name for name, exchange in value.items() if exchange.mode == "poll"]
+        polled = [name for name, exchange in value.items() if "poll" in exchange.modes()]
         for name, exchange in value.items():
-            if exchange.mode == "native" and name not in NATIVE_EXCHANGES:
+            if "native" in exchange.modes() and name not in NATIVE_EXCHANGES:
                 raise ValueError(
                     f"exchanges: {name!r} has no native collector (native ones are "
                     f"{', '.join(NATIVE_EXCHANGES)}); set mode = \"poll\" to poll it "
@@ -562,7 +590,7 @@ class Config:
             unknown = [name for name in polled if name not in ccxt.exchanges]
             if unknown:
                 raise ValueError(f"exchanges: ccxt knows no exchange {unknown[0]!r}")
-        watched = [name for name, exchange in value.items() if exchange.mode == "watch"]
+        watched = [name for name, exchange in value.items() if "watch" in exchange.modes()]
         if watched:
             import ccxt.pro
 

@@ -182,7 +182,9 @@ class _Samples:
 class FeedHealth:
     """One exchange feed: its collector (native, poll or watch), its polling
     fallback if any, and its books as the dispatcher holds them. Criticality
-    ``degraded``. Reads only the collector's ``statistics()``.
+    ``degraded``. Reads only the collector's ``statistics()``. ``label``: the
+    feed's name where it is not the exchange's (``coinbase/poll``: the symbols
+    ``symbols_mode`` polls); ``figures["symbols_mode"]``: each symbol's mode.
 
     - unhealthy: the connection is not up (``connecting``, ``reconnecting``, ``stale``,
       ``failed``), unless the polling fallback serves it (then degraded); the
@@ -197,10 +199,10 @@ class FeedHealth:
 
     def __init__(
         self, exchange: str, collector: Collector, fallback: Fallback | None,
-        dispatcher: Dispatcher, config: ReporterConfig,
+        dispatcher: Dispatcher, config: ReporterConfig, label: str | None = None,
     ) -> None:
         self.exchange = exchange
-        self.name = f"feed:{exchange}"
+        self.name = f"feed:{label or exchange}"
         self.collector = collector
         self.fallback = fallback
         self.dispatcher = dispatcher
@@ -261,6 +263,8 @@ class FeedHealth:
                 "checksum_ok", "checksum_mismatch", "malformed")},
             "books": books,
             "symbols": dict(stats.symbols),
+            "symbols_mode": {symbol: stats.mode for symbol in getattr(
+                getattr(self.collector, "cfg", None), "symbols", stats.symbols)},
             "last_error": stats.last_error,
             "last_error_age": stats.last_error_age,
         }

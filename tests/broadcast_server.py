@@ -12,6 +12,7 @@ import trio
 
 from daemon.broadcast.server import BroadcastServer
 from daemon.config import AuthConfig, ServerConfig
+from daemon.derived.views import Views
 from daemon.dispatch import Dispatcher, Retention
 from daemon.events import Ticker, Trade
 from daemon.exchanges.coinbase import CoinbaseFeed, parse_markets
@@ -28,22 +29,28 @@ class Running:
     dispatcher: Dispatcher
     server: BroadcastServer
     url: str
+    views: Views | None = None
 
 
 async def start(nursery, retention=None, auth: AuthConfig | None = None,
                 hello: dict | None = None, listen: str = "127.0.0.1:0",
-                ssl_context: ssl.SSLContext | None = None, **server) -> Running:
+                ssl_context: ssl.SSLContext | None = None, views: bool = False,
+                **server) -> Running:
     """A dispatcher and a broadcast server in ``nursery``, listening on ``listen``
-    (a free port by default; TLS with ``ssl_context``); ``server``: more
-    ``ServerConfig`` fields."""
+    (a free port by default; TLS with ``ssl_context``; with ``views``, the
+    top-of-book views task too); ``server``: more ``ServerConfig`` fields."""
     dispatcher = Dispatcher(256, retention or {
         "trades": Retention(1000, 3600), "book": Retention(1000, 60),
         "ticker": Retention(100, 60), "system": Retention(100, 60)})
     config = ServerConfig(listen=listen, **server)
-    broadcast = BroadcastServer(dispatcher, config, hello or HELLO, auth, ssl_context)
+    built = Views(dispatcher, dispatcher.open_source()) if views else None
+    broadcast = BroadcastServer(dispatcher, config, hello or HELLO, auth, ssl_context,
+                                views=built)
     await nursery.start(dispatcher.serve)
+    if built is not None:
+        await nursery.start(built.run)
     port = await nursery.start(broadcast.serve)
-    return Running(dispatcher, broadcast, f"{broadcast.scheme}://127.0.0.1:{port}")
+    return Running(dispatcher, broadcast, f"{broadcast.scheme}://127.0.0.1:{port}", built)
 
 
 def coinbase_events(captures: Path) -> list:

@@ -520,3 +520,28 @@ async def test_every_trade_once_to_a_client_from_the_start(captures: Path, rec: 
         else:  # a late subscriber starts at the latest ticker; every one was numbered
             assert numbers[-1] == tickers[symbol]
     assert {symbol for kind, symbol in seqs if kind == "ticker"} == set(tickers)
+
+
+def test_rest_ticker_is_the_last_ticker_played(rec: Recorded) -> None:
+    """``/products/<id>/ticker`` (what ccxt's ``fetchTicker`` asks, e.g. for a
+    symbol polled beside streamed ones): 404 before anything was played, then the
+    book's best bid and offer, then the last recorded ticker frame's fields."""
+    venue = new_venue(rec)
+    assert venue.rest("/products/SKL-USD/ticker")[0] == 404
+    first_ticker = rec.index("ticker", "SKL-USD")
+    snapshot = rec.index("snapshot", "SKL-USD")
+    if snapshot < first_ticker:
+        play(venue, rec.tape[: snapshot + 1])
+        status, body = venue.rest("/products/SKL-USD/ticker")
+        book = rec.books_after(snapshot + 1)["SKL-USD"]
+        answer = json.loads(body)
+        assert status == 200
+        assert Decimal(answer["bid"]) == max(Decimal(p) for p in book[0])
+        assert Decimal(answer["ask"]) == min(Decimal(p) for p in book[1])
+    play(venue, rec.tape[:len(rec.tape)])
+    last = [m for m in rec.decoded if m["type"] == "ticker" and m["product_id"] == "SKL-USD"][-1]
+    status, body = venue.rest("/products/SKL-USD/ticker")
+    assert status == 200 and json.loads(body) == {
+        "trade_id": last["trade_id"], "price": last["price"], "size": last["last_size"],
+        "time": last["time"], "bid": last["best_bid"], "ask": last["best_ask"],
+        "volume": last["volume_24h"]}

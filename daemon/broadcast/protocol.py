@@ -3,7 +3,7 @@
 Client ops (see docs/protocol.md)::
 
     {"op":"subscribe","id":1,"channels":["trades","book"],"symbols":["binance:*"],"history":100,
-     "since":{"trades:binance:NKN-USDT":1234},"epoch":"...","throttle_ms":250}
+     "since":{"trades:binance:NKN-USDT":1234},"epoch":"...","throttle_ms":250,"depth":10}
     {"op":"unsubscribe","id":2,"channels":["trades"],"symbols":["binance:*"]}
     {"op":"ping","id":3}
     {"op":"publish","id":4,"channel":"signals","source":"momentum","key":"BTC-USD","data":{...}}
@@ -50,6 +50,8 @@ TOO_MANY_THROTTLED = "too_many_throttled"
 
 #: The most retained messages a subscribe may ask for (more is an error, not clamped).
 MAX_HISTORY = 1000
+#: The deepest book view a subscribe may ask for (``depth``).
+MAX_DEPTH = 1000
 
 
 class RequestError(ValueError):
@@ -67,7 +69,9 @@ class RequestError(ValueError):
 class Subscribe:
     """Subscribe to ``channels`` x ``symbols``; ``history``: retained trades to send;
     ``since``: ``{stream: last seq seen}`` to recover, with the ``epoch`` it was seen
-    in; ``throttle_ms``: at most one book or ticker message per stream per interval."""
+    in; ``throttle_ms``: at most one book or ticker message per stream per interval;
+    ``depth``: the ``book`` streams as views of their top N levels
+    (``daemon.derived.views``), 0: whole books."""
 
     id: Any
     channels: tuple[str, ...]
@@ -76,6 +80,7 @@ class Subscribe:
     since: dict[str, int] = attrs.field(factory=dict)
     epoch: str | None = None
     throttle_ms: int = 0
+    depth: int = 0
 
 
 @attrs.frozen
@@ -133,7 +138,7 @@ def parse_request(text: str | bytes,
                        message={k: v for k, v in obj.items() if k not in ("op", "id")})
     if op in ("subscribe", "unsubscribe"):
         allowed = {"op", "id", "channels", "symbols"} | (
-            {"history", "since", "epoch", "throttle_ms"} if op == "subscribe" else set()
+            {"history", "since", "epoch", "throttle_ms", "depth"} if op == "subscribe" else set()
         )
         _only(obj, allowed, request_id)
         names = _strings(obj, "channels", request_id)
@@ -181,9 +186,16 @@ def parse_request(text: str | bytes,
         if isinstance(throttle, bool) or not isinstance(throttle, int) or not 0 <= throttle <= 60_000:
             raise RequestError(
                 INVALID_REQUEST, "throttle_ms must be an integer from 0 to 60000", request_id)
+        depth = obj.get("depth", 0)
+        if (isinstance(depth, bool) or not isinstance(depth, int)
+                or not 0 <= depth <= MAX_DEPTH):
+            raise RequestError(
+                INVALID_REQUEST, f"depth must be an integer from 1 to {MAX_DEPTH}", request_id)
+        if depth and "book" not in names:
+            raise RequestError(INVALID_REQUEST, "depth applies to the book channel", request_id)
         return Subscribe(
             id=request_id, channels=names, symbols=symbols, history=history,
-            since=since, epoch=epoch, throttle_ms=throttle,
+            since=since, epoch=epoch, throttle_ms=throttle, depth=depth,
         )
     if op is None:
         raise RequestError(INVALID_REQUEST, "missing op", request_id)

@@ -14,6 +14,7 @@ passed in (seconds, any monotonic clock); nothing here reads a socket or a clock
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import attrs
@@ -25,6 +26,7 @@ from daemon.broadcast.protocol import (
     THROTTLE_TOO_LOW,
     TOO_MANY_SUBSCRIPTIONS,
     TOO_MANY_THROTTLED,
+    UNKNOWN_CHANNEL,
     Ping,
     Publish,
     RequestError,
@@ -34,6 +36,7 @@ from daemon.broadcast.protocol import (
 )
 from daemon.broadcast.queue import ClientQueue, throttle_patterns
 from daemon.config import ServerConfig
+from daemon.derived.views import Views, view_pattern
 from daemon.dispatch import Dispatcher, Message
 
 #: Close code for a client that stays above the request rate (docs/protocol.md).
@@ -98,11 +101,14 @@ class RequestHandler:
     subscriber, as the dispatcher knows it). ``grant``: what its token allows;
     ``config``: ``max_subscriptions``, ``max_messages_per_second``,
     ``rate_limit_grace``, ``min_throttle_ms``, ``max_throttled`` (given to the
-    queue too); ``epoch``: the server's, for recovery with ``since``."""
+    queue too); ``epoch``: the server's, for recovery with ``since``; ``views``: the
+    top-of-book views (``book`` with ``depth``, ``quote``; None: not served)."""
 
     def __init__(self, queue: ClientQueue, dispatcher: Dispatcher, grant: Grant,
-                 config: ServerConfig, epoch: str, now: float) -> None:
+                 config: ServerConfig, epoch: str, now: float,
+                 views: Views | None = None) -> None:
         self.dispatcher = dispatcher
+        self.views = views
         self.queue = queue
         queue.max_throttled = config.max_throttled
         self.grant = grant
@@ -143,6 +149,16 @@ class RequestHandler:
     def _unsubscribe(self, request: Unsubscribe) -> Answer:
         self.dispatcher.unsubscribe(self.queue, request.channels, request.symbols)
         self.queue.unthrottle((c, s) for c in request.channels for s in request.symbols)
+        # a book's views at any depth and interval, a quote at any interval
+        held = self.dispatcher.subscriptions.get(self.queue, set())
+        for channel, view_channel, tail in (("book", "views", r":\d+:\d+"),
+                                            ("quote", "quote", r":\d+")):
+            if channel in request.channels:
+                for symbol in request.symbols:
+                    shape = re.compile(re.escape(symbol) + tail)
+                    patterns = [p for c, p in held if c == view_channel and shape.fullmatch(p)]
+                    if patterns:
+                        self.dispatcher.unsubscribe(self.queue, [view_channel], patterns)
         return Answer(replies=({"type": "ack", "id": request.id, "op": "unsubscribe",
                                 "channels": request.channels, "symbols": request.symbols},))
 
@@ -153,28 +169,61 @@ class RequestHandler:
                     raise RequestError(
                         FORBIDDEN, f"this token may not subscribe to {channel} {symbol}",
                         request.id)
+        groups = self._groups(request)
         pairs = self.dispatcher.subscriptions.get(self.queue, set())
-        new = {(c, s) for c in request.channels for s in request.symbols} - pairs
+        new = {(c, s) for channels, symbols in groups for c in channels for s in symbols} - pairs
         if len(pairs) + len(new) > self.config.max_subscriptions:
             raise RequestError(
                 TOO_MANY_SUBSCRIPTIONS,
                 f"at most {self.config.max_subscriptions} channel x symbol pairs", request.id)
+        # views are throttled where they are built; the others by the client's queue
+        throttled = {(c, s) for c, s in new if c not in ("views", "quote")}
         if request.throttle_ms:
-            self._check_throttle(request, new)
+            self._check_throttle(request, throttled)
         since = request.since
         epoch_ok = request.epoch is None or request.epoch == self.epoch
         if request.throttle_ms:
-            self.queue.throttle(new, request.throttle_ms / 1000)
-        initial, recovered = self.dispatcher.subscribe(
-            self.queue, request.channels, request.symbols, request.history,
-            since if epoch_ok else None,
-        )
+            self.queue.throttle(throttled, request.throttle_ms / 1000)
+        if self.views is not None:
+            if request.depth and "book" in request.channels:
+                self.views.want("book", request.depth, request.throttle_ms, request.symbols)
+            if "quote" in request.channels:
+                self.views.want("quote", 1, request.throttle_ms, request.symbols)
+        initial: list[Message] = []
+        recovered: dict[str, bool] = {}
+        for channels, symbols in groups:
+            messages, found = self.dispatcher.subscribe(
+                self.queue, channels, symbols, request.history, since if epoch_ok else None)
+            initial += messages
+            recovered.update({k: v for k, v in found.items() if v or k not in recovered})
         ack: dict[str, Any] = {"type": "ack", "id": request.id, "op": "subscribe",
                                "channels": request.channels, "symbols": request.symbols}
+        if request.depth:
+            ack["depth"] = request.depth
         if since:
             ack["recovered"] = {key: recovered.get(key, False) for key in since}
             ack["epoch"] = self.epoch
         return Answer(replies=(ack,), initial=tuple(initial))
+
+    def _groups(self, request: Subscribe) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        """The request's channels x symbols as the dispatcher's (channels, patterns):
+        ``book`` with ``depth`` and ``quote`` become ``views`` and ``quote`` patterns
+        (``daemon.derived.views.view_pattern``); raises ``RequestError`` when this
+        server builds no views."""
+        depth, interval = request.depth, request.throttle_ms
+        plain = tuple(c for c in request.channels
+                      if c != "quote" and not (c == "book" and depth))
+        groups = [(plain, request.symbols)] if plain else []
+        viewed = [kind for kind in ("book", "quote") if kind in request.channels
+                  and (kind == "quote" or depth)]
+        if viewed and self.views is None:
+            raise RequestError(UNKNOWN_CHANNEL, "this server builds no book views "
+                               "(depth, quote)", request.id)
+        for kind in viewed:
+            channel = "views" if kind == "book" else "quote"
+            groups.append(((channel,), tuple(view_pattern(kind, s, depth, interval)
+                                             for s in request.symbols)))
+        return groups
 
     def _check_throttle(self, request: Subscribe, new: set[tuple[str, str]]) -> None:
         """Refuse a throttle under ``min_throttle_ms``, or one that would make the

@@ -46,6 +46,7 @@ from daemon.broadcast.connection import (
 )
 from daemon.broadcast.session import CLOSE_GOING_AWAY, ServerCounters, Session
 from daemon.config import AuthConfig, ServerConfig
+from daemon.derived.views import Views
 from daemon.dispatch import Dispatcher
 from daemon.limits import CAPACITY_ERRNOS, Spares
 from daemon.listen import open_listeners
@@ -118,8 +119,12 @@ class BroadcastServer:
         auth: AuthConfig | None = None,
         ssl_context: ssl.SSLContext | None = None,
         publisher: Publisher | None = None,
+        views: Views | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        #: builds the top-of-book views clients ask for (None: ``depth`` and ``quote``
+        #: are refused)
+        self.views = views
         self.config = config
         self.hello = hello
         #: takes the clients' ``publish`` requests (none: clients cannot publish)
@@ -346,7 +351,7 @@ class BroadcastServer:
             return
         await conn.accept()
         session = Session(conn, remote, self.dispatcher, self.config, self.hello, verdict,
-                          self.counters, self.coalescer, self.publisher)
+                          self.counters, self.coalescer, self.publisher, self.views)
         self.connections += 1
         self.sessions.add(session)
         log.info("broadcast: client %s connected (%s)", remote, verdict.name)

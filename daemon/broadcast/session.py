@@ -47,6 +47,7 @@ from daemon.broadcast.queue import ClientQueue, QueueHooks
 from daemon.broadcast.requests import Answer, RequestHandler
 from daemon.broadcast.writer import Writer, open_writer
 from daemon.config import ServerConfig
+from daemon.derived.views import Views
 from daemon.dispatch import Dispatcher
 from daemon.publish.publisher import Publisher
 from daemon.wire import encode
@@ -125,6 +126,7 @@ class Session:
         shared: ServerCounters,
         coalescer: Coalescer,
         publisher: Publisher | None = None,
+        views: Views | None = None,
     ) -> None:
         self.conn = conn
         self.remote = remote
@@ -139,7 +141,7 @@ class Session:
             ready=coalescer.marker(self), wake=self._wake_writer,
             conflated=self._conflated, slow_consumer=self._slow_consumer))
         self.requests = RequestHandler(self.queue, dispatcher, grant, config,
-                                       str(hello["epoch"]), trio.current_time())
+                                       str(hello["epoch"]), trio.current_time(), views)
         self.counters = SessionCounters()
         self.close_code: int | None = None
         self.close_reason = ""

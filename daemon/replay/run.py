@@ -148,7 +148,9 @@ async def serve_replay(
     """Run emulators for ``paths`` and the daemon on them until cancelled.
 
     ``config`` gives everything but the exchanges, which come from the captures
-    (their recorded symbols and channels); ``faults`` by exchange id. ``loop``
+    (their recorded symbols and channels), except an exchange section's
+    ``symbols_mode`` and ``interval`` (symbols polled while the others stream);
+    ``faults`` by exchange id. ``loop``
     plays every tape again and again, each pass continuing the last (``passes``:
     at most that many, for tests); ``rate`` is in exchange frames per second per
     emulator and overrides ``speed`` (see ``daemon.replay.emulator``). ``via``:
@@ -201,6 +203,8 @@ async def serve_replay(
                 raise CaptureError(
                     f"the {exchange} WebSocket recordings subscribe to no market that "
                     f"{prefix}.0 lists: give files recorded together")
+            # a section of the config for this exchange may poll some symbols
+            section = config.exchanges.get(exchange)
             exchanges[exchange] = ExchangeConfig(
                 symbols=symbols,
                 channels=channels,
@@ -208,6 +212,9 @@ async def serve_replay(
                 rest_url=address.rest_url,
                 ws_url=address.ws_url,
                 mode="watch" if via == "ccxt" else "native",
+                symbols_mode={s: m for s, m in section.symbols_mode.items() if s in symbols}
+                if section is not None else {},
+                interval=section.interval if section is not None else 2.0,
             )
         app = App(attrs.evolve(config, exchanges=exchanges))
         await nursery.start(app.run)

@@ -220,6 +220,7 @@ class CoinbaseVenue:
         self.books: dict[str, L2Book] = {}
         self.trades: dict[str, SortedDict] = {}
         self.sequence: dict[str, int] = {}  # product id -> last match/ticker sequence
+        self.tickers: dict[str, dict[str, Any]] = {}  # product id -> last ticker frame
         # looping (rule 6), from prepare_loop
         self._spans: dict[str, _Spans] = {}
         self._once: set[Received] = set()  # recorded frames later passes leave out
@@ -388,6 +389,7 @@ class CoinbaseVenue:
                 return f"matches:{product}"
             if kind == "ticker":
                 self._record_sequence(product, msg.get("sequence"))
+                self.tickers[product] = msg
                 return f"ticker:{product}"
             if kind == "heartbeat":
                 return f"heartbeat:{product}"
@@ -575,7 +577,33 @@ class CoinbaseVenue:
             return self._rest_trades(product, query)
         if len(segments) == 4 and segments[3] == "book":
             return self._rest_book(product, query)
+        if len(segments) == 4 and segments[3] == "ticker":
+            return self._rest_ticker(product)
         return 404, _NOT_FOUND
+
+    def _rest_ticker(self, product: str) -> tuple[int, bytes]:
+        """``/products/<id>/ticker`` (Coinbase Exchange's shape: ``trade_id``,
+        ``price``, ``size``, ``time``, ``bid``, ``ask``, ``volume``): from the last
+        ticker frame played, else the book's best bid and offer and the last trade
+        played; 404 before any of them."""
+        ticker = self.tickers.get(product)
+        if ticker is not None:
+            body = {"trade_id": ticker.get("trade_id"), "price": ticker.get("price"),
+                    "size": ticker.get("last_size"), "time": ticker.get("time"),
+                    "bid": ticker.get("best_bid"), "ask": ticker.get("best_ask"),
+                    "volume": ticker.get("volume_24h")}
+            return 200, orjson.dumps(body)
+        book = self.books.get(product)
+        trades = self.trades.get(product)
+        if book is None and not trades:
+            return 404, _NOT_FOUND
+        last = trades.peekitem(-1)[1] if trades else {}
+        bid = book.best_bid() if book is not None else None
+        ask = book.best_ask() if book is not None else None
+        return 200, orjson.dumps({
+            "trade_id": last.get("trade_id"), "price": last.get("price"),
+            "size": last.get("size"), "time": last.get("time"),
+            "bid": bid[0] if bid else None, "ask": ask[0] if ask else None, "volume": "0"})
 
     def _currencies(self) -> bytes:
         """``/currencies``: the recorded products' base and quote currencies, online,
