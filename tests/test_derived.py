@@ -414,6 +414,16 @@ def test_bar_series_revises_skipped_and_refuses_too_late() -> None:
 # -- isolation: a derived stream that raises or stalls ----------------------------------
 
 
+class Stuck:
+    """Where a stalled stream's output goes: a downstream that never takes it."""
+
+    async def publish(self, events: object) -> None:
+        await trio.sleep_forever()
+
+    async def send(self, event: object) -> None:
+        await trio.sleep_forever()
+
+
 class Raises:
     """A computation with a bug: it raises on every trade of SKL-USD."""
 
@@ -449,9 +459,8 @@ async def test_a_derived_stream_that_raises_or_stalls_stops_nothing_else(
     async with trio.open_nursery() as nursery:
         await nursery.start(dispatcher.serve)
         raising = DerivedStream(Raises(), dispatcher, dispatcher.open_source(), 1000)
-        stuck_send, stuck_receive = trio.open_memory_channel[Event](0)  # nobody reads it
         stalled = DerivedStream(WhalesComputation(Decimal(1), {}, ["*"]), dispatcher,
-                                stuck_send, 20)
+                                Stuck(), 20)
         bars = DerivedStream(BarsComputation(["5s"], 1.0, "skip", 1000, ["*"]), dispatcher,
                              dispatcher.open_source(), 1000)
         for derived in (raising, stalled, bars):

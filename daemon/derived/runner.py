@@ -18,8 +18,8 @@ Theory of operation
    counted in ``lost`` and logged. State streams (tickers, books) just start
    again from their latest state. Nothing is lost silently.
 4. Outputs go into the dispatcher through a ``Source`` (``Dispatcher.open_source``)
-   with ``send``: when the dispatcher is full this task waits (backpressure), and
-   its own input fills instead of the dispatcher's.
+   with ``publish``: each batch in order, in one step (a source that makes the
+   task wait, backpressure, fills its own input instead of the dispatcher's).
 5. A computation that raises on a message or a tick: the error is counted in
    ``errors``, logged (its first and then once a minute), and the message is
    skipped; the task goes on. An error of the task itself ends ``run``: the app
@@ -199,9 +199,11 @@ class DerivedStream:
                         outputs += computation.tick(now)
                     except Exception as exc:
                         self._error(exc, "tick")
-                for event in outputs:
-                    await self.source.send(event)
-                    self.published += 1
+                if outputs:
+                    # in order, in this step (``Source.publish``): a bar is never
+                    # overtaken by the next one
+                    await self.source.publish(outputs)
+                    self.published += len(outputs)
                 if source.overflowed and not source.items:
                     source.items.extend(self._resync(source))
                 await trio.lowlevel.checkpoint()

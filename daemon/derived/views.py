@@ -204,9 +204,10 @@ class Views:
                     with trio.move_on_at(min(due, next_prune)):
                         await self._wake.wait()
                     continue
-                for event in self.build(now):
-                    await self.source.send(event)
-                    self.published += 1
+                events = self.build(now)
+                if events:
+                    await self.source.publish(events)  # in order, in this step
+                    self.published += len(events)
         finally:
             self.running = False
             self.dispatcher.remove(self)
