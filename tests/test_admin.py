@@ -63,7 +63,8 @@ async def test_status_during_a_replay_shows_every_feed_healthy_with_live_figures
         assert status["version"] and status["epoch"] and status["pid"] and status["uptime"] > 0
         assert {c["name"]: c["criticality"] for c in status["components"]} == {
             "dispatcher": "critical", "server": "critical", "admin": "critical",
-            "publish": "degraded", "feed:binance": "degraded", "feed:coinbase": "degraded", "feed:kraken": "degraded"}
+            "publish": "degraded", "derived views": "degraded", "feed:binance": "degraded",
+            "feed:coinbase": "degraded", "feed:kraken": "degraded"}
         for feed in feeds.values():
             f = feed["figures"]
             assert f["state"] == "subscribed" and f["last_message_age"] < 5
@@ -91,7 +92,7 @@ async def test_status_during_a_replay_shows_every_feed_healthy_with_live_figures
             assert result.returncode == 0, result.stderr
             table = result.stdout.decode()
             for word in ("healthy", "binance", "coinbase", "kraken", client["address"],
-                         "book:kraken:*"):
+                         "book:kraken:*", "derived views: "):
                 assert word in table
             result = await run_cli("status", "--socket", str(sock), "--json")
             assert result.returncode == 0

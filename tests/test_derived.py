@@ -560,3 +560,13 @@ def test_the_default_config_derives_whales_and_minute_bars() -> None:
     derived = load_config().derived
     assert derived.whales.enabled and derived.whales.threshold == 100_000
     assert derived.bars.intervals == ["1m"] and derived.bars.empty_bars == "carry"
+
+
+def test_a_long_silence_is_carried_a_thousand_bars_at_a_time() -> None:
+    series = BarSeries("x", "A-B", "1s", 1, 0.0, "carry")
+    series.trade(10.5, "2", "1", "buy")
+    first = series.close_due(5000.0)
+    assert len(first) == 1000 and first[0].count == 1 and first[-1].close == "2"
+    assert series.next_close() <= 5000.0  # still due: the next call goes on
+    rest = series.close_due(5000.0)
+    assert [b.open_time for b in rest][0] == first[-1].open_time + 1 and len(rest) == 1000

@@ -42,11 +42,25 @@ if TYPE_CHECKING:
 
 #: Closed bars kept per series for revisions by late trades.
 KEPT = 100
+#: Bars one ``close_due`` call makes at most (a long silence carried at 1 s is many
+#: empty bars: made a thousand at a time, the task stays responsive).
+MOST_PER_CALL = 1000
 #: Exact sums and products (far more digits than any price x size has).
 _EXACT = Context(prec=60)
 #: The VWAP's division: Python's default precision.
 _DIVIDE = Context(prec=28)
 _ZERO = Decimal(0)
+
+
+def parse(price: str, size: str) -> tuple[Decimal, Decimal]:
+    """A trade's price and size as ``Decimal``s; raises ``decimal.InvalidOperation``
+    (an ``ArithmeticError``) for one that is not a decimal string, ``ValueError``
+    for one that is not finite or is negative."""
+    p = Decimal(price)
+    s = Decimal(size)
+    if not (p.is_finite() and s.is_finite()) or p < 0 or s < 0:
+        raise ValueError(f"not a price and size: {price!r} {size!r}")
+    return p, s
 
 
 @attrs.define(slots=True)
@@ -70,14 +84,11 @@ class Bucket:
     #: times published: 0 not yet, 1 once (revision 0), N+1 after revision N
     published: int = 0
 
-    def add(self, ts: float, price: str, size: str, side: str) -> None:
-        """Add one trade; raises ``decimal.InvalidOperation`` (an ``ArithmeticError``)
-        for a price or size that is not a decimal string, ``ValueError`` for one
-        that is not finite or is negative."""
-        p = Decimal(price)
-        s = Decimal(size)
-        if not (p.is_finite() and s.is_finite()) or p < 0 or s < 0:
-            raise ValueError(f"not a price and size: {price!r} {size!r}")
+    def add(self, ts: float, price: str, size: str, side: str,
+            parsed: tuple[Decimal, Decimal] | None = None) -> None:
+        """Add one trade (``parsed``: its price and size from ``parse``, if done
+        already); raises what ``parse`` raises."""
+        p, s = parsed if parsed is not None else parse(price, size)
         if self.count == 0 or p > self.high_d:
             self.high, self.high_d = price, p
         if self.count == 0 or p < self.low_d:
@@ -131,19 +142,23 @@ class BarSeries:
         """The open time of the bucket of exchange time ``ts``."""
         return math.floor(ts / self.seconds) * self.seconds
 
-    def trade(self, ts: float, price: str, size: str, side: str) -> Bar | None:
-        """Add one trade; returns the revised bar when it is late (else None).
-        Raises ``ArithmeticError`` or ``ValueError`` for a price or size that is
-        not a decimal string (``Bucket.add``): nothing is changed then."""
+    def trade(self, ts: float, price: str, size: str, side: str,
+              parsed: tuple[Decimal, Decimal] | None = None) -> Bar | None:
+        """Add one trade (``parsed``: ``parse(price, size)`` if done already);
+        returns the revised bar when it is late (else None). Raises
+        ``ArithmeticError`` or ``ValueError`` for a price or size that is not a
+        decimal string (``parse``): nothing is changed then."""
+        if parsed is None:
+            parsed = parse(price, size)
         open_time = self.bucket_of(ts)
         if open_time >= self.horizon:
             bucket = self.open.get(open_time)
             if bucket is None:
                 bucket = Bucket(open_time)
-                bucket.add(ts, price, size, side)
+                bucket.add(ts, price, size, side, parsed)
                 self.open[open_time] = bucket
             else:
-                bucket.add(ts, price, size, side)
+                bucket.add(ts, price, size, side, parsed)
             if self.cursor is None or open_time < self.cursor:
                 self.cursor = open_time
             self.trades += 1
@@ -156,10 +171,10 @@ class BarSeries:
                 self.too_late += 1
                 return None
             bucket = Bucket(open_time, published=1)  # a skipped interval
-            bucket.add(ts, price, size, side)
+            bucket.add(ts, price, size, side, parsed)
             self._keep(bucket)
         else:
-            bucket.add(ts, price, size, side)
+            bucket.add(ts, price, size, side, parsed)
         self.trades += 1
         self.late += 1
         self.revisions += 1
@@ -175,12 +190,14 @@ class BarSeries:
             return math.inf
         return self.cursor + self.seconds + self.grace
 
-    def close_due(self, now: float) -> list[Bar]:
+    def close_due(self, now: float, most: int = MOST_PER_CALL) -> list[Bar]:
         """The bars whose end plus ``grace`` is at or before exchange time ``now``,
-        in order (empty intervals per ``empty``)."""
+        in order (empty intervals per ``empty``), at most ``most`` (the rest are
+        still due: ``next_close`` says so)."""
         bars: list[Bar] = []
         seconds = self.seconds
-        while self.cursor is not None and self.cursor + seconds + self.grace <= now:
+        while (self.cursor is not None and self.cursor + seconds + self.grace <= now
+               and len(bars) < most):
             cursor = self.cursor
             bucket = self.open.pop(cursor, None)
             if bucket is None and self.carry:
@@ -300,7 +317,9 @@ class BarsComputation:
         try:
             ts = float(payload["ts"])
             price, size, side = payload["price"], payload["size"], payload["side"]
-            revised = [bar for s in series if (bar := s.trade(ts, price, size, side)) is not None]
+            parsed = parse(price, size)  # once for every interval
+            revised = [bar for s in series
+                       if (bar := s.trade(ts, price, size, side, parsed)) is not None]
         except (KeyError, TypeError, ValueError, ArithmeticError):
             self.malformed += 1
             return []

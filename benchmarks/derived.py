@@ -1,0 +1,341 @@
+"""Derived streams benchmark (issue 18): what bars, whales and depth-N views cost.
+
+    python benchmarks/derived.py                     # both parts, about 3 minutes
+    python benchmarks/derived.py --parts alone       # (a) only
+    python benchmarks/derived.py --parts daemon --seconds 10 --rounds 2
+
+A script, not a test: it asserts nothing and prints tables (Markdown).
+
+**(a) alone**: each computation without the daemon, on the Coinbase capture's
+events (``tests/captures/COINBASE.*``, through the real protocol), best of
+``--repeat`` passes, microseconds per input event: ``BarsComputation.take`` per
+trade (intervals 1s, 1m, 5m: three bars per trade) and its ``tick``;
+``WhalesComputation.take`` per trade and per ticker; a depth-10 view's build per
+book event (``Views.build`` after each event: the top 10 levels read from the
+book, compared, a ``BookView`` made when they changed), beside the dispatcher's
+own ``publish`` of the same book event.
+
+**(b) daemon**: ``tickwire replay COINBASE.* --loop --speed max --emulators
+process`` (the emulator in a child process, so the daemon's CPU is its own),
+configurations run one after the other, ``--rounds`` times interleaved, each
+``--seconds`` after ``--warmup``: the daemon's CPU (``/proc``) per exchange frame
+and per event, and the load client's deliveries:
+
+- ``base``: no derived stream, no client;
+- ``whales+bars``: whales (threshold 1,000 USD) and bars 1s, 1m, 5m, no client;
+- ``100 full books``: no derived stream, 100 clients of ``book *``;
+- ``100 depth-10 views``: the same 100 clients with ``"depth": 10``;
+- ``100 depth-10 views, 100 ms``: with ``"throttle_ms": 100``.
+
+The cost of a derived stream per input event is the difference of CPU per frame
+from ``base``, divided by its input events per frame (trades for bars and
+whales). The 100 clients run in one load client process (``fanout.py``'s), whose
+CPU is not the daemon's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import math
+import multiprocessing as mp
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+COINBASE_FILES = ("COINBASE.0", "COINBASE.ws.28.0")
+
+
+def fanout() -> Any:
+    return importlib.import_module("fanout")
+
+
+def ingest() -> Any:
+    return importlib.import_module("ingest")
+
+
+# -- (a) the computations alone ----------------------------------------------------------
+
+
+def coinbase_events(captures: Path) -> list[Any]:
+    from daemon.events import BookSnapshot, BookUpdate, Ticker, Trade
+    from daemon.exchanges.coinbase import CoinbaseFeed, parse_markets
+    from daemon.replay.capture import read_capture
+
+    markets = parse_markets(read_capture(captures / "COINBASE.0").rest[0].body)
+    conn = read_capture(captures / "COINBASE.ws.28.0").connections[0]
+    products = orjson.loads(conn.sent[0][1])["product_ids"]
+    feed = CoinbaseFeed([markets[p] for p in products], ["trades", "book", "ticker"], markets)
+    feed.on_open(0.0)
+    events = []
+    for frame in conn.received:
+        events += [o for o in feed.on_message(frame.text, frame.ts)
+                   if isinstance(o, Trade | Ticker | BookSnapshot | BookUpdate)]
+    return events
+
+
+def best(run: Callable[[], float], repeat: int) -> float:
+    return min(run() for _ in range(repeat))
+
+
+def alone(args: argparse.Namespace) -> str:
+    from daemon.derived.bars import BarsComputation
+    from daemon.derived.views import Views
+    from daemon.derived.whales import WhalesComputation
+    from daemon.dispatch import Dispatcher, Message, Retention
+    from daemon.events import BookSnapshot, BookUpdate
+
+    events = coinbase_events(args.captures)
+    dispatcher = Dispatcher(64, {"trades": Retention(1000, 3600.0), "book": Retention(10, 60.0),
+                                 "ticker": Retention(10, 60.0)})
+    messages: list[Message] = []
+
+    class Keep:
+        def deliver(self, message: Message) -> None:
+            messages.append(message)
+
+    dispatcher.subscribe(Keep(), ["trades", "ticker"], ["*"])
+    books: list[Any] = []
+    for event in events:
+        dispatcher.publish(event)
+        if isinstance(event, BookSnapshot | BookUpdate):
+            books.append(event)
+    trades = [(m.stream, orjson.loads(m.payload)) for m in messages if m.stream.channel == "trades"]
+    tickers = [(m.stream, orjson.loads(m.payload)) for m in messages if m.stream.channel == "ticker"]
+    rows = []
+
+    def per(inputs: list[Any], make: Callable[[], Any], method: str) -> float:
+        def once() -> float:
+            computation = make()
+            call = getattr(computation, method)
+            passes = max(1, 20_000 // len(inputs))
+            started = time.perf_counter()
+            for _ in range(passes):
+                for n, (stream, payload) in enumerate(inputs):
+                    call(stream, payload, float(n))
+            return (time.perf_counter() - started) / (passes * len(inputs)) * 1e6
+        return best(once, args.repeat)
+
+    def bars() -> Any:
+        return BarsComputation(["1s", "1m", "5m"], 1.0, "carry", 1000, ["*"])
+
+    def whales() -> Any:
+        return WhalesComputation(Decimal(1000), {}, ["*"])
+
+    rows.append(("bars 1s+1m+5m: `take`, per trade", per(trades, bars, "take"), len(trades)))
+    rows.append(("whales: `take`, per trade", per(trades, whales, "take"), len(trades)))
+    rows.append(("whales: `take`, per ticker", per(tickers, whales, "take"), len(tickers)))
+
+    def tick() -> float:
+        computation = bars()
+        for n, (stream, payload) in enumerate(trades):
+            computation.take(stream, payload, float(n))
+        started = time.perf_counter()
+        count = 2000
+        for k in range(count):  # every series' due bars and partials, once a second
+            computation.tick(float(len(trades) + k))
+        return (time.perf_counter() - started) / count * 1e6
+    rows.append(("bars: `tick` (10 symbols x 3 intervals)", best(tick, args.repeat), 1))
+
+    # a depth-10 view of every book, built after each book event
+    from daemon.derived.views import View
+
+    def views_once() -> float:
+        d = Dispatcher(64, {"book": Retention(10, 60.0)})
+        v = Views(d, None)  # type: ignore[arg-type]  # build() is sans-IO
+        v.demand.add(("book", 10, 0, "*"))
+        total = 0.0
+        for event in books:
+            d.publish(event)
+            stream = d.streams[f"book:{event.exchange}:{event.symbol}"]
+            view = v.views.get((stream, "book", 10, 0))
+            if view is None:
+                view = v.views[(stream, "book", 10, 0)] = View(stream, "book", 10, 0)
+            v.dirty.add(view)
+            started = time.perf_counter()
+            v.build(0.0)
+            total += time.perf_counter() - started
+        return total / len(books) * 1e6
+
+    def publish_once() -> float:
+        d = Dispatcher(64, {"book": Retention(10, 60.0)})
+        started = time.perf_counter()
+        for event in books:
+            d.publish(event)
+        return (time.perf_counter() - started) / len(books) * 1e6
+
+    rows.append(("depth-10 view: build per book event", best(views_once, args.repeat),
+                 len(books)))
+    rows.append(("(the dispatcher's `publish` of a book event)", best(publish_once, args.repeat),
+                 len(books)))
+    lines = ["| computation | us per input event | inputs |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {us:.2f} | {n:,} |" for name, us, n in rows]
+    return "\n".join(lines)
+
+
+# -- (b) the daemon ---------------------------------------------------------------------
+
+
+CONFIGS: dict[str, tuple[str, dict[str, Any] | None]] = {
+    "base": ("", None),
+    "whales+bars": ('[derived.whales]\nenabled = true\nthreshold = 1000\n'
+                    '[derived.bars]\nintervals = ["1s", "1m", "5m"]\n', None),
+    "100 full books": ("", {"op": "subscribe", "id": 1, "channels": ["book"],
+                            "symbols": ["*"]}),
+    "100 depth-10 views": ("", {"op": "subscribe", "id": 1, "channels": ["book"],
+                                "symbols": ["*"], "depth": 10}),
+    "100 depth-10 views, 100 ms": ("", {"op": "subscribe", "id": 1, "channels": ["book"],
+                                        "symbols": ["*"], "depth": 10, "throttle_ms": 100}),
+}
+
+
+def client_process(port: int, count: int, subscribe: bytes, control: Any) -> None:
+    """fanout.py's load client with this benchmark's subscribe request."""
+    module = fanout()
+    module.SUBSCRIBE = subscribe
+    module.client_process(port, count, True, control)
+
+
+@contextlib.contextmanager
+def replay(args: argparse.Namespace, workdir: Path, extra: str) -> Iterator[tuple[Any, int, Path]]:
+    base = fanout().tickwire_config(workdir, True)
+    config = workdir / "derived.toml"
+    config.write_text(base.read_text() + "\n" + extra)
+    port = fanout().free_port()
+    files = [str(args.captures / name) for name in COINBASE_FILES]
+    command = [sys.executable, "-m", "daemon.cli", "replay", *files, "--loop", "--speed", "max",
+               "--listen", f"127.0.0.1:{port}", "--config", str(config),
+               "--emulators", "process"]
+    log = (workdir / "daemon.log").open("wb")
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    admin = workdir / "admin.sock"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError((workdir / "daemon.log").read_text()[-2000:])
+            with contextlib.suppress(OSError, ValueError):
+                if ingest().daemon_counters(admin)[0] > 0:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the daemon did not start within 60 s")
+            time.sleep(0.2)
+        yield proc, port, admin
+    finally:
+        fanout().stop(proc)
+        log.close()
+
+
+def measure(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    extra, subscribe = CONFIGS[name]
+    module = fanout()
+    with replay(args, workdir, extra) as (proc, port, admin):
+        clients: list[tuple[Any, Any]] = []
+        if subscribe is not None:
+            parent, child = mp.get_context("fork").Pipe()
+            worker = mp.get_context("fork").Process(
+                target=client_process, args=(port, args.clients, orjson.dumps(subscribe), child),
+                daemon=True)
+            worker.start()
+            clients = [(worker, parent)]
+            for expected in ("connected", "ready"):
+                if not parent.poll(120):
+                    raise RuntimeError(f"the load client was not {expected} in time")
+                status = parent.recv()
+                if status[0] != expected:
+                    raise RuntimeError(f"load client: {status[1]}")
+                if expected == "connected":
+                    parent.send("subscribe")
+        try:
+            time.sleep(args.warmup)
+            for _, pipe in clients:
+                pipe.send("start")
+
+            def sample() -> dict[str, float]:
+                frames, events = ingest().daemon_counters(admin)
+                return {"t": time.monotonic(), "frames": frames, "events": events,
+                        "cpu": module.cpu_seconds(proc.pid)}
+
+            a = sample()
+            time.sleep(args.seconds)
+            b = sample()
+            deliveries = 0
+            for _, pipe in clients:
+                pipe.send("stop")
+                if not pipe.poll(60):
+                    raise RuntimeError("the load client did not answer")
+                deliveries += pipe.recv()[1]
+        finally:
+            for worker, pipe in clients:
+                with contextlib.suppress(OSError):
+                    pipe.send("quit")
+                worker.join(5)
+                if worker.is_alive():
+                    worker.kill()
+    d = {k: b[k] - a[k] for k in a}
+    return {"name": name, "frames_s": d["frames"] / d["t"], "events_s": d["events"] / d["t"],
+            "us_frame": d["cpu"] / d["frames"] * 1e6 if d["frames"] else math.nan,
+            "cpu": d["cpu"] / d["t"] * 100, "deliveries_s": deliveries / d["t"]}
+
+
+def daemon_part(args: argparse.Namespace, workdir: Path) -> str:
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
+    for _ in range(args.rounds):
+        for name in CONFIGS:
+            results[name].append(measure(name, args, workdir))
+    trades_per_frame = 107 / 9946  # the capture's (it loops)
+    lines = ["| configuration | frames/s | daemon CPU % | us CPU per frame (median) | "
+             "extra us per trade | deliveries/s |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    base = statistics.median(r["us_frame"] for r in results["base"])
+    for name, rows in results.items():
+        us = statistics.median(r["us_frame"] for r in rows)
+        extra = f"{(us - base) / trades_per_frame:.1f}" if name == "whales+bars" else ""
+        each = ", ".join(f"{r['us_frame']:.2f}" for r in rows)
+        lines.append(
+            f"| {name} | {statistics.median(r['frames_s'] for r in rows):,.0f} | "
+            f"{statistics.median(r['cpu'] for r in rows):.0f} | {us:.2f} "
+            f"({each}) | {extra} | "
+            f"{statistics.median(r['deliveries_s'] for r in rows):,.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="alone,daemon")
+    parser.add_argument("--captures", type=Path, default=REPO / "tests" / "captures")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=100)
+    args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    print(f"# benchmarks/derived.py on {platform.node()}, Python {platform.python_version()}, "
+          f"`{' '.join(['python', 'benchmarks/derived.py', *(argv or sys.argv[1:])])}`\n")
+    if "alone" in parts:
+        print("## (a) the computations alone\n")
+        print(alone(args) + "\n")
+    if "daemon" in parts:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            print("## (b) in the replay daemon\n")
+            print(daemon_part(args, Path(tmp)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
