@@ -177,7 +177,10 @@ class Replies:
                 pid=os.getpid(),
                 components=[c.as_dict() for c in checks],
                 transitions=list(self.app.reporter.transitions),
+                role=self.app.config.role,
             )
+            if self.app.cluster is not None:
+                body["cluster"] = self.app.cluster.status()
         elif op == "clients":
             body["clients"] = [client_figures(s) for s in list(self.app.server.sessions)]
         elif op == "feeds":

@@ -33,6 +33,8 @@ import trio
 from daemon import __version__
 from daemon.admin import MAX_REQUEST, AdminServer, Replies, socket_path
 from daemon.broadcast.server import BroadcastServer
+from daemon.cluster.mirror import EPOCH_CHANGED
+from daemon.cluster.node import ClusterHealth, ClusterPublisher, Node
 from daemon.collectors.base import Collector
 from daemon.collectors.fallback import CCXT_IDS, Fallback
 from daemon.collectors.native import NativeCollector
@@ -44,7 +46,7 @@ from daemon.derived.bars import BarsComputation
 from daemon.derived.runner import DerivedStream
 from daemon.derived.views import Views
 from daemon.derived.whales import WhalesComputation, usd
-from daemon.dispatch import Dispatcher, Retention
+from daemon.dispatch import Dispatcher, Retention, Source
 from daemon.errors import describe
 from daemon.health import (
     CRITICAL,
@@ -111,11 +113,17 @@ class App:
             channels=channels,
             idempotency_window=config.publish.idempotency_window,
         )
-        hello = {"type": "welcome", "server": "tickwire", "version": __version__,
-                 "epoch": self.epoch}
+        hello = self.hello = {"type": "welcome", "server": "tickwire", "version": __version__,
+                              "epoch": self.epoch}
+        #: roles collector and edge: the Redis side (``daemon.cluster``)
+        self.cluster: Node | None = None
+        source: Source = self.dispatcher.open_source()
+        if config.role != "all":
+            self.cluster = Node(config, self.dispatcher, self._start_feed_named, self._stop_feed,
+                                self._close_clients, self._set_epoch)
+            source = ClusterPublisher(self.cluster, channels, config.publish.idempotency_window)
         #: every way in (WebSocket, admin socket, HTTP) publishes through this one
-        self.publisher = Publisher(self.dispatcher.open_source(), channels, config.publish,
-                                   self.epoch)
+        self.publisher = Publisher(source, channels, config.publish, self.epoch)
         #: the top-of-book views clients ask for (``book`` with ``depth``, ``quote``)
         self.views = Views(self.dispatcher, self.dispatcher.open_source())
         self.server = BroadcastServer(self.dispatcher, config.server, hello, config.auth,
@@ -144,10 +152,14 @@ class App:
         ]
         if self.metrics is not None:
             self._health.append(ListenerHealth("metrics", self.metrics, NONCRITICAL))
+        if self.cluster is not None:
+            self._health.append(ClusterHealth(self.cluster))
         self._health.append(PublishHealth(self.publisher, self.endpoint, NONCRITICAL,
                                           config.reporter))
         #: the derived streams of ``[derived]`` (``daemon.derived``)
-        self.derived = self._make_derived()
+        # derived streams are computed where the feeds are (role all or collector);
+        # an edge gets them from Redis
+        self.derived = self._make_derived() if config.role != "edge" else []
         self._health += [DerivedHealth(derived, config.reporter)
                          for derived in (*self.derived, self.views)]
         self.reporter = Reporter(
@@ -172,6 +184,10 @@ class App:
             root.start_soon(self._stopping)
             await root.start(self.dispatcher.serve)
             await root.start(self.admin.serve)  # first: a second daemon stops here
+            if self.cluster is not None:
+                # before clients: an edge's welcome has the cluster's epoch when Redis is
+                # up; a collector starts each feed once it holds its lease
+                await root.start(self.cluster.run)
             for derived in self.derived:  # before the feeds: they read from the first event
                 await root.start(self._run_derived, derived)
             await root.start(self._run_derived, self.views)
@@ -181,14 +197,15 @@ class App:
                 self.metrics_port = await root.start(self.metrics.serve)
             if self.endpoint is not None:
                 self.publish_port = await root.start(self.endpoint.serve)
-            for name, exchange in self.config.exchanges.items():
-                await self._start_feed(name, exchange)
+            if self.cluster is None:
+                for name, exchange in self.config.exchanges.items():
+                    await self._start_feed(name, exchange)
             self.reporter.tick(notify=False)
             self.notifier.ready(summary(self.reporter.health, self.reporter.checks))
             await root.start(self.reporter.run)
             log.info(
-                "tickwire %s started: epoch %s, %d feeds, %s:%d, admin %s",
-                __version__, self.epoch, len(self.feeds),
+                "tickwire %s started: role %s, epoch %s, %d feeds, %s:%d, admin %s",
+                __version__, self.config.role, self.epoch, len(self.feeds),
                 f"{self.server.scheme}://{self.config.server.host}", self.port,
                 self.admin.path,
             )
@@ -237,6 +254,31 @@ class App:
         async with derived.source:
             await supervise(f"derived {derived.name}", attempt,
                             Backoff(reconnect.base, reconnect.cap), reconnect.healthy_after)
+
+    # -- the cluster -------------------------------------------------------------------
+
+    async def _start_feed_named(self, name: str) -> None:
+        """A collector's lease was taken: start the configured feed ``name``."""
+        exchange = self.config.exchanges.get(name)
+        if exchange is not None and not any(
+                key == name or key.startswith(f"{name}/") for key in self.feeds):
+            await self._start_feed(name, exchange)
+
+    def _close_clients(self, streams: set[str] | None) -> None:
+        """Close with 1012 the clients of ``streams`` (``None``: every client): the
+        history their numbers refer to is gone (a new epoch)."""
+        subscribed: set[object] = set()
+        for key in streams or ():
+            stream = self.dispatcher.streams.get(key)
+            if stream is not None:
+                subscribed |= stream.subscribers
+        for session in list(self.server.sessions):
+            if streams is None or session in subscribed:
+                session.close(EPOCH_CHANGED, "the streams' epoch changed: reconnect with since")
+
+    def _set_epoch(self, epoch: str) -> None:
+        """The cluster's epoch: the welcome's and the publish answers' from now on."""
+        self.epoch = self.hello["epoch"] = self.publisher.epoch = epoch
 
     # -- feeds -------------------------------------------------------------------------
 
@@ -385,6 +427,10 @@ class App:
             try:
                 old = self.config.exchanges
                 new = config.exchanges
+                if self.cluster is not None and new != old:
+                    log.warning("reload: [exchanges] changed; in role %s it applies at the next "
+                                "start (a feed runs where its lease is)", self.config.role)
+                    new = old
                 for name in [n for n in old if n not in new or new[n] != old[n]]:
                     await self._stop_feed(name)
                 for name, exchange in new.items():

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
+import attrs
 import click
 import trio
 
@@ -20,12 +21,27 @@ from daemon.logs import journal_stderr, setup_logging
 log = logging.getLogger("daemon")
 
 
-def _config(path: str | None) -> Config:
+def _config(path: str | None, role: str | None = None) -> Config:
+    """The configuration at ``path`` (``None``: the packaged default), with
+    ``role`` when given (``--role``); one line and exit 2 when it cannot be used."""
     try:
-        return load_config(path)
+        config = load_config(path)
+        if role is not None:
+            try:
+                config = attrs.evolve(config, role=role)
+            except ValueError as exc:
+                raise ConfigError(f"{exc} (--role {role})") from exc
+        return config
     except ConfigError as exc:
         click.echo(f"tickwire: config error: {exc}", err=True)
         sys.exit(2)
+
+
+def _role_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--role", type=click.Choice(["all", "collector", "edge"]), default=None,
+        help="Override the configuration's role (docs/cluster.md): all, collector or edge.",
+    )(function)
 
 
 async def _until_signal(
@@ -107,11 +123,13 @@ def main() -> None:
 @main.command(short_help="Run the daemon.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML configuration file (default: the packaged default.toml).")
-def run(config_path: str | None) -> None:
-    """Run the daemon: collectors, dispatcher and broadcast server."""
+@_role_option
+def run(config_path: str | None, role: str | None) -> None:
+    """Run the daemon: collectors, dispatcher and broadcast server (role ``all``);
+    feeds into Redis (``collector``); Redis to clients (``edge``)."""
     from daemon.app import App
 
-    config = _config(config_path)
+    config = _config(config_path, role)
     setup_logging(config.log_level)
     app = App(config)
 
@@ -181,9 +199,10 @@ def _speed(ctx: click.Context, param: click.Parameter, value: str) -> float | No
               help="Run the emulators in the daemon's process, or each exchange's in a "
                    "process of its own (the daemon then spends only what it does live; "
                    "native collectors).")
+@_role_option
 def replay(
     captures: tuple[str, ...], speed: float | None, listen: str | None, config_path: str | None,
-    loop: bool, rate: float | None, via: str, emulators: str,
+    loop: bool, rate: float | None, via: str, emulators: str, role: str | None,
 ) -> None:
     """Run the daemon on recorded traffic: each exchange's capture files are served by
     an emulator on 127.0.0.1, and the collectors connect to it as to the exchange.
@@ -198,12 +217,10 @@ def replay(
         tickwire tail book 'kraken:*'      (in another shell)"""
     from functools import partial
 
-    import attrs
-
     from daemon.config import ServerConfig
     from daemon.replay.run import serve_replay
 
-    config = _config(config_path)
+    config = _config(config_path, role)
     if listen is not None:
         try:
             config = attrs.evolve(config, server=attrs.evolve(config.server, listen=listen))

@@ -331,6 +331,41 @@ class ReporterConfig:
     book_silent_after: float = attrs.field(default=300.0, validator=_non_negative)
 
 
+#: The roles a node may run (docs/cluster.md).
+ROLES = ("all", "collector", "edge")
+
+
+def _redis_url(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value and not re.fullmatch(r"redis://[^/:@\s]+(:\d{1,5})?(/\d+)?", value):
+        raise ValueError(f"{attribute.name}: must be redis://HOST[:PORT][/DB], got {value!r}")
+
+
+def _prefix(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise ValueError(f"{attribute.name}: letters, digits, _ . - (1 to 64), got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ClusterConfig:
+    """Scale-out on Redis (docs/cluster.md), for the roles ``collector`` and
+    ``edge``. ``redis``: ``redis://HOST[:PORT][/DB]`` (required by those roles);
+    ``prefix``: of every key (several clusters on one Redis); ``node``: this
+    node's name in leases and status (empty: ``HOST-PID``); ``lease``: seconds a
+    feed's lease lasts (its owner renews it every third of that; a standby takes
+    over within it); ``timeout``: seconds to connect to Redis and for a reply;
+    ``queue``: events a collector holds for Redis before its dispatcher waits
+    (backpressure, nothing dropped); ``batch``: most events in one pipelined write
+    or read."""
+
+    redis: str = attrs.field(default="", validator=_redis_url)
+    prefix: str = attrs.field(default="tickwire", validator=_prefix)
+    node: str = ""
+    lease: float = attrs.field(default=3.0, validator=_positive)
+    timeout: float = attrs.field(default=2.0, validator=_positive)
+    queue: int = attrs.field(default=10_000, validator=_positive)
+    batch: int = attrs.field(default=1000, validator=_positive)
+
+
 @attrs.frozen(kw_only=True)
 class DispatchConfig:
     """``buffer``: events the collectors may queue before they wait (backpressure)."""
@@ -555,6 +590,8 @@ class Config:
     publish: PublishConfig = PublishConfig()
     derived: DerivedConfig = DerivedConfig()
     channels: dict[str, ChannelConfig] = attrs.field(factory=dict)
+    role: str = attrs.field(default="all", validator=_one_of(*ROLES))
+    cluster: ClusterConfig = attrs.field(default=ClusterConfig())
     log_level: str = attrs.field(
         default="info",
         validator=_one_of("debug", "info", "warning", "error"),
@@ -568,6 +605,12 @@ class Config:
                 channel.policy_of(name)
             except ValueError as exc:
                 raise ValueError(f"channels.{name}: {exc}") from None
+
+    @cluster.validator
+    def _engine(self, attribute: attrs.Attribute[Any], value: ClusterConfig) -> None:
+        if self.role != "all" and not value.redis:
+            raise ValueError(f"cluster.redis: role {self.role!r} needs Redis: set "
+                             'cluster.redis = "redis://HOST:PORT"')
 
     def channel_table(self) -> Mapping[str, ChannelPolicy]:
         """Every channel's policy: market data, the default published channels and

@@ -41,7 +41,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -344,6 +344,9 @@ class Dispatcher:
         self.duplicates = 0
         #: called after each batch of events is published (the server writes then)
         self.after_publish: Callable[[], None] | None = None
+        #: awaited after each batch (a cluster collector's writer: ``daemon.cluster``):
+        #: while it waits, no event is taken (backpressure to the sources)
+        self.gate: Callable[[], Awaitable[None]] | None = None
         self._delivering = False
         self._removed: list[Subscriber] = []
 
@@ -363,6 +366,8 @@ class Dispatcher:
                 self.publish(event)
             if self.after_publish is not None:
                 self.after_publish()
+            if self.gate is not None:
+                await self.gate()
 
     def publish_now(self, events: Iterable[Event], books: BookLookup | None = None) -> None:
         """Publish what the input channel holds, then ``events`` (their source's
@@ -447,6 +452,40 @@ class Dispatcher:
             stream.book_event = event
         else:
             stream.latest = message
+        stream.retain(message)
+        self._deliver(stream, message)
+
+    def publish_numbered(self, key: str, seq: int, payload: bytes, recv_ts: float, at: float,
+                         book: BookSnapshot | BookUpdate | None = None) -> None:
+        """Deliver an event numbered and encoded elsewhere (a cluster edge mirrors
+        Redis: ``daemon.cluster.mirror``) as it is: stream ``key``
+        (``channel:exchange:symbol``), ``seq``, ``payload``, ``recv_ts`` (epoch s),
+        ``at`` (monotonic s, for retention). ``book``: a book stream's decoded
+        event, applied to the stream's book (a bad one drops the book until the
+        next snapshot: the source checked it already). A ``seq`` that does not
+        follow the stream's last one starts its history again: nothing before the
+        hole is recovered across it. Never blocks."""
+        channel, exchange, symbol = key.split(":", 2)
+        stream = self._stream(channel, exchange, symbol)
+        if seq != stream.seq + 1:
+            stream.history.clear()
+        message = Message(stream, seq, payload, recv_ts, at)
+        if book is not None:
+            stream.snapshots.clear()
+            try:
+                if isinstance(book, BookSnapshot):
+                    stream.book = L2Book()
+                    stream.book.load(book.bids, book.asks)
+                elif stream.book is not None:
+                    stream.book.apply(book.bids, book.asks)
+            except BookError as exc:
+                stream.book = None
+                log.error("dispatch: a numbered event of %s left no book: %s", key, exc)
+            stream.book_event = book
+        else:
+            stream.latest = message
+        self.events += 1
+        stream.seq = seq
         stream.retain(message)
         self._deliver(stream, message)
 

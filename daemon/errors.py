@@ -119,3 +119,26 @@ def describe(exc: BaseException) -> str:
         root = inner
     text = _short(root)
     return f"{type(root).__name__}: {text}" if text else repr(root)
+
+
+class RedisUnavailable(TickwireError):
+    """Redis (the cluster's engine) refused, broke or timed out a connection, or is
+    loading its data; the caller reconnects with backoff (``daemon.supervise.retry``)."""
+
+
+@contextmanager
+def redis_errors(what: str) -> Iterator[None]:
+    """Map coredis' connection, timeout and busy-loading errors (and socket errors)
+    raised inside into ``RedisUnavailable``, ``raise ... from exc``. A Redis reply
+    error (a bad command, a script error) is a bug and passes through."""
+    import coredis.exceptions  # only in a cluster role: role "all" never imports coredis
+
+    try:
+        yield
+    except (coredis.exceptions.ConnectionError, coredis.exceptions.ReadOnlyError,
+            coredis.exceptions.ClusterDownError, TimeoutError, OSError) as exc:
+        raise RedisUnavailable(f"{what}: {_short(exc) or type(exc).__name__}") from exc
+    except coredis.exceptions.ResponseError as exc:
+        if str(exc).startswith(("LOADING", "MASTERDOWN", "TRYAGAIN")):
+            raise RedisUnavailable(f"{what}: {_short(exc)}") from exc
+        raise

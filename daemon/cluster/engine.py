@@ -1,0 +1,415 @@
+"""The cluster's engine: Redis 7, through coredis (which runs on anyio, hence trio).
+
+Theory of operation (docs/cluster.md has the whole key layout)
+--------------------------------------------------------------
+Every stream ``channel:exchange:symbol`` has three keys with one hash tag, the
+stream's name, so they live in one slot of a Redis Cluster::
+
+    PREFIX:{trades:coinbase:BTC-USD}:s   the Redis Stream: entry id SEQ-0, fields
+                                          p (the payload, as clients get it), t
+                                          (recv_ts) and w (the write's wall time)
+    PREFIX:{trades:coinbase:BTC-USD}:m   metadata hash: epoch, seq (the last one),
+                                          writer, wseq (its own number of the last
+                                          write: a retried write is not written
+                                          twice), version (latest published state)
+    PREFIX:{book:coinbase:BTC-USD}:b     book streams: the current book as a
+                                          book_snapshot payload at seq (hash: seq, p)
+
+plus ``PREFIX:{...}:i:KEY`` (a published message's idempotency key, with the
+window as expiry), and outside any stream: ``PREFIX:epoch`` (the cluster's epoch,
+set if absent by the first node to connect: gone with the data when Redis
+restarts without persistence), ``PREFIX:streams`` (the set of stream names, which
+edges read to find new streams) and ``PREFIX:lease:EXCHANGE`` (the feed's owner).
+
+One Lua script (``WRITE``) writes an event atomically: it reads the metadata
+(creating it, with the writer's cluster epoch, when absent: then the stream's old
+entries, if any, are deleted, as their numbers start again), drops a write it has
+already done (same writer, ``wseq`` not above the stored one) or a publish whose
+idempotency key is known or whose ``version`` is not above the current one, gives
+the next ``seq``, XADDs the payload with ``"seq":N`` spliced in at id ``N-0``
+(trimmed to the channel's retention, ``MAXLEN ~``), updates the metadata and, for
+a book, the stored snapshot. Two writers can never give one ``seq`` twice.
+
+No notification is PUBLISHed: an edge reads with blocking XREAD on every stream it
+mirrors, which hands it the entries in the same round trip a notification would
+only announce (and new streams appear in ``PREFIX:streams``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+from daemon.errors import StartupError, redis_errors
+
+#: The atomic write of one event (see the module docstring).
+WRITE = """
+local meta = redis.call('HMGET', KEYS[2], 'epoch', 'seq', 'writer', 'wseq', 'version')
+local epoch = meta[1]
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('DEL', KEYS[1], KEYS[3])
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'seq', 0)
+  meta[2] = '0'
+end
+local last = tonumber(meta[2])
+local wseq = tonumber(ARGV[6])
+if wseq > 0 and meta[3] == ARGV[5] and tonumber(meta[4]) >= wseq then
+  return {'duplicate', epoch, last}
+end
+if ARGV[11] ~= '0' then
+  local first = redis.call('GET', KEYS[4])
+  if first then return {'duplicate', epoch, tonumber(first)} end
+end
+if ARGV[12] ~= '' and meta[5] and tonumber(ARGV[12]) <= tonumber(meta[5]) then
+  return {'stale', epoch, last, meta[5]}
+end
+local seq = last + 1
+local n = string.format('%d', seq)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], n .. '-0',
+           'p', ARGV[1] .. n .. ARGV[2], 't', ARGV[7], 'w', ARGV[8])
+redis.call('HSET', KEYS[2], 'seq', n, 'writer', ARGV[5], 'wseq', ARGV[6])
+if ARGV[12] ~= '' then redis.call('HSET', KEYS[2], 'version', ARGV[12]) end
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[3], 'seq', n, 'p', ARGV[9] .. n .. ARGV[10]) end
+if ARGV[11] ~= '0' then redis.call('SET', KEYS[4], n, 'PX', ARGV[11]) end
+return {'accepted', epoch, seq}
+"""
+
+
+def tag(prefix: str, stream: str) -> str:
+    """The keys' common part for ``stream``: ``PREFIX:{stream}`` (its hash tag)."""
+    return f"{prefix}:{{{stream}}}"
+
+
+def split_payload(payload: bytes, seq: int) -> tuple[bytes, bytes]:
+    """``payload`` (an encoded message whose top-level ``"seq"`` is ``seq``) cut
+    around that number: ``(before, after)``, ``before`` ending in ``"seq":``. The
+    last occurrence is the top-level one: ``seq`` is the last field but for
+    ``conflated`` and a published message's ``version``. Raises ``ValueError``
+    when the payload has no such field."""
+    marker = b'"seq":%d' % seq
+    before, found, after = payload.rpartition(marker)
+    if not found:
+        raise ValueError(f"no {marker!r} in the payload")
+    return before + b'"seq":', after
+
+
+@attrs.frozen(kw_only=True)
+class Write:
+    """One event to write: ``stream`` (``channel:exchange:symbol``), its payload
+    cut around its seq (``split_payload``), ``maxlen`` (the channel's retention,
+    at least 1: the last entry is the stream's latest value), ``recv_ts`` (epoch
+    s), ``wseq`` (the writer's own number of it in the stream, 0: none),
+    ``snapshot`` (a book's current book_snapshot payload cut the same way, to
+    store as the stream's book), and for a published message ``idempotency``
+    (its key), ``window`` (seconds it is remembered) and ``version``."""
+
+    stream: str
+    before: bytes
+    after: bytes
+    maxlen: int
+    recv_ts: float
+    wseq: int = 0
+    snapshot: tuple[bytes, bytes] | None = None
+    idempotency: str | None = None
+    window: float = 0.0
+    version: int | None = None
+
+
+@attrs.frozen
+class Written:
+    """What the script did: ``outcome`` ``accepted`` (numbered ``seq``),
+    ``duplicate`` (written before: ``seq`` is the first one's, or the stream's last
+    for a retried write) or ``stale`` (``version`` not above the stored one, given
+    in ``version``); ``epoch``: the stream's."""
+
+    outcome: str
+    epoch: str
+    seq: int
+    version: int | None = None
+
+
+@attrs.frozen
+class Entry:
+    """One entry of a stream as Redis holds it: ``seq``, ``payload``, ``recv_ts``
+    (epoch s) and ``wall`` (when it was written, epoch s)."""
+
+    seq: int
+    payload: bytes
+    recv_ts: float
+    wall: float
+
+
+@attrs.frozen
+class Meta:
+    """A stream's metadata hash: ``epoch`` and its last ``seq``."""
+
+    epoch: str
+    seq: int
+
+
+def _entry(identifier: bytes | str, fields: Mapping[Any, Any]) -> Entry:
+    seq = int(bytes(identifier if isinstance(identifier, bytes) else identifier.encode())
+              .partition(b"-")[0])
+    return Entry(seq, bytes(fields[b"p"]), float(fields.get(b"t", 0.0)),
+                 float(fields.get(b"w", 0.0)))
+
+
+def parse_url(url: str) -> tuple[str, int, int]:
+    """``redis://HOST:PORT[/DB]`` -> ``(host, port, db)``; raises ``ValueError``."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError(f"{url!r} is not redis://HOST:PORT[/DB]")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"{url!r}: the database is a number")
+    return parts.hostname, parts.port or 6379, int(db or 0)
+
+
+class Engine:
+    """The Redis side of the cluster for one node (see the module docstring).
+
+    ``url``: ``redis://HOST:PORT[/DB]``; ``prefix``: of every key; ``timeout``:
+    seconds to connect and for a reply (a blocking read adds its block time).
+    Every method raises ``RedisUnavailable`` when Redis cannot be reached or
+    breaks the connection (``daemon.errors.redis_errors``). Open it with
+    ``open_engine``."""
+
+    def __init__(self, url: str, prefix: str = "tickwire", timeout: float = 2.0) -> None:
+        import coredis
+        from coredis.retry import NoRetryPolicy
+
+        host, port, db = parse_url(url)
+        self.url = url
+        self.prefix = prefix
+        # no retries inside coredis: a write is retried by its writer, which
+        # knows whether it is safe (``wseq``)
+        self.client: coredis.Redis[bytes] = coredis.Redis(
+            host=host, port=port, db=db, connect_timeout=timeout, stream_timeout=timeout + 5,
+            retry_policy=NoRetryPolicy(), decode_responses=False, verify_version=False)
+        self._sha: str | None = None
+        self.writes = 0
+        self.round_trips = 0
+
+    # -- keys ------------------------------------------------------------------------
+
+    def keys(self, stream: str) -> tuple[str, str, str]:
+        """``(stream, meta, book)`` keys of ``stream``."""
+        base = tag(self.prefix, stream)
+        return f"{base}:s", f"{base}:m", f"{base}:b"
+
+    @property
+    def registry(self) -> str:
+        """The set of every stream's name."""
+        return f"{self.prefix}:streams"
+
+    # -- the cluster's epoch, the registry --------------------------------------------
+
+    async def cluster_epoch(self, new: str) -> str:
+        """The cluster's epoch: ``new`` if none is stored (Redis is new or lost its
+        data), else the stored one."""
+        key = f"{self.prefix}:epoch"
+        with redis_errors("redis: epoch"):
+            await self.client.set(key, new, condition=_nx())
+            value = await self.client.get(key)
+        self.round_trips += 2
+        if value is None:  # deleted in between: ours is as good as any
+            return new
+        return value.decode()
+
+    async def register(self, streams: Iterable[str]) -> None:
+        """Add stream names to the registry (``PREFIX:streams``)."""
+        names = list(streams)
+        if names:
+            with redis_errors("redis: register"):
+                await self.client.sadd(self.registry, names)
+            self.round_trips += 1
+
+    async def streams(self) -> set[str]:
+        """Every stream name in the registry."""
+        with redis_errors("redis: streams"):
+            names = await self.client.smembers(self.registry)
+        self.round_trips += 1
+        return {name.decode() for name in names}
+
+    async def ping(self) -> float:
+        """One PING; its round trip in seconds."""
+        start = time.perf_counter()
+        with redis_errors("redis: ping"):
+            await self.client.ping()
+        return time.perf_counter() - start
+
+    # -- writing ---------------------------------------------------------------------
+
+    async def _script(self) -> str:
+        if self._sha is None:
+            with redis_errors("redis: script load"):
+                self._sha = (await self.client.script_load(WRITE)).decode()
+        return self._sha
+
+    async def write(self, writes: list[Write], writer: str, epoch: str) -> list[Written]:
+        """Write ``writes`` in order, pipelined in one round trip: one ``WRITE`` each.
+        ``writer``: this node's id (for ``wseq``); ``epoch``: the cluster's, given to
+        streams that have no metadata yet. A Redis that lost its scripts (a restart)
+        gets the script again and the whole batch again (writes done before are
+        dropped by ``wseq``; a publish's by its idempotency key)."""
+        from coredis.exceptions import NoScriptError
+
+        wall = repr(time.time())
+        for attempt in range(2):
+            sha = await self._script()
+            try:
+                with redis_errors("redis: write"):
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        requests = [pipe.evalsha(sha, self._keys(w), self._args(w, writer, epoch, wall))
+                                    for w in writes]
+                    replies = [await request for request in requests]
+            except NoScriptError:
+                self._sha = None
+                if attempt:
+                    raise
+                continue
+            self.round_trips += 1
+            self.writes += len(writes)
+            return [_written(reply) for reply in replies]
+        raise AssertionError("unreachable")
+
+    def _keys(self, w: Write) -> list[str]:
+        stream, meta, book = self.keys(w.stream)
+        idempotency = f"{tag(self.prefix, w.stream)}:i:{w.idempotency}" if w.idempotency else meta
+        return [stream, meta, book, idempotency]
+
+    @staticmethod
+    def _args(w: Write, writer: str, epoch: str, wall: str) -> list[str | bytes | int]:
+        snapshot = w.snapshot or (b"", b"")
+        return [w.before, w.after, max(1, w.maxlen), epoch, writer, w.wseq, repr(w.recv_ts), wall,
+                snapshot[0], snapshot[1],
+                int(w.window * 1000) if w.idempotency else 0,
+                "" if w.version is None else str(w.version)]
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def meta(self, stream: str) -> Meta | None:
+        """The stream's epoch and last seq, or ``None`` if Redis holds none."""
+        with redis_errors("redis: meta"):
+            fields = await self.client.hmget(self.keys(stream)[1], ["epoch", "seq"])
+        self.round_trips += 1
+        epoch, seq = fields
+        if epoch is None:
+            return None
+        return Meta(epoch.decode(), int(seq or 0))
+
+    async def book(self, stream: str) -> tuple[int, bytes] | None:
+        """The stored book of a book stream as ``(seq, book_snapshot payload)``."""
+        with redis_errors("redis: book"):
+            seq, payload = await self.client.hmget(self.keys(stream)[2], ["seq", "p"])
+        self.round_trips += 1
+        if seq is None or payload is None:
+            return None
+        return int(seq), bytes(payload)
+
+    async def range(self, stream: str, after: int, count: int) -> list[Entry]:
+        """At most ``count`` entries of ``stream`` after seq ``after``, oldest first."""
+        with redis_errors("redis: range"):
+            entries = await self.client.xrange(self.keys(stream)[0], f"({after}-0", "+", count=count)
+        self.round_trips += 1
+        return [_entry(e.identifier, e.field_values) for e in entries]
+
+    async def last(self, stream: str, count: int) -> list[Entry]:
+        """The last ``count`` entries of ``stream``, oldest first."""
+        with redis_errors("redis: range"):
+            entries = await self.client.xrevrange(self.keys(stream)[0], "+", "-", count=count)
+        self.round_trips += 1
+        return [_entry(e.identifier, e.field_values) for e in reversed(entries)]
+
+    async def read(self, after: Mapping[str, int], block: float, count: int
+                   ) -> dict[str, list[Entry]]:
+        """Blocking XREAD: the entries after each stream's seq in ``after``, at most
+        ``count`` per stream, waiting up to ``block`` seconds for the first."""
+        if not after:
+            return {}
+        by_key = {self.keys(stream)[0]: stream for stream in after}
+        ids = {self.keys(stream)[0]: f"{seq}-0" for stream, seq in after.items()}
+        with redis_errors("redis: read"):
+            reply = await self.client.xread(ids, count=count, block=max(1, int(block * 1000)))
+        self.round_trips += 1
+        if not reply:
+            return {}
+        return {by_key[key.decode() if isinstance(key, bytes) else key]:
+                [_entry(e.identifier, e.field_values) for e in entries]
+                for key, entries in reply.items()}
+
+    # -- leases ----------------------------------------------------------------------
+
+    def lease_key(self, feed: str) -> str:
+        """The key of ``feed``'s lease."""
+        return f"{self.prefix}:lease:{feed}"
+
+    async def acquire(self, feed: str, owner: str, ttl: float) -> str | None:
+        """Take or renew ``feed``'s lease for ``owner`` for ``ttl`` seconds; the
+        current owner (``owner`` when it holds it now), or ``None`` if none."""
+        with redis_errors("redis: lease"):
+            holder = await self.client.eval(
+                LEASE, [self.lease_key(feed)], [owner, int(ttl * 1000)])
+        self.round_trips += 1
+        return holder.decode() if isinstance(holder, bytes) else None
+
+    async def release(self, feed: str, owner: str) -> bool:
+        """Give ``feed``'s lease up if ``owner`` holds it; whether it did."""
+        with redis_errors("redis: lease"):
+            done = await self.client.eval(RELEASE, [self.lease_key(feed)], [owner])
+        self.round_trips += 1
+        return bool(done)
+
+    async def holder(self, feed: str) -> str | None:
+        """Who holds ``feed``'s lease, or ``None``."""
+        with redis_errors("redis: lease"):
+            value = await self.client.get(self.lease_key(feed))
+        return value.decode() if value is not None else None
+
+
+#: Take (set if absent) or renew (same owner) a lease; returns the holder.
+LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if not holder or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ARGV[1]
+end
+return holder
+"""
+
+#: Delete a lease only when its value is the owner's.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _nx() -> Any:
+    from coredis.tokens import PureToken
+
+    return PureToken.NX
+
+
+def _written(reply: Any) -> Written:
+    outcome, epoch, seq = bytes(reply[0]).decode(), bytes(reply[1]).decode(), int(reply[2])
+    version = int(reply[3]) if len(reply) > 3 else None
+    return Written(outcome, epoch, seq, version)
+
+
+@asynccontextmanager
+async def open_engine(url: str, prefix: str, reply_timeout: float = 2.0) -> AsyncIterator[Engine]:
+    """An ``Engine`` for the block, its connections closed at the end. Raises
+    ``StartupError`` for a URL that is not ``redis://HOST:PORT[/DB]``; does not
+    connect (Redis may be down at start: the users retry)."""
+    try:
+        engine = Engine(url, prefix, reply_timeout)
+    except ValueError as exc:
+        raise StartupError(f"cluster.redis: {exc}") from exc
+    async with engine.client:
+        yield engine

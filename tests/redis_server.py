@@ -1,0 +1,86 @@
+"""A real ``redis-server`` for the cluster tests: started on a free 127.0.0.1
+port in a folder of its own, without persistence unless asked (``appendonly``),
+stopped (and restarted on the same port) by the tests, killed at the end.
+
+Without ``redis-server`` on the machine the tests that need it skip with
+``NO_REDIS`` (``.ci/run`` installs Debian's ``redis-server`` where it is missing).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+#: The skip reason when the machine has no redis-server (tests/conftest.py counts it).
+NO_REDIS = "redis-server not installed (.ci/run installs Debian's redis-server)"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """One ``redis-server`` process on ``port`` with its data in ``folder``.
+
+    ``persistent``: append-only file on (a restart keeps the data), else no
+    persistence at all (a restart loses everything, as after a crash)."""
+
+    def __init__(self, folder: Path, persistent: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        assert binary is not None, NO_REDIS
+        self.binary = binary
+        self.folder = folder
+        self.persistent = persistent
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT``."""
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start it and wait (at most 10 s) until it answers PING."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.folder), "--save", "",
+                "--appendonly", "yes" if self.persistent else "no",
+                "--appendfsync", "always", "--protected-mode", "no"]
+        log = (self.folder / "redis.log").open("ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.folder / "redis.log").read_text()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise AssertionError(f"redis-server on port {self.port} did not answer in 10 s")
+
+    def stop(self) -> None:
+        """Kill it (SIGKILL: nothing is saved beyond the append-only file) and wait."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def command(self, *args: str) -> bytes:
+        """One command over a plain socket (RESP inline is not enough for
+        arguments with spaces: this sends an array); the raw reply."""
+        body = b"".join(b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"*%d\r\n" % len(args) + body)
+            return sock.recv(65536)

@@ -1,0 +1,367 @@
+"""Scale-out on Redis (docs/cluster.md): a real ``redis-server`` on 127.0.0.1
+(tests/redis_server.py), real ``tickwire`` daemons as subprocesses in roles
+``collector`` and ``edge``, real WebSocket clients; the Coinbase capture replayed
+by the collector. Expected trades and books are computed from the raw frames
+(tests/test_replay_loop.py), never from the daemon's code."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import signal
+from collections import defaultdict
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+import trio.lowlevel
+import trio_websocket
+
+from daemon.cluster.engine import Write, open_engine, split_payload
+from tests.daemon_process import Daemon, admin, tickwire, write_config
+from tests.helpers import apply_levels, messages, request
+from tests.redis_server import RedisServer
+from tests.test_replay_loop import COINBASE, coinbase_final_books, recorded
+
+Frames = list[dict[str, Any]]
+
+
+def node_config(folder: Path, name: str, role: str, redis: RedisServer, prefix: str,
+                extra: str = "") -> Path:
+    """A node's config file: its role, Redis, its own admin socket, any port."""
+    return write_config(folder / f"{name}.toml", f"""
+role = "{role}"
+[server]
+listen = "127.0.0.1:0"
+[admin]
+socket = "{folder / name}.sock"
+[reconnect]
+base = 0.1
+cap = 1.0
+[cluster]
+redis = "{redis.url}"
+prefix = "{prefix}"
+node = "{name}"
+{extra}
+""")
+
+
+async def port_of(daemon: Daemon) -> int:
+    found = await daemon.wait_for(r"listening on ws://127\.0\.0\.1:(\d+)")
+    return int(found.group(1))
+
+
+async def welcome(ws: trio_websocket.WebSocketConnection) -> dict[str, Any]:
+    hello: dict[str, Any] = orjson.loads(await ws.get_message())
+    assert hello["type"] == "welcome"
+    return hello
+
+
+async def read_until(ws: trio_websocket.WebSocketConnection, got: Frames, done: Any,
+                     seconds: float = 60) -> None:
+    """Append every message to ``got`` until ``done(got)``."""
+    with trio.fail_after(seconds):
+        while not done(got):
+            got += messages(await ws.get_message())
+
+
+async def drain(ws: trio_websocket.WebSocketConnection, got: Frames, quiet: float = 1.0) -> None:
+    """Append messages until none came for ``quiet`` seconds (bounded: 30 s)."""
+    with trio.fail_after(30):
+        while True:
+            with trio.move_on_after(quiet):
+                got += messages(await ws.get_message())
+                continue
+            return
+
+
+def trades(got: Frames) -> list[dict[str, Any]]:
+    return [m for m in got if m["type"] == "trade"]
+
+
+def books_of(got: Frames) -> dict[str, tuple[dict[str, str], dict[str, str]]]:
+    """The books a client holds from its book messages (contiguous from each
+    snapshot: asserted)."""
+    books: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
+    expected: dict[str, int] = {}
+    for m in got:
+        if m["type"] == "book_snapshot":
+            books[m["symbol"]] = ({}, {})
+        elif m["type"] == "book_update":
+            assert m["seq"] == expected[m["symbol"]], (m["symbol"], m["seq"])
+        else:
+            continue
+        expected[m["symbol"]] = m["seq"] + 1
+        apply_levels(books[m["symbol"]][0], m["bids"])
+        apply_levels(books[m["symbol"]][1], m["asks"])
+    return books
+
+
+def contiguous_trades(got: Frames) -> dict[str, list[int]]:
+    by_stream: dict[str, list[int]] = defaultdict(list)
+    for m in trades(got):
+        by_stream[m["symbol"]].append(m["seq"])
+    for symbol, seqs in by_stream.items():
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (symbol, seqs)
+    return by_stream
+
+
+async def test_one_collector_two_edges_and_a_client_moving_between_them(
+        tmp_path: Path, captures: Path, redis_server: RedisServer) -> None:
+    """One collector replays the Coinbase capture into Redis; two edges serve it.
+    A client on each edge gets every recorded trade once, with contiguous seq from
+    1, the same seq and the same messages on both edges, and books equal to the
+    recording's final books. A third client reads edge A until 20 trades, leaves,
+    and resumes on edge B with ``since`` and A's epoch: ``recovered: true`` for
+    every stream, exactly the trades it missed, none twice."""
+    frames = recorded(captures, COINBASE)
+    n_trades = sum(1 for m in frames if m["type"] in ("match", "last_match"))
+    prefix = f"t{secrets.token_hex(4)}"
+    paths = [str(captures / name) for name in COINBASE]
+    symbols = ["coinbase:*"]
+    async with AsyncExitStack() as stack:
+        edge_a = await stack.enter_async_context(tickwire(
+            "run", "--config", str(node_config(tmp_path, "a", "edge", redis_server, prefix))))
+        edge_b = await stack.enter_async_context(tickwire(
+            "run", "--role", "edge",
+            "--config", str(node_config(tmp_path, "b", "all", redis_server, prefix))))
+        port_a, port_b = await port_of(edge_a), await port_of(edge_b)
+        ws_a = await stack.enter_async_context(
+            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port_a}"))
+        ws_b = await stack.enter_async_context(
+            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port_b}"))
+        mover = await stack.enter_async_context(
+            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port_a}"))
+        hello_a, hello_b, hello_m = await welcome(ws_a), await welcome(ws_b), await welcome(mover)
+        # one cluster, one epoch: both edges say the same
+        assert hello_a["epoch"] == hello_b["epoch"] == hello_m["epoch"]
+        for ws in (ws_a, ws_b):
+            await request(ws, {"op": "subscribe", "id": 1, "channels": ["trades", "book"],
+                               "symbols": symbols})
+        await request(mover, {"op": "subscribe", "id": 1, "channels": ["trades"],
+                              "symbols": symbols})
+        got_a: Frames = []
+        got_b: Frames = []
+        moved: Frames = []
+        for ws, got in ((ws_a, got_a), (ws_b, got_b), (mover, moved)):
+            await read_until(ws, got, lambda g: any(m["type"] == "ack" for m in g))
+        collector = await stack.enter_async_context(tickwire(
+            "replay", *paths, "--speed", "max", "--listen", "127.0.0.1:0",
+            "--config", str(node_config(tmp_path, "c", "collector", redis_server, prefix))))
+        await read_until(mover, moved, lambda g: len(trades(g)) >= 20)
+        await mover.aclose()
+        for ws, got in ((ws_a, got_a), (ws_b, got_b)):
+            await read_until(ws, got, lambda g: len(trades(g)) >= n_trades)
+        await collector.wait_for("replay finished", 60)
+        for ws, got in ((ws_a, got_a), (ws_b, got_b)):
+            await drain(ws, got)
+
+        # the client that left A resumes on B with since and A's epoch
+        last: dict[str, int] = {}
+        for m in trades(moved):
+            last[f"trades:coinbase:{m['symbol']}"] = m["seq"]
+        async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port_b}") as ws:
+            assert (await welcome(ws))["epoch"] == hello_m["epoch"]
+            await request(ws, {"op": "subscribe", "id": 2, "channels": ["trades"],
+                               "symbols": symbols, "since": last, "epoch": hello_m["epoch"]})
+            resumed: Frames = []
+            await read_until(ws, resumed, lambda g: any(m["type"] == "ack" for m in g))
+            await drain(ws, resumed)
+        status = (await admin(tmp_path / "b.sock", {"op": "status", "id": 1}))[0]
+
+    # every trade once, contiguous from 1, on both edges
+    for got in (got_a, got_b):
+        ids = [(m["symbol"], m["id"]) for m in trades(got)]
+        assert len(ids) == len(set(ids)) == n_trades
+        assert all(seqs[0] == 1 for seqs in contiguous_trades(got).values())
+        assert books_of(got) == coinbase_final_books(frames)
+    # same seq, same message on both edges (books: where both got the same seq; a
+    # client that falls behind gets a conflated snapshot in place of its backlog)
+    # (per stream: the order across streams is each edge's reading)
+    by_stream = lambda got: sorted(trades(got), key=lambda m: (m["symbol"], m["seq"]))  # noqa: E731
+    assert by_stream(got_a) == by_stream(got_b)
+    book_a = {(m["symbol"], m["seq"], m["type"]): m for m in got_a if m["type"].startswith("book")}
+    book_b = {(m["symbol"], m["seq"], m["type"]): m for m in got_b if m["type"].startswith("book")}
+    shared = book_a.keys() & book_b.keys()
+    assert len(shared) >= 1000
+    assert all(book_a[k] == book_b[k] for k in shared)
+    # the move: recovered, exactly what was missed
+    [ack] = [m for m in resumed if m["type"] == "ack"]
+    assert ack["recovered"] == dict.fromkeys(last, True)
+    before = {(m["symbol"], m["id"]) for m in trades(moved)}
+    after = [(m["symbol"], m["id"]) for m in trades(resumed)]
+    assert len(before) >= 20 and not before & set(after)
+    assert len(after) == len(set(after))
+    assert before | set(after) == {(m["symbol"], m["id"]) for m in trades(got_a)}
+    for m in trades(resumed):
+        stream = f"trades:coinbase:{m['symbol']}"
+        if stream in last:
+            assert m["seq"] > last[stream]
+    contiguous_trades(resumed)
+    # status: the role, Redis, and per stream the lag between Redis and the edge
+    [redis] = [c for c in status["components"] if c["name"] == "redis"]
+    assert redis["health"] == "healthy"
+    assert status["cluster"]["role"] == "edge" and status["cluster"]["connected"]
+    lags = {s["stream"]: s for s in status["cluster"]["streams"]}
+    assert lags["trades:coinbase:SKL-USD"]["seq"] == 53
+
+
+async def test_two_writers_never_give_one_seq_twice(redis_server: RedisServer) -> None:
+    """Two engines (two connections, as two collectors) write 2 x 500 events into
+    one stream at once, in pipelined batches of 50: Redis numbers them 1..1000,
+    each once, and each entry holds its own writer's payload with its seq inside."""
+    prefix = f"t{secrets.token_hex(4)}"
+    stream = "signals:desk:BTC-USD"
+
+    async def writer(name: str) -> list[int]:
+        seqs: list[int] = []
+        async with open_engine(redis_server.url, prefix) as engine:
+            for batch in range(10):
+                writes = []
+                for i in range(50):
+                    n = batch * 50 + i + 1
+                    before, after = split_payload(
+                        orjson.dumps({"w": name, "n": n, "seq": 0}), 0)
+                    writes.append(Write(stream=stream, before=before, after=after,
+                                        maxlen=2000, recv_ts=1.0, wseq=n))
+                seqs += [w.seq for w in await engine.write(writes, name, "E")]
+                await trio.lowlevel.checkpoint()
+        return seqs
+
+    results: dict[str, list[int]] = {}
+
+    async def run(name: str) -> None:
+        results[name] = await writer(name)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "one")
+            nursery.start_soon(run, "two")
+        async with open_engine(redis_server.url, prefix) as engine:
+            entries = await engine.range(stream, 0, 5000)
+            meta = await engine.meta(stream)
+    assert sorted(results["one"] + results["two"]) == list(range(1, 1001))
+    assert [e.seq for e in entries] == list(range(1, 1001))
+    assert meta is not None and meta.seq == 1000 and meta.epoch == "E"
+    for entry in entries:
+        body = orjson.loads(entry.payload)
+        assert body["seq"] == entry.seq
+        assert entry.seq in results[body["w"]]
+    # a retried batch (same writer, same wseq) is not written again
+    async with open_engine(redis_server.url, prefix) as engine:
+        before, after = split_payload(orjson.dumps({"w": "one", "seq": 0}), 0)
+        [again] = await engine.write([Write(stream=stream, before=before, after=after,
+                                            maxlen=2000, recv_ts=1.0, wseq=500)], "one", "E")
+        assert again.outcome == "duplicate"
+        assert (await engine.meta(stream)).seq == 1000  # type: ignore[union-attr]
+
+
+async def lease_holder(redis: RedisServer, prefix: str, feed: str) -> str:
+    reply = redis.command("GET", f"{prefix}:lease:{feed}")
+    found = re.match(rb"\$\d+\r\n(.*)\r\n", reply)
+    return found.group(1).decode() if found else ""
+
+
+async def test_standby_collector_takes_the_feed_over_within_the_lease(
+        tmp_path: Path, captures: Path, redis_server: RedisServer) -> None:
+    """Two collectors configured with the same feed (each replays the capture, in
+    a loop): only the lease owner ingests; SIGKILL the owner: the standby holds
+    the lease and runs the feed within the lease time (1 s here) plus one second,
+    announces ``feed_state`` and resyncs the books (one ``book_snapshot`` each) to
+    an edge's client."""
+    prefix = f"t{secrets.token_hex(4)}"
+    paths = [str(captures / name) for name in COINBASE]
+    lease = 'lease = 1.0'
+    async with AsyncExitStack() as stack:
+        edge = await stack.enter_async_context(tickwire(
+            "run", "--config", str(node_config(tmp_path, "e", "edge", redis_server, prefix))))
+        port = await port_of(edge)
+        first = await stack.enter_async_context(tickwire(
+            "replay", *paths, "--speed", "20", "--loop", "--listen", "127.0.0.1:0",
+            "--config", str(node_config(tmp_path, "c1", "collector", redis_server, prefix, lease))))
+        await first.wait_for("lease of coinbase taken by c1")
+        second = await stack.enter_async_context(tickwire(
+            "replay", *paths, "--speed", "20", "--loop", "--listen", "127.0.0.1:0",
+            "--config", str(node_config(tmp_path, "c2", "collector", redis_server, prefix, lease))))
+        await second.wait_for(r"started: role collector")
+        ws = await stack.enter_async_context(
+            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}"))
+        await welcome(ws)
+        await request(ws, {"op": "subscribe", "id": 1, "channels": ["book", "system"],
+                           "symbols": ["coinbase:*"]})
+        got: Frames = []
+        await read_until(ws, got, lambda g: any(m["type"] == "book_update" for m in g))
+        assert await lease_holder(redis_server, prefix, "coinbase") == "c1"
+        # the standby ingests nothing: its dispatcher numbered no market data
+        [standby] = await admin(tmp_path / "c2.sock", {"op": "status", "id": 1})
+        assert not [line for line in second.lines if "lease of coinbase taken" in line]
+        assert standby["cluster"]["leases"] == [
+            {"feed": "coinbase", "holder": "c1", "owned": False, "takeovers": 0}]
+        killed = trio.current_time()
+        first.process.send_signal(signal.SIGKILL)
+        await second.wait_for("lease of coinbase taken by c2", 10)
+        took = trio.current_time() - killed
+        assert took <= 1.0 + 1.0, took
+        assert await lease_holder(redis_server, prefix, "coinbase") == "c2"
+        mark = len(got)
+        await read_until(ws, got, lambda g: any(
+            m["type"] == "feed_state" and m["state"] == "subscribed" for m in g[mark:]), 30)
+        await read_until(ws, got, lambda g: len(
+            {m["symbol"] for m in g[mark:] if m["type"] == "book_snapshot"}) >= 1, 30)
+    states = [m for m in got[mark:] if m["type"] == "feed_state"]
+    assert states, "the new owner announces its feed's state"
+
+
+async def test_edge_survives_a_redis_restart_without_persistence(
+        tmp_path: Path, captures: Path, own_redis: RedisServer) -> None:
+    """Redis killed and started again empty while a collector replays (in a loop)
+    and an edge serves a client: the edge stays up and its client connected while
+    Redis is gone, the edge reports unhealthy, then healthy once Redis is back;
+    the cluster's epoch changes, the client is closed with 1012, and when it comes
+    back with ``since`` it gets ``recovered: false`` and a fresh book snapshot."""
+    prefix = "restart"
+    paths = [str(captures / name) for name in COINBASE]
+    async with AsyncExitStack() as stack:
+        edge = await stack.enter_async_context(tickwire(
+            "run", "--config", str(node_config(tmp_path, "e", "edge", own_redis, prefix))))
+        port = await port_of(edge)
+        await stack.enter_async_context(tickwire(
+            "replay", *paths, "--speed", "20", "--loop", "--listen", "127.0.0.1:0",
+            "--config", str(node_config(tmp_path, "c", "collector", own_redis, prefix))))
+        ws = await stack.enter_async_context(
+            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}"))
+        epoch = (await welcome(ws))["epoch"]
+        await request(ws, {"op": "subscribe", "id": 1, "channels": ["book", "trades"],
+                           "symbols": ["coinbase:SKL-USD"]})
+        got: Frames = []
+        await read_until(ws, got, lambda g: any(m["type"] == "book_update" for m in g))
+        own_redis.stop()
+        await edge.wait_for("redis healthy -> unhealthy", 10)
+        [status] = await admin(tmp_path / "e.sock", {"op": "status", "id": 1})
+        assert status["health"] == "unhealthy"
+        assert not status["cluster"]["connected"]
+        # the client is still connected: a ping is answered
+        await request(ws, {"op": "ping", "id": 7})
+        await read_until(ws, got, lambda g: any(m.get("type") == "pong" for m in g), 10)
+        own_redis.start()
+        await edge.wait_for("redis unhealthy -> healthy", 20)
+        await edge.wait_for("epoch changed", 5)
+        with trio.fail_after(10):
+            try:
+                while True:
+                    got += messages(await ws.get_message())
+            except trio_websocket.ConnectionClosed as closed:
+                assert closed.reason.code == 1012
+        last = {"book:coinbase:SKL-USD": max(m["seq"] for m in got if m["type"].startswith("book"))}
+        async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}") as again:
+            new_epoch = (await welcome(again))["epoch"]
+            assert new_epoch != epoch
+            await request(again, {"op": "subscribe", "id": 2, "channels": ["book"],
+                                  "symbols": ["coinbase:SKL-USD"], "since": last, "epoch": epoch})
+            fresh: Frames = []
+            await read_until(again, fresh, lambda g: any(m["type"] == "book_snapshot" for m in g), 30)
+        [ack] = [m for m in fresh if m["type"] == "ack"]
+        assert ack["recovered"] == {"book:coinbase:SKL-USD": False}
+        assert ack["epoch"] == new_epoch
