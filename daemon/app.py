@@ -204,10 +204,11 @@ class App:
             self.notifier.ready(summary(self.reporter.health, self.reporter.checks))
             await root.start(self.reporter.run)
             log.info(
-                "tickwire %s started: role %s, epoch %s, %d feeds, %s:%d, admin %s",
-                __version__, self.config.role, self.epoch, len(self.feeds),
+                "tickwire %s started: epoch %s, %d feeds, %s:%d, admin %s%s",
+                __version__, self.epoch, len(self.feeds),
                 f"{self.server.scheme}://{self.config.server.host}", self.port,
                 self.admin.path,
+                "" if self.cluster is None else f"; role {self.config.role}, node {self.cluster.name}",
             )
             task_status.started(self.port)
 

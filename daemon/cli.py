@@ -125,8 +125,8 @@ def main() -> None:
               help="TOML configuration file (default: the packaged default.toml).")
 @_role_option
 def run(config_path: str | None, role: str | None) -> None:
-    """Run the daemon: collectors, dispatcher and broadcast server (role ``all``);
-    feeds into Redis (``collector``); Redis to clients (``edge``)."""
+    """Run the daemon: collectors, dispatcher and broadcast server (role all);
+    feeds into Redis (role collector); Redis to clients (role edge)."""
     from daemon.app import App
 
     config = _config(config_path, role)

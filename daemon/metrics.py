@@ -79,6 +79,42 @@ class TickwireCollector:
         yield from self._dispatcher(app)
         yield from self._server(app)
         yield from self._publish(app)
+        if getattr(app, "cluster", None) is not None:
+            yield from self._cluster(app.cluster)
+
+    def _cluster(self, node: Any) -> Iterator[Metric]:
+        """Roles collector and edge (docs/cluster.md): Redis, leases, the lag."""
+        status = node.status()
+        role = _gauge("tickwire_cluster_role", "This node's role (1 for its role).", ["role", "node"])
+        role.add_metric([node.role, node.name], 1)
+        yield role
+        yield GaugeMetricFamily("tickwire_cluster_redis_connected",
+                                "1 while the node reads or writes Redis.",
+                                value=1 if status.get("connected") else 0)
+        leases = _gauge("tickwire_cluster_lease_owned", "1 while this node owns the feed's lease.",
+                        ["exchange"])
+        for lease in status["leases"]:
+            leases.add_metric([lease["feed"]], 1 if lease["owned"] else 0)
+        yield leases
+        if "writer" in status:
+            writer = status["writer"]
+            written = _counter("tickwire_cluster_events_written", "Events Redis accepted from this node.")
+            written.add_metric([], writer["written"])
+            yield written
+            yield GaugeMetricFamily("tickwire_cluster_write_queue", "Events waiting for Redis.",
+                                    value=writer["queued"])
+            yield GaugeMetricFamily("tickwire_cluster_write_lag_seconds",
+                                    "Seconds the oldest queued event has waited for Redis.",
+                                    value=writer["lag"])
+        if "streams" in status:
+            read = _counter("tickwire_cluster_entries_read", "Stream entries this edge read from Redis.")
+            read.add_metric([], status["mirror"]["entries"])
+            yield read
+            lag = _gauge("tickwire_cluster_stream_delay_seconds",
+                         "Seconds from Redis to this edge for the stream's last entry.", ["stream"])
+            for stream in status["streams"]:
+                lag.add_metric([stream["stream"]], stream["delay"])
+            yield lag
 
     def _daemon(self, app: Any, health: str, checks: list[Check]) -> Iterator[Metric]:
         info = _gauge("tickwire_info", "The daemon's version and epoch.", ["version", "epoch"])

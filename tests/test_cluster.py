@@ -169,7 +169,8 @@ async def test_one_collector_two_edges_and_a_client_moving_between_them(
             resumed: Frames = []
             await read_until(ws, resumed, lambda g: any(m["type"] == "ack" for m in g))
             await drain(ws, resumed)
-        status = (await admin(tmp_path / "b.sock", {"op": "status", "id": 1}))[0]
+        status, metrics = await admin(tmp_path / "b.sock", {"op": "status", "id": 1},
+                                      {"op": "metrics", "id": 2})
 
     # every trade once, contiguous from 1, on both edges
     for got in (got_a, got_b):
@@ -206,6 +207,12 @@ async def test_one_collector_two_edges_and_a_client_moving_between_them(
     assert status["cluster"]["role"] == "edge" and status["cluster"]["connected"]
     lags = {s["stream"]: s for s in status["cluster"]["streams"]}
     assert lags["trades:coinbase:SKL-USD"]["seq"] == 53
+    values = {(m["name"], tuple(sorted(m["labels"].items()))): m["value"]
+              for m in metrics["samples"]}
+    assert values[("tickwire_cluster_redis_connected", ())] == 1
+    assert values[("tickwire_cluster_role", (("node", "b"), ("role", "edge")))] == 1
+    assert values[("tickwire_cluster_entries_read_total", ())] >= n_trades
+    assert ("tickwire_cluster_stream_delay_seconds", (("stream", "trades:coinbase:SKL-USD"),)) in values
 
 
 async def test_two_writers_never_give_one_seq_twice(redis_server: RedisServer) -> None:
@@ -285,7 +292,7 @@ async def test_standby_collector_takes_the_feed_over_within_the_lease(
         second = await stack.enter_async_context(tickwire(
             "replay", *paths, "--speed", "20", "--loop", "--listen", "127.0.0.1:0",
             "--config", str(node_config(tmp_path, "c2", "collector", redis_server, prefix, lease))))
-        await second.wait_for(r"started: role collector")
+        await second.wait_for(r"started: .*; role collector")
         ws = await stack.enter_async_context(
             trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}"))
         await welcome(ws)
@@ -365,3 +372,111 @@ async def test_edge_survives_a_redis_restart_without_persistence(
         [ack] = [m for m in fresh if m["type"] == "ack"]
         assert ack["recovered"] == {"book:coinbase:SKL-USD": False}
         assert ack["epoch"] == new_epoch
+
+
+async def test_a_publish_to_any_node_is_numbered_once_and_reaches_every_edge(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """Published messages across nodes: the same idempotency key published to
+    edge A and then to edge B is one message (B answers ``duplicate`` with A's
+    seq), a client of each edge gets it once; a stale ``version`` is refused by
+    Redis whichever node it reaches."""
+    prefix = f"t{secrets.token_hex(4)}"
+    first = {"channel": "signals", "source": "momentum", "key": "BTC-USD", "data": {"n": 1},
+             "idempotency_key": "sig-1"}
+    state = {"channel": "portfolio", "source": "desk1", "key": "BTC", "data": {"p": "1.5"},
+             "version": 5}
+    async with AsyncExitStack() as stack:
+        edges = [await stack.enter_async_context(tickwire(
+            "run", "--config", str(node_config(tmp_path, name, "edge", redis_server, prefix))))
+            for name in ("a", "b")]
+        clients = []
+        for daemon in edges:
+            ws = await stack.enter_async_context(
+                trio_websocket.open_websocket_url(f"ws://127.0.0.1:{await port_of(daemon)}"))
+            epoch = (await welcome(ws))["epoch"]
+            await request(ws, {"op": "subscribe", "id": 1, "channels": ["signals", "portfolio"],
+                               "symbols": ["*"]})
+            clients.append(ws)
+        [a1] = await admin(tmp_path / "a.sock", {"op": "publish", "id": 1, "message": first})
+        [b1] = await admin(tmp_path / "b.sock", {"op": "publish", "id": 2, "message": first})
+        [a2] = await admin(tmp_path / "a.sock", {"op": "publish", "id": 3, "message": state})
+        [b2] = await admin(tmp_path / "b.sock", {"op": "publish", "id": 4,
+                                                 "message": {**state, "version": 4}})
+        got: list[Frames] = [[], []]
+        for ws, frames in zip(clients, got, strict=True):
+            await read_until(ws, frames, lambda g: sum(m["type"] in ("signal", "portfolio")
+                                                       for m in g) >= 2, 20)
+            await drain(ws, frames, 0.5)
+    assert (a1["ok"], a1["seq"], a1["epoch"], a1.get("duplicate")) == (True, 1, epoch, None)
+    assert (b1["ok"], b1["seq"], b1.get("duplicate")) == (True, 1, True)
+    assert (a2["ok"], a2["seq"]) == (True, 1)
+    assert (b2["type"], b2["code"]) == ("error", "stale")
+    for frames in got:
+        signals = [m for m in frames if m["type"] == "signal"]
+        assert [(m["key"], m["seq"], m["data"]) for m in signals] == [("BTC-USD", 1, {"n": 1})]
+        assert [(m["seq"], m["version"]) for m in frames if m["type"] == "portfolio"] == [(1, 5)]
+
+
+async def test_redis_away_for_5_seconds_with_persistence_loses_nothing(
+        tmp_path: Path, captures: Path, own_redis: RedisServer) -> None:
+    """A persistent Redis (append-only, fsync always) killed for 5 s while a
+    collector replays in a loop and an edge serves a client: the client stays
+    connected, and after Redis is back it gets every trade with contiguous seq
+    per stream, none twice, the same epoch (the collector held its events while
+    Redis was away: backpressure, nothing dropped)."""
+    redis = RedisServer(tmp_path / "aof", persistent=True)
+    own_redis.stop()
+    redis.start()
+    try:
+        paths = [str(captures / name) for name in COINBASE]
+        async with AsyncExitStack() as stack:
+            edge = await stack.enter_async_context(tickwire(
+                "run", "--config", str(node_config(tmp_path, "e", "edge", redis, "aof"))))
+            port = await port_of(edge)
+            collector = await stack.enter_async_context(tickwire(
+                "replay", *paths, "--speed", "10", "--loop", "--listen", "127.0.0.1:0",
+                "--config", str(node_config(tmp_path, "c", "collector", redis, "aof"))))
+            ws = await stack.enter_async_context(
+                trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}"))
+            epoch = (await welcome(ws))["epoch"]
+            await request(ws, {"op": "subscribe", "id": 1, "channels": ["trades"],
+                               "symbols": ["coinbase:*"], "history": 1000})
+            got: Frames = []
+            await read_until(ws, got, lambda g: len(trades(g)) >= 10)
+            redis.stop()
+            await edge.wait_for("redis healthy -> unhealthy", 10)
+            await trio.sleep(5)
+            before = len(trades(got))
+            redis.start()
+            await edge.wait_for("redis unhealthy -> healthy", 20)
+            await collector.wait_for("redis (unhealthy|degraded) -> healthy", 20)
+            await read_until(ws, got, lambda g: len(trades(g)) >= before + 30, 60)
+            [status] = await admin(tmp_path / "e.sock", {"op": "status", "id": 1})
+    finally:
+        redis.stop()
+    assert status["epoch"] == epoch
+    ids = [(m["symbol"], m["id"]) for m in trades(got)]
+    assert len(ids) == len(set(ids))
+    assert all(seqs[0] == 1 for seqs in contiguous_trades(got).values())
+
+
+async def test_a_cluster_role_without_redis_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """``role = "edge"`` (or ``--role collector``) with no ``cluster.redis``: the
+    config check and the daemon print one line naming the key, and exit 2; a bad
+    URL too."""
+    from tests.daemon_process import run_cli
+
+    edge = write_config(tmp_path / "edge.toml", 'role = "edge"\n')
+    checked = await run_cli("check-config", str(edge))
+    assert checked.returncode == 2
+    assert checked.stderr.decode().strip().splitlines() == [
+        "tickwire: config error: role 'edge' needs Redis: set cluster.redis = "
+        '"redis://HOST:PORT" @ cluster.redis']
+    ran = await run_cli("run", "--role", "collector")
+    assert ran.returncode == 2
+    assert "role 'collector' needs Redis" in ran.stderr.decode()
+    assert len(ran.stderr.decode().strip().splitlines()) == 1
+    bad = write_config(tmp_path / "bad.toml", '[cluster]\nredis = "http://x"\n')
+    checked = await run_cli("check-config", str(bad))
+    assert checked.returncode == 2
+    assert "must be redis://HOST[:PORT][/DB]" in checked.stderr.decode()

@@ -159,3 +159,23 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
                             timeout=60, env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"})
     assert result.returncode == 0, result.stderr
     assert "tickwire.service" not in result.stderr, result.stderr
+
+
+def test_systemd_analyze_verify_accepts_the_role_template(tmp_path: Path) -> None:
+    """``tickwire@.service``: one instance per cluster role (docs/cluster.md), its
+    config ``/etc/tickwire/%i.toml`` and a runtime directory (admin socket) of its
+    own; an instance of it passes ``systemd-analyze verify``."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here (.ci/run installs it as root)")
+    unit = (ROOT / "systemd" / "tickwire@.service").read_text()
+    for line in ("ExecStart=/opt/tickwire/bin/tickwire run --config /etc/tickwire/%i.toml",
+                 "RuntimeDirectory=tickwire-%i", "Type=notify", "DynamicUser=yes"):
+        assert line in unit
+    here = Path(sys.executable).parent / "tickwire"
+    copy = tmp_path / "tickwire@edge.service"
+    copy.write_text(unit.replace("/opt/tickwire/bin/tickwire", str(here)))
+    result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"})
+    assert result.returncode == 0, result.stderr
+    assert "tickwire@" not in result.stderr, result.stderr

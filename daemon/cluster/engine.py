@@ -9,8 +9,8 @@ stream's name, so they live in one slot of a Redis Cluster::
                                           p (the payload, as clients get it), t
                                           (recv_ts) and w (the write's wall time)
     PREFIX:{trades:coinbase:BTC-USD}:m   metadata hash: epoch, seq (the last one),
-                                          writer, wseq (its own number of the last
-                                          write: a retried write is not written
+                                          w:WRITER per writer (its own number of its
+                                          last write: a retried write is not written
                                           twice), version (latest published state)
     PREFIX:{book:coinbase:BTC-USD}:b     book streams: the current book as a
                                           book_snapshot payload at seq (hash: seq, p)
@@ -24,7 +24,7 @@ edges read to find new streams) and ``PREFIX:lease:EXCHANGE`` (the feed's owner)
 One Lua script (``WRITE``) writes an event atomically: it reads the metadata
 (creating it, with the writer's cluster epoch, when absent: then the stream's old
 entries, if any, are deleted, as their numbers start again), drops a write it has
-already done (same writer, ``wseq`` not above the stored one) or a publish whose
+already done (``wseq`` not above the one stored for its writer) or a publish whose
 idempotency key is known or whose ``version`` is not above the current one, gives
 the next ``seq``, XADDs the payload with ``"seq":N`` spliced in at id ``N-0``
 (trimmed to the channel's retention, ``MAXLEN ~``), updates the metadata and, for
@@ -49,7 +49,8 @@ from daemon.errors import StartupError, redis_errors
 
 #: The atomic write of one event (see the module docstring).
 WRITE = """
-local meta = redis.call('HMGET', KEYS[2], 'epoch', 'seq', 'writer', 'wseq', 'version')
+local wkey = 'w:' .. ARGV[5]
+local meta = redis.call('HMGET', KEYS[2], 'epoch', 'seq', wkey, 'version')
 local epoch = meta[1]
 if not epoch then
   epoch = ARGV[4]
@@ -59,21 +60,22 @@ if not epoch then
 end
 local last = tonumber(meta[2])
 local wseq = tonumber(ARGV[6])
-if wseq > 0 and meta[3] == ARGV[5] and tonumber(meta[4]) >= wseq then
+if wseq > 0 and meta[3] and tonumber(meta[3]) >= wseq then
   return {'duplicate', epoch, last}
 end
 if ARGV[11] ~= '0' then
   local first = redis.call('GET', KEYS[4])
   if first then return {'duplicate', epoch, tonumber(first)} end
 end
-if ARGV[12] ~= '' and meta[5] and tonumber(ARGV[12]) <= tonumber(meta[5]) then
-  return {'stale', epoch, last, meta[5]}
+if ARGV[12] ~= '' and meta[4] and tonumber(ARGV[12]) <= tonumber(meta[4]) then
+  return {'stale', epoch, last, meta[4]}
 end
 local seq = last + 1
 local n = string.format('%d', seq)
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], n .. '-0',
            'p', ARGV[1] .. n .. ARGV[2], 't', ARGV[7], 'w', ARGV[8])
-redis.call('HSET', KEYS[2], 'seq', n, 'writer', ARGV[5], 'wseq', ARGV[6])
+redis.call('HSET', KEYS[2], 'seq', n)
+if wseq > 0 then redis.call('HSET', KEYS[2], wkey, ARGV[6]) end
 if ARGV[12] ~= '' then redis.call('HSET', KEYS[2], 'version', ARGV[12]) end
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[3], 'seq', n, 'p', ARGV[9] .. n .. ARGV[10]) end
 if ARGV[11] ~= '0' then redis.call('SET', KEYS[4], n, 'PX', ARGV[11]) end

@@ -268,6 +268,7 @@ class ClusterPublisher:
         while True:
             try:
                 epoch = await engine.cluster_epoch(new_epoch())
+                await engine.register([write.stream])  # edges find the stream there
                 [written] = await engine.write([write], self.node.name, epoch)
                 break
             except RedisUnavailable as exc:

@@ -10,8 +10,8 @@ sockets (backpressure), as with a full dispatcher; nothing is dropped.
 
 One task writes the queue in pipelined batches (``cluster.batch``). When Redis
 fails (``RedisUnavailable``) the batch is written again after a backoff
-(``daemon.supervise.retry``): the script drops what it already wrote (same
-writer, ``wseq`` not above the stored one), so a retry neither loses nor repeats.
+(``daemon.supervise.retry``): the script drops what it already wrote (``wseq``
+not above the one stored for this writer), so a retry neither loses nor repeats.
 
 A book stream's current book is stored beside its stream (``:b``) with every
 ``book_snapshot`` and every ``retention.size // 2`` updates, so that the stream

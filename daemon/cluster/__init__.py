@@ -1,0 +1,1 @@
+"""Scale-out on Redis: roles ``collector`` and ``edge`` (docs/cluster.md)."""
