@@ -158,6 +158,8 @@ class Inlet:
         if self.closed:
             raise trio.ClosedResourceError("this source is closed")
         self._dispatcher.publish_now(events, self.books)
+        if self._dispatcher.gate is not None:
+            await self._dispatcher.gate()
 
     def share_books(self, books: BookLookup, /) -> None:
         """``Source.share_books``."""
@@ -474,12 +476,12 @@ class Dispatcher:
             stream.snapshots.clear()
             try:
                 if isinstance(book, BookSnapshot):
-                    stream.book = L2Book()
-                    stream.book.load(book.bids, book.asks)
-                elif stream.book is not None:
-                    stream.book.apply(book.bids, book.asks)
+                    stream.own_book = L2Book()
+                    stream.own_book.load(book.bids, book.asks)
+                elif stream.own_book is not None:
+                    stream.own_book.apply(book.bids, book.asks)
             except BookError as exc:
-                stream.book = None
+                stream.own_book = None
                 log.error("dispatch: a numbered event of %s left no book: %s", key, exc)
             stream.book_event = book
         else:

@@ -187,7 +187,8 @@ class Mirror:
         if stream is not None:
             stream.seq = 0
             stream.history.clear()
-            stream.book = stream.book_event = stream.latest = None
+            stream.own_book = stream.shared_books = None
+            stream.book_event = stream.latest = None
             stream.snapshots.clear()
         self.resets += 1
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import attrs
@@ -276,6 +276,14 @@ class ClusterPublisher:
                 await trio.sleep(backoff.next_delay())
         if event.receipt is not None:
             event.receipt.settle(written.outcome, written.seq, written.version)
+
+    async def publish(self, events: Iterable[Any], /) -> None:
+        """``send`` each of ``events`` in order."""
+        for event in events:
+            await self.send(event)
+
+    def share_books(self, books: Any, /) -> None:
+        """Published messages have no books: nothing to share."""
 
     def send_nowait(self, value: Any, /) -> None:
         """Not available: a write to Redis awaits. Raises ``trio.WouldBlock``."""

@@ -112,11 +112,11 @@ class Writer:
             else:
                 count = self._updates.get(stream.key, 0) + 1
                 if count >= max(1, retention // 2) or stream.key in self._resnap:
-                    self._resnap.discard(stream.key)
                     book = stream.snapshot_message()
-                    if book is not None:
+                    if book is not None:  # else (a shared book resyncs): at the next update
                         snapshot = split_payload(book.payload, message.seq)
-                    count = 0
+                        self._resnap.discard(stream.key)
+                        count = 0
                 self._updates[stream.key] = count
         if stream.key not in self._registered:
             self._registered.add(stream.key)
