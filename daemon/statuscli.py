@@ -154,6 +154,9 @@ def render_status(console: Console, status: dict[str, Any], clients: dict[str, A
     for c in components:
         if c.get("kind") == "derived":
             console.print(derived_line(c.get("figures", {})), markup=False, highlight=False)
+    cluster = status.get("cluster")
+    if cluster:
+        render_cluster(console, cluster)
     console.print(clients_table(clients))
     transitions = status.get("transitions", [])
     if transitions:
@@ -176,6 +179,40 @@ def derived_line(f: dict[str, Any]) -> str:
     if own:
         line += "; " + ", ".join(f"{k} {v}" for k, v in own.items())
     return line
+
+
+def render_cluster(console: Console, cluster: dict[str, Any]) -> None:
+    """A cluster node's lines (docs/cluster.md): role, Redis, writer or mirror,
+    leases, and an edge's streams with their lag from Redis."""
+    line = (f"cluster: role {cluster.get('role')}, node {cluster.get('node')}, "
+            f"redis {cluster.get('redis')} ({cluster.get('prefix')}) "
+            f"{'connected' if cluster.get('connected') else 'NOT CONNECTED'}")
+    console.print(line, markup=False, highlight=False)
+    writer = cluster.get("writer")
+    if writer:
+        console.print(f"  writer: {_num(writer['written'])} written, {_num(writer['queued'])} "
+                      f"queued (peak {_num(writer['peak'])}), lag {_age(writer['lag'])}, "
+                      f"{_num(writer['failures'])} failures"
+                      f"{', ' + writer['error'] if writer.get('error') else ''}",
+                      markup=False, highlight=False)
+    mirror = cluster.get("mirror")
+    if mirror:
+        console.print(f"  mirror: {_num(mirror['streams'])} streams, {_num(mirror['entries'])} "
+                      f"entries, {_num(mirror['holes'])} holes, {_num(mirror['resets'])} resets, "
+                      f"{_num(mirror['reconnects'])} reconnects"
+                      f"{', ' + mirror['error'] if mirror.get('error') else ''}",
+                      markup=False, highlight=False)
+    for lease in cluster.get("leases", []):
+        console.print(f"  lease {lease['feed']}: held by {lease['holder'] or 'nobody'}"
+                      f"{' (this node)' if lease['owned'] else ''}", markup=False, highlight=False)
+    streams = cluster.get("streams", [])
+    if streams:
+        table = Table(title="streams (from redis)", title_justify="left")
+        for column in ("stream", "seq", "lag"):
+            table.add_column(column)
+        for stream in streams:
+            table.add_row(stream["stream"], _num(stream["seq"]), _age(stream["delay"]))
+        console.print(table)
 
 
 def feeds_table(feeds: list[dict[str, Any]]) -> Table:

@@ -306,6 +306,11 @@ async def test_standby_collector_takes_the_feed_over_within_the_lease(
         assert not [line for line in second.lines if "lease of coinbase taken" in line]
         assert standby["cluster"]["leases"] == [
             {"feed": "coinbase", "holder": "c1", "owned": False, "takeovers": 0}]
+        from tests.daemon_process import run_cli
+
+        shown = (await run_cli("status", "--socket", str(tmp_path / "c2.sock"))).stdout.decode()
+        assert f"cluster: role collector, node c2, redis {redis_server.url} ({prefix}) connected" in shown
+        assert "lease coinbase: held by c1\n" in shown
         killed = trio.current_time()
         first.process.send_signal(signal.SIGKILL)
         await second.wait_for("lease of coinbase taken by c2", 10)
