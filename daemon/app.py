@@ -124,6 +124,8 @@ class App:
             source = ClusterPublisher(self.cluster, channels, config.publish.idempotency_window)
         #: every way in (WebSocket, admin socket, HTTP) publishes through this one
         self.publisher = Publisher(source, channels, config.publish, self.epoch)
+        if isinstance(source, ClusterPublisher):  # its answers carry the cluster's epoch
+            source.on_epoch = partial(setattr, self.publisher, "epoch")
         #: the top-of-book views clients ask for (``book`` with ``depth``, ``quote``)
         self.views = Views(self.dispatcher, self.dispatcher.open_source())
         self.server = BroadcastServer(self.dispatcher, config.server, hello, config.auth,

@@ -239,6 +239,8 @@ class ClusterPublisher:
         self.node = node
         self.channels = channels
         self.window = window
+        #: told the cluster's epoch at each publish (the publisher's answers carry it)
+        self.on_epoch: Callable[[str], None] | None = None
 
     async def send(self, event: Any, /) -> None:
         """Write one ``Published`` event; raises ``TypeError`` for another event."""
@@ -274,6 +276,8 @@ class ClusterPublisher:
             except RedisUnavailable as exc:
                 log.warning("cluster: publish: %s", exc)
                 await trio.sleep(backoff.next_delay())
+        if self.on_epoch is not None:
+            self.on_epoch(epoch)
         if event.receipt is not None:
             event.receipt.settle(written.outcome, written.seq, written.version)
 
