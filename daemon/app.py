@@ -202,6 +202,8 @@ class App:
             if self.cluster is None:
                 for name, exchange in self.config.exchanges.items():
                     await self._start_feed(name, exchange)
+            else:  # a collector's feeds start as it takes their leases
+                self.cluster.feeds_may_start.set()
             self.reporter.tick(notify=False)
             self.notifier.ready(summary(self.reporter.health, self.reporter.checks))
             await root.start(self.reporter.run)

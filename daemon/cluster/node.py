@@ -85,6 +85,8 @@ class Node:
         self.mirror: Mirror | None = None
         self.leases: dict[str, LeaseState] = {}
         self.opened = trio.Event()
+        #: set by the app once what reads the feeds' first events runs (derived streams)
+        self.feeds_may_start = trio.Event()
 
     def backoff(self) -> Backoff:
         reconnect = self.config.reconnect
@@ -124,6 +126,7 @@ class Node:
     async def hold(self, feed: str) -> None:
         """Run ``feed`` while this node holds its lease (module docstring)."""
         assert self.engine is not None
+        await self.feeds_may_start.wait()
         ttl = self.config.cluster.lease
         owned = False
         takeovers = 0
