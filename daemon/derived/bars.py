@@ -305,9 +305,11 @@ class BarsComputation:
         self.next_partial = -math.inf
         self.malformed = 0
         self.partials = 0
+        self._due: float | None = None
 
     def take(self, stream: Stream, payload: dict[str, Any], now: float) -> list[Event]:
         """One trade: into each interval's bar; revised bars of late trades."""
+        self._due = None
         key = (stream.exchange, stream.symbol)
         series = self.series.get(key)
         if series is None:
@@ -331,7 +333,13 @@ class BarsComputation:
 
     def due(self) -> float:
         """The earliest of every series' next close (on the daemon's clock) and of
-        the next partial bars when some bar changed."""
+        the next partial bars when some bar changed; kept until the next ``take``
+        or ``tick``."""
+        if self._due is None:
+            self._due = self._earliest()
+        return self._due
+
+    def _earliest(self) -> float:
         due = math.inf
         changed = False
         for (exchange, _), series in self.series.items():
@@ -349,6 +357,7 @@ class BarsComputation:
 
     def tick(self, now: float) -> list[Event]:
         """The bars closed by ``now``, then the partial bars if due."""
+        self._due = None
         events: list[Event] = []
         for (exchange, _), series in self.series.items():
             clock = self.clocks.get(exchange)

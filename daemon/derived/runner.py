@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -126,7 +127,8 @@ class DerivedStatistics:
     ``overflows``, ``dropped`` (not taken while overflowed: recovered or lost),
     ``recovered`` and ``lost`` streams at resyncs; ``errors`` (the computation
     raised), ``malformed`` (an input that is not a JSON object), ``last_error``;
-    ``stalled``: the input is overflowed now (the stream is behind);
+    ``stalled``: the input is overflowed now (the stream is behind); ``busy``:
+    CPU seconds spent decoding inputs and computing (not publishing);
     ``figures``: the computation's own."""
 
     name: str
@@ -144,6 +146,7 @@ class DerivedStatistics:
     last_error: str
     stalled: bool
     figures: dict[str, Any]
+    busy: float = 0.0
 
 
 class DerivedStream:
@@ -169,6 +172,7 @@ class DerivedStream:
         self.lost = 0
         self.errors = 0
         self.malformed = 0
+        self.busy = 0.0
         self.last_error = ""
         self._error_logged_at = -math.inf
         self._errors_unlogged = 0
@@ -188,6 +192,7 @@ class DerivedStream:
                 if not source.items and not source.overflowed:
                     with trio.move_on_at(computation.due()):
                         await source.wait()
+                started = time.thread_time()
                 batch = list(source.items)
                 source.items.clear()
                 now = self.clock()
@@ -199,6 +204,7 @@ class DerivedStream:
                         outputs += computation.tick(now)
                     except Exception as exc:
                         self._error(exc, "tick")
+                self.busy += time.thread_time() - started
                 if outputs:
                     # in order, in this step (``Source.publish``): a bar is never
                     # overtaken by the next one
@@ -291,5 +297,5 @@ class DerivedStream:
             dropped=self._dropped + source.dropped, recovered=self.recovered,
             lost=self.lost, errors=self.errors, malformed=self.malformed,
             last_error=self.last_error, stalled=source.overflowed,
-            figures=self.computation.figures(),
+            figures=self.computation.figures(), busy=round(self.busy, 6),
         )

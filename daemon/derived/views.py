@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 
 import attrs
@@ -110,6 +111,7 @@ class Views:
         self.builds = 0
         self.unchanged = 0
         self.published = 0
+        self.busy = 0.0
 
     # -- demand (called by the request handler, synchronously) -------------------------
 
@@ -204,7 +206,9 @@ class Views:
                     with trio.move_on_at(min(due, next_prune)):
                         await self._wake.wait()
                     continue
+                started = time.thread_time()
                 events = self.build(now)
+                self.busy += time.thread_time() - started
                 if events:
                     await self.source.publish(events)  # in order, in this step
                     self.published += len(events)
@@ -239,7 +243,8 @@ class Views:
             published=self.published, queued=len(self.dirty), limit=0, overflows=0,
             dropped=0, recovered=0, lost=0, errors=0, malformed=0, last_error="",
             stalled=False, figures={"views": len(self.views), "demand": len(self.demand),
-                                    "builds": self.builds, "unchanged": self.unchanged})
+                                    "builds": self.builds, "unchanged": self.unchanged},
+            busy=round(self.busy, 6))
 
 
 def _channel(kind: str) -> str:
