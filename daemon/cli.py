@@ -344,14 +344,18 @@ def clients(socket_path: str | None, as_json: bool) -> None:
 @click.option("--url", default="ws://127.0.0.1:8765", show_default=True, help="tickwire server.")
 @click.option("--history", default=0, show_default=True,
               help="Retained messages to get first (trades, signals, executions).")
+@click.option("--depth", type=click.IntRange(0, 1000), default=0,
+              help="book: the top N levels a side, sent when they change (0: whole books).")
+@click.option("--throttle-ms", type=click.IntRange(0, 60_000), default=0,
+              help="At most one book, ticker, quote or view message per stream per interval.")
 @click.option("--once", is_flag=True,
               help="Exit (status 1) when the connection ends, instead of resuming.")
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help="A file holding the token for a daemon with auth on (else the "
                    "TICKWIRE_TOKEN environment variable; never the command line, which "
                    "ps shows to every user).")
-def tail(channel: str, symbols: tuple[str, ...], url: str, history: int, once: bool,
-         token_file: str | None) -> None:
+def tail(channel: str, symbols: tuple[str, ...], url: str, history: int, depth: int,
+         throttle_ms: int, once: bool, token_file: str | None) -> None:
     """Print the events of CHANNEL (or CHANNEL,CHANNEL...) for SYMBOLS
     (EXCHANGE:BASE-QUOTE, EXCHANGE:* or *), one JSON object a line.
 
@@ -373,7 +377,7 @@ def tail(channel: str, symbols: tuple[str, ...], url: str, history: int, once: b
     token = _token(token_file)
     try:
         trio.run(partial(tail_events, url, channel.split(","), list(symbols), history,
-                         resume=not once, token=token))
+                         depth=depth, throttle_ms=throttle_ms, resume=not once, token=token))
     except KeyboardInterrupt:
         pass
     except TailError as exc:

@@ -79,6 +79,7 @@ class TickwireCollector:
         yield from self._dispatcher(app)
         yield from self._server(app)
         yield from self._publish(app)
+        yield from self._derived(app)
         if getattr(app, "cluster", None) is not None:
             yield from self._cluster(app.cluster)
 
@@ -268,6 +269,31 @@ class TickwireCollector:
             "tickwire_publish_busy",
             "Publishes answered busy (503): the dispatcher stayed full for publish.timeout.",
             value=stats.busy)
+
+
+    def _derived(self, app: Any) -> Iterator[Metric]:
+        """Each derived stream's counters (``daemon.derived``), by ``name``
+        (``whales``, ``bars``, ``views``)."""
+        streams = [d.statistics() for d in (*app.derived, app.views)]
+        for field, doc in (
+            ("received", "Input messages a derived stream took."),
+            ("published", "Events a derived stream published."),
+            ("dropped", "Input messages a derived stream did not take while its input "
+                        "was full (recovered with since, or lost)."),
+            ("lost", "Streams whose missed messages a derived stream could not recover."),
+            ("errors", "Input messages or ticks on which a derived stream's computation "
+                       "raised."),
+            ("busy", "CPU seconds a derived stream spent decoding and computing."),
+        ):
+            family = _counter(f"tickwire_derived_{field}", doc, ["name"])
+            for stats in streams:
+                family.add_metric([stats.name], getattr(stats, field))
+            yield family
+        queued = _gauge("tickwire_derived_queued", "Messages in a derived stream's input.",
+                        ["name"])
+        for stats in streams:
+            queued.add_metric([stats.name], stats.queued)
+        yield queued
 
 
 def latency_summary(histogram: Any) -> Metric:

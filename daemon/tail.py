@@ -81,6 +81,10 @@ class Resume:
     symbols: list[str]
     history: int = 0
     epoch: str | None = None
+    #: ``book`` as top-of-book views of this depth (0: whole books) and at most one
+    #: message per ``throttle_ms`` per stream
+    depth: int = 0
+    throttle_ms: int = 0
     last: dict[str, int] = attrs.field(factory=dict)
 
     def welcome(self, message: dict[str, Any]) -> list[str]:
@@ -99,6 +103,10 @@ class Resume:
         has been printed in the current epoch."""
         request: dict[str, Any] = {"op": "subscribe", "id": 1, "channels": self.channels,
                                    "symbols": self.symbols, "history": self.history}
+        if self.depth:
+            request["depth"] = self.depth
+        if self.throttle_ms:
+            request["throttle_ms"] = self.throttle_ms
         if self.last:
             request["since"] = dict(self.last)
             request["epoch"] = self.epoch
@@ -137,6 +145,8 @@ async def tail_events(
     symbols: list[str],
     history: int = 0,
     *,
+    depth: int = 0,
+    throttle_ms: int = 0,
     resume: bool = True,
     token: str | None = None,
     backoff: Backoff | None = None,
@@ -150,6 +160,8 @@ async def tail_events(
     (``daemon.supervise.retry``), with delays from ``backoff`` (default 0.5 s doubling
     to 30 s), started over once subscribed again.
     ``token``: sent as ``Authorization: Bearer TOKEN`` (a daemon with auth on).
+    ``depth``: ``book`` as views of the top N levels; ``throttle_ms``: at most one
+    message per stream per interval (docs/protocol.md).
 
     Raises ``TailError`` on an ``error`` reply, on a close in ``FINAL_CLOSE_CODES``,
     on a refused upgrade (HTTP 401, 403; 429 and 503 too at the first connection),
@@ -159,7 +171,7 @@ async def tail_events(
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    state = Resume(channels, symbols, history)
+    state = Resume(channels, symbols, history, depth=depth, throttle_ms=throttle_ms)
     backoff = backoff or Backoff(0.5, 30.0)
     connected_once = False
     headers = [(b"authorization", f"Bearer {token}".encode())] if token else None

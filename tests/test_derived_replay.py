@@ -15,6 +15,7 @@ import trio
 import trio_websocket
 
 from daemon.config import BarsConfig, Config, DerivedConfig, WhalesConfig
+from daemon.metrics import samples
 from daemon.replay.run import serve_replay
 from tests.helpers import messages, request
 from tests.test_derived import check_bars, coinbase_raw_trades, expected_bars
@@ -86,4 +87,12 @@ async def test_bars_and_whales_over_a_replay_and_since(captures: Path) -> None:
         assert status["derived whales"].figures["figures"]["whales"] == len(whales)
         assert status["derived whales"].figures["figures"]["unconvertible"] == {
             "BTC": 35, "EUR": 10, "GBP": 9}
+        # the same counters in the Prometheus metrics
+        metrics = {(m["name"], m["labels"].get("name")): m["value"]
+                   for m in samples(replay.app.registry) if m["name"].startswith("tickwire_derived")}
+        bars_stats = replay.app.derived[1].statistics()
+        assert metrics["tickwire_derived_received_total", "bars"] == bars_stats.received == 107
+        assert metrics["tickwire_derived_published_total", "whales"] == len(whales)
+        assert metrics["tickwire_derived_lost_total", "bars"] == 0
+        assert ("tickwire_derived_queued", "views") in metrics
         nursery.cancel_scope.cancel()

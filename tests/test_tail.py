@@ -290,3 +290,59 @@ async def test_tail_into_a_closed_pipe_ends_by_sigpipe_without_a_traceback(captu
         nursery.cancel_scope.cancel()
     assert code == -signal.SIGPIPE
     assert not stderr
+
+
+def test_resume_keys_derived_streams_and_asks_for_depth() -> None:
+    """A bar's stream ends with its interval, a depth view's with its depth and
+    interval, a quote's with its interval; a partial bar (the closed bar's seq) is
+    printed, a bar seen before is not; the subscribe asks for depth and throttle."""
+    from daemon.tail import market_stream
+
+    bar = {"type": "bar", "exchange": "coinbase", "symbol": "SKL-USD", "interval": "1m",
+           "seq": 4, "partial": False}
+    assert market_stream(bar) == ("bars", "bars:coinbase:SKL-USD:1m")
+    view = {"type": "book_snapshot", "exchange": "kraken", "symbol": "XBT-CHF", "depth": 10,
+            "interval_ms": 100, "seq": 2}
+    assert market_stream(view) == ("views", "views:kraken:XBT-CHF:10:100")
+    assert market_stream({"type": "quote", "exchange": "x", "symbol": "A-B",
+                          "interval_ms": 0})[1] == "quote:x:A-B:0"
+    assert market_stream({"type": "book_snapshot", "exchange": "x", "symbol": "A-B"})[1] \
+        == "book:x:A-B"
+    resume = Resume(["bars", "book"], ["coinbase:*"], depth=10, throttle_ms=100)
+    assert resume.accept(bar) and resume.accept({**bar, "interval": "5m"})
+    assert resume.accept({**bar, "partial": True})  # the bar in progress, at seq 4
+    assert not resume.accept(bar)  # printed already
+    resume.epoch = "e"
+    request = resume.subscribe()
+    assert request["depth"] == 10 and request["throttle_ms"] == 100
+    assert request["since"] == {"bars:coinbase:SKL-USD:1m": 4, "bars:coinbase:SKL-USD:5m": 4}
+
+
+async def test_tail_prints_depth_views(captures: Path) -> None:
+    from daemon.events import BookSnapshot, BookUpdate
+
+    events = [e for e in coinbase_events(captures)
+              if isinstance(e, BookSnapshot | BookUpdate) and e.symbol == "SKL-USD"]
+    out, err = io.StringIO(), io.StringIO()
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery, views=True)
+        nursery.start_soon(lambda: tail_events(
+            running.url, ["book"], ["coinbase:SKL-USD"], depth=5, out=out, err=err,
+            backoff=Backoff(**FAST)))
+        with trio.fail_after(10):
+            while not running.dispatcher.subscriptions.get(running.views):
+                await trio.sleep(0.01)
+        await publish(running, events)
+        key = "views:coinbase:SKL-USD:5:0"
+        with trio.fail_after(10):
+            while (key not in running.dispatcher.streams
+                   or not printed(out)
+                   or printed(out)[-1]["seq"] != running.dispatcher.streams[key].seq):
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    views = printed(out)
+    assert all(v["type"] == "book_snapshot" and v["depth"] == 5 for v in views)
+    assert all(len(v["bids"]) <= 5 and len(v["asks"]) <= 5 for v in views)
+    assert [v["seq"] for v in views] == list(range(views[0]["seq"], views[-1]["seq"] + 1))
+    last = orjson.loads(running.dispatcher.streams[key].latest.payload)
+    assert views[-1] == last
