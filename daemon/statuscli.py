@@ -216,12 +216,14 @@ def render_cluster(console: Console, cluster: dict[str, Any]) -> None:
 
 
 def feeds_table(feeds: list[dict[str, Any]]) -> Table:
-    """The feeds table: one row per feed component of a ``status`` reply."""
+    """The feeds table: one row per feed component of a ``status`` reply (an
+    exchange whose symbols use two modes has a row per mode: ``coinbase`` and
+    ``coinbase/poll``), with its mode."""
     table = Table(title="feeds", title_justify="left")
-    columns = ("feed", "state", "health", "msg/s", "messages", "last msg", "trades",
+    columns = ("feed", "mode", "state", "health", "msg/s", "messages", "last msg", "trades",
                "book upd", "books", "resyncs", "gaps", "checksums ok/bad", "reconnects")
     for column in columns:
-        left = column in ("feed", "state", "health")
+        left = column in ("feed", "mode", "state", "health")
         table.add_column(column, justify="left" if left else "right")
     for feed in feeds:
         f = feed.get("figures", {})
@@ -230,8 +232,10 @@ def feeds_table(feeds: list[dict[str, Any]]) -> Table:
         state = f.get("state", "?")
         if f.get("fallback") == "open":
             state += " (polling)"
+        # a feed of some of an exchange's symbols (symbols_mode) is "coinbase/poll"
+        name = feed["name"].removeprefix("feed:")
         table.add_row(
-            f.get("exchange", feed["name"]), state, _health(feed["health"]),
+            name, str(f.get("mode", "?")), state, _health(feed["health"]),
             _num(f.get("messages_per_second"), 1), _num(f.get("messages")),
             _age(f.get("last_message_age")), _num(f.get("trades")), _num(f.get("book_updates")),
             f"{synced}/{len(books)}" if books else "-", _num(f.get("resyncs")),

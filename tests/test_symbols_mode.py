@@ -11,9 +11,12 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+from rich.console import Console
 
+from daemon.admin import Replies
 from daemon.config import Config, ConfigError, ExchangeConfig, structure_config
 from daemon.replay.run import serve_replay
+from daemon.statuscli import render_status
 from tests.test_derived import Recorder, coinbase_raw_trades
 
 
@@ -64,6 +67,9 @@ async def test_one_symbol_polled_one_streamed_in_one_replay(captures: Path) -> N
                 await trio.sleep(0.1)
         await trio.sleep(1.5)  # two more polls: nothing comes twice
         checks = {c.name: c for c in app.reporter.report()[1]}
+        console = Console(width=250, record=True)
+        render_status(console, Replies(app).answer("status"), {"clients": []})
+        table = console.export_text()
         native = app.feeds["coinbase"].collector.statistics()
         polled = app.feeds["coinbase/poll"].collector.statistics()
         nursery.cancel_scope.cancel()
@@ -77,5 +83,10 @@ async def test_one_symbol_polled_one_streamed_in_one_replay(captures: Path) -> N
     assert native.mode == "native" and "SKL-USD" not in native.symbols
     assert native.counters.trades == 107 - 53
     assert checks["feed:coinbase/poll"].figures["symbols_mode"] == {"SKL-USD": "poll"}
+    rows = {line.split("│")[1].strip(): line for line in table.splitlines()
+            if line.startswith("│ coinbase")}
+    assert set(rows) == {"coinbase", "coinbase/poll"}
+    assert rows["coinbase/poll"].split("│")[2].strip() == "poll"
+    assert rows["coinbase"].split("│")[2].strip() == "native"
     modes = checks["feed:coinbase"].figures["symbols_mode"]
     assert set(modes) == set(by_symbol) - {"SKL-USD"} and set(modes.values()) == {"native"}
