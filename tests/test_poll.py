@@ -435,3 +435,46 @@ def test_emulated_binance_rest_serves_tickers_and_agg_trades_of_the_tape(capture
     ]:
         status, body = get(target)
         assert (status, body["code"]) == (400, code), target
+
+
+async def test_a_request_that_keeps_failing_does_not_stop_the_rest_of_the_round(
+        captures: Path) -> None:
+    """The exchange refuses every ticker request (503) but answers the trade
+    requests: the trades of the round still arrive, once; the collector stays
+    ``subscribed`` (no backoff: the exchange is up), and status counts the failed
+    requests and names the last one's cause."""
+    emulator = emulator_of(captures, speed=None)
+    answer = emulator.venue.rest
+    refused: list[str] = []
+
+    def rest(target: str) -> tuple[int, bytes]:
+        if "ticker" in target:
+            refused.append(target)
+            return 503, b'{"code":-1001,"msg":"Internal error; tickers refused."}'
+        return answer(target)
+
+    emulator.venue.rest = rest  # type: ignore[method-assign]  # before serve() takes it
+    send, receive = trio.open_memory_channel[Any](10_000)
+    events: list[Any] = []
+
+    async def collect() -> None:
+        async for event in receive:
+            events.append(event)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect)
+        address = await nursery.start(emulator.serve)
+        emulator.started.set()
+        cfg = poll_config(symbols=["NKN-USDT", "LRC-BTC"], rest_url=address.rest_url,
+                          interval=0.05)
+        collector = PollCollector("binance", cfg, FAST, send)
+        await nursery.start(collector.run)
+        await wait_for(lambda: sum(isinstance(e, Trade) for e in events) == 2)
+        await wait_for(polled(collector, 3))
+        stats = collector.statistics()
+        nursery.cancel_scope.cancel()
+    assert refused and stats.failed_requests is not None and stats.failed_requests >= 3
+    assert stats.last_error is not None and "tickers refused" in stats.last_error
+    assert collector.state == "subscribed" and collector.state_counts["reconnecting"] == 0
+    assert not any(isinstance(e, Ticker) for e in events)
+    assert sorted(e.id for e in events if isinstance(e, Trade)) == ["15683430", "9213679"]

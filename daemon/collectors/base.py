@@ -52,6 +52,7 @@ class CollectorStatistics:
     - ``last_error``: the cause of the last failure (``Type: message``, the
       innermost cause) and ``last_error_age`` in seconds, ``None`` before any;
     - ``period`` and ``requests_per_round``: a poller's round (seconds, requests);
+      ``failed_requests``: its requests that failed in a round that went on;
     - ``bridge``: a ``watch`` collector's bridge.
     """
 
@@ -68,6 +69,7 @@ class CollectorStatistics:
     last_error_age: float | None = None
     period: float | None = None
     requests_per_round: int | None = None
+    failed_requests: int | None = None
     bridge: BridgeStatistics | None = None
 
 

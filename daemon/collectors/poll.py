@@ -34,9 +34,11 @@ ccxt's per-endpoint ``cost`` weights are not applied.
 Failures: ccxt's errors are mapped by ``daemon.errors.ccxt_errors`` into
 ``FeedDisconnected`` / ``FeedProtocolError``. Market loading retries them with
 backoff in state ``failed``; polling retries them with backoff in state
-``reconnecting`` (the backoff starts over after a run of ``healthy_after``; both
-through ``daemon.supervise.retry``, which logs a repeating failure once a
-minute), and the first good round after either is ``subscribed``. Trade and ticker memory
+``reconnecting`` (a round goes on past a request that fails, and only a round
+where every request failed is retried: ``_round``; the backoff starts over
+after a run of ``healthy_after``; both through ``daemon.supervise.retry``,
+which logs a repeating failure once a minute), and the first good round after
+either is ``subscribed``. Trade and ticker memory
 survives a retry and a supervisor restart of ``run`` (it lives on the object), so
 nothing is delivered twice. Anything else (a bug, a symbol the exchange does not
 list) propagates to the supervisor.
@@ -52,6 +54,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -136,6 +139,7 @@ class PollCollector(CollectorState):
                      exchange, self.interval, self.period, self.api.rateLimit,
                      self.requests_per_round)
         self.stats = FeedCounters()
+        self.failed_requests = 0  # requests that failed in a round that went on
         limit = trades_limit(exchange)
         self.trades = {s: TradeTracker(exchange, s, limit, self.stats) for s in self.markets}
         self._init_state()
@@ -184,15 +188,34 @@ class PollCollector(CollectorState):
         subscribed = False
         while True:
             start = trio.current_time()
+            requests: list[Callable[[], Awaitable[None]]] = []
             if "ticker" in self.channels:
-                await self._poll_tickers()
+                requests.append(self._poll_tickers)
             if "trades" in self.channels:
-                for symbol in self.markets:
-                    await self._poll_trades(symbol)
+                requests += [partial(self._poll_trades, symbol) for symbol in self.markets]
+            await self._round(requests)
             if not subscribed:
                 subscribed = True
                 await self.set_state("subscribed", f"polling every {self.period:.3g}s")
             await trio.sleep_until(start + self.period)
+
+    async def _round(self, requests: list[Callable[[], Awaitable[None]]]) -> None:
+        """Make every request of a round. One that fails does not stop the others
+        (a symbol whose ticker the exchange refuses still has its trades polled):
+        its error is logged and kept as the last error (status); only when every
+        request failed (the exchange or the network is down) does the first error
+        end the round, for ``_poll``'s caller to retry with backoff."""
+        errors: list[FeedError] = []
+        for request in requests:
+            try:
+                await request()
+            except FeedError as exc:
+                errors.append(exc)
+                self.failed_requests += 1
+                self.note_error(str(exc))
+                log.warning("%s: %s (the round goes on)", self.exchange, exc)
+        if errors and len(errors) == len(requests):
+            raise errors[0]
 
     async def _poll_tickers(self) -> None:
         if self.bids_asks:
@@ -254,4 +277,5 @@ class PollCollector(CollectorState):
             last_error_age=self.error_age(now),
             period=self.period,
             requests_per_round=self.requests_per_round,
+            failed_requests=self.failed_requests,
         )
