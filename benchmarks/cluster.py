@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -83,7 +84,7 @@ def run(setup: str, n: int, rate: float | None, args: argparse.Namespace,
             procs["redis"] = subprocess.Popen(
                 ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
                  "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)
-            wait_listening(redis_port, procs["redis"])
+            wait_tcp(redis_port, procs["redis"])
         ports: list[int] = []
         main_port = free_port()
         role = "collector" if edges else "all"
@@ -156,7 +157,19 @@ def run(setup: str, n: int, rate: float | None, args: argparse.Namespace,
 
 
 def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1000:.2f}"
+    return "-" if value is None else f"{value:.2f}"
+
+
+def wait_tcp(port: int, proc: subprocess.Popen[bytes], seconds: float = 30) -> None:
+    """Until something accepts TCP on 127.0.0.1:``port`` (Redis)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -20,7 +20,7 @@ import trio.lowlevel
 import trio_websocket
 
 from daemon.cluster.engine import Write, open_engine, split_payload
-from tests.daemon_process import Daemon, admin, tickwire, write_config
+from tests.daemon_process import Daemon, admin, stop, tickwire, write_config
 from tests.helpers import apply_levels, messages, request
 from tests.redis_server import RedisServer
 from tests.test_replay_loop import COINBASE, coinbase_final_books, recorded
@@ -172,6 +172,10 @@ async def test_one_collector_two_edges_and_a_client_moving_between_them(
         status, metrics = await admin(tmp_path / "b.sock", {"op": "status", "id": 1},
                                       {"op": "metrics", "id": 2})
 
+    # every node stopped cleanly on SIGTERM
+    for daemon in (edge_a, edge_b, collector):
+        assert daemon.process.returncode == 0, daemon.log()
+        assert "Traceback" not in daemon.log(), daemon.log()
     # every trade once, contiguous from 1, on both edges
     for got in (got_a, got_b):
         ids = [(m["symbol"], m["id"]) for m in trades(got)]
@@ -322,6 +326,11 @@ async def test_standby_collector_takes_the_feed_over_within_the_lease(
             m["type"] == "feed_state" and m["state"] == "subscribed" for m in g[mark:]), 30)
         await read_until(ws, got, lambda g: len(
             {m["symbol"] for m in g[mark:] if m["type"] == "book_snapshot"}) >= 1, 30)
+        # a clean stop gives the lease up at once (a standby need not wait for it)
+        assert await stop(second) == 0
+        assert await lease_holder(redis_server, prefix, "coinbase") == ""
+        assert "lease of coinbase released" in second.log()
+        assert "Traceback" not in second.log()
     states = [m for m in got[mark:] if m["type"] == "feed_state"]
     assert states, "the new owner announces its feed's state"
 

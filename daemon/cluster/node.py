@@ -161,13 +161,22 @@ class Node:
                 await trio.sleep(ttl / 3 if owned else ttl / 10)
         finally:
             if owned:
-                with trio.move_on_after(1) as scope:
-                    scope.shield = True
-                    try:
-                        await self.engine.release(feed, self.name)
+                await self._release(feed)
+
+    async def _release(self, feed: str) -> None:
+        """Give ``feed``'s lease up at shutdown, over a connection of its own (the
+        engine's pool is being cancelled with everything else): within 1 s, shielded;
+        if Redis does not answer, the lease lapses by itself."""
+        cluster = self.config.cluster
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            try:
+                async with open_engine(cluster.redis, cluster.prefix, cluster.timeout) as engine:
+                    if await engine.release(feed, self.name):
                         log.info("cluster: lease of %s released", feed)
-                    except RedisUnavailable:
-                        pass
+            except RedisUnavailable as exc:
+                log.warning("cluster: lease of %s not released (%s): it lapses in %.1f s",
+                            feed, exc, cluster.lease)
 
     # -- status ----------------------------------------------------------------------
 
