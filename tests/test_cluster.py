@@ -494,3 +494,56 @@ async def test_a_cluster_role_without_redis_is_one_line_and_exit_2(tmp_path: Pat
     checked = await run_cli("check-config", str(bad))
     assert checked.returncode == 2
     assert "must be redis://HOST[:PORT][/DB]" in checked.stderr.decode()
+
+
+async def test_a_full_writer_holds_every_source_and_loses_nothing(redis_server: RedisServer) -> None:
+    """The collector's writer is a bounded, lossless subscriber: with room for 20
+    events, a source that ``send``s and one that ``publish``es in its own step
+    (as the native collectors do) both wait while Redis is behind, and every
+    event is written once, contiguous per stream (1..300 each), the queue never
+    past its bound plus one step of the dispatcher."""
+    from daemon.channels import Retention
+    from daemon.cluster.writer import Writer
+    from daemon.dispatch import Dispatcher
+    from daemon.events import Trade
+    from daemon.supervise import Backoff
+
+    prefix = f"t{secrets.token_hex(4)}"
+    dispatcher = Dispatcher(64, {"trades": Retention(1000, 3600.0)})
+
+    def trade(symbol: str, n: int) -> Trade:
+        return Trade(exchange="coinbase", symbol=symbol, ts=1.0, recv_ts=2.0, id=str(n),
+                     price="1.5", size="2", side="buy")
+
+    async with open_engine(redis_server.url, prefix) as engine:
+        writer = Writer(engine, "w", "E", queue=20, batch=7, backoff=Backoff(0.01, 0.1))
+        dispatcher.subscribe(writer, ["trades"], ["*"])
+        dispatcher.gate = writer.room
+
+        async def sender() -> None:
+            async with dispatcher.open_source() as source:
+                for n in range(1, 301):
+                    await source.send(trade("A-USD", n))
+
+        async def publisher() -> None:
+            async with dispatcher.open_source() as source:
+                for n in range(1, 301):
+                    await source.publish([trade("B-USD", n)])
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(dispatcher.serve)
+                await nursery.start(writer.run)
+                async with trio.open_nursery() as sources:
+                    sources.start_soon(sender)
+                    sources.start_soon(publisher)
+                while writer.written < 600:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        for symbol in ("A-USD", "B-USD"):
+            entries = await engine.range(f"trades:coinbase:{symbol}", 0, 1000)
+            assert [e.seq for e in entries] == list(range(1, 301))
+            assert [orjson.loads(e.payload)["id"] for e in entries] == [str(n) for n in range(1, 301)]
+    stats = writer.statistics()
+    assert (stats.written, stats.duplicates, stats.queued) == (600, 0, 0)
+    assert 20 <= stats.peak <= 20 + 256

@@ -130,9 +130,9 @@ class Writer:
         self._wake.set()
 
     async def room(self) -> None:
-        """Return once fewer than ``queue`` events wait (the dispatcher's gate)."""
+        """Return once fewer than ``queue`` events wait (the dispatcher's gate; any
+        number of tasks may wait: the serving task and sources that publish)."""
         while len(self.queue) >= self.bound:
-            self._room = trio.Event()
             await self._room.wait()
 
     # -- the writing task ----------------------------------------------------------------
@@ -150,7 +150,8 @@ class Writer:
             for _ in batch:
                 self.queue.popleft()
             if len(self.queue) < self.bound:
-                self._room.set()
+                self._room.set()  # every waiter wakes and looks again
+                self._room = trio.Event()
 
     async def _write(self, batch: list[Write]) -> None:
         if self._reconnected:
