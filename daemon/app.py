@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -48,6 +48,7 @@ from daemon.derived.views import Views
 from daemon.derived.whales import WhalesComputation, usd
 from daemon.dispatch import Dispatcher, Retention, Source
 from daemon.errors import describe
+from daemon.events import Trade
 from daemon.health import (
     CRITICAL,
     NONCRITICAL,
@@ -267,7 +268,10 @@ class App:
         exchange = self.config.exchanges.get(name)
         if exchange is not None and not any(
                 key == name or key.startswith(f"{name}/") for key in self.feeds):
-            await self._start_feed(name, exchange)
+            assert self.cluster is not None
+            # the previous owner's last trades: the feed recovers the ones after them
+            resume = await self.cluster.last_trades(name, exchange.symbols)
+            await self._start_feed(name, exchange, resume)
 
     def _close_clients(self, streams: set[str] | None) -> None:
         """Close with 1012 the clients of ``streams`` (``None``: every client): the
@@ -316,15 +320,20 @@ class App:
                             label=key)
         return Feed(key or name, exchange, collector, fallback, health)
 
-    async def _start_feed(self, name: str, exchange: ExchangeConfig) -> None:
+    async def _start_feed(self, name: str, exchange: ExchangeConfig,
+                          resume: Sequence[Trade] = ()) -> None:
         """Start ``name``'s feeds: one per mode its symbols use (``symbols_mode``):
-        the feed ``name`` for ``mode``'s symbols, ``name/MODE`` for the others."""
+        the feed ``name`` for ``mode``'s symbols, ``name/MODE`` for the others.
+        ``resume``: the last trades delivered before (a cluster's new lease
+        owner), which a native collector recovers the trades after."""
         assert self._root is not None
         self.collectors.pop(name, None)
         self.fallbacks.pop(name, None)
         for mode, group in exchange.groups():
             key = name if mode == exchange.mode else f"{name}/{mode}"
             feed = self._make_feed(name, group, key if exchange.symbols_mode else None)
+            if isinstance(feed.collector, NativeCollector):
+                feed.collector.resume_trades = [t for t in resume if t.symbol in group.symbols]
             self.feeds[key] = feed
             if key == name:
                 self.collectors[name] = feed.collector

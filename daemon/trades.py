@@ -189,6 +189,16 @@ class TradeTracker:
             out.append(trade)
         return out
 
+    def seed(self, trade: Trade) -> None:
+        """``trade`` is the newest delivered before this tracker existed (by the
+        collector that owned the feed before this one, ``daemon.cluster``): it and
+        older ones are not new, and a recovery reads the history after it."""
+        key = self.rules.key(trade)
+        if not self.delivered(trade.id, key):
+            self._record(trade.id, key)
+        if key is not None and (self.forgotten is None or key > self.forgotten):
+            self.forgotten = key  # and every older one: delivered (``delivered``)
+
     # -- recovery window (rule 2) -----------------------------------------------------
 
     @property

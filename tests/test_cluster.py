@@ -26,6 +26,9 @@ from tests.redis_server import RedisServer
 from tests.test_replay_loop import COINBASE, coinbase_final_books, recorded
 
 Frames = list[dict[str, Any]]
+#: the products of the Coinbase capture (its subscription)
+SYMBOLS = ["SKL-USD", "SKL-BTC", "BAND-GBP", "NMR-EUR", "BAND-BTC", "YFI-BTC", "DASH-BTC",
+           "NU-GBP", "CRV-EUR", "SKL-GBP"]
 
 
 def node_config(folder: Path, name: str, role: str, redis: RedisServer, prefix: str,
@@ -547,3 +550,58 @@ async def test_a_full_writer_holds_every_source_and_loses_nothing(redis_server: 
     stats = writer.statistics()
     assert (stats.written, stats.duplicates, stats.queued) == (600, 0, 0)
     assert 20 <= stats.peak <= 20 + 256
+
+
+async def test_a_takeover_recovers_the_handover_trades_from_rest_once(
+        tmp_path: Path, captures: Path, redis_server: RedisServer) -> None:
+    """Two collectors run the same Coinbase feed against one exchange (an
+    emulator in this process, as the exchange is one for both). SIGKILL the
+    owner mid-tape: the standby takes the lease, reads the last trade of each
+    symbol from Redis, and recovers the trades after it from the exchange's REST
+    history. An edge's client gets every recorded trade exactly once, with
+    contiguous seq and no gap. (The lease is 3 s so that trades are played while
+    no collector is connected: without the recovery about a third of the tape's
+    trades, those of the handover, never arrive.)"""
+    from daemon.replay.capture import read_capture
+    from daemon.replay.emulator import Emulator
+
+    frames = recorded(captures, COINBASE)
+    expected = sorted(str(m["trade_id"]) for m in frames
+                      if m["type"] in ("match", "last_match"))
+    prefix = f"t{secrets.token_hex(4)}"
+    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+        emulator = Emulator([read_capture(captures / name) for name in COINBASE], speed=3.0)
+        address = await nursery.start(emulator.serve)
+        feed = (f'lease = 3.0\n[exchanges.coinbase]\nsymbols = {orjson.dumps(SYMBOLS).decode()}\n'
+                f'rest_url = "{address.rest_url}"\nws_url = "{address.ws_url}"\n')
+        edge = await stack.enter_async_context(tickwire(
+            "run", "--config", str(node_config(tmp_path, "e", "edge", redis_server, prefix))))
+        ws = await stack.enter_async_context(
+            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{await port_of(edge)}"))
+        await welcome(ws)
+        await request(ws, {"op": "subscribe", "id": 1, "channels": ["trades", "system"],
+                           "symbols": ["coinbase:*"]})
+        first = await stack.enter_async_context(tickwire(
+            "run", "--config", str(node_config(tmp_path, "c1", "collector", redis_server,
+                                               prefix, feed))))
+        await first.wait_for("lease of coinbase taken by c1")
+        second = await stack.enter_async_context(tickwire(
+            "run", "--config", str(node_config(tmp_path, "c2", "collector", redis_server,
+                                               prefix, feed))))
+        await second.wait_for(r"started: .*; role collector")
+        got: Frames = []
+        await read_until(ws, got, lambda g: len(trades(g)) >= 25)
+        first.process.send_signal(signal.SIGKILL)
+        await second.wait_for("lease of coinbase taken by c2", 10)
+        with trio.fail_after(90):
+            await emulator.finished.wait()
+        await read_until(ws, got, lambda g: len(trades(g)) >= len(expected), 60)
+        await drain(ws, got)
+        assert await stop(second) == 0
+        assert "Traceback" not in second.log()
+        nursery.cancel_scope.cancel()
+    ids = [t["id"] for t in trades(got)]
+    assert sorted(ids) == expected  # every trade once: none lost, none twice
+    contiguous_trades(got)
+    assert not [m for m in got if m["type"] == "gap"]
+    assert emulator.connections_total >= 2  # the second owner connected

@@ -135,3 +135,26 @@ def test_a_jump_with_nothing_to_recover_from_is_delivered_after_its_gap(coinbase
     out = t.live([trades[2]], 2.0)
     assert isinstance(out[0], Gap) and (out[0].from_id, out[0].to_id) == (trades[1].id, trades[1].id)
     assert out[1:] == [trades[2]] and t.stats.gaps == 1
+
+
+def test_a_resumed_feed_recovers_after_the_previous_owners_last_trade(
+        captures: Path, coinbase_trades) -> None:
+    """``ExchangeFeed.resume`` (a cluster's new feed owner): seeded with the
+    capture's 20th trade of its busiest product, a new Coinbase feed asks the
+    REST history for the trades after it on its first ``on_open``, and delivers
+    none of those at or before it again."""
+    conn = read_capture(captures / "COINBASE.ws.28.0").connections[0]
+    markets = coinbase_markets(read_capture(captures / "COINBASE.0").rest[0].body)
+    products = json.loads(conn.sent[0][1])["product_ids"]
+    symbols = [markets[p] for p in products]
+    last = coinbase_trades[19]
+    fresh = CoinbaseFeed(symbols, ["trades"], markets)
+    assert not [o for o in fresh.on_open(0.0) if isinstance(o, FetchTrades)]
+    resumed = CoinbaseFeed(symbols, ["trades"], markets)
+    resumed.resume([last])
+    fetches = [o for o in resumed.on_open(0.0) if isinstance(o, FetchTrades)]
+    assert [f.symbol for f in fetches] == [last.symbol]
+    seeded = tracker([last], COINBASE)
+    seeded.seed(last)
+    out = seeded.deliver(coinbase_trades, 0.0)
+    assert [t.id for t in out if isinstance(t, Trade)] == [t.id for t in coinbase_trades[20:]]

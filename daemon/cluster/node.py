@@ -38,7 +38,7 @@ from daemon.cluster.writer import Writer
 from daemon.config import Config
 from daemon.dispatch import Dispatcher
 from daemon.errors import RedisUnavailable
-from daemon.events import CHANNELS, Published
+from daemon.events import CHANNELS, Published, Trade
 from daemon.supervise import Backoff
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,31 @@ class Node:
         finally:
             if owned:
                 await self._release(feed)
+
+    async def last_trades(self, exchange: str, symbols: Iterable[str]) -> list[Trade]:
+        """The newest trade of each of ``exchange``'s ``symbols`` that Redis holds
+        (what the feed's previous owner delivered), for this node's feed to
+        recover the trades after them from the exchange (``ExchangeFeed.resume``).
+        A symbol without one is left out; if Redis cannot be read, none (logged:
+        the feed then starts without recovering the handover's trades)."""
+        engine = self.engine
+        if engine is None:
+            return []
+        found: list[Trade] = []
+        try:
+            for symbol in symbols:
+                entries = await engine.last(f"trades:{exchange}:{symbol}", 1)
+                if not entries:
+                    continue
+                body = orjson.loads(entries[-1].payload)
+                found.append(Trade(
+                    exchange=exchange, symbol=symbol, ts=float(body["ts"]),
+                    recv_ts=float(body["recv_ts"]), id=str(body["id"]), price=body["price"],
+                    size=body["size"], side=body["side"]))
+        except (RedisUnavailable, ValueError, KeyError, TypeError) as exc:
+            log.warning("cluster: the last trades of %s could not be read (%s): its feed "
+                        "starts without recovering the trades of the handover", exchange, exc)
+        return found
 
     async def _release(self, feed: str) -> None:
         """Give ``feed``'s lease up at shutdown, over a connection of its own (the

@@ -46,7 +46,7 @@ from daemon.collectors.wsclient import FeedSocket
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.dispatch import Source
 from daemon.errors import FeedError, FeedStale, feed_errors
-from daemon.events import Event
+from daemon.events import Event, Trade
 from daemon.exchanges.base import (
     ExchangeFeed,
     FeedStatistics,
@@ -99,6 +99,8 @@ class NativeCollector(CollectorState):
         self.backoff = Backoff(reconnect.base, reconnect.cap)
         #: bytes per socket read (the most one synchronous step handles)
         self.read_size = READ_SIZE
+        #: trades delivered before this collector (``ExchangeFeed.resume``)
+        self.resume_trades: list[Trade] = []
 
     # -- the lifecycle -----------------------------------------------------------------
 
@@ -114,6 +116,7 @@ class NativeCollector(CollectorState):
                 level=logging.ERROR, on_retry=partial(self._failed, "market metadata"),
             )
             feed = self.venue.make_feed(self.cfg, markets)
+            feed.resume(self.resume_trades)
             self.feed = feed
             # its books are exact after each publish (one step per read): the
             # dispatcher reads them instead of keeping copies

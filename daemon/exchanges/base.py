@@ -38,7 +38,7 @@ counters as a frozen ``FeedStatistics``. The rules:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar, cast
 
 import attrs
@@ -185,6 +185,14 @@ class ExchangeFeed(Protocol):
 
     def on_trades(self, symbol: str, body: str | bytes, recv_ts: float) -> Outputs:
         """The REST body a ``FetchTrades`` of ``symbol`` asked for."""
+        ...
+
+    def resume(self, trades: Iterable[Trade]) -> None:
+        """The last trade of each symbol another collector delivered before this
+        feed took over (``daemon.cluster``: a new lease owner): the next
+        ``on_open`` recovers the trades after them from the REST history, as after
+        a reconnect (no duplicate; a ``Gap`` where the history does not reach).
+        Trades of symbols the feed does not carry are ignored."""
         ...
 
     def book(self, symbol: str) -> L2Book | None:

@@ -31,6 +31,7 @@ paging of the history is here.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from itertools import chain
 from typing import TYPE_CHECKING, Any
 
@@ -182,6 +183,15 @@ class BinanceFeed:
                 out.append(self._state(symbol, now, "resyncing", "connected"))
                 out += self._fetch(symbol, sync)  # events are buffered meanwhile
         return out
+
+    def resume(self, trades: Iterable[Trade]) -> None:
+        """``ExchangeFeed.resume``: seed each symbol's trade tracker; the next
+        ``on_open`` is a reconnect as far as trades go."""
+        for trade in trades:
+            tracker = self.trades.get(trade.symbol)
+            if tracker is not None:
+                tracker.seed(trade)
+                self.opens = max(self.opens, 1)
 
     def book(self, symbol: str) -> L2Book | None:
         """The book of ``symbol`` when synced, else ``None``."""

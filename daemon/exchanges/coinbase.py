@@ -465,6 +465,15 @@ class CoinbaseFeed:
             return [self._fetch_trades(symbol)]
         return self._end_recovery(symbol, recv_ts)
 
+    def resume(self, trades: Iterable[Trade]) -> None:
+        """``ExchangeFeed.resume``: seed each symbol's trade tracker; the next
+        ``on_open`` is a reconnect as far as trades go."""
+        for trade in trades:
+            tracker = self._trades.get(trade.symbol)
+            if tracker is not None:
+                tracker.seed(trade)
+                self._opens = max(self._opens, 1)
+
     def book(self, symbol: str) -> L2Book | None:
         """The synced book of ``symbol``, or ``None`` while unsynced or without one."""
         return self._books[symbol] if symbol in self._synced else None

@@ -542,6 +542,15 @@ class KrakenFeed:
         out += self._end_recovery(symbol)
         return out
 
+    def resume(self, trades: Iterable[Trade]) -> None:
+        """``ExchangeFeed.resume``: seed each symbol's trade tracker; the next
+        ``on_open`` is a reconnect as far as trades go."""
+        for trade in trades:
+            tracker = self._trades.get(trade.symbol)
+            if tracker is not None:
+                tracker.seed(trade)
+                self._opens = max(self._opens, 1)
+
     def book(self, symbol: str) -> L2Book | None:
         """The synced book of ``symbol`` (cut to ``depth``), or ``None`` while unsynced
         or without one."""
