@@ -153,7 +153,9 @@ class Inlet:
         self._inbox.put_nowait(value)
 
     async def publish(self, events: Iterable[Event], /) -> None:
-        """Publish ``events`` now, without a schedule point (``Source.publish``).
+        """Publish ``events`` now, without a schedule point (``Source.publish``);
+        then, where the dispatcher has a ``gate`` (a cluster collector's writer to
+        Redis), wait while it is full: the caller's next read waits with it.
         Raises ``trio.ClosedResourceError`` once this source is closed."""
         if self.closed:
             raise trio.ClosedResourceError("this source is closed")
