@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,34 @@ def states(events: list[Any]) -> list[FeedState]:
 
 def top(ticker: Ticker) -> tuple[str, str, str, str]:
     return (ticker.bid, ticker.bid_size, ticker.ask, ticker.ask_size)
+
+
+@asynccontextmanager
+async def polling_through(captures: Path, rest: Callable[[Callable[[str], tuple[int, bytes]], str],
+                                                         tuple[int, bytes]],
+                          symbols: list[str]) -> AsyncIterator[tuple[PollCollector, list[Any]]]:
+    """A poll collector of ``symbols`` against the Binance emulator whose REST
+    answers go through ``rest(answer, target)`` (``answer``: the emulator's own);
+    yields the collector and the list its events are collected into."""
+    emulator = emulator_of(captures, speed=None)
+    answer = emulator.venue.rest
+    emulator.venue.rest = lambda target: rest(answer, target)  # type: ignore[method-assign]
+    send, receive = trio.open_memory_channel[Any](10_000)
+    events: list[Any] = []
+
+    async def collect() -> None:
+        async for event in receive:
+            events.append(event)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect)
+        address = await nursery.start(emulator.serve)
+        emulator.started.set()  # no WebSocket client: start the tape by hand
+        cfg = poll_config(symbols=symbols, rest_url=address.rest_url, interval=0.05)
+        collector = PollCollector("binance", cfg, FAST, send)
+        await nursery.start(collector.run)
+        yield collector, events
+        nursery.cancel_scope.cancel()
 
 
 # -- against the emulator -----------------------------------------------------------------
@@ -199,30 +229,14 @@ async def test_rest_failures_are_retried_with_backoff_and_polling_recovers(captu
     (state ``failed``, retried), then while polling (``reconnecting``, retried); each
     time the collector recovers (``subscribed``) with jittered delays within the
     backoff bounds, and no trade is delivered twice across the outage."""
-    emulator = emulator_of(captures, speed=None)
-    answer = emulator.venue.rest
     outage = True
 
-    def rest(target: str) -> tuple[int, bytes]:
+    def rest(answer: Callable[[str], tuple[int, bytes]], target: str) -> tuple[int, bytes]:
         if outage:
             return 503, b'{"code":-1001,"msg":"Internal error; emulated outage."}'
         return answer(target)
 
-    emulator.venue.rest = rest  # type: ignore[method-assign]  # before serve() takes it
-    send, receive = trio.open_memory_channel[Any](10_000)
-    events: list[Any] = []
-
-    async def collect() -> None:
-        async for event in receive:
-            events.append(event)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(collect)
-        address = await nursery.start(emulator.serve)
-        emulator.started.set()  # no WebSocket client: start the tape by hand
-        cfg = poll_config(symbols=["NKN-USDT", "LRC-BTC"], rest_url=address.rest_url, interval=0.05)
-        collector = PollCollector("binance", cfg, FAST, send)
-        await nursery.start(collector.run)
+    async with polling_through(captures, rest, ["NKN-USDT", "LRC-BTC"]) as (collector, events):
         await wait_for(lambda: collector.state_counts["failed"] >= 3)
         outage = False
         await wait_for(lambda: collector.state == "subscribed")
@@ -232,7 +246,6 @@ async def test_rest_failures_are_retried_with_backoff_and_polling_recovers(captu
         outage = False
         await wait_for(lambda: collector.state_counts["subscribed"] == 2)
         await wait_for(polled(collector, 3))
-        nursery.cancel_scope.cancel()
 
     sequence = [s.state for s in states(events)]
     first_ok = sequence.index("subscribed")
@@ -443,36 +456,18 @@ async def test_a_request_that_keeps_failing_does_not_stop_the_rest_of_the_round(
     requests: the trades of the round still arrive, once; the collector stays
     ``subscribed`` (no backoff: the exchange is up), and status counts the failed
     requests and names the last one's cause."""
-    emulator = emulator_of(captures, speed=None)
-    answer = emulator.venue.rest
     refused: list[str] = []
 
-    def rest(target: str) -> tuple[int, bytes]:
+    def rest(answer: Callable[[str], tuple[int, bytes]], target: str) -> tuple[int, bytes]:
         if "ticker" in target:
             refused.append(target)
             return 503, b'{"code":-1001,"msg":"Internal error; tickers refused."}'
         return answer(target)
 
-    emulator.venue.rest = rest  # type: ignore[method-assign]  # before serve() takes it
-    send, receive = trio.open_memory_channel[Any](10_000)
-    events: list[Any] = []
-
-    async def collect() -> None:
-        async for event in receive:
-            events.append(event)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(collect)
-        address = await nursery.start(emulator.serve)
-        emulator.started.set()
-        cfg = poll_config(symbols=["NKN-USDT", "LRC-BTC"], rest_url=address.rest_url,
-                          interval=0.05)
-        collector = PollCollector("binance", cfg, FAST, send)
-        await nursery.start(collector.run)
+    async with polling_through(captures, rest, ["NKN-USDT", "LRC-BTC"]) as (collector, events):
         await wait_for(lambda: sum(isinstance(e, Trade) for e in events) == 2)
         await wait_for(polled(collector, 3))
         stats = collector.statistics()
-        nursery.cancel_scope.cancel()
     assert refused and stats.failed_requests is not None and stats.failed_requests >= 3
     assert stats.last_error is not None and "tickers refused" in stats.last_error
     assert collector.state == "subscribed" and collector.state_counts["reconnecting"] == 0
