@@ -161,8 +161,12 @@ async def test_one_collector_two_edges_and_a_client_moving_between_them(
         for ws, got in ((ws_a, got_a), (ws_b, got_b)):
             await drain(ws, got)
 
-        # the client that left A resumes on B with since and A's epoch
-        last: dict[str, int] = {}
+        # the client that left A resumes on B with since and A's epoch; it names
+        # every stream of its symbols, 0 for one it saw nothing of (a stream that
+        # first traded between its last read and its leaving: not named, it would
+        # start fresh)
+        last = {f"trades:coinbase:{m['product_id']}": 0
+                for m in frames if m["type"] in ("match", "last_match")}
         for m in trades(moved):
             last[f"trades:coinbase:{m['symbol']}"] = m["seq"]
         async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port_b}") as ws:
