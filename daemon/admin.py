@@ -202,6 +202,17 @@ def client_figures(session: Session) -> dict[str, Any]:
 # -- the server --------------------------------------------------------------------------
 
 
+@attrs.frozen
+class AdminStatistics:
+    """``socket``: the path; ``connections``: accepted since the start;
+    ``requests``: request lines read; ``errors``: of them, answered with an error."""
+
+    socket: str
+    connections: int
+    requests: int
+    errors: int
+
+
 class AdminServer:
     """Serves the admin protocol on the Unix socket ``path``; ``answer(op)`` builds a
     reply's body. ``address`` is the path while listening."""
@@ -219,9 +230,10 @@ class AdminServer:
         self.requests = 0
         self.errors = 0
 
-    def statistics(self) -> dict[str, Any]:
-        return {"socket": str(self.path), "connections": self.connections,
-                "requests": self.requests, "errors": self.errors}
+    def statistics(self) -> AdminStatistics:
+        """The socket's path and its counters since the start."""
+        return AdminStatistics(socket=str(self.path), connections=self.connections,
+                               requests=self.requests, errors=self.errors)
 
     async def reply(self, line: bytes) -> dict[str, Any]:
         """The reply to one request line; never raises."""

@@ -53,6 +53,7 @@ from daemon.health import (
     CRITICAL,
     NONCRITICAL,
     DerivedHealth,
+    Deriving,
     DispatcherHealth,
     FeedHealth,
     ListenerHealth,
@@ -163,8 +164,8 @@ class App:
         # derived streams are computed where the feeds are (role all or collector);
         # an edge gets them from Redis
         self.derived = self._make_derived() if config.role != "edge" else []
-        self._health += [DerivedHealth(derived, config.reporter)
-                         for derived in (*self.derived, self.views)]
+        deriving: list[Deriving] = [*self.derived, self.views]
+        self._health += [DerivedHealth(derived, config.reporter) for derived in deriving]
         self.reporter = Reporter(
             self.components, self.dispatcher.open_source(), self.notifier, config.reporter,
             time.monotonic(),

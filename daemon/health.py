@@ -52,9 +52,15 @@ from daemon.events import ComponentHealth, Event, HealthChange, Status
 from daemon.notify import Notifier
 
 if TYPE_CHECKING:
+    from attrs import AttrsInstance
+    from hdrh.histogram import HdrHistogram
+
+    from daemon.broadcast.server import ServerStatistics
     from daemon.collectors.base import Collector, CollectorStatistics
     from daemon.collectors.fallback import Fallback
-    from daemon.dispatch import Dispatcher, Source
+    from daemon.derived.runner import DerivedStatistics
+    from daemon.dispatch import Dispatcher, DispatcherStatistics, Source
+    from daemon.publish.publisher import PublisherStatistics
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +114,53 @@ class Component(Protocol):
 
     def sample(self, now: float) -> None: ...
     def check(self, now: float) -> Check: ...
+
+
+# -- what the health objects read of their components: their frozen statistics -------
+
+
+class Counted(Protocol):
+    """The dispatcher, as its health reads it."""
+
+    def statistics(self) -> DispatcherStatistics: ...
+
+
+class Served(Protocol):
+    """The broadcast server, as its health reads it: ``port`` (``None`` while it
+    does not listen) and its receive-to-write ``latency`` histogram (µs)."""
+
+    port: int | None
+    latency: HdrHistogram
+
+    def statistics(self) -> ServerStatistics: ...
+
+
+class Addressed(Protocol):
+    """A listener of ours (the admin socket, the metrics or publish endpoint):
+    ``address`` while it listens, else ``None``."""
+
+    @property
+    def address(self) -> str | None: ...
+
+
+class Listening(Addressed, Protocol):
+    """A listener with frozen figures of its own."""
+
+    def statistics(self) -> AttrsInstance: ...
+
+
+class Publishing(Protocol):
+    """The publisher (``daemon.publish``), as its health reads it."""
+
+    def statistics(self) -> PublisherStatistics: ...
+
+
+class Deriving(Protocol):
+    """A derived stream or the depth views (``daemon.derived``)."""
+
+    @property
+    def name(self) -> str: ...
+    def statistics(self) -> DerivedStatistics: ...
 
 
 def daemon_health(checks: Sequence[Check]) -> str:
@@ -315,7 +368,7 @@ class DispatcherHealth:
     kind = "dispatcher"
     criticality = CRITICAL
 
-    def __init__(self, dispatcher: Any, config: ReporterConfig) -> None:
+    def __init__(self, dispatcher: Counted, config: ReporterConfig) -> None:
         self.dispatcher = dispatcher
         self.config = config
         self._samples = _Samples()
@@ -363,7 +416,7 @@ class DispatcherHealth:
         return self._check(unhealthy, degraded, figures)
 
 
-def latency_figures(histogram: Any) -> dict[str, Any] | None:
+def latency_figures(histogram: HdrHistogram | None) -> dict[str, Any] | None:
     """p50/p99/p999 and count of an ``HdrHistogram`` of microseconds, or ``None``."""
     if histogram is None:
         return None
@@ -386,7 +439,7 @@ class ServerHealth:
     kind = "server"
     criticality = CRITICAL
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: Served) -> None:
         self.server = server
 
     def sample(self, now: float) -> None:
@@ -401,7 +454,7 @@ class ServerHealth:
             "connections": stats.connections,
             "slow_consumers": stats.slow_consumers,
             "queued": stats.queued,
-            "latency": latency_figures(getattr(server, "latency", None)),
+            "latency": latency_figures(server.latency),
             "open": stats.open,
             "limit": stats.limit,
             "at_limit": stats.at_limit,
@@ -428,7 +481,7 @@ class ListenerHealth:
 
     kind = "listener"
 
-    def __init__(self, name: str, listener: Any, criticality: str) -> None:
+    def __init__(self, name: str, listener: Listening, criticality: str) -> None:
         self.name = name
         self.listener = listener
         self.criticality = criticality
@@ -437,7 +490,7 @@ class ListenerHealth:
         pass
 
     def check(self, now: float) -> Check:
-        figures = self.listener.statistics()
+        figures = attrs.asdict(self.listener.statistics())
         if self.listener.address is None:
             return _check(self, UNHEALTHY, "not listening", figures)
         return _check(self, HEALTHY, "", figures)
@@ -451,7 +504,7 @@ class PublishHealth:
     kind = "publish"
     name = "publish"
 
-    def __init__(self, publisher: Any, listener: Any, criticality: str,
+    def __init__(self, publisher: Publishing, listener: Addressed | None, criticality: str,
                  config: ReporterConfig) -> None:
         self.publisher = publisher
         self.listener = listener
@@ -491,7 +544,7 @@ class DerivedHealth:
     kind = "derived"
     criticality = NONCRITICAL
 
-    def __init__(self, derived: Any, config: ReporterConfig) -> None:
+    def __init__(self, derived: Deriving, config: ReporterConfig) -> None:
         self.derived = derived
         self.name = f"derived {derived.name}"
         self.config = config

@@ -20,6 +20,7 @@ import ssl
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import trio
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -329,6 +330,16 @@ def samples(registry: CollectorRegistry) -> list[dict[str, Any]]:
     ]
 
 
+@attrs.frozen
+class MetricsStatistics:
+    """``listen``: ``HOST:PORT`` while listening, else ``None``; ``scrapes``: of
+    ``/metrics``; ``errors``: failed connections."""
+
+    listen: str | None
+    scrapes: int
+    errors: int
+
+
 class MetricsServer:
     """``GET /metrics`` (and ``HEAD``) on the one HTTP server (``daemon.http``), over
     TLS when ``ssl_context`` is given (``https://``).
@@ -351,10 +362,10 @@ class MetricsServer:
         """``HOST:PORT`` while listening, else ``None``."""
         return self.http.address
 
-    def statistics(self) -> dict[str, Any]:
-        """``listen``, ``scrapes``, and ``errors`` (failed connections)."""
+    def statistics(self) -> MetricsStatistics:
+        """Where it listens, the scrapes of ``/metrics`` and the failed connections."""
         http = self.http.statistics()
-        return {"listen": http.listen, "scrapes": self.scrapes, "errors": http.errors}
+        return MetricsStatistics(listen=http.listen, scrapes=self.scrapes, errors=http.errors)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; ``started(port)``. Raises ``MetricsError`` (a

@@ -463,7 +463,7 @@ async def test_final_books_reach_a_client_after_a_resync(captures: Path, rec: Re
         # every frame but the 3 recorded `subscriptions`, less the few of the resynced
         # product that passed while it was unsubscribed (the exchange sends those to
         # nobody; its new snapshot covers them)
-        assert len(rec.tape) - 3 - 20 <= emulator.statistics()["sent"] <= len(rec.tape) - 3
+        assert len(rec.tape) - 3 - 20 <= emulator.statistics().sent <= len(rec.tape) - 3
         assert replay.app.collectors["coinbase"].feed.stats.resyncs == 1
         nursery.cancel_scope.cancel()
 

@@ -53,7 +53,7 @@ from __future__ import annotations
 import itertools
 import logging
 from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 import trio
@@ -170,6 +170,23 @@ class _Connection:
     #: the connection's handler: a close (fault) gives it a deadline
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     ended: trio.Event = attrs.field(factory=trio.Event)  # the TCP connection is closed
+
+
+@attrs.frozen
+class EmulatorStatistics:
+    """An emulator's tape: ``position`` (the next frame's index in ``frames``),
+    ``pass_number`` (0 on the first pass of ``--loop``), ``played`` (frames due so
+    far, every pass), ``sent`` (frames written to a connection), ``connections``
+    open, ``finished`` (the tape ended, without ``--loop``)."""
+
+    exchange: str
+    position: int
+    frames: int
+    pass_number: int
+    played: int
+    sent: int
+    connections: int
+    finished: bool
 
 
 @attrs.frozen
@@ -420,15 +437,10 @@ class Emulator:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 conn.closed = True
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> EmulatorStatistics:
         """Where the tape is and what was sent."""
-        return {
-            "exchange": self.exchange,
-            "position": self.position,
-            "frames": len(self.tape),
-            "pass": self.pass_number,
-            "played": self.played,
-            "sent": self.sent,
-            "connections": len(self.connections),
-            "finished": self.finished.is_set(),
-        }
+        return EmulatorStatistics(
+            exchange=self.exchange, position=self.position, frames=len(self.tape),
+            pass_number=self.pass_number, played=self.played, sent=self.sent,
+            connections=len(self.connections), finished=self.finished.is_set(),
+        )
