@@ -61,6 +61,7 @@ from daemon import __version__
 from daemon.errors import StartupError
 
 if TYPE_CHECKING:
+    from daemon.app import App
     from daemon.broadcast.session import Session
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def error(code: str, message: str, request_id: Any = None) -> dict[str, Any]:
 class Replies:
     """The answers, from a running ``App``'s components."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: App) -> None:
         self.app = app
 
     def answer(self, op: str) -> dict[str, Any]:

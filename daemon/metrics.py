@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -30,6 +30,9 @@ from daemon import __version__
 from daemon.health import RATE_WINDOW, Check
 from daemon.http import HttpServer, Request, Response
 from daemon.listen import ListenError
+
+if TYPE_CHECKING:
+    from daemon.app import App
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ def _counter(name: str, doc: str, labels: list[str] | None = None) -> CounterMet
 class TickwireCollector:
     """A prometheus_client custom collector over a running ``App``."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: App) -> None:
         self.app = app
 
     def describe(self) -> list[Metric]:
@@ -312,7 +315,7 @@ def latency_summary(histogram: Any) -> Metric:
     return summary
 
 
-def make_registry(app: Any) -> CollectorRegistry:
+def make_registry(app: App) -> CollectorRegistry:
     """The one registry: tickwire's collector, and the process and platform ones."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TickwireCollector(app))
