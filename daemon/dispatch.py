@@ -501,7 +501,8 @@ class Dispatcher:
         receipt = event.receipt
         idempotency = None
         if event.idempotency_key is not None:
-            idempotency = (event.channel, event.source, event.idempotency_key)
+            # scoped to the stream, as a cluster's Redis script scopes it
+            idempotency = (event.channel, event.source, event.key, event.idempotency_key)
             first = self.idempotency.get(idempotency, now)
             if first is not None:
                 self.duplicates += 1

@@ -346,8 +346,10 @@ async def test_idempotency_version_and_recovery_with_since(tmp_path: Path) -> No
         (reply,) = await admin(d.sock, {"op": "publish", "id": 9, "message": first})
         assert {k: reply[k] for k in ("type", "id", "ok", "seq", "epoch", "duplicate")} == {
             "type": "publish", "id": 9, "ok": True, "seq": 1, "epoch": epoch, "duplicate": True}
-        # another key, or none, is another message; the same key for another source too
+        # another key, or none, is another message; the same key for another stream
+        # (another source, or another key of the source) too
         assert (await post({**first, "idempotency_key": "sig-2", "data": {"n": 2}}))[1]["seq"] == 2
+        assert await post({**first, "key": "ETH-USD"}) == (200, {"ok": True, "seq": 1, "epoch": epoch})
         ack = await publisher.send({"op": "publish", **message("signals", "momentum", "BTC-USD", {"n": 3})})
         assert (ack["type"], ack["seq"], ack.get("duplicate")) == ("ack", 3, None)
         (reply,) = await admin(d.sock, {"op": "publish", "message": {**first, "source": "meanrev"}})
@@ -365,17 +367,18 @@ async def test_idempotency_version_and_recovery_with_since(tmp_path: Path) -> No
         assert await post({**state, "version": 6, "data": {"position": "2"}}) == (
             200, {"ok": True, "seq": 2, "epoch": epoch})
 
-        await sub.until(lambda got: len(sub.published()) == 6)
+        await sub.until(lambda got: len(sub.published()) == 7)
         await sub.send({"op": "ping"})  # nothing more was on its way
         assert [(stream_of(m), m["seq"], m["data"]) for m in sub.published()] == [
             ("signals:momentum:BTC-USD", 1, {"n": 1}),
             ("signals:momentum:BTC-USD", 2, {"n": 2}),
+            ("signals:momentum:ETH-USD", 1, {"n": 1}),
             ("signals:momentum:BTC-USD", 3, {"n": 3}),
             ("signals:meanrev:BTC-USD", 1, {"n": 1}),
             ("portfolio:desk1:BTC", 1, {"position": "1.5"}),
             ("portfolio:desk1:BTC", 2, {"position": "2"}),
         ]
-        assert [m.get("version") for m in sub.published()] == [None] * 4 + [5, 6]
+        assert [m.get("version") for m in sub.published()] == [None] * 5 + [5, 6]
 
     # recovery with since on a lossless published channel, in a daemon of its own
     second = tmp_path / "second"
