@@ -326,15 +326,19 @@ class App:
         """Start ``name``'s feeds: one per mode its symbols use (``symbols_mode``):
         the feed ``name`` for ``mode``'s symbols, ``name/MODE`` for the others.
         ``resume``: the last trades delivered before (a cluster's new lease
-        owner), which a native collector recovers the trades after."""
+        owner), which the collector (native, poll or watch) recovers the trades
+        after."""
         assert self._root is not None
         self.collectors.pop(name, None)
         self.fallbacks.pop(name, None)
         for mode, group in exchange.groups():
             key = name if mode == exchange.mode else f"{name}/{mode}"
             feed = self._make_feed(name, group, key if exchange.symbols_mode else None)
+            handed = [t for t in resume if t.symbol in group.symbols]
             if isinstance(feed.collector, NativeCollector):
-                feed.collector.resume_trades = [t for t in resume if t.symbol in group.symbols]
+                feed.collector.resume_trades = handed
+            elif isinstance(feed.collector, PollCollector | WatchCollector):
+                feed.collector.resume(handed)
             self.feeds[key] = feed
             if key == name:
                 self.collectors[name] = feed.collector

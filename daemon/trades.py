@@ -135,6 +135,11 @@ class TradeTracker:
         self.recovery: Recovery | None = None
         self.jump = False  # ccxt: the next poll asks for the newest page
         self.behind = 0  # ccxt: full `since` pages in a row
+        #: ccxt: ``ccxt_order`` of the trade ``seed`` gave: it and every trade before
+        #: it were delivered (by the previous owner)
+        self.floor: tuple[int, int, int, str] | None = None
+        #: ccxt: seeded, and no answer has reached back to the seed yet (rule 6)
+        self.unproven = False
 
     # -- ids delivered (rule 1) -------------------------------------------------------
 
@@ -192,7 +197,12 @@ class TradeTracker:
     def seed(self, trade: Trade) -> None:
         """``trade`` is the newest delivered before this tracker existed (by the
         collector that owned the feed before this one, ``daemon.cluster``): it and
-        older ones are not new, and a recovery reads the history after it."""
+        older ones are not new, and a recovery reads the history after it. With
+        the ccxt rules (rule 6 of the poll rules below), the next ``since`` is the
+        trade's time, and the first answer must reach back to it."""
+        if self.rules.key is _no_key:
+            self._seed_ccxt(trade)
+            return
         key = self.rules.key(trade)
         if not self.delivered(trade.id, key):
             self._record(trade.id, key)
@@ -313,8 +323,10 @@ class TradeTracker:
     # -- gaps (rule 3) ----------------------------------------------------------------
 
     def gap(self, now: float, detail: str, from_id: str = "", to_id: str = "") -> Gap:
-        """A counted ``Gap`` of this symbol's trades (``now``: epoch s)."""
+        """A counted ``Gap`` of this symbol's trades (``now``: epoch s). It settles
+        a seeded ccxt tracker's question (poll rule 6): what was missing is announced."""
         self.stats.gaps += 1
+        self.unproven = False
         return self._gap(now, detail, from_id, to_id)
 
     def _gap(self, now: float, detail: str, from_id: str = "", to_id: str = "") -> Gap:
@@ -341,6 +353,27 @@ class TradeTracker:
     #    hour from ``since``, which never reaches the present after an hour without
     #    trades), and a feed that stays behind is cut short with a ``Gap`` (rule 4)
     #    rather than falling further behind.
+    # 6. A tracker seeded with the previous owner's last trade (``seed``: a
+    #    cluster's takeover) asks ``since`` = that trade's time, and treats it and
+    #    every trade before it in delivery order (rule 3) as delivered (``floor``:
+    #    trades in the same ms as it are told apart by id). Its first answer that
+    #    brings anything must reach back to that trade (overlap, rule 1): the
+    #    inclusive ``since`` returns it whenever the exchange's history still holds
+    #    it. An answer with new trades and no overlap, full or not, is a ``Gap``
+    #    (the history starts after the seed: the trades between are lost).
+
+    def _seed_ccxt(self, trade: Trade) -> None:
+        """``seed`` with the ccxt rules: ``trade`` (an event, ``ts`` = ccxt's ms
+        timestamp / 1000) as the newest delivered (rule 6)."""
+        stamp = math.floor(trade.ts * 1000 + 0.001)  # the ms ccxt gave (float error)
+        if not self.delivered(trade.id, stamp):
+            self._record(trade.id, stamp)
+        order = ccxt_order({"id": trade.id, "timestamp": stamp})
+        if self.floor is None or order > self.floor:
+            self.floor = order
+        if self.forgotten is None or stamp - 1 > self.forgotten:
+            self.forgotten = stamp - 1  # every older ms: delivered (same ms: ``floor``)
+        self.unproven = True
 
     def since(self) -> int | None:
         """ccxt: the ``since`` (ms) of the next ``fetch_trades`` call (rules 1, 5)."""
@@ -352,10 +385,12 @@ class TradeTracker:
         new: list[dict[str, Any]] = []
         fresh: set[str] = set()
         overlap = False
+        floor = self.floor
         for trade in trades:
             tid = ccxt_trade_id(trade)
             stamp = trade.get("timestamp")
-            if tid in fresh or self.delivered(tid, stamp):
+            if tid in fresh or self.delivered(tid, stamp) or (
+                    floor is not None and stamp == floor[0] and ccxt_order(trade) <= floor):
                 overlap = True
                 self.stats.duplicates += 1
                 continue
@@ -366,8 +401,10 @@ class TradeTracker:
         new.sort(key=ccxt_order)
         full = len(trades) >= self.limit
         out: list[Event] = []  # trades and gaps, typed as the collectors publish them
-        if new and self.last_id is not None and not overlap and full:
+        if new and self.last_id is not None and not overlap and (full or self.unproven):
             out.append(self._page_gap(ccxt_trade_id(new[0]), recv_ts))
+        elif overlap:
+            self.unproven = False  # the history reaches back to the seed (rule 6)
         for trade in new:
             event = self._ccxt_trade(trade, recv_ts)
             if event is not None:
@@ -409,10 +446,11 @@ class TradeTracker:
         from_id = to_id = ""
         if last.isdigit() and first_new.isdigit() and int(first_new) - int(last) > 1:
             from_id, to_id = str(int(last) + 1), str(int(first_new) - 1)
+        reach = (f"the REST history did not reach back to trade {last}, the last one "
+                 "delivered before this collector took the feed over" if self.unproven
+                 else f"a full page of {self.limit} trades did not reach back to trade {last}")
         return self.gap(
-            recv_ts,
-            f"a full page of {self.limit} trades did not reach back to trade {last}; "
-            f"trades between it and {first_new} may be missing",
+            recv_ts, f"{reach}; trades between it and {first_new} may be missing",
             from_id, to_id,
         )
 

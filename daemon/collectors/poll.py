@@ -40,8 +40,10 @@ after a run of ``healthy_after``; both through ``daemon.supervise.retry``,
 which logs a repeating failure once a minute), and the first good round after
 either is ``subscribed``. Trade and ticker memory
 survives a retry and a supervisor restart of ``run`` (it lives on the object), so
-nothing is delivered twice. Anything else (a bug, a symbol the exchange does not
-list) propagates to the supervisor.
+nothing is delivered twice. A cluster's new feed owner hands each symbol's last
+trade delivered by the previous owner to ``resume`` first: polling starts from it.
+Anything else (a bug, a symbol the exchange does not list) propagates to the
+supervisor.
 
 What it shares with the ``watch`` mode (symbols, tickers, decimal strings from
 ccxt's floats, the spot-only exchange object, the market check, the emulator's
@@ -54,7 +56,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -72,6 +74,7 @@ from daemon.collectors.state import CollectorState
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.dispatch import Source
 from daemon.errors import FeedError, ccxt_errors
+from daemon.events import Trade
 from daemon.exchanges.base import FeedCounters
 from daemon.supervise import Backoff, Failure, retry
 from daemon.trades import TradeTracker
@@ -147,6 +150,17 @@ class PollCollector(CollectorState):
         self._next_request = -math.inf  # trio clock: the earliest start of the next request
         self.last_answer: float | None = None  # trio clock of the last REST answer
         self._markets_loaded = False
+
+    def resume(self, trades: Iterable[Trade]) -> None:
+        """The last trade of each symbol the feed's previous owner delivered
+        (``daemon.cluster``: this collector took the feed over), before ``run``:
+        each symbol's first poll asks for the trades since it, delivers those after
+        it once, and a ``Gap`` when the answer does not reach back to it (the
+        tracker's poll rule 6). Trades of symbols not polled are ignored."""
+        for trade in trades:
+            tracker = self.trades.get(trade.symbol)
+            if tracker is not None:
+                tracker.seed(trade)
 
     # -- the lifecycle -----------------------------------------------------------------
 

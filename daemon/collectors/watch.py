@@ -21,7 +21,9 @@ tracker (``daemon.trades.TradeTracker``, ccxt rules), which drops every id
 already delivered, across re-watches and restarts (a restart recovers from the
 newest trade delivered), and reports what cannot have been covered as a ``Gap``;
 books through ``books.BookTracker``; tickers are published when their top of book
-changed. A live batch as large as ccxt's trade cache (``tradesLimit``, set to the
+changed. A cluster's new feed owner seeds the trade trackers with the previous
+owner's last trades (``resume``): they are recovered from like a restart. A live
+batch as large as ccxt's trade cache (``tradesLimit``, set to the
 REST page size) may have lost trades in ccxt's cache: ``Gap`` too.
 
 Stopping: cancelling ``run`` closes the hand-off and stops the bridge; trio joins
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
@@ -60,11 +63,11 @@ from daemon.collectors.state import CollectorState
 from daemon.config import ExchangeConfig, ReconnectConfig
 from daemon.dispatch import Source
 from daemon.errors import FeedDisconnected
-from daemon.events import Gap
+from daemon.events import Trade
 from daemon.exchanges.base import FeedCounters
 from daemon.trades import TradeTracker
 
-__all__ = ["BRIDGE_BUFFER", "THREAD_PREFIX", "HandOff", "WatchCollector", "trades_gap"]
+__all__ = ["BRIDGE_BUFFER", "THREAD_PREFIX", "HandOff", "WatchCollector"]
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +77,6 @@ BRIDGE_BUFFER = 64
 JOIN_TIMEOUT = 10.0
 #: Channels this collector can watch.
 WATCH_CHANNELS = ("trades", "book", "ticker")
-
-
-def trades_gap(exchange: str, symbol: str, detail: str, now: float) -> Gap:
-    """A ``Gap`` of trades whose ids are unknown."""
-    return Gap(exchange=exchange, symbol=symbol, ts=now, recv_ts=now, stream="trades",
-               detail=detail)
 
 
 class WatchCollector(CollectorState):
@@ -128,6 +125,18 @@ class WatchCollector(CollectorState):
         self.bridge: Bridge[BridgeItem] | None = None
         self.channel: trio.MemorySendChannel[BridgeItem] | None = None
         self.hand_off: HandOff[BridgeItem] | None = None
+
+    def resume(self, trades: Iterable[Trade]) -> None:
+        """The last trade of each symbol the feed's previous owner delivered
+        (``daemon.cluster``: this collector took the feed over), before ``run``:
+        once a symbol's trade watch is up, the trades since it are recovered from
+        REST (as after a restart), those after it delivered once, and a ``Gap``
+        when the history does not reach back to it (the tracker's poll rule 6).
+        Trades of symbols not watched are ignored."""
+        for trade in trades:
+            tracker = self.trades.get(trade.symbol)
+            if tracker is not None:
+                tracker.seed(trade)
 
     # -- the lifecycle -----------------------------------------------------------------
 
@@ -205,8 +214,7 @@ class WatchCollector(CollectorState):
             for event in self.books[item.symbol].lost(item.gap, item.detail, item.now):
                 await self.publish(event)
         elif isinstance(item, TradesGap):
-            self.stats.gaps += 1
-            await self.publish(trades_gap(self.exchange, item.symbol, item.detail, item.now))
+            await self.publish(self.trades[item.symbol].gap(item.now, item.detail))
         elif isinstance(item, StateChange):
             await self.set_state(item.state, item.detail, item.error)
         else:
