@@ -609,3 +609,58 @@ async def test_a_takeover_recovers_the_handover_trades_from_rest_once(
     contiguous_trades(got)
     assert not [m for m in got if m["type"] == "gap"]
     assert emulator.connections_total >= 2  # the second owner connected
+
+
+async def test_a_poll_feed_takeover_recovers_the_handover_trades_once(
+        tmp_path: Path, captures: Path, redis_server: RedisServer) -> None:
+    """The same for a ``poll`` feed (ccxt's ``coinbaseexchange`` polling the one
+    emulator's REST): SIGKILL the owner mid-tape; the standby takes the lease,
+    hands each symbol's last trade in Redis to its poll collector, which polls
+    from there. An edge's client gets every recorded trade exactly once, with
+    contiguous seq and no gap. (Without the handover, the new owner's first
+    answers, the newest pages, would deliver again what the first owner did.)"""
+    from daemon.replay.capture import read_capture
+    from daemon.replay.emulator import Emulator
+
+    frames = recorded(captures, COINBASE)
+    expected = sorted(str(m["trade_id"]) for m in frames
+                      if m["type"] in ("match", "last_match"))
+    prefix = f"t{secrets.token_hex(4)}"
+    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+        emulator = Emulator([read_capture(captures / name) for name in COINBASE], speed=3.0)
+        address = await nursery.start(emulator.serve)
+        feed = (f'lease = 3.0\n[exchanges.coinbaseexchange]\nmode = "poll"\n'
+                f'symbols = {orjson.dumps(SYMBOLS).decode()}\nchannels = ["trades"]\n'
+                f'interval = 0.2\nrest_url = "{address.rest_url}"\n')
+        edge = await stack.enter_async_context(tickwire(
+            "run", "--config", str(node_config(tmp_path, "e", "edge", redis_server, prefix))))
+        ws = await stack.enter_async_context(
+            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{await port_of(edge)}"))
+        await welcome(ws)
+        await request(ws, {"op": "subscribe", "id": 1, "channels": ["trades", "system"],
+                           "symbols": ["coinbaseexchange:*"]})
+        first = await stack.enter_async_context(tickwire(
+            "run", "--config", str(node_config(tmp_path, "c1", "collector", redis_server,
+                                               prefix, feed))))
+        await first.wait_for("lease of coinbaseexchange taken by c1")
+        second = await stack.enter_async_context(tickwire(
+            "run", "--config", str(node_config(tmp_path, "c2", "collector", redis_server,
+                                               prefix, feed))))
+        await second.wait_for(r"started: .*; role collector")
+        emulator.started.set()  # REST only: no WebSocket client starts the tape
+        got: Frames = []
+        await read_until(ws, got, lambda g: len(trades(g)) >= 25)
+        first.process.send_signal(signal.SIGKILL)
+        await second.wait_for("lease of coinbaseexchange taken by c2", 10)
+        with trio.fail_after(90):
+            await emulator.finished.wait()
+        await read_until(ws, got, lambda g: len(trades(g)) >= len(expected), 60)
+        await drain(ws, got, quiet=2.0)  # a trade delivered twice would come meanwhile
+        assert await stop(second) == 0
+        assert "Traceback" not in second.log()
+        nursery.cancel_scope.cancel()
+    ids = [t["id"] for t in trades(got)]
+    assert sorted(ids) == expected  # every trade once: none lost, none twice
+    contiguous_trades(got)
+    assert not [m for m in got if m["type"] == "gap"]
+    assert len(trades(got)) > 25 + 10  # the tape went on after the kill
