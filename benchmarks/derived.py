@@ -3,6 +3,7 @@
     python benchmarks/derived.py                     # both parts, about 3 minutes
     python benchmarks/derived.py --parts alone       # (a) only
     python benchmarks/derived.py --parts daemon --seconds 10 --rounds 2
+    python benchmarks/derived.py --against 17df7c8 --configs base,whales+bars --rounds 3
 
 A script, not a test: it asserts nothing and prints tables (Markdown).
 
@@ -10,7 +11,8 @@ A script, not a test: it asserts nothing and prints tables (Markdown).
 events (``tests/captures/COINBASE.*``, through the real protocol), best of
 ``--repeat`` passes, microseconds per input event: ``BarsComputation.take`` per
 trade (intervals 1s, 1m, 5m: three bars per trade) and its ``tick``;
-``WhalesComputation.take`` per trade and per ticker; a depth-10 view's build per
+``take`` and then ``due`` per trade (what the derived task does for each input:
+the next time it must wake); ``WhalesComputation.take`` per trade and per ticker; a depth-10 view's build per
 book event (``Views.build`` after each event: the top 10 levels read from the
 book, compared, a ``BookView`` made when they changed), beside the dispatcher's
 own ``publish`` of the same book event.
@@ -34,7 +36,14 @@ reports what each derived task spent itself (``busy`` in ``tickwire status``:
 publishing not included): "derived us per input" is that over its input messages (trades and
 tickers taken by whales and bars; book readings by the views), and "derived
 share" that time over the daemon's CPU. The 100 clients run in one load client
-process (``fanout.py``'s), whose CPU is not the daemon's.
+process (``fanout.py``'s), whose CPU is not the daemon's. ``--configs`` runs only
+some of them.
+
+**--against REV**: the same measurements of the daemon of git revision ``REV``
+(a copy made with ``git archive`` in a temporary directory): (a) runs this
+script's (a) on that copy's ``daemon`` in a child process (``--tree``), (b) runs
+each configuration with both daemons, one after the other in every round
+(interleaved), the copy's rows named ``CONFIG @ REV``.
 """
 
 from __future__ import annotations
@@ -44,10 +53,12 @@ import contextlib
 import importlib
 import math
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -141,6 +152,18 @@ def alone(args: argparse.Namespace) -> str:
         return WhalesComputation(Decimal(1000), {}, ["*"])
 
     rows.append(("bars 1s+1m+5m: `take`, per trade", per(trades, bars, "take"), len(trades)))
+
+    def take_due() -> float:  # the derived task's step for one input: take, then due
+        computation = bars()
+        passes = max(1, 20_000 // len(trades))
+        started = time.perf_counter()
+        for _ in range(passes):
+            for n, (stream, payload) in enumerate(trades):
+                computation.take(stream, payload, float(n))
+                computation.due()
+        return (time.perf_counter() - started) / (passes * len(trades)) * 1e6
+    rows.append(("bars 1s+1m+5m: `take` then `due`, per trade", best(take_due, args.repeat),
+                 len(trades)))
     rows.append(("whales: `take`, per trade", per(trades, whales, "take"), len(trades)))
     rows.append(("whales: `take`, per ticker", per(tickers, whales, "take"), len(tickers)))
 
@@ -215,7 +238,10 @@ def client_process(port: int, count: int, subscribe: bytes, control: Any) -> Non
 
 
 @contextlib.contextmanager
-def replay(args: argparse.Namespace, workdir: Path, extra: str) -> Iterator[tuple[Any, int, Path]]:
+def replay(args: argparse.Namespace, workdir: Path, extra: str, tree: Path = REPO
+           ) -> Iterator[tuple[Any, int, Path]]:
+    """``tickwire replay`` of the Coinbase capture, the daemon from ``tree`` (this
+    repository, or ``--against``'s copy)."""
     base = fanout().tickwire_config(workdir, True)
     config = workdir / "derived.toml"
     config.write_text(base.read_text() + "\n" + extra)
@@ -225,7 +251,8 @@ def replay(args: argparse.Namespace, workdir: Path, extra: str) -> Iterator[tupl
                "--listen", f"127.0.0.1:{port}", "--config", str(config),
                "--emulators", "process"]
     log = (workdir / "daemon.log").open("wb")
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.Popen(command, cwd=tree, stdout=subprocess.DEVNULL, stderr=log, env=env)
     admin = workdir / "admin.sock"
     try:
         deadline = time.monotonic() + 60
@@ -244,10 +271,11 @@ def replay(args: argparse.Namespace, workdir: Path, extra: str) -> Iterator[tupl
         log.close()
 
 
-def measure(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def measure(name: str, args: argparse.Namespace, workdir: Path, tree: Path = REPO
+            ) -> dict[str, Any]:
     extra, subscribe = CONFIGS[name]
     module = fanout()
-    with replay(args, workdir, extra) as (proc, port, admin):
+    with replay(args, workdir, extra, tree) as (proc, port, admin):
         clients: list[tuple[Any, Any]] = []
         if subscribe is not None:
             parent, child = mp.get_context("fork").Pipe()
@@ -310,11 +338,16 @@ def measure(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any
             "derived_inputs_s": work / d["t"], "derived_share": d["busy"] / d["cpu"] * 100}
 
 
-def daemon_part(args: argparse.Namespace, workdir: Path) -> str:
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
+def daemon_part(args: argparse.Namespace, workdir: Path, against: Path | None) -> str:
+    names = [n for n in CONFIGS if n in args.configs.split(",")] if args.configs else list(CONFIGS)
+    trees = [(name, REPO) for name in names]
+    if against is not None:
+        trees = [(label, tree) for name in names
+                 for label, tree in ((name, REPO), (f"{name} @ {args.against}", against))]
+    results: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in trees}
     for _ in range(args.rounds):
-        for name in CONFIGS:
-            results[name].append(measure(name, args, workdir))
+        for label, tree in trees:
+            results[label].append(measure(label.split(" @ ")[0], args, workdir, tree))
     trades_per_frame = 107 / 9946  # the capture's (it loops)
     lines = ["| configuration | frames/s | daemon CPU % | us CPU per frame (median; each run) | "
              "deliveries/s | derived inputs/s | derived us per input | derived share of CPU % |",
@@ -343,19 +376,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--configs", default="", help="(b)'s configurations, comma-separated")
+    parser.add_argument("--against", default="", help="a git revision to measure too")
+    parser.add_argument("--tree", type=Path, help="(a) on the daemon package of this tree")
     args = parser.parse_args(argv)
+    if args.tree is not None:
+        sys.path.insert(0, str(args.tree))
     parts = set(args.parts.split(","))
     print(f"# benchmarks/derived.py on {platform.node()}, Python {platform.python_version()}, "
           f"`{' '.join(['python', 'benchmarks/derived.py', *(argv or sys.argv[1:])])}`\n")
-    if "alone" in parts:
-        print("## (a) the computations alone\n")
-        print(alone(args) + "\n")
-    if "daemon" in parts:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        against = stack.enter_context(revision(args.against)) if args.against else None
+        if "alone" in parts:
+            print("## (a) the computations alone\n")
+            print(alone(args) + "\n")
+            if against is not None:
+                print(f"## (a) the computations alone @ {args.against}\n")
+                print(subprocess.run(
+                    [sys.executable, __file__, "--parts", "alone", "--tree", str(against),
+                     "--repeat", str(args.repeat), "--captures", str(args.captures)],
+                    cwd=against, check=True, capture_output=True, text=True,
+                ).stdout.split("## (a) the computations alone\n", 1)[-1])
+        if "daemon" in parts:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
             print("## (b) in the replay daemon\n")
-            print(daemon_part(args, Path(tmp)) + "\n")
+            print(daemon_part(args, Path(tmp), against) + "\n")
+
+
+@contextlib.contextmanager
+def revision(rev: str) -> Iterator[Path]:
+    """A copy of this repository at git revision ``rev`` (``git archive``), removed
+    afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", rev], cwd=REPO, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        yield Path(tmp)
 
 
 if __name__ == "__main__":

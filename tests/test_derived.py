@@ -372,6 +372,52 @@ async def test_a_late_trade_revises_its_bar(captures: Path, autojump_clock: Any)
     assert seqs == list(range(1, len(bars) + 1))
 
 
+async def test_a_late_trade_reprices_the_bars_carried_after_it(
+        captures: Path, autojump_clock: Any) -> None:
+    """Two SKL-USD trades held back, each alone in its 1 s bar: 1568272 (0.7921,
+    after a bar closing at 0.7916) arrives after three or more empty bars carried
+    0.7916 on; its bar is revised, then each of those carried bars is revised at
+    0.7921 (revision 1, in order, numbered), and the bars after carry 0.7921.
+    1568274 (0.792, the close before it too) revises its own bar only: the empty
+    bar carried after it keeps its price. The latest revision of every bar equals
+    the independent computation with every trade."""
+    raw = coinbase_raw_trades(captures)
+    late = {t.id: t for t in raw if t.id in ("1568272", "1568274")}
+    computation = BarsComputation(["1s"], 0.5, "carry", 1000, ["*"])
+    played = await play(coinbase_events(captures), computation, after=5.0,
+                        hold={"1568272": 4.0, "1568274": 3.0})
+    with_all = {b["open_time"]: b for b in expected_bars(raw, 1, True)["SKL-USD"]}
+    timed = [(at, b) for at, b in played.recorder.got if b["type"] == "bar"
+             and b["symbol"] == "SKL-USD" and not b["partial"]]
+    bars = [b for _, b in timed]
+    latest: dict[float, dict[str, Any]] = {}
+    for b in bars:
+        assert b["revision"] == latest[b["open_time"]]["revision"] + 1 \
+            if b["open_time"] in latest else b["revision"] == 0
+        latest[b["open_time"]] = b
+    assert set(with_all) <= set(latest)  # and empty bars after the last trade
+    assert all(comparable(latest[t]) == with_all[t] for t in with_all)
+    assert [b["seq"] for b in bars] == list(range(1, len(bars) + 1))
+    # 1568272: its bar, then the carried bars published before it came, at 0.7921
+    first, second = late["1568272"], late["1568274"]
+    bucket = float(math.floor(first.ts))
+    before = [b["open_time"] for at, b in timed
+              if at < played.sent_at[first.id] and bucket < b["open_time"] < 1618677824.0]
+    assert len(before) >= 3
+    revised = [b for b in bars if b["revision"]]
+    assert [b["open_time"] for b in revised] == [bucket, *before, math.floor(second.ts)]
+    for b in revised[1:-1]:
+        assert b["count"] == 0 and b["revision"] == 1
+        assert (b["open"], b["high"], b["low"], b["close"]) == ("0.7921",) * 4
+    first_made = next(b for b in bars if b["open_time"] == before[0])
+    assert first_made["close"] == "0.7916"  # what it carried before the late trade
+    # 1568274: the empty bar after its own was published before it came, and stays
+    after = next(b for at, b in timed if b["open_time"] == math.floor(second.ts) + 1.0)
+    assert after["count"] == 0 and after["close"] == "0.792"
+    assert next(at for at, b in timed if b is after) < played.sent_at[second.id]
+    assert played.derived.statistics().figures["late"] == 2
+
+
 async def test_since_returns_exactly_the_missed_bars(captures: Path, autojump_clock: Any) -> None:
     computation = BarsComputation(["1s"], 1.0, "carry", 1000, ["*"])
     played = await play(coinbase_events(captures), computation, after=3.0)

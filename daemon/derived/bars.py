@@ -19,12 +19,18 @@ Theory of operation
 3. A trade whose bar was already published is **late**: the bar is made again
    with it and published with ``revision`` N (its Nth correction). The last
    ``KEPT`` closed bars are kept for that; a trade older than those is counted
-   in ``too_late`` (and logged by the caller), never silently dropped.
+   in ``too_late`` (and logged by the caller), never silently dropped. With
+   ``carry``, the empty bars published after it carried its close: when the late
+   trade changed that close, each of them (up to the next bar with trades, or the
+   bar in progress) is published again at the new price with its own next
+   ``revision`` (``take_repriced``), and the bars still to come carry it too. A
+   carried bar whose price did not change is not published again.
 4. ``partial()`` is the bar in progress, ``"partial": true``.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections import OrderedDict
@@ -81,6 +87,8 @@ class Bucket:
     sell: Decimal = _ZERO
     notional: Decimal = _ZERO
     count: int = 0
+    #: the price of a bar without trades (``carry``: the close before it)
+    carried: str = ""
     #: times published: 0 not yet, 1 once (revision 0), N+1 after revision N
     published: int = 0
 
@@ -137,6 +145,10 @@ class BarSeries:
         self.bars = 0
         self.empty = 0
         self.revisions = 0
+        #: the ``close`` the computation's heap holds for this series (``BarsComputation``)
+        self.queued = math.inf
+        #: carried bars re-priced by late trades, not yet taken (``take_repriced``)
+        self.repriced: list[Bar] = []
 
     def bucket_of(self, ts: float) -> float:
         """The open time of the bucket of exchange time ``ts``."""
@@ -145,7 +157,8 @@ class BarSeries:
     def trade(self, ts: float, price: str, size: str, side: str,
               parsed: tuple[Decimal, Decimal] | None = None) -> Bar | None:
         """Add one trade (``parsed``: ``parse(price, size)`` if done already);
-        returns the revised bar when it is late (else None). Raises
+        returns the revised bar when it is late (else None); the carried bars
+        after it whose price that changed wait in ``take_repriced``. Raises
         ``ArithmeticError`` or ``ValueError`` for a price or size that is not a
         decimal string (``parse``): nothing is changed then."""
         if parsed is None:
@@ -180,9 +193,37 @@ class BarSeries:
         self.revisions += 1
         revision = bucket.published
         bucket.published += 1
-        if bucket.count and bucket.open_time == next(reversed(self.closed)):
+        if self.carry:
+            self._reprice(bucket)
+        elif bucket.open_time == next(reversed(self.closed)):
             self.last_close = bucket.close
         return self._bar(bucket, revision)
+
+    def _reprice(self, bucket: Bucket) -> None:
+        """``bucket`` was revised: the carried bars after it (up to the next bar
+        with trades) carry its close; each whose price that changes is revised
+        (``repriced``), and when they reach the bar in progress, so is
+        ``last_close``."""
+        price = bucket.close
+        at = bucket.open_time + self.seconds
+        while (after := self.closed.get(at)) is not None:
+            if after.count or after.carried == price:
+                return  # a bar of its own trades, or carried bars at this price already
+            after.carried = price
+            self.repriced.append(self._bar(after, after.published))
+            after.published += 1
+            self.revisions += 1
+            at += self.seconds
+        if at >= self.horizon and self.last_close != price:
+            self.last_close = price
+            if self.cursor is not None and self.cursor not in self.open:
+                self.changed = True  # the bar in progress is carried: its price changed
+
+    def take_repriced(self) -> list[Bar]:
+        """The carried bars re-priced by late trades since the last call, in order
+        (module docstring, rule 3)."""
+        repriced, self.repriced = self.repriced, []
+        return repriced
 
     def next_close(self) -> float:
         """The exchange time at which the next bar closes (``math.inf``: none)."""
@@ -201,7 +242,7 @@ class BarSeries:
             cursor = self.cursor
             bucket = self.open.pop(cursor, None)
             if bucket is None and self.carry:
-                bucket = Bucket(cursor)
+                bucket = Bucket(cursor, carried=self.last_close or "")
                 self.empty += 1
             if bucket is not None:
                 bucket.published = 1
@@ -229,7 +270,7 @@ class BarSeries:
         if bucket is None:
             if not self.carry or self.last_close is None:
                 return None
-            bucket = Bucket(self.cursor)
+            bucket = Bucket(self.cursor, carried=self.last_close)
         return self._bar(bucket, 0, partial=True)
 
     def _keep(self, bucket: Bucket) -> None:
@@ -245,7 +286,7 @@ class BarSeries:
             vwap: str | None = str(_DIVIDE.divide(bucket.notional, bucket.volume)) \
                 if bucket.volume else None
         else:
-            carried = self.last_close or ""
+            carried = bucket.carried
             prices = (carried, carried, carried, carried)
             vwap = None
         return Bar(
@@ -288,7 +329,14 @@ class BarsComputation:
     """The ``bars`` derived stream (a ``runner.Computation``): every trade stream
     matching ``symbols``, one ``BarSeries`` per interval, each exchange's
     ``ExchangeClock``; partial bars at most every ``partial_ms``. Built from
-    ``[derived.bars]`` (``BarsConfig``)."""
+    ``[derived.bars]`` (``BarsConfig``).
+
+    The next closes are kept in a heap per exchange (``heapq``), keyed by each
+    series' ``next_close`` on the exchange's time: one exchange's clock maps all
+    of its times to the daemon's by the same offset, so its heap's order holds
+    while the offset moves. A trade costs ``O(log n)`` (a push when it opens an
+    earlier bar than its series had pending), ``due`` ``O(exchanges)``, and a
+    tick pops only the series that are due (``n``: the series)."""
 
     name = "bars"
 
@@ -302,14 +350,18 @@ class BarsComputation:
         self.partial_every = partial_ms / 1000
         self.series: dict[tuple[str, str], list[BarSeries]] = {}
         self.clocks: dict[str, ExchangeClock] = {}
+        #: per exchange, (next close on its time, series number, series); an entry
+        #: is live while its close is the series' ``queued`` (else it is skipped)
+        self.closes: dict[str, list[tuple[float, int, BarSeries]]] = {}
+        #: series whose bar in progress changed since its last partial bar
+        self.changed: dict[BarSeries, None] = {}
         self.next_partial = -math.inf
         self.malformed = 0
         self.partials = 0
-        self._due: float | None = None
+        self._numbered = 0
 
     def take(self, stream: Stream, payload: dict[str, Any], now: float) -> list[Event]:
         """One trade: into each interval's bar; revised bars of late trades."""
-        self._due = None
         key = (stream.exchange, stream.symbol)
         series = self.series.get(key)
         if series is None:
@@ -320,62 +372,72 @@ class BarsComputation:
             ts = float(payload["ts"])
             price, size, side = payload["price"], payload["size"], payload["side"]
             parsed = parse(price, size)  # once for every interval
-            revised = [bar for s in series
-                       if (bar := s.trade(ts, price, size, side, parsed)) is not None]
+            revised: list[Event] = []
+            for s in series:
+                bar = s.trade(ts, price, size, side, parsed)
+                if bar is not None:
+                    revised.append(bar)
+                    revised += s.take_repriced()
         except (KeyError, TypeError, ValueError, ArithmeticError):
             self.malformed += 1
             return []
         clock = self.clocks.get(stream.exchange)
         if clock is None:
             clock = self.clocks[stream.exchange] = ExchangeClock()
+            self.closes[stream.exchange] = []
         clock.observe(ts, now)
-        return list(revised)
+        heap = self.closes[stream.exchange]
+        for s in series:
+            if s.changed:
+                self.changed[s] = None
+            if s.cursor is not None and s.cursor + s.seconds + s.grace < s.queued:
+                self._queue(heap, s)
+        return revised
+
+    def _queue(self, heap: list[tuple[float, int, BarSeries]], s: BarSeries) -> None:
+        """Push ``s``'s next close when it is earlier than the one it has queued."""
+        close = s.next_close()
+        if close < s.queued:
+            s.queued = close
+            self._numbered += 1
+            heapq.heappush(heap, (close, self._numbered, s))
 
     def due(self) -> float:
-        """The earliest of every series' next close (on the daemon's clock) and of
-        the next partial bars when some bar changed; kept until the next ``take``
-        or ``tick``."""
-        if self._due is None:
-            self._due = self._earliest()
-        return self._due
-
-    def _earliest(self) -> float:
-        due = math.inf
-        changed = False
-        for (exchange, _), series in self.series.items():
-            clock = self.clocks.get(exchange)
-            if clock is None:
-                continue
-            for s in series:
-                changed = changed or s.changed
-                close = s.next_close()
-                if close < math.inf:
-                    due = min(due, clock.clock(close))
-        if changed:
-            due = min(due, self.next_partial)
+        """The earliest next close of any series (on the daemon's clock) and, when
+        some bar changed, of the next partial bars."""
+        due = self.next_partial if self.changed else math.inf
+        for exchange, heap in self.closes.items():
+            while heap and heap[0][0] != heap[0][2].queued:
+                heapq.heappop(heap)  # superseded by an earlier close of its series
+            if heap:
+                due = min(due, self.clocks[exchange].clock(heap[0][0]))
         return due
 
     def tick(self, now: float) -> list[Event]:
-        """The bars closed by ``now``, then the partial bars if due."""
-        self._due = None
+        """The bars closed by ``now`` (each series due, in order of its close),
+        then the partial bars if due."""
         events: list[Event] = []
-        for (exchange, _), series in self.series.items():
-            clock = self.clocks.get(exchange)
-            if clock is None:
-                continue
-            exchange_now = clock.time(now)
-            for s in series:
+        for exchange, heap in self.closes.items():
+            exchange_now = self.clocks[exchange].time(now)
+            popped = []
+            while heap and heap[0][0] <= exchange_now:
+                close, _, s = heapq.heappop(heap)
+                if close != s.queued:
+                    continue  # superseded
+                s.queued = math.inf
                 events += s.close_due(exchange_now)
-        if now >= self.next_partial:
+                popped.append(s)
+            for s in popped:  # after the loop: one with more due waits for the next tick
+                self._queue(heap, s)
+        if now >= self.next_partial and self.changed:
             sent = False
-            for series in self.series.values():
-                for s in series:
-                    if s.changed:
-                        bar = s.partial()
-                        if bar is not None:
-                            events.append(bar)
-                            self.partials += 1
-                            sent = True
+            for s in self.changed:
+                bar = s.partial()
+                if bar is not None:
+                    events.append(bar)
+                    self.partials += 1
+                    sent = True
+            self.changed.clear()
             if sent:
                 self.next_partial = now + self.partial_every
         return events
