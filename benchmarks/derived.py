@@ -12,7 +12,8 @@ events (``tests/captures/COINBASE.*``, through the real protocol), best of
 ``--repeat`` passes, microseconds per input event: ``BarsComputation.take`` per
 trade (intervals 1s, 1m, 5m: three bars per trade) and its ``tick``;
 ``take`` and then ``due`` per trade (what the derived task does for each input:
-the next time it must wake); ``WhalesComputation.take`` per trade and per ticker; a depth-10 view's build per
+the next time it must wake), also with each trade under ten symbol names (100
+symbols, 300 series); ``WhalesComputation.take`` per trade and per ticker; a depth-10 view's build per
 book event (``Views.build`` after each event: the top 10 levels read from the
 book, compared, a ``BookView`` made when they changed), beside the dispatcher's
 own ``publish`` of the same book event.
@@ -164,6 +165,26 @@ def alone(args: argparse.Namespace) -> str:
         return (time.perf_counter() - started) / (passes * len(trades)) * 1e6
     rows.append(("bars 1s+1m+5m: `take` then `due`, per trade", best(take_due, args.repeat),
                  len(trades)))
+    # the same trades under ten names per symbol (SKL0-USD ... SKL9-USD): 300 series
+    import attrs
+    many: list[Any] = []
+    for stream, payload in trades:
+        base, quote = stream.symbol.split("-")
+        for k in range(10):
+            symbol = f"{base}{k}-{quote}"
+            many.append((attrs.evolve(stream, key=f"trades:{stream.exchange}:{symbol}",
+                                      symbol=symbol), {**payload, "symbol": symbol}))
+
+    def take_due_many() -> float:
+        computation = bars()
+        started = time.perf_counter()
+        for _ in range(20):
+            for n, (stream, payload) in enumerate(many):
+                computation.take(stream, payload, n / 10)
+                computation.due()
+        return (time.perf_counter() - started) / (20 * len(many)) * 1e6
+    rows.append(("bars 1s+1m+5m, 100 symbols: `take` then `due`, per trade",
+                 best(take_due_many, args.repeat), len(many)))
     rows.append(("whales: `take`, per trade", per(trades, whales, "take"), len(trades)))
     rows.append(("whales: `take`, per ticker", per(tickers, whales, "take"), len(tickers)))
 

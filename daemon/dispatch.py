@@ -209,6 +209,17 @@ class Subscriber(Protocol):
         """Take one message without blocking (queue it or apply a policy)."""
 
 
+class SubscriptionWatcher(Protocol):
+    """Follows who holds a channel's subscriptions (``Dispatcher.watchers``): told
+    on subscribe, unsubscribe and remove, never on an event."""
+
+    def held(self, channel: str, pattern: str) -> None:
+        """One more subscriber holds ``channel`` x ``pattern``."""
+
+    def released(self, channel: str, pattern: str) -> None:
+        """One subscriber that held ``channel`` x ``pattern`` let it go."""
+
+
 @attrs.define(eq=False)
 class Stream:
     """One ``channel:exchange:symbol`` stream and what it retains.
@@ -353,6 +364,9 @@ class Dispatcher:
         self.gate: Callable[[], Awaitable[None]] | None = None
         self._delivering = False
         self._removed: list[Subscriber] = []
+        #: per channel, who follows its subscriptions (the views' demand:
+        #: ``daemon.derived.views``); told by subscribe, unsubscribe and remove only
+        self.watchers: dict[str, SubscriptionWatcher] = {}
 
     def open_source(self) -> Source:
         """The inlet of one source (``Source``); close it (``async with``) when
@@ -611,6 +625,8 @@ class Dispatcher:
                     initial.extend(missed)
                     continue
             initial.extend(self.initial_messages(stream, history))
+        if self.watchers:
+            self._tell(new_pairs, held=True)
         return initial, recovered
 
     def initial_messages(self, stream: Stream, history: int) -> list[Message]:
@@ -632,13 +648,16 @@ class Dispatcher:
     ) -> None:
         """Remove ``channels`` x ``patterns``; streams no pair matches stop."""
         pairs = self.subscriptions.get(subscriber, set())
-        pairs -= {(c, p) for c in channels for p in patterns}
+        gone = pairs & {(c, p) for c in channels for p in patterns}
+        pairs -= gone
         for stream in self.streams.values():
             if subscriber in stream.subscribers and not any(
                 c == stream.channel and matches(p, stream.exchange, stream.symbol)
                 for c, p in pairs
             ):
                 stream.subscribers.discard(subscriber)
+        if self.watchers:
+            self._tell(gone, held=False)
 
     def remove(self, subscriber: Subscriber) -> None:
         """Forget a subscriber entirely (it disconnected); during a delivery, once
@@ -646,10 +665,23 @@ class Dispatcher:
         if self._delivering:
             self._removed.append(subscriber)
             return
-        if self.subscriptions.pop(subscriber, None) is None:
+        pairs = self.subscriptions.pop(subscriber, None)
+        if pairs is None:
             return
         for stream in self.streams.values():
             stream.subscribers.discard(subscriber)
+        if self.watchers:
+            self._tell(pairs, held=False)
+
+    def _tell(self, pairs: Iterable[tuple[str, str]], held: bool) -> None:
+        """Tell ``watchers`` of the ``pairs`` a subscriber took (``held``) or let go."""
+        for channel, pattern in pairs:
+            watcher = self.watchers.get(channel)
+            if watcher is not None:
+                if held:
+                    watcher.held(channel, pattern)
+                else:
+                    watcher.released(channel, pattern)
 
     def statistics(self) -> DispatcherStatistics:
         """Counters and the input channel's fill."""

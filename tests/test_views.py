@@ -26,7 +26,7 @@ from daemon.dispatch import Dispatcher, Message, Retention
 from daemon.events import BookSnapshot, BookUpdate
 from tests import broadcast_server
 from tests.broadcast_server import coinbase_events
-from tests.helpers import messages, request
+from tests.helpers import messages, receive_until, request
 
 RETENTION = {"book": Retention(100, 60.0), "views": Retention(100, 60.0),
              "quote": Retention(100, 60.0)}
@@ -254,6 +254,94 @@ async def test_depth_over_websockets_late_joiners_and_unsubscribe(captures: Path
     assert running.views is not None
     running.views.prune()
     assert running.views.statistics().figures["demand"] == 0
+
+
+async def until(condition: Any) -> None:
+    """Wait until ``condition()`` (at most 10 s, checking every 10 ms)."""
+    with trio.fail_after(10):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_a_view_stops_with_its_last_client_and_starts_again(captures: Path) -> None:
+    """Real clients on the Coinbase capture's books: A (depth 10) and B (depth 10
+    and quote) of SKL-USD. When A unsubscribes B's views go on; when B
+    disconnects the views stop at once (no demand, no view, no book subscription
+    of the views, none of the next 4,000 book events read); when C asks for depth
+    10 the view starts again and C's first snapshot is the top 10 of the book as
+    it is then (never the one from before the stop), and follows the book."""
+    frames = raw_frames(captures)
+    events = [e for e in coinbase_events(captures) if isinstance(e, BookSnapshot | BookUpdate)]
+    book_frames = [m for m in frames if m["type"] in ("snapshot", "l2update")]
+    half, rest = 4000, 8000
+    tops = []
+    raw = RawBooks()
+    for n, frame in enumerate(book_frames, 1):
+        raw.apply(frame)
+        if n in (half, rest, len(book_frames)):
+            tops.append(raw.top("SKL-USD", 10))
+    depth = {"op": "subscribe", "id": 1, "channels": ["book"], "symbols": ["coinbase:SKL-USD"],
+             "depth": 10}
+    async with trio.open_nursery() as nursery:
+        running = await broadcast_server.start(nursery, views=True)
+        views = running.views
+        assert views is not None
+        dispatcher = running.dispatcher
+
+        def figures() -> dict[str, Any]:
+            return views.statistics().figures  # type: ignore[union-attr]
+
+        def views_of_books() -> list[str]:
+            return [s.key for s in dispatcher.streams.values()
+                    if s.channel == "book" and views in s.subscribers]
+
+        with trio.fail_after(30):
+            async with trio_websocket.open_websocket_url(running.url) as a:
+                await a.get_message()
+                async with trio_websocket.open_websocket_url(running.url) as b:
+                    await b.get_message()
+                    await request(a, depth)
+                    await request(b, {**depth, "channels": ["book", "quote"]})
+                    await receive_until(a, lambda m: m["type"] == "ack")
+                    await receive_until(b, lambda m: m["type"] == "ack")
+                    assert figures()["demand"] == 2  # depth 10 and the quote
+                    await broadcast_server.publish(running, events[:half])
+                    await broadcast_server.until_published(running, half)
+                    got = await receive_until(
+                        b, lambda m: m["type"] == "book_snapshot"
+                        and as_top(m) == tops[0])
+                    assert got[-1]["depth"] == 10
+                    await request(a, {"op": "unsubscribe", "id": 2, "channels": ["book"],
+                                      "symbols": ["coinbase:SKL-USD"]})
+                    await receive_until(a, lambda m: m["type"] == "ack")
+                    assert figures()["demand"] == 2 and figures()["views"] == 2
+                    assert views_of_books() == ["book:coinbase:SKL-USD"]
+                    subscribers = len(dispatcher.subscriptions)
+                # B disconnected: the views stop as the server removes its subscriber
+                await until(lambda: len(dispatcher.subscriptions) == subscribers - 1)
+                assert figures()["demand"] == 0
+                assert figures()["views"] == 0 and views_of_books() == []
+                assert not [p for pairs in dispatcher.subscriptions.values() for p in pairs
+                            if p[0] in ("views", "quote")]
+                builds, received = figures()["builds"], views.received
+                published = dispatcher.events
+                await broadcast_server.publish(running, events[half:rest])
+                await broadcast_server.until_published(running, published + rest - half)
+                assert figures()["builds"] == builds and views.received == received
+                async with trio_websocket.open_websocket_url(running.url) as c:
+                    await c.get_message()
+                    await request(c, {**depth, "id": 3})
+                    got = await receive_until(c, lambda m: m["type"] == "book_snapshot")
+                    assert as_top(got[-1]) == tops[1]  # the book now, not before the stop
+                    assert figures()["demand"] == 1 and figures()["builds"] > builds
+                    assert views_of_books() == ["book:coinbase:SKL-USD"]
+                    await broadcast_server.publish(running, events[rest:])
+                    await receive_until(c, lambda m: m["type"] == "book_snapshot"
+                                        and as_top(m) == tops[2])
+                    subscribers = len(dispatcher.subscriptions)
+                await until(lambda: len(dispatcher.subscriptions) == subscribers - 1)
+                assert figures()["demand"] == 0 and views_of_books() == []
+        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize(("text", "code", "message"), [

@@ -11,18 +11,30 @@ Theory of operation
    ``quote:EXCHANGE:SYMBOL:T`` are ordinary dispatcher streams (``seq``, latest
    state for late joiners, conflation for slow clients), so the messages are
    encoded once and shared by every client of the same view.
-2. ``Views.want`` records the demand (kind, depth, interval, pattern) and
-   subscribes ``Views`` itself (a ``Subscriber``) to the matching ``book``
-   streams. Its ``deliver`` marks each view of that book dirty: a dict lookup,
-   the only work the dispatcher does for a view.
+2. The demand (kind, depth, interval, pattern) follows the dispatcher's
+   subscriptions to ``views`` and ``quote`` (rule 4); ``Views.want`` names it
+   ahead (the request handler, before it subscribes). ``Views`` subscribes itself
+   (a ``Subscriber``) to the ``book`` streams the demand matches. Its
+   ``deliver`` marks each view of that book dirty: a dict lookup, the only work
+   the dispatcher does for a view.
 3. The task (``run``) builds each dirty view at most once per interval: the top
    N levels through ``book_top`` (the one place that reads the dispatcher's
    book); when they differ from the view's last, it publishes a ``BookView`` (or
    ``Quote``) through its dispatcher source. So a client gets a view only when
    its top N levels changed, at most once per ``throttle_ms``, and 100 clients
    of one view cost one build per change (``builds`` in ``statistics()``).
-4. Demand no client holds any more (unsubscribed, disconnected) is dropped by
-   ``prune``, every ``PRUNE_EVERY`` seconds.
+4. Demand is event-driven: ``Views`` is the dispatcher's ``SubscriptionWatcher``
+   of ``views`` and ``quote`` (``Dispatcher.watchers``), told when a subscriber
+   takes a view pattern (subscribe) or lets it go (unsubscribe, or remove: a
+   disconnect). It counts each pattern's holders; the first one makes the demand
+   (a view that was stopped starts again), and when the last one lets go the
+   demand is dropped at once, with the views only it needed (their streams forget
+   their latest state: a client that starts one again never gets a snapshot of a
+   book the view stopped following) and the ``book`` subscriptions only they
+   needed. This costs ``O(pairs)`` per subscribe, unsubscribe or disconnect, and
+   ``O(views x demand)`` when demand is dropped; nothing per event, and nothing
+   for ``book`` streams no view is of. ``prune`` drops demand named by ``want``
+   that nobody took up.
 """
 
 from __future__ import annotations
@@ -40,9 +52,6 @@ from daemon.dispatch import Dispatcher, Message, Source, Stream, matches
 from daemon.events import BookView, Event, Levels, Quote
 
 log = logging.getLogger(__name__)
-
-#: Seconds between two checks for demand no client holds any more.
-PRUNE_EVERY = 5.0
 
 #: One demand: (kind ``book`` or ``quote``, depth, interval in ms, pattern).
 Demand = tuple[str, int, int, str]
@@ -101,6 +110,8 @@ class Views:
         self.source = source
         self.clock = clock
         self.demand: set[Demand] = set()
+        #: subscribers holding each (channel, pattern) of ``views`` and ``quote``
+        self.holders: dict[tuple[str, str], int] = {}
         self.views: dict[tuple[Stream, str, int, int], View] = {}
         #: each book's views (an empty list: a book no demand matches)
         self.by_book: dict[Stream, list[View]] = {}
@@ -112,6 +123,8 @@ class Views:
         self.unchanged = 0
         self.published = 0
         self.busy = 0.0
+        for channel in ("views", "quote"):
+            dispatcher.watchers[channel] = self
 
     # -- demand (called by the request handler, synchronously) -------------------------
 
@@ -120,8 +133,32 @@ class Views:
         ``interval_ms`` for the book streams matching ``patterns``; the ones that
         exist are built at the task's next turn."""
         new = {(kind, depth, interval_ms, p) for p in patterns} - self.demand
-        if not new:
+        if new:
+            self._add(new)
+
+    def held(self, channel: str, pattern: str) -> None:
+        """A subscriber took ``channel`` (``views``, ``quote``) x ``pattern``
+        (``view_pattern``'s): its first holder makes the demand (module docstring,
+        rule 4)."""
+        count = self.holders.get((channel, pattern), 0)
+        self.holders[(channel, pattern)] = count + 1
+        demand = _demand(channel, pattern)
+        if count == 0 and demand is not None and demand not in self.demand:
+            self._add({demand})
+
+    def released(self, channel: str, pattern: str) -> None:
+        """A subscriber let ``channel`` x ``pattern`` go (unsubscribed,
+        disconnected): when it was the last, the demand goes (rule 4)."""
+        count = self.holders.get((channel, pattern), 0) - 1
+        if count > 0:
+            self.holders[(channel, pattern)] = count
             return
+        self.holders.pop((channel, pattern), None)
+        demand = _demand(channel, pattern)
+        if demand is not None and demand in self.demand:
+            self._drop({demand})
+
+    def _add(self, new: set[Demand]) -> None:
         self.demand |= new
         self.dispatcher.subscribe(self, ["book"], [p for _, _, _, p in new])
         for book in [s for s in self.dispatcher.streams.values() if s.channel == "book"]:
@@ -129,24 +166,30 @@ class Views:
         self._wake.set()
 
     def prune(self) -> None:
-        """Drop demand no client's subscription holds any more, and the views and
-        book subscriptions only it needed."""
-        held: set[tuple[str, str]] = set()
-        for pairs in self.dispatcher.subscriptions.values():
-            held |= {pair for pair in pairs if pair[0] in ("views", "quote")}
+        """Drop demand no subscriber holds: named by ``want`` and never subscribed
+        to (the rest goes as subscribers let go: module docstring, rule 4);
+        ``O(demand)``."""
         gone = {d for d in self.demand
-                if (_channel(d[0]), view_pattern(d[0], d[3], d[1], d[2])) not in held}
-        if not gone:
-            return
+                if (_channel(d[0]), view_pattern(d[0], d[3], d[1], d[2])) not in self.holders}
+        if gone:
+            self._drop(gone)
+
+    def _drop(self, gone: set[Demand]) -> None:
+        """Drop ``gone``, the views only it needed (their streams' latest state
+        with them) and the book subscriptions only they needed."""
         self.demand -= gone
         patterns = {d[3] for d in gone} - {d[3] for d in self.demand}
         if patterns:
             self.dispatcher.unsubscribe(self, ["book"], patterns)
         self.by_book.clear()
+        shapes = {(kind, depth, interval) for kind, depth, interval, _ in gone}
         for key, view in list(self.views.items()):
-            if not self._wanted(view):
+            if (view.kind, view.depth, view.interval_ms) in shapes and not self._wanted(view):
                 del self.views[key]
                 self.dirty.discard(view)
+                stream = self.dispatcher.streams.get(_stream_key(view))
+                if stream is not None:
+                    stream.latest = None  # a book it no longer follows: never sent again
 
     def _wanted(self, view: View) -> bool:
         book = view.book
@@ -185,25 +228,21 @@ class Views:
     # -- the task ---------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Build and publish dirty views at most once per interval; prune demand
-        every ``PRUNE_EVERY`` s; until cancelled."""
+        """Build and publish dirty views at most once per interval, until
+        cancelled."""
         if self.demand:  # a restart: subscribe again to the books the demand names
             self.dispatcher.subscribe(self, ["book"], sorted({d[3] for d in self.demand}))
             self.by_book.clear()
             self.dirty.update(self.views.values())
         self.running = True
         task_status.started()
-        next_prune = self.clock() + PRUNE_EVERY
         try:
             while True:
                 now = self.clock()
-                if now >= next_prune:
-                    self.prune()
-                    next_prune = now + PRUNE_EVERY
                 due = min((v.due for v in self.dirty), default=math.inf)
                 if due > now:
                     self._wake = trio.Event()
-                    with trio.move_on_at(min(due, next_prune)):
+                    with trio.move_on_at(due):
                         await self._wake.wait()
                     continue
                 started = time.thread_time()
@@ -249,6 +288,26 @@ class Views:
 
 def _channel(kind: str) -> str:
     return "quote" if kind == "quote" else "views"
+
+
+def _demand(channel: str, pattern: str) -> Demand | None:
+    """The demand of a ``view_pattern`` on ``channel`` (None: not one)."""
+    parts = pattern.rsplit(":", 1 if channel == "quote" else 2)
+    try:
+        if channel == "quote" and len(parts) == 2:
+            return ("quote", 1, int(parts[1]), parts[0])
+        if channel == "views" and len(parts) == 3:
+            return ("book", int(parts[1]), int(parts[2]), parts[0])
+    except ValueError:
+        pass
+    return None
+
+
+def _stream_key(view: View) -> str:
+    """The dispatcher's key of ``view``'s stream (module docstring, rule 1)."""
+    book = view.book
+    tail = view_pattern(view.kind, "", view.depth, view.interval_ms)
+    return f"{_channel(view.kind)}:{book.exchange}:{book.symbol}{tail}"
 
 
 def _event(view: View, top: BookTop) -> Event:
