@@ -1,7 +1,7 @@
 """Derived streams benchmark (issue 18): what bars, whales and depth-N views cost.
 
-    python benchmarks/derived.py                     # both parts, about 3 minutes
-    python benchmarks/derived.py --parts alone       # (a) only
+    python benchmarks/derived.py                     # every part, about 3 minutes
+    python benchmarks/derived.py --parts alone,task  # (a) and (c) only
     python benchmarks/derived.py --parts daemon --seconds 10 --rounds 2
     python benchmarks/derived.py --against 17df7c8 --configs base,whales+bars --rounds 3
 
@@ -17,6 +17,15 @@ symbols, 300 series); ``WhalesComputation.take`` per trade and per ticker; a dep
 book event (``Views.build`` after each event: the top 10 levels read from the
 book, compared, a ``BookView`` made when they changed), beside the dispatcher's
 own ``publish`` of the same book event.
+
+**(c) task**: whales and bars as the daemon runs them, without the rest of it:
+a dispatcher and the two ``DerivedStream`` tasks in one trio run, fed the
+capture's trades and tickers one at a time, ``--task-gap`` ms apart (each one
+wakes the tasks, as at Coinbase's rate live), ``--task-loops`` passes with
+exchange times shifted by the capture's span per pass (as ``--loop`` does), best
+of ``--repeat`` runs: each task's ``busy`` per input, and the wall time per call
+of the computation's ``take``, ``due`` and ``tick`` there (``time.perf_counter``
+around each call).
 
 **(b) daemon**: ``tickwire replay COINBASE.* --loop --speed max --emulators
 process`` (the emulator in a child process, so the daemon's CPU is its own),
@@ -235,6 +244,80 @@ def alone(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+# -- (c) the derived tasks on a dispatcher -------------------------------------------------
+
+
+def task_part(args: argparse.Namespace) -> str:
+    import attrs
+    import trio
+
+    from daemon.derived.bars import BarsComputation
+    from daemon.derived.runner import DerivedStream
+    from daemon.derived.whales import WhalesComputation
+    from daemon.dispatch import Dispatcher, Retention
+    from daemon.events import Ticker, Trade
+
+    events = [e for e in coinbase_events(args.captures) if isinstance(e, Trade | Ticker)]
+    span = events[-1].ts - events[0].ts + 1.0
+
+    def once() -> dict[str, float]:
+        spent: dict[str, float] = {}
+        calls: dict[str, int] = {}
+
+        def timed(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*a: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return method(*a)
+                finally:
+                    spent[name] = spent.get(name, 0.0) + time.perf_counter() - started
+                    calls[name] = calls.get(name, 0) + 1
+            return call
+
+        async def run() -> list[Any]:
+            dispatcher = Dispatcher(1024, {name: Retention(1000, 3600.0) for name in
+                                           ("trades", "ticker", "bars", "whales")})
+            computations = [WhalesComputation(Decimal(1000), {}, ["*"]),
+                            BarsComputation(["1s", "1m", "5m"], 1.0, "carry", 1000, ["*"])]
+            async with trio.open_nursery() as nursery:
+                await nursery.start(dispatcher.serve)
+                tasks = []
+                for computation in computations:
+                    for method in ("take", "due", "tick"):
+                        setattr(computation, method, timed(
+                            f"{computation.name} `{method}`", getattr(computation, method)))
+                    task = DerivedStream(computation, dispatcher, dispatcher.open_source(),
+                                         100_000)
+                    await nursery.start(task.run)
+                    tasks.append(task)
+                async with dispatcher.open_source() as source:
+                    for k in range(args.task_loops):
+                        for event in events:
+                            shifted = {"ts": event.ts + k * span}
+                            if isinstance(event, Trade):
+                                shifted["id"] = f"{event.id}.{k}"
+                            await source.send(attrs.evolve(event, **shifted))
+                            await trio.sleep(args.task_gap / 1000)
+                await trio.sleep(0.5)
+                nursery.cancel_scope.cancel()
+            return tasks
+
+        tasks = trio.run(run)
+        figures = {f"{name}, per call": spent[name] / calls[name] * 1e6 for name in spent}
+        for task in tasks:
+            stats = task.statistics()
+            figures[f"{stats.name} task: `busy` per input"] = stats.busy / stats.received * 1e6
+        return figures
+
+    runs = [once() for _ in range(args.repeat)]
+    lines = ["| figure (wall us; whales and bars 1s+1m+5m, carry) | best | median |",
+             "| --- | ---: | ---: |"]
+    for name in sorted(runs[0]):
+        values = [r[name] for r in runs]
+        lines.append(f"| {name} | {min(values):.2f} | {statistics.median(values):.2f} |")
+    return "\n".join(lines)
+
+
 # -- (b) the daemon ---------------------------------------------------------------------
 
 
@@ -390,7 +473,9 @@ def daemon_part(args: argparse.Namespace, workdir: Path, against: Path | None) -
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="alone,daemon")
+    parser.add_argument("--parts", default="alone,task,daemon")
+    parser.add_argument("--task-loops", type=int, default=10)
+    parser.add_argument("--task-gap", type=float, default=0.5, help="ms between inputs in (c)")
     parser.add_argument("--captures", type=Path, default=REPO / "tests" / "captures")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -418,6 +503,17 @@ def main(argv: list[str] | None = None) -> None:
                      "--repeat", str(args.repeat), "--captures", str(args.captures)],
                     cwd=against, check=True, capture_output=True, text=True,
                 ).stdout.split("## (a) the computations alone\n", 1)[-1])
+        if "task" in parts:
+            print("## (c) the derived tasks on a dispatcher\n")
+            print(task_part(args) + "\n")
+            if against is not None:
+                print(f"## (c) the derived tasks on a dispatcher @ {args.against}\n")
+                print(subprocess.run(
+                    [sys.executable, __file__, "--parts", "task", "--tree", str(against),
+                     "--repeat", str(args.repeat), "--captures", str(args.captures),
+                     "--task-loops", str(args.task_loops), "--task-gap", str(args.task_gap)],
+                    cwd=against, check=True, capture_output=True, text=True,
+                ).stdout.split("## (c) the derived tasks on a dispatcher\n", 1)[-1])
         if "daemon" in parts:
             tmp = stack.enter_context(tempfile.TemporaryDirectory())
             print("## (b) in the replay daemon\n")

@@ -616,3 +616,27 @@ def test_a_long_silence_is_carried_a_thousand_bars_at_a_time() -> None:
     assert series.next_close() <= 5000.0  # still due: the next call goes on
     rest = series.close_due(5000.0)
     assert [b.open_time for b in rest][0] == first[-1].open_time + 1 and len(rest) == 1000
+
+
+def test_malformed_trades_are_counted_and_change_no_bar(captures: Path) -> None:
+    """Capture trades with a bad field (no price, a time that is not finite, a
+    size that is not a decimal) are counted in ``malformed``; the good ones make
+    the same bars as without them, and the clock only sees the good ones."""
+    events = [e for e in coinbase_events(captures) if isinstance(e, Trade)]
+    stream = Stream(key="trades:coinbase:SKL-USD", channel="trades", exchange="coinbase",
+                    symbol="SKL-USD")
+    good = [orjson.loads(orjson.dumps(attrs.asdict(e))) for e in events
+            if e.symbol == "SKL-USD"]
+    bad = [{k: v for k, v in good[0].items() if k != "price"}, {**good[1], "ts": "nan"},
+           {**good[2], "ts": "inf"}, {**good[3], "size": "x"}]
+    clean, mixed = (BarsComputation(["1s"], 1.0, "carry", 1000, ["*"]) for _ in range(2))
+    for n, payload in enumerate(good):
+        assert clean.take(stream, payload, float(n)) == []
+        if n < len(bad):
+            assert mixed.take(stream, bad[n], float(n)) == []
+        assert mixed.take(stream, payload, float(n)) == []
+    assert mixed.malformed == 4 and clean.malformed == 0
+    assert mixed.clocks["coinbase"].offset == clean.clocks["coinbase"].offset
+    end = len(good) + 100.0
+    assert mixed.due() == clean.due() < end
+    assert [b.close for b in mixed.tick(end)] == [b.close for b in clean.tick(end)] != []

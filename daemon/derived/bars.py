@@ -370,14 +370,10 @@ class BarsComputation:
                 for name, seconds in self.intervals]
         try:
             ts = float(payload["ts"])
+            if not math.isfinite(ts):
+                raise ValueError(ts)
             price, size, side = payload["price"], payload["size"], payload["side"]
             parsed = parse(price, size)  # once for every interval
-            revised: list[Event] = []
-            for s in series:
-                bar = s.trade(ts, price, size, side, parsed)
-                if bar is not None:
-                    revised.append(bar)
-                    revised += s.take_repriced()
         except (KeyError, TypeError, ValueError, ArithmeticError):
             self.malformed += 1
             return []
@@ -387,7 +383,12 @@ class BarsComputation:
             self.closes[stream.exchange] = []
         clock.observe(ts, now)
         heap = self.closes[stream.exchange]
+        revised: list[Event] = []
         for s in series:
+            bar = s.trade(ts, price, size, side, parsed)  # parsed, ts finite: no error
+            if bar is not None:
+                revised.append(bar)
+                revised += s.take_repriced()
             if s.changed:
                 self.changed[s] = None
             if s.cursor is not None and s.cursor + s.seconds + s.grace < s.queued:
