@@ -27,11 +27,11 @@ Theory of operation
    of ``views`` and ``quote`` (``Dispatcher.watchers``), told when a subscriber
    takes a view pattern (subscribe) or lets it go (unsubscribe, or remove: a
    disconnect). It counts each pattern's holders; the first one makes the demand
-   (a view that was stopped starts again), and when the last one lets go the
-   demand is dropped at once, with the views only it needed (their streams forget
-   their latest state: a client that starts one again never gets a snapshot of a
-   book the view stopped following) and the ``book`` subscriptions only they
-   needed. This costs ``O(pairs)`` per subscribe, unsubscribe or disconnect, and
+   (a view that was stopped starts again: its stream forgets the latest state it
+   had, a book it did not follow since, so the client that starts it gets the top
+   levels as they are then), and when the last one lets go the demand is dropped
+   at once, with the views only it needed and the ``book`` subscriptions only
+   they needed. This costs ``O(pairs)`` per subscribe, unsubscribe or disconnect, and
    ``O(views x demand)`` when demand is dropped; nothing per event, and nothing
    for ``book`` streams no view is of. ``prune`` drops demand named by ``want``
    that nobody took up.
@@ -175,8 +175,8 @@ class Views:
             self._drop(gone)
 
     def _drop(self, gone: set[Demand]) -> None:
-        """Drop ``gone``, the views only it needed (their streams' latest state
-        with them) and the book subscriptions only they needed."""
+        """Drop ``gone``, the views only it needed and the book subscriptions only
+        they needed."""
         self.demand -= gone
         patterns = {d[3] for d in gone} - {d[3] for d in self.demand}
         if patterns:
@@ -187,9 +187,6 @@ class Views:
             if (view.kind, view.depth, view.interval_ms) in shapes and not self._wanted(view):
                 del self.views[key]
                 self.dirty.discard(view)
-                stream = self.dispatcher.streams.get(_stream_key(view))
-                if stream is not None:
-                    stream.latest = None  # a book it no longer follows: never sent again
 
     def _wanted(self, view: View) -> bool:
         book = view.book
@@ -207,6 +204,9 @@ class Views:
                 if view is None:
                     view = self.views[key] = View(book, kind, depth, interval)
                     self.dirty.add(view)
+                    stream = self.dispatcher.streams.get(_stream_key(view))
+                    if stream is not None:  # it stopped before: a book it did not follow
+                        stream.latest = None  # since, never sent to a client that starts it
                 if view not in views:
                     views.append(view)
         self.by_book[book] = views
