@@ -355,7 +355,8 @@ class ClusterConfig:
     over within it); ``timeout``: seconds to connect to Redis and for a reply;
     ``queue``: events a collector holds for Redis before its dispatcher waits
     (backpressure, nothing dropped); ``batch``: most events in one pipelined write
-    or read."""
+    or read; ``redis_cluster``: ``redis`` is one node of a Redis Cluster (coredis'
+    ``RedisCluster`` finds the others; database 0 only)."""
 
     redis: str = attrs.field(default="", validator=_redis_url)
     prefix: str = attrs.field(default="tickwire", validator=_prefix)
@@ -364,6 +365,13 @@ class ClusterConfig:
     timeout: float = attrs.field(default=2.0, validator=_positive)
     queue: int = attrs.field(default=10_000, validator=_positive)
     batch: int = attrs.field(default=1000, validator=_positive)
+    redis_cluster: bool = attrs.field(default=False)
+
+    @redis_cluster.validator
+    def _database_0(self, attribute: attrs.Attribute[Any], value: bool) -> None:
+        if value and re.search(r"/[1-9]\d*$", self.redis):
+            raise ValueError(f"{attribute.name}: a Redis Cluster has database 0 only, "
+                             f"got {self.redis!r}")
 
 
 @attrs.frozen(kw_only=True)

@@ -8,6 +8,7 @@ Without ``redis-server`` on the machine the tests that need it skip with
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -40,6 +41,8 @@ class RedisServer:
         self.persistent = persistent
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        #: more arguments for ``redis-server`` (a cluster node's)
+        self.extra: list[str] = []
 
     @property
     def url(self) -> str:
@@ -52,7 +55,7 @@ class RedisServer:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.folder), "--save", "",
                 "--appendonly", "yes" if self.persistent else "no",
-                "--appendfsync", "always", "--protected-mode", "no"]
+                "--appendfsync", "always", "--protected-mode", "no", *self.extra]
         log = (self.folder / "redis.log").open("ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL)
@@ -84,3 +87,77 @@ class RedisServer:
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
             sock.sendall(b"*%d\r\n" % len(args) + body)
             return sock.recv(65536)
+
+
+#: The skip reason when the machine has no redis-cli (the cluster is made with it).
+NO_REDIS_CLI = ("redis-cli not installed (Debian's redis-tools, a dependency of "
+                f"redis-server); {NO_REDIS}")
+
+
+class RedisClusterServers:
+    """A real Redis Cluster: ``masters`` ``redis-server`` processes on free
+    127.0.0.1 ports (``--cluster-enabled yes``, each with its node file in its own
+    folder under ``folder``, no persistence), joined by ``redis-cli --cluster
+    create ... --cluster-replicas 0``, which gives each master a third of the
+    16384 slots. ``url`` is the first node's (a startup node: the client finds
+    the others); ``stop`` kills them all."""
+
+    def __init__(self, folder: Path, masters: int = 3) -> None:
+        cli = shutil.which("redis-cli")
+        assert cli is not None, NO_REDIS_CLI
+        self.cli = cli
+        self.folder = folder
+        self.nodes = [_ClusterNode(folder / f"node{i}") for i in range(masters)]
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT`` of the first node."""
+        return self.nodes[0].url
+
+    def start(self) -> None:
+        """Start every node, create the cluster, and wait (at most 20 s) until every
+        node says ``cluster_state:ok``."""
+        for node in self.nodes:
+            node.start()
+        created = subprocess.run(
+            [self.cli, "--cluster", "create",
+             *[f"127.0.0.1:{node.port}" for node in self.nodes],
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert created.returncode == 0, created.stdout + created.stderr
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if all(b"cluster_state:ok" in node.command("CLUSTER", "INFO") for node in self.nodes):
+                return
+            time.sleep(0.05)
+        raise AssertionError("the Redis Cluster did not reach cluster_state:ok in 20 s")
+
+    def stop(self) -> None:
+        """Kill every node."""
+        for node in self.nodes:
+            node.stop()
+
+    def keys_by_node(self, pattern: str) -> dict[int, list[str]]:
+        """The keys matching ``pattern`` on each node (by port): where they live."""
+        found: dict[int, list[str]] = {}
+        for node in self.nodes:
+            reply = node.command("KEYS", pattern)
+            found[node.port] = [k.decode() for k in re.findall(rb"\$\d+\r\n([^\r]*)\r\n", reply)]
+        return found
+
+    def slot(self, key: str) -> int:
+        """The slot Redis gives ``key`` (``CLUSTER KEYSLOT``)."""
+        reply = self.nodes[0].command("CLUSTER", "KEYSLOT", key)
+        return int(reply.strip().lstrip(b":"))
+
+
+class _ClusterNode(RedisServer):
+    """One node of a ``RedisClusterServers``."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.extra = ["--cluster-enabled", "yes",
+                      "--cluster-config-file", str(folder / "nodes.conf"),
+                      "--cluster-node-timeout", "2000",
+                      # the bus's port (default PORT + 10000: out of range or taken)
+                      "--cluster-port", str(free_port())]

@@ -33,19 +33,28 @@ a book, the stored snapshot. Two writers can never give one ``seq`` twice.
 No notification is PUBLISHed: an edge reads with blocking XREAD on every stream it
 mirrors, which hands it the entries in the same round trip a notification would
 only announce (and new streams appear in ``PREFIX:streams``).
+
+On a Redis Cluster (``cluster.redis_cluster``: coredis' ``RedisCluster``, the
+URL one node of it) every command keeps to one slot: ``WRITE`` touches only
+keys of one stream (one hash tag), the lease scripts one key, and the global
+keys (``PREFIX:epoch``, ``PREFIX:streams``, a lease) are each read or written by
+single-key commands; a pipelined batch of writes is split by coredis per node
+(each ``EVALSHA`` in its stream's slot). Only XREAD can name many streams: its
+callers group streams by ``Engine.slot`` (the mirror reads each slot apart).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
+import trio
 
-from daemon.errors import StartupError, redis_errors
+from daemon.errors import RedisUnavailable, StartupError, redis_errors
 
 #: The atomic write of one event (see the module docstring).
 WRITE = """
@@ -162,6 +171,24 @@ def _entry(identifier: bytes | str, fields: Mapping[Any, Any]) -> Entry:
                  float(fields.get(b"w", 0.0)))
 
 
+@contextmanager
+def unavailable(what: str) -> Iterator[None]:
+    """``daemon.errors.redis_errors``, and a Redis Cluster's own failures (its
+    layout not loaded, no node reachable for a slot, redirections exhausted:
+    coredis' ``RedisClusterError``) as ``RedisUnavailable`` too; a cross-slot
+    command or transaction is a bug and passes through. Without a cluster
+    client none of these is ever raised: the same as ``redis_errors``."""
+    from coredis.exceptions import ClusterCrossSlotError, ClusterTransactionError, RedisClusterError
+
+    with redis_errors(what):
+        try:
+            yield
+        except (ClusterCrossSlotError, ClusterTransactionError):
+            raise
+        except RedisClusterError as exc:
+            raise RedisUnavailable(f"{what}: {exc}") from exc
+
+
 def parse_url(url: str) -> tuple[str, int, int]:
     """``redis://HOST:PORT[/DB]`` -> ``(host, port, db)``; raises ``ValueError``."""
     parts = urlsplit(url)
@@ -177,26 +204,91 @@ class Engine:
     """The Redis side of the cluster for one node (see the module docstring).
 
     ``url``: ``redis://HOST:PORT[/DB]``; ``prefix``: of every key; ``timeout``:
-    seconds to connect and for a reply (a blocking read adds its block time).
-    Every method raises ``RedisUnavailable`` when Redis cannot be reached or
-    breaks the connection (``daemon.errors.redis_errors``). Open it with
-    ``open_engine``."""
+    seconds to connect and for a reply (a blocking read adds its block time);
+    ``redis_cluster``: the URL is one node of a Redis Cluster (database 0 only;
+    raises ``ValueError`` for another). Every method raises ``RedisUnavailable``
+    when Redis cannot be reached or breaks the connection (``unavailable``).
+    Open it with ``open_engine``."""
 
-    def __init__(self, url: str, prefix: str = "tickwire", timeout: float = 2.0) -> None:
+    def __init__(self, url: str, prefix: str = "tickwire", timeout: float = 2.0,
+                 redis_cluster: bool = False) -> None:
         import coredis
         from coredis.retry import NoRetryPolicy
 
         host, port, db = parse_url(url)
         self.url = url
         self.prefix = prefix
+        self.timeout = timeout
+        self.redis_cluster = redis_cluster
         # no retries inside coredis: a write is retried by its writer, which
         # knows whether it is safe (``wseq``)
-        self.client: coredis.Redis[bytes] = coredis.Redis(
-            host=host, port=port, db=db, connect_timeout=timeout, stream_timeout=timeout + 5,
-            retry_policy=NoRetryPolicy(), decode_responses=False, verify_version=False)
+        self.client: coredis.Redis[bytes] | coredis.RedisCluster[bytes]
+        if redis_cluster:
+            if db:
+                raise ValueError(f"{url!r}: a Redis Cluster has database 0 only")
+            # one pool per node, as large as the readers an edge may block
+            # there (one per slot it follows: daemon.cluster.mirror) and the rest
+            self.client = coredis.RedisCluster(
+                host=host, port=port, connect_timeout=timeout, stream_timeout=timeout + 5,
+                max_connections=CLUSTER_CONNECTIONS, max_connections_per_node=True,
+                retry_policy=NoRetryPolicy(), decode_responses=False, verify_version=False,
+                non_atomic_cross_slot=False)
+        else:
+            self.client = coredis.Redis(
+                host=host, port=port, db=db, connect_timeout=timeout,
+                stream_timeout=timeout + 5, retry_policy=NoRetryPolicy(),
+                decode_responses=False, verify_version=False)
+        #: a cluster client's state: open (its layout loaded) and the last failure to open
+        self._open = not redis_cluster
+        self._attempt = trio.Event()
+        self.open_error = ""
         self._sha: str | None = None
         self.writes = 0
         self.round_trips = 0
+
+    # -- a cluster client's opening ------------------------------------------------------
+
+    async def keep_open(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                        ) -> None:
+        """A Redis Cluster client's keeper (``open_engine`` runs it): opens the client
+        (coredis loads the slot layout from the URL's node then: it fails while no
+        node answers) and holds it open, its connections' task group in this task;
+        tries again every ``timeout / 4`` seconds while it fails (commands raise
+        ``RedisUnavailable`` meanwhile). One Redis: nothing to do."""
+        from coredis.exceptions import RedisError
+
+        task_status.started()
+        if not self.redis_cluster:
+            return
+        while True:
+            try:
+                async with self.client:
+                    self._open, self.open_error = True, ""
+                    self._attempted()
+                    await trio.sleep_forever()
+            except* (RedisError, OSError, TimeoutError) as group:
+                exc = group.exceptions[0]
+                self._open, self.open_error = False, str(exc) or type(exc).__name__
+                self._attempted()
+            await trio.sleep(self.timeout / 4)
+
+    def _attempted(self) -> None:
+        self._attempt.set()
+        self._attempt = trio.Event()
+
+    @asynccontextmanager
+    async def _using(self, what: str) -> AsyncIterator[None]:
+        """The client for one call: a cluster client not open yet is waited for
+        until its keeper's next attempt (at most ``timeout``), then
+        ``RedisUnavailable``; errors mapped by ``unavailable``."""
+        if not self._open:
+            with trio.move_on_after(self.timeout):
+                await self._attempt.wait()
+            if not self._open:
+                raise RedisUnavailable(f"{what}: the cluster is not reachable"
+                                       f"{': ' + self.open_error if self.open_error else ''}")
+        with unavailable(what):
+            yield
 
     # -- keys ------------------------------------------------------------------------
 
@@ -204,6 +296,15 @@ class Engine:
         """``(stream, meta, book)`` keys of ``stream``."""
         base = tag(self.prefix, stream)
         return f"{base}:s", f"{base}:m", f"{base}:b"
+
+    def slot(self, stream: str) -> int:
+        """The Redis Cluster slot of ``stream``'s keys (of its hash tag); 0 for one
+        Redis, where every stream may be read in one XREAD."""
+        if not self.redis_cluster:
+            return 0
+        from coredis.typing import Key
+
+        return Key(self.keys(stream)[0]).slot
 
     @property
     def registry(self) -> str:
@@ -216,7 +317,7 @@ class Engine:
         """The cluster's epoch: ``new`` if none is stored (Redis is new or lost its
         data), else the stored one."""
         key = f"{self.prefix}:epoch"
-        with redis_errors("redis: epoch"):
+        async with self._using("redis: epoch"):
             await self.client.set(key, new, condition=_nx())
             value = await self.client.get(key)
         self.round_trips += 2
@@ -228,13 +329,13 @@ class Engine:
         """Add stream names to the registry (``PREFIX:streams``)."""
         names = list(streams)
         if names:
-            with redis_errors("redis: register"):
+            async with self._using("redis: register"):
                 await self.client.sadd(self.registry, names)
             self.round_trips += 1
 
     async def streams(self) -> set[str]:
         """Every stream name in the registry."""
-        with redis_errors("redis: streams"):
+        async with self._using("redis: streams"):
             names = await self.client.smembers(self.registry)
         self.round_trips += 1
         return {name.decode() for name in names}
@@ -242,7 +343,7 @@ class Engine:
     async def ping(self) -> float:
         """One PING; its round trip in seconds."""
         start = time.perf_counter()
-        with redis_errors("redis: ping"):
+        async with self._using("redis: ping"):
             await self.client.ping()
         return time.perf_counter() - start
 
@@ -250,7 +351,7 @@ class Engine:
 
     async def _script(self) -> str:
         if self._sha is None:
-            with redis_errors("redis: script load"):
+            async with self._using("redis: script load"):
                 self._sha = (await self.client.script_load(WRITE)).decode()
         return self._sha
 
@@ -266,7 +367,7 @@ class Engine:
         for attempt in range(2):
             sha = await self._script()
             try:
-                with redis_errors("redis: write"):
+                async with self._using("redis: write"):
                     async with self.client.pipeline(transaction=False) as pipe:
                         requests = [pipe.evalsha(sha, self._keys(w), self._args(w, writer, epoch, wall))
                                     for w in writes]
@@ -298,7 +399,7 @@ class Engine:
 
     async def meta(self, stream: str) -> Meta | None:
         """The stream's epoch and last seq, or ``None`` if Redis holds none."""
-        with redis_errors("redis: meta"):
+        async with self._using("redis: meta"):
             fields = await self.client.hmget(self.keys(stream)[1], ["epoch", "seq"])
         self.round_trips += 1
         epoch, seq = fields
@@ -308,7 +409,7 @@ class Engine:
 
     async def book(self, stream: str) -> tuple[int, bytes] | None:
         """The stored book of a book stream as ``(seq, book_snapshot payload)``."""
-        with redis_errors("redis: book"):
+        async with self._using("redis: book"):
             seq, payload = await self.client.hmget(self.keys(stream)[2], ["seq", "p"])
         self.round_trips += 1
         if seq is None or payload is None:
@@ -317,14 +418,14 @@ class Engine:
 
     async def range(self, stream: str, after: int, count: int) -> list[Entry]:
         """At most ``count`` entries of ``stream`` after seq ``after``, oldest first."""
-        with redis_errors("redis: range"):
+        async with self._using("redis: range"):
             entries = await self.client.xrange(self.keys(stream)[0], f"({after}-0", "+", count=count)
         self.round_trips += 1
         return [_entry(e.identifier, e.field_values) for e in entries]
 
     async def last(self, stream: str, count: int) -> list[Entry]:
         """The last ``count`` entries of ``stream``, oldest first."""
-        with redis_errors("redis: range"):
+        async with self._using("redis: range"):
             entries = await self.client.xrevrange(self.keys(stream)[0], "+", "-", count=count)
         self.round_trips += 1
         return [_entry(e.identifier, e.field_values) for e in reversed(entries)]
@@ -337,7 +438,7 @@ class Engine:
             return {}
         by_key = {self.keys(stream)[0]: stream for stream in after}
         ids = {self.keys(stream)[0]: f"{seq}-0" for stream, seq in after.items()}
-        with redis_errors("redis: read"):
+        async with self._using("redis: read"):
             reply = await self.client.xread(ids, count=count, block=max(1, int(block * 1000)))
         self.round_trips += 1
         if not reply:
@@ -355,7 +456,7 @@ class Engine:
     async def acquire(self, feed: str, owner: str, ttl: float) -> str | None:
         """Take or renew ``feed``'s lease for ``owner`` for ``ttl`` seconds; the
         current owner (``owner`` when it holds it now), or ``None`` if none."""
-        with redis_errors("redis: lease"):
+        async with self._using("redis: lease"):
             holder = await self.client.eval(
                 LEASE, [self.lease_key(feed)], [owner, int(ttl * 1000)])
         self.round_trips += 1
@@ -363,14 +464,14 @@ class Engine:
 
     async def release(self, feed: str, owner: str) -> bool:
         """Give ``feed``'s lease up if ``owner`` holds it; whether it did."""
-        with redis_errors("redis: lease"):
+        async with self._using("redis: lease"):
             done = await self.client.eval(RELEASE, [self.lease_key(feed)], [owner])
         self.round_trips += 1
         return bool(done)
 
     async def holder(self, feed: str) -> str | None:
         """Who holds ``feed``'s lease, or ``None``."""
-        with redis_errors("redis: lease"):
+        async with self._using("redis: lease"):
             value = await self.client.get(self.lease_key(feed))
         return value.decode() if value is not None else None
 
@@ -392,6 +493,11 @@ return 0
 """
 
 
+#: Connections to each node of a Redis Cluster at most (readers blocked in XREAD,
+#: one per slot followed there, and the rest); Redis accepts 10,000 clients.
+CLUSTER_CONNECTIONS = 1000
+
+
 def _nx() -> Any:
     from coredis.tokens import PureToken
 
@@ -405,13 +511,31 @@ def _written(reply: Any) -> Written:
 
 
 @asynccontextmanager
-async def open_engine(url: str, prefix: str, reply_timeout: float = 2.0) -> AsyncIterator[Engine]:
+async def open_engine(url: str, prefix: str, reply_timeout: float = 2.0,
+                      redis_cluster: bool = False) -> AsyncIterator[Engine]:
     """An ``Engine`` for the block, its connections closed at the end. Raises
-    ``StartupError`` for a URL that is not ``redis://HOST:PORT[/DB]``; does not
-    connect (Redis may be down at start: the users retry)."""
+    ``StartupError`` for a URL that is not ``redis://HOST:PORT[/DB]`` (or names a
+    database other than 0 of a Redis Cluster); does not wait for Redis (it may be
+    down at start: the users retry; a cluster client is opened by its keeper,
+    ``Engine.keep_open``, in a task of its own)."""
     try:
-        engine = Engine(url, prefix, reply_timeout)
+        engine = Engine(url, prefix, reply_timeout, redis_cluster)
     except ValueError as exc:
         raise StartupError(f"cluster.redis: {exc}") from exc
-    async with engine.client:
-        yield engine
+    if not redis_cluster:
+        async with engine.client:
+            yield engine
+        return
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.keep_open)
+            try:
+                yield engine
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # the keeper raises nothing: what the nursery wrapped is the block's own
+        # exception, given to the caller as it is (as without a cluster)
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

@@ -7,9 +7,31 @@ again every ``SCAN`` seconds). A stream it starts to follow is loaded as a late
 joiner would need it: a book from its stored book (``:b``, a ``book_snapshot`` at
 seq S) and the updates after S; any other stream from its last ``retention.size``
 entries (history for ``since`` recovery and late joiners, the last one its latest
-value). Then one blocking XREAD on every followed stream hands over new entries
-as they are written (no notification round trip), in batches of
-``cluster.batch`` per stream.
+value). Then blocking XREADs hand over new entries as they are written (no
+notification round trip), in batches of ``cluster.batch`` per stream: one task
+scans the registry and follows new streams, and one reader per slot
+(``Engine.slot``) reads all the followed streams of its slot with one blocking
+XREAD after another. On one Redis every stream is in "slot" 0: one reader, one
+XREAD on every stream, as before Redis Cluster was supported. A stream followed
+while its slot's reader waits joins that reader's next XREAD (at most ``SCAN``
+later; its retained entries are loaded at once).
+
+Why a reader per slot, not per node: Redis Cluster refuses a multi-key command
+whose keys hash to different slots even when one node serves them all
+(CROSSSLOT; coredis refuses it before sending, ``ClusterCrossSlotError``, as
+checked on a 3-master cluster: two streams of one node in one XREAD fail), and
+coredis splits a cross-slot command over slots only for commands with a routing
+strategy (MGET, DEL...), not for XREAD. One XREAD per node is not possible; the
+other ways round it cost more latency: a per-node pipeline of non-blocking
+per-slot XREADs must poll (an interval of delay, and a round trip per slot per
+poll even when nothing is written), and a notification (sharded PUBLISH from the
+script) costs a second round trip before the read. A blocking reader per slot
+keeps one Redis's latency (the entry arrives in the reply that waited for it);
+its cost is one idle connection per followed slot on the node that serves it
+(``engine.CLUSTER_CONNECTIONS`` per node at most). With a hash tag per stream
+two streams rarely share one of the 16384 slots, so that is about one reader
+and one connection per stream: fine for the thousands of streams of a desk
+(Redis's default ``maxclients`` is 10,000), not for millions.
 
 Each entry goes into the dispatcher as it is (``Dispatcher.publish_numbered``:
 same ``seq``, same bytes on every edge), so fan-out, batching, slow-consumer
@@ -32,7 +54,6 @@ they come back with ``since`` and get ``recovered: false`` and fresh state.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -70,7 +91,9 @@ class MirrorStatistics:
     """``connected``: reading Redis now; ``error``: the last failure;
     ``reconnects``: failures so far; ``streams``: followed; ``entries``: read;
     ``holes``: entries Redis no longer held when read; ``resets``: streams
-    started over for a new epoch; ``epoch``: the cluster's."""
+    started over for a new epoch; ``epoch``: the cluster's; ``lags``: per
+    stream; ``readers``: blocking XREADs at a time, one per slot followed (1 on
+    one Redis)."""
 
     connected: bool
     error: str
@@ -81,6 +104,7 @@ class MirrorStatistics:
     resets: int
     epoch: str
     lags: tuple[StreamLag, ...]
+    readers: int = 0
 
 
 def book_event(payload: bytes) -> BookSnapshot | BookUpdate:
@@ -116,6 +140,9 @@ class Mirror:
         #: last seq delivered, and epoch, per followed stream
         self.followed: dict[str, int] = {}
         self.epochs: dict[str, str] = {}
+        #: followed streams by slot (``Engine.slot``), and the slots being read
+        self.slots: dict[int, set[str]] = {}
+        self.reading: set[int] = set()
         self.delays: dict[str, float] = {}
         self.connected = False
         self.error = ""
@@ -163,16 +190,29 @@ class Mirror:
         self.connected, self.error = True, ""
         self.backoff.reset()
         self.ready.set()
-        scanned = -math.inf
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    for key in sorted(await self.engine.streams() - self.followed.keys()):
+                        await self._follow(key)
+                    for slot in self.slots.keys() - self.reading:
+                        self.reading.add(slot)
+                        nursery.start_soon(self._read, slot)
+                    await trio.sleep(SCAN)
+        except* RedisUnavailable as group:
+            raise group.exceptions[0] from None
+        finally:
+            self.reading.clear()
+
+    async def _read(self, slot: int) -> None:
+        """Read the followed streams of ``slot`` with one blocking XREAD after
+        another (module docstring) until cancelled."""
         while True:
-            if not self.followed:
+            after = {key: self.followed[key] for key in self.slots.get(slot, ())}
+            if not after:
                 await trio.sleep(SCAN)
-            now = trio.current_time()
-            if now - scanned >= SCAN:
-                scanned = now
-                for key in sorted(await self.engine.streams() - self.followed.keys()):
-                    await self._follow(key)
-            got = await self.engine.read(self.followed, SCAN, self.batch)
+                continue
+            got = await self.engine.read(after, SCAN, self.batch)
             resync = [key for key, entries in got.items() if not self._apply(key, entries)]
             for key in resync:
                 await self._restart_book(key)
@@ -183,6 +223,7 @@ class Mirror:
         """Stop following ``key`` and empty its local stream (subscribers stay)."""
         self.followed.pop(key, None)
         self.epochs.pop(key, None)
+        self.slots.get(self.engine.slot(key), set()).discard(key)
         stream = self.dispatcher.streams.get(key)
         if stream is not None:
             stream.seq = 0
@@ -214,6 +255,7 @@ class Mirror:
             self.followed[key] = entries[0].seq - 1 if entries else meta.seq
             self._apply(key, entries)
         self.epochs[key] = meta.epoch
+        self.slots.setdefault(self.engine.slot(key), set()).add(key)
 
     async def _restart_book(self, key: str) -> None:
         stored = await self.engine.book(key)
@@ -258,4 +300,5 @@ class Mirror:
         lags = tuple(StreamLag(key, seq, round(self.delays.get(key, 0.0), 6))
                      for key, seq in sorted(self.followed.items()))
         return MirrorStatistics(self.connected, self.error, self.reconnects, len(self.followed),
-                                self.entries, self.holes, self.resets, self.epoch or "", lags)
+                                self.entries, self.holes, self.resets, self.epoch or "", lags,
+                                len(self.reading))

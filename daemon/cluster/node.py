@@ -97,7 +97,8 @@ class Node:
         once the writer is subscribed (collector) or the mirror started (edge),
         without waiting for Redis."""
         cluster = self.config.cluster
-        async with open_engine(cluster.redis, cluster.prefix, cluster.timeout) as engine, \
+        async with open_engine(cluster.redis, cluster.prefix, cluster.timeout,
+                               cluster.redis_cluster) as engine, \
                 trio.open_nursery() as nursery:
             self.engine = engine
             self.opened.set()
@@ -196,7 +197,8 @@ class Node:
         with trio.move_on_after(1) as scope:
             scope.shield = True
             try:
-                async with open_engine(cluster.redis, cluster.prefix, cluster.timeout) as engine:
+                async with open_engine(cluster.redis, cluster.prefix, cluster.timeout,
+                                       cluster.redis_cluster) as engine:
                     if await engine.release(feed, self.name):
                         log.info("cluster: lease of %s released", feed)
             except RedisUnavailable as exc:
@@ -209,6 +211,7 @@ class Node:
         """The role, the Redis connection, the leases and the streams' lag."""
         body: dict[str, Any] = {"role": self.role, "node": self.name,
                                 "redis": self.config.cluster.redis,
+                                "redis_cluster": self.config.cluster.redis_cluster,
                                 "prefix": self.config.cluster.prefix}
         if self.writer is not None:
             body["writer"] = attrs.asdict(self.writer.statistics())
