@@ -33,6 +33,8 @@ from tests.test_replay_loop import recorded
 COINBASE = ["COINBASE.0", "COINBASE.ws.28.0"]
 FAST = ReconnectConfig(base=0.05, cap=0.2)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: a product of which the previous owner delivered no trade
+QUIET = "NU-GBP"
 Rest = Callable[[Callable[[str], tuple[int, bytes]], str], tuple[int, bytes]]
 
 
@@ -145,10 +147,15 @@ def key(trade: Trade | dict[str, Any]) -> tuple[str, str]:
 async def check_recovers_exactly_the_trades_after(captures: Path, mode: str) -> None:
     tape = matches(captures)
     k, before, partner = same_ms_boundary(tape)
-    seeds = last_of_each(tape[:k])
+    # the previous owner delivered the prefix, but nothing of QUIET: Redis holds no
+    # trade of it, so its newest REST page is new (and has trades of both parts)
+    previous = [m for m in tape[:k] if m["product_id"] != QUIET]
+    seeds = last_of_each(previous)
     symbols = sorted({m["product_id"] for m in tape})
-    assert {t.symbol for t in seeds} == set(symbols)  # every product traded in the prefix
-    after = tape[k:]
+    assert {t.symbol for t in seeds} == set(symbols) - {QUIET}
+    assert {QUIET} == {m["product_id"] for m in tape[:k]} - {m["product_id"] for m in previous}
+    assert QUIET in {m["product_id"] for m in tape[k:]}
+    after = [m for m in tape if m not in previous]
     async with resumed(captures, mode, symbols, seeds) as (collector, events):
         await delivered(collector, len(after))
     got = [e for e in events if isinstance(e, Trade)]
@@ -187,18 +194,20 @@ async def check_announces_what_the_history_lost(captures: Path, mode: str) -> No
 async def test_a_resumed_poll_feed_recovers_exactly_the_trades_after_the_last_ones(
         captures: Path) -> None:
     """Seeded with the last trade of each product in a prefix of the tape (one of
-    them shares its ms with the trades of its product just before and after it), a
-    poll collector
-    delivers exactly the tape's trades after the prefix, each once (over three
-    more rounds), in trade order, with their recorded prices, sizes and times,
-    and no gap: every first answer reached back to its seed."""
+    them shares its ms with the trades of its product just before and after it),
+    a poll collector delivers exactly the tape's trades after the prefix, each
+    once (over three more rounds), in trade order, with their recorded prices,
+    sizes and times, and no gap: every first answer reached back to its seed. A
+    product with no seed (none of its trades was delivered) starts from the
+    newest page: all its trades."""
     await check_recovers_exactly_the_trades_after(captures, "poll")
 
 
 async def test_a_resumed_watch_feed_recovers_exactly_the_trades_after_the_last_ones(
         captures: Path) -> None:
     """The same for a watch collector (ccxt.pro): nothing comes live (the tape has
-    played), each symbol's trades since its seed come from the REST recovery."""
+    played), each symbol's trades since its seed come from the REST recovery, the
+    unseeded product's from its newest page."""
     await check_recovers_exactly_the_trades_after(captures, "watch")
 
 

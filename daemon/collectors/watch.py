@@ -118,6 +118,9 @@ class WatchCollector(CollectorState):
         self.trades = {s: TradeTracker(exchange, s, self.trades_limit, self.stats)
                        for s in self.markets}
         self.books = {s: BookTracker(exchange, s, self.stats) for s in self.markets}
+        #: symbols to recover from the newest REST page while none of their trades
+        #: was delivered (``resume``)
+        self.unseeded: set[str] = set()
         self._init_state()
         self.items = 0
         self.peak_buffer = 0
@@ -132,11 +135,17 @@ class WatchCollector(CollectorState):
         once a symbol's trade watch is up, the trades since it are recovered from
         REST (as after a restart), those after it delivered once, and a ``Gap``
         when the history does not reach back to it (the tracker's poll rule 6).
-        Trades of symbols not watched are ignored."""
+        Trades of symbols not watched are ignored. When ``trades`` is not empty,
+        a watched symbol without one (the previous owner delivered none of it,
+        or Redis would hold it) recovers the newest REST page, as a poll feed
+        starts: none of those was delivered."""
+        trades = list(trades)
         for trade in trades:
             tracker = self.trades.get(trade.symbol)
             if tracker is not None:
                 tracker.seed(trade)
+        if trades:  # the feed ran before: the others' trades too (none was delivered)
+            self.unseeded = {s for s, t in self.trades.items() if t.last_ts is None}
 
     # -- the lifecycle -----------------------------------------------------------------
 
@@ -155,7 +164,8 @@ class WatchCollector(CollectorState):
             exchange=self.exchange, ccxt_id=self.ccxt_id, markets=dict(self.markets),
             channels=self.channels, depth=self.cfg.depth, rest_url=self.cfg.rest_url,
             ws_url=self.cfg.ws_url, reconnect=self.reconnect, trades_limit=self.trades_limit,
-            trades_since={s: t.last_ts for s, t in self.trades.items() if t.last_ts is not None},
+            trades_since={s: t.last_ts for s, t in self.trades.items()
+                          if t.last_ts is not None or s in self.unseeded},
             ccxt_config=self.ccxt_config,
         )
         hand_off = HandOff(send, self.buffer)

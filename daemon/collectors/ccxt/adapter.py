@@ -27,7 +27,10 @@ each watch runs in ``daemon.supervise.retry`` (on the loop's clock):
   delivered are fetched through ccxt's REST ``fetch_trades`` (up to
   ``RECOVERY_PAGES`` pages) and handed over as ``TradesBatch``es with their
   ``since``; the trio side's trade tracker drops what was delivered. An exchange
-  without REST trades, or more pages than that, is a ``TradesGap``.
+  without REST trades, or more pages than that, is a ``TradesGap``. The first
+  watch recovers the same way from ``WatchPlan.trades_since`` (a restart, or a
+  cluster's takeover; there, a symbol of which nothing was delivered recovers
+  the newest REST page).
 - ccxt.pro's keepalive is set to ``stale_after / 2``: a connection whose frame
   ccxt could not parse (its receive loop died) is declared dead after two missed
   pongs (``RequestTimeout``), and watched again as above.
@@ -118,9 +121,10 @@ class WatchPlan:
     ws_url: str
     reconnect: ReconnectConfig
     trades_limit: int
-    #: per symbol, the time (ms) of the newest trade already delivered, if any:
-    #: trades are recovered from there once the first watch is up
-    trades_since: dict[str, int] = attrs.field(factory=dict)
+    #: per symbol, the time (ms) of the newest trade already delivered: trades are
+    #: recovered from there once the first watch is up (``None``: from the newest
+    #: REST page; a symbol left out: none recovered)
+    trades_since: dict[str, int | None] = attrs.field(factory=dict)
     #: more of ccxt's constructor settings (``make_pro_exchange``)
     ccxt_config: dict[str, Any] = attrs.field(factory=dict, repr=False)  # may hold secrets
 
@@ -339,7 +343,7 @@ class Watches:
         exchange = self.exchange
         what = f"trades {symbol}"
         newest: int | None = self.plan.trades_since.get(symbol)
-        recover = newest is not None
+        recover = symbol in self.plan.trades_since
 
         async def recover_now() -> None:
             nonlocal recover, newest
