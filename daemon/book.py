@@ -42,6 +42,9 @@ from daemon.events import Level, Levels
 CHUNK = 512
 
 
+_finite = Decimal.is_finite
+
+
 class BookError(ValueError):
     """A level whose price or size is not a decimal number."""
 
@@ -121,6 +124,24 @@ class Side:
                 self.remove(price)
             return
         key = _decimal(price)
+        if nonzero:
+            self.insert(price, size, key)
+            return
+        maxes = self.maxes  # size zero: a known price spelled differently goes
+        i = bisect_left(maxes, key)
+        if i < len(maxes):
+            keys = self.keys[i]
+            j = bisect_left(keys, key)
+            if keys[j] == key:
+                self.respelled += 1
+                del sizes[self.prices[i][j]]
+                self._delete(i, j)
+
+    def insert(self, price: Any, size: Any, key: Decimal) -> None:
+        """Add a level: ``price``, a price string that is not a key of ``size``,
+        whose value is ``key`` (finite: the caller made it), with a ``size`` that
+        is not zero. A known price in another spelling takes the new one (module
+        doc, rule 3)."""
         maxes = self.maxes
         i = bisect_left(maxes, key)
         if i < len(maxes):
@@ -128,28 +149,22 @@ class Side:
             j = bisect_left(keys, key)
             if keys[j] == key:  # a known price, spelled differently
                 self.respelled += 1
-                old = self.prices[i][j]
-                del sizes[old]
-                if nonzero:
-                    self.prices[i][j] = price
-                    sizes[price] = size
-                else:
-                    self._delete(i, j)
+                prices = self.prices[i]
+                del self.size[prices[j]]
+                prices[j] = price
+                self.size[price] = size
                 return
         elif not maxes:
-            if nonzero:
-                sizes[price] = size
-                self.prices.append([price])
-                self.keys.append([key])
-                maxes.append(key)
+            self.size[price] = size
+            self.prices.append([price])
+            self.keys.append([key])
+            maxes.append(key)
             return
         else:  # above every level: the end of the last chunk
             i -= 1
             keys = self.keys[i]
             j = len(keys)
-        if not nonzero:
-            return
-        sizes[price] = size
+        self.size[price] = size
         prices = self.prices[i]
         keys.insert(j, key)
         prices.insert(j, price)
@@ -166,8 +181,15 @@ class Side:
         """Remove the level of ``price``, a key of ``size``."""
         del self.size[price]
         key = Decimal(price)  # checked when the level was made
-        i = bisect_left(self.maxes, key)
-        self._delete(i, bisect_left(self.keys[i], key))
+        maxes = self.maxes
+        i = bisect_left(maxes, key)
+        keys = self.keys[i]
+        j = bisect_left(keys, key)
+        del keys[j], self.prices[i][j]  # ``_delete``, inline: on the hot path
+        if not keys:
+            del self.keys[i], self.prices[i], maxes[i]
+        elif j == len(keys):
+            maxes[i] = keys[-1]
 
     def _delete(self, i: int, j: int) -> None:
         keys = self.keys[i]
@@ -255,30 +277,56 @@ class Side:
         return {Decimal(price): (price, size[price]) for price in self.ascending()}
 
 
+#: ``bytes.translate`` table for ``_plain_nonzero``: digit 0 -> ``0``, digits 1-9 ->
+#: ``1``, ``.`` and ``,`` as they are, any other byte -> ``x``.
+_SIZE_BYTES = bytes(
+    c if c in b".,0" else ord("1") if c in b"123456789" else ord("x") for c in range(256)
+)
+
+
+def _plain_nonzero(sizes: list[Any]) -> bool:
+    """Whether every size is a string of ASCII digits, not all zero, with at most one
+    dot: a finite decimal that is not zero, told without making a ``Decimal`` (a
+    snapshot has thousands). Checked in bulk, on the sizes joined by commas: with
+    the zeros and dots deleted, no size may be left empty; with the digits
+    deleted, no two dots may be left side by side."""
+    try:
+        data = ",".join(sizes).encode("ascii").translate(_SIZE_BYTES)
+    except (TypeError, UnicodeEncodeError):  # not all strings; not ASCII
+        return False
+    if b"x" in data or data.count(b",") != len(sizes) - 1:  # a size with a comma
+        return False
+    nonzero = data.translate(None, b"0.")
+    return bool(nonzero) and b",," not in nonzero and nonzero[0] != 44 \
+        and nonzero[-1] != 44 and b".." not in data.translate(None, b"01")
+
+
 def _snapshot_side(
     levels: Iterable[Sequence[Any]],
 ) -> tuple[list[Any], list[Decimal], list[Any]]:
     """The prices, keys and sizes of a snapshot side in ascending price order: what
     applying the levels one by one to an empty side leaves. Raises ``BookError``
-    (naming the first bad price or size, the price of a level first)."""
+    (naming the first bad price or size, the price of a level first).
+
+    Built in bulk (``map`` over the whole side; the sizes, when they are plain
+    decimal strings, checked by ``_plain_nonzero``) rather than level by level;
+    on any fault the levels are read one at a time to name the first one."""
     if not isinstance(levels, list | tuple):
         levels = list(levels)
-    prices: list[Any] = []
-    keys: list[Decimal] = []
-    sizes: list[Any] = []
-    regular = True  # no zero size: nothing removed
     try:
-        for price, size in levels:
-            amount, key = Decimal(size), Decimal(price)
-            if not (amount and amount.is_finite()):
-                if amount:
-                    raise BookError(f"not a finite decimal: {size!r}")
-                regular = False  # a removal: its size is kept as None
-            if not key.is_finite():
-                raise BookError(f"not a finite decimal: {price!r}")
-            prices.append(price)
-            keys.append(key)
-            sizes.append(size if amount else None)
+        prices = [price for price, _ in levels]
+        sizes = [size for _, size in levels]
+        keys = [*map(Decimal, prices)]
+        if not all(map(_finite, keys)):
+            raise BookError("a price that is not finite")
+        regular = _plain_nonzero(sizes)  # no zero size: nothing removed
+        if not regular:
+            amounts = [*map(Decimal, sizes)]
+            if not all(map(_finite, amounts)):
+                raise BookError("a size that is not finite")
+            regular = all(amounts)
+            if not regular:  # a removal: its size is kept as None
+                sizes = [size if amount else None for size, amount in zip(sizes, amounts, strict=True)]
     except (InvalidOperation, TypeError, ValueError):  # BookError too
         for price, size in levels:  # the first fault, named as one level at a time does
             _decimal(price)

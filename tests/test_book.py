@@ -142,6 +142,25 @@ def test_a_level_that_is_not_a_decimal_is_refused(bad: object) -> None:
         assert book.levels() == ((("2", "1"),), ())
 
 
+@pytest.mark.parametrize("sizes", [
+    ["1", "2.5", "0.010"], [".5", "5.", "007"], ["1", "0.000", "2"], ["1", "1e1", "+2"],
+    ["1", "٣", "2"], ["1", "00", "."], ["1", "1.2.3"], ["1,5", "2"], ["1", ""],
+])
+def test_snapshot_sizes_are_read_as_decimal_reads_them(sizes: list[str]) -> None:
+    # a snapshot's plain sizes are checked in bulk, the others one by one as Decimal
+    levels = [(str(n), size) for n, size in enumerate(sizes, start=1)]
+    try:
+        for _, size in levels:
+            assert Decimal(size).is_finite()
+    except (ArithmeticError, AssertionError):
+        with pytest.raises(BookError):
+            L2Book().load(levels, [])
+        return
+    book, plain = L2Book(), PlainBook()
+    book.load(levels, [])
+    plain.load(levels, [])
+    _same(book, plain)
+
 def test_event_makers_make_what_the_classes_make() -> None:
     assert new_trade("x", "A-B", 1.0, 2.0, "7", "1.5", "2", "buy") == Trade(
         exchange="x", symbol="A-B", ts=1.0, recv_ts=2.0, id="7", price="1.5", size="2",

@@ -444,6 +444,42 @@ def test_crossed_snapshot_is_accepted_not_looped(rec: Recorded) -> None:
     assert feed.stats.resyncs == 0
 
 
+def test_crossing_is_judged_at_the_end_of_an_update(rec: Recorded) -> None:
+    # only new levels can cross a book, but the check is on the book the whole
+    # update leaves: a new bid through the asks that the same update takes back
+    # crosses nothing
+    feed = CoinbaseFeed(["SKL-USD"], ["book"], rec.markets)
+    feed.on_open(0.0)
+    recorded = rec.frames[rec.index("snapshot", "SKL-USD")][1]
+    feed.on_message(with_field(recorded, bids=[["1", "1"]], asks=[["2", "1"]]), 1.0)
+
+    def update(*changes: list[str]) -> str:
+        return json.dumps({"type": "l2update", "product_id": "SKL-USD", "changes": changes})
+
+    (event,) = feed.on_message(update(["buy", "3", "1"], ["buy", "3", "0"]), 2.0)
+    assert (event.bids, event.asks) == ((("3", "1"), ("3", "0")), ())
+    (event,) = feed.on_message(update(["buy", "2.5", "4"], ["sell", "2", "0"]), 3.0)
+    assert (event.bids, event.asks) == ((("2.5", "4"),), (("2", "0"),))
+    assert feed.book("SKL-USD").levels() == ((("2.5", "4"), ("1", "1")), ())
+    out = feed.on_message(update(["sell", "2.5", "1"]), 4.0)  # at the best bid: crossed
+    assert not of_type(out, BookUpdate) and feed.stats.resyncs == 1
+    assert [e.detail for e in of_type(out, FeedState)] == ["crossed book"]
+
+
+def test_a_crossed_snapshot_book_that_uncrossed_resyncs_when_crossed_again(
+    rec: Recorded,
+) -> None:
+    feed = CoinbaseFeed(["SKL-USD"], ["book"], rec.markets)
+    feed.on_open(0.0)
+    recorded = rec.frames[rec.index("snapshot", "SKL-USD")][1]
+    feed.on_message(with_field(recorded, bids=[["2", "1"]], asks=[["1", "1"], ["3", "1"]]), 1.0)
+    remove = '{"type": "l2update", "product_id": "SKL-USD", "changes": [["sell", "1", "0"]]}'
+    assert of_type(feed.on_message(remove, 2.0), BookUpdate)  # no longer crossed
+    assert not feed.book("SKL-USD").is_crossed()
+    cross = '{"type": "l2update", "product_id": "SKL-USD", "changes": [["buy", "3", "1"]]}'
+    out = feed.on_message(cross, 3.0)
+    assert not of_type(out, BookUpdate) and feed.stats.resyncs == 1
+
 def test_heartbeat_and_subscriptions(rec: Recorded) -> None:
     feed = new_feed(rec)
     beat = (

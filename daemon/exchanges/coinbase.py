@@ -18,8 +18,10 @@ Theory of operation
    removes) apply to it and are ignored before it. ``on_open`` marks every book
    unsynced: after any reconnect each book is rebuilt from the new snapshot.
 3. Level2 has no sequence number, so the book checks itself: an update that turns
-   it crossed (best bid >= best ask: the ends of the book's sorted sides, two
-   comparisons per update) proves it corrupt. That update is not
+   it crossed (best bid >= best ask) proves it corrupt. Only the levels an update
+   adds can cross the book (a size change keeps a price, a removal moves a best
+   level away), so each new price is compared with the other side's best, and
+   only when one reaches it are the two ends compared. That update is not
    published; the book resyncs: ``FeedState`` ``resyncing``, then ``unsubscribe``
    and ``subscribe`` of level2 for that one product, which brings a new snapshot.
    A malformed ``snapshot`` or ``l2update`` resyncs its book too. A snapshot that is
@@ -61,15 +63,14 @@ walk back through the history pages is here.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from daemon.book import L2Book
+from daemon.book import L2Book, Side
 from daemon.events import BookSnapshot, BookUpdate, FeedState, Gap, Ticker, Trade
 from daemon.exchanges.base import (
     ExchangeFeed,
@@ -194,21 +195,32 @@ def _pairs(raw: object, what: str) -> list[Any]:
     dots, neither first nor last, are returned as they are, for ``L2Book.load`` to
     read as ``Decimal`` (it refuses the rest, such as two dots, and the caller then
     asks ``_levels`` what is wrong); anything else goes through ``_levels``."""
-    if type(raw) is list and raw and {*map(type, raw)} == {list} and {*map(len, raw)} == {2}:
+    if type(raw) is list and raw and {*map(type, raw)} == {list}:
         try:
-            if _digits_and_dots(map(itemgetter(0), raw)) \
-                    and _digits_and_dots(map(itemgetter(1), raw)):
+            prices = [price for price, _ in raw]  # ValueError: not a pair
+            sizes = [size for _, size in raw]
+            if _digits_and_dots(prices) and _digits_and_dots(sizes):
                 return raw
-        except TypeError:  # not all strings
+        except (TypeError, ValueError):  # not all pairs of strings
             pass
     return _levels(raw, what)
 
 
-def _digits_and_dots(values: Iterable[str]) -> bool:
+#: ``bytes.translate`` table for ``_digits_and_dots``: ``.``, ``,`` and the digits
+#: as they are, any other byte -> ``x``.
+_DIGITS_AND_DOTS = bytes(c if c in b".,0123456789" else ord("x") for c in range(256))
+
+
+def _digits_and_dots(values: list[str]) -> bool:
     """Whether every value is made of decimal digits (``str.isdecimal``: re's
     ``\\d``) and dots, with no dot first or last; raises ``TypeError`` on a value
-    that is not a string."""
+    that is not a string. (ASCII text is checked as bytes, through
+    ``_DIGITS_AND_DOTS``: several times faster than ``str.isdecimal`` on it.)"""
     joined = ",".join(values)
+    if joined.isascii():
+        data = joined.encode().translate(_DIGITS_AND_DOTS)
+        return b"x" not in data and b",." not in data and b".," not in data \
+            and data[:1] != b"." and data[-1:] != b"."
     return (joined.replace(".", "").replace(",", "").isdecimal() and ",." not in joined
             and ".," not in joined and joined[0] != "." and joined[-1] != ".")
 
@@ -296,6 +308,10 @@ class CoinbaseFeed:
         #: than any time, so that none starts with it) and its epoch microseconds
         self._second, self._micros = "." * 28, 0
         self._synced: set[str] = set()
+        #: product id -> (symbol, book, its bids, its asks), while that book is synced
+        self._live: dict[str, tuple[str, L2Book, Side, Side]] = {}
+        #: synced books whose snapshot was crossed, while they stay crossed (rule 3)
+        self._crossed: set[str] = set()
         self._last_seq: dict[tuple[str, str], int] = {}
         #: per product: trades delivered (kept across reconnects), recovery, gaps
         self._trades = {
@@ -345,6 +361,8 @@ class CoinbaseFeed:
         self._opens += 1
         self.last_heartbeat = None
         self._synced.clear()
+        self._live.clear()
+        self._crossed.clear()
         self._last_seq.clear()
         for tracker in self._trades.values():
             tracker.abandon()  # answers to the old connection's fetches never come
@@ -372,18 +390,16 @@ class CoinbaseFeed:
         except orjson.JSONDecodeError:
             return [malformed(self.stats, "not JSON", _text(text)),
                     *self._resync_unreadable(_text(text), recv_ts)]
-        if not isinstance(msg, dict):
+        if type(msg) is not dict:
             return [malformed(self.stats, "not a JSON object", _text(text))]
         kind = msg.get("type")
-        handler: Callable[[dict[str, Any], str, float], Outputs] | None
-        if kind == "l2update":  # nearly every frame
-            handler = self._on_l2update
-        else:
-            handler = self._handlers.get(kind) if isinstance(kind, str) else None
-        if handler is None:
-            return [malformed(self.stats, f"unknown type {kind!r}", _text(text))]
         try:
-            return handler(msg, text if type(text) is str else _text(text), recv_ts)
+            if kind == "l2update":  # nearly every frame
+                return self._on_l2update(msg, text, recv_ts)
+            handler = self._handlers.get(kind) if isinstance(kind, str) else None
+            if handler is None:
+                return [malformed(self.stats, f"unknown type {kind!r}", _text(text))]
+            return handler(msg, _text(text), recv_ts)
         except (KeyError, TypeError, ValueError) as exc:  # _BadFrame, BookError too
             reason = f"bad {kind}: {type(exc).__name__}: {exc}"
             out: Outputs = [malformed(self.stats, reason, _text(text))]
@@ -505,53 +521,61 @@ class CoinbaseFeed:
                 parse_time(msg["time"])
             raise
         self._synced.add(symbol)
+        self._live[self._product[symbol]] = (symbol, book, book.bid_side, book.ask_side)
         self.stats.snapshots += 1
-        detail = "level2 snapshot" + (" (crossed)" if book.is_crossed() else "")
+        crossed = book.is_crossed()
+        if crossed:
+            self._crossed.add(symbol)
+        else:
+            self._crossed.discard(symbol)
+        detail = "level2 snapshot" + (" (crossed)" if crossed else "")
         return [
             self._event(BookSnapshot, symbol, ts, recv_ts, bids=book_bids, asks=book_asks),
             self._event(FeedState, symbol, ts, recv_ts, state="synced", detail=detail),
         ]
 
-    def _on_l2update(self, msg: dict[str, Any], text: str, recv_ts: float) -> Outputs:
-        pid = msg["product_id"]
-        symbol = self._book_of.get(pid) if type(pid) is str else None
-        if symbol is None:  # not a product with a book: say why
-            known = self._known(msg, text, book=True)
-            if isinstance(known, Malformed):
-                return [known]
-            symbol = known
+    def _on_l2update(self, msg: dict[str, Any], text: str | bytes, recv_ts: float) -> Outputs:
+        try:
+            symbol, book, bid_side, ask_side = self._live[msg["product_id"]]
+        except (KeyError, TypeError):  # no synced book of that product (or no product)
+            return self._on_l2update_unsynced(msg, text)
         changes = msg["changes"]
-        if not isinstance(changes, list):
+        if type(changes) is not list:
             raise _BadFrame("changes is not a list")
-        if symbol not in self._synced:  # before the (new) snapshot, which holds these
-            for change in changes:
-                self._change(change)
-            if "time" in msg:
-                parse_time(msg["time"])
-            return []
         when = msg.get("time", _ABSENT)
-        if when is _ABSENT:
-            ts = recv_ts
-        elif type(when) is str and len(when) == 27 and when[26] == "Z" \
-                and when.startswith(self._second):
+        if type(when) is str and when[:20] == self._second and when[26:] == "Z" \
+                and (fraction := when[20:26]).isdigit() and fraction.isascii():
             # parse_time's fast path, inline, for a time in the second of the last one
-            fraction = when[20:26]
-            ts = (self._micros + int(fraction)) / 1_000_000 \
-                if fraction.isdigit() and fraction.isascii() else parse_time(when)
+            ts = (self._micros + int(fraction)) / 1_000_000
+        elif when is _ABSENT:
+            ts = recv_ts
         else:
             ts = parse_time(when)
             micros = _MICROS.get(when[:20]) if type(when) is str else None
             if micros is not None:  # its second, for the times that follow
                 self._second, self._micros = when[:20], micros
-        book = self._books[symbol]
-        bid_side, ask_side = book.bid_side, book.ask_side
-        # crossed: the best bid (the last of the bids) >= the best ask (the first of
-        # the asks), read from the sides' lists, which the changes change in place
-        best_bids, best_asks = bid_side.maxes, ask_side.keys
-        was_crossed = best_bids and best_asks and best_bids[-1] >= best_asks[0][0]
+        known_sizes = self._sizes
+        if len(changes) == 1 and not self._crossed:
+            # the usual update: one change of a level the book holds, whose size
+            # string was seen before (the loop below does the same, and the rest)
+            change = changes[0]
+            if type(change) is list and len(change) >= 3:
+                name, price, size = change[0], change[1], change[2]
+                side = bid_side if name == "buy" else ask_side if name == "sell" else None
+                nonzero = known_sizes.get(size) if type(size) is str else None
+                if side is not None and nonzero is not None and price in side.size:
+                    if nonzero:
+                        side.size[price] = size
+                    else:
+                        side.remove(price)
+                    self.stats.book_updates += 1
+                    delta = ((price, size),)
+                    return [new_book_update("coinbase", symbol, ts, recv_ts, delta, ())
+                            if side is bid_side else
+                            new_book_update("coinbase", symbol, ts, recv_ts, (), delta)]
         bids: list[tuple[str, str]] = []
         asks: list[tuple[str, str]] = []
-        known_sizes = self._sizes
+        crossing = False  # a new level at or beyond the other side's best
         # each change is checked as it is applied (a bad one raises and the book
         # resyncs); a price the book holds was checked when its level was made
         for change in changes:
@@ -568,30 +592,73 @@ class CoinbaseFeed:
             # on the capture: "0.00", "0.00000000", ...)
             nonzero = known_sizes.get(size) if type(size) is str else None
             if nonzero is None:
-                if not isinstance(size, str):  # _dec(size, "size"), inline
-                    raise _BadFrame(f"size is not a decimal string: {size!r}")
-                whole, dot, fraction = size.partition(".")
-                if not whole.isdecimal() or dot and not fraction.isdecimal():
-                    raise _BadFrame(f"size is not a decimal string: {size!r}")
-                # not zero: a digit other than 0 (Decimal tells for other scripts' digits)
-                nonzero = bool(size.strip("0.")) if size.isascii() else bool(Decimal(size))
-                if len(known_sizes) >= SIZES_MEMORY:
-                    known_sizes.clear()
-                known_sizes[size] = nonzero
+                nonzero = self._size(size)
             sizes = side.size
             if price in sizes:  # a level the book holds: its price was checked
                 if nonzero:
                     sizes[price] = size
                 else:
                     side.remove(price)
-            else:
-                _dec(price, "price")
-                side.put(price, size, nonzero)
+            elif nonzero:  # a new level: rule 3's crossed-book check looks at it
+                if type(price) is not str:
+                    raise _BadFrame(f"price is not a decimal string: {price!r}")
+                whole, dot, fraction = price.partition(".")  # _dec(price), inline
+                if not whole.isdecimal() or dot and not fraction.isdecimal():
+                    raise _BadFrame(f"price is not a decimal string: {price!r}")
+                key = Decimal(price)
+                side.insert(price, size, key)
+                if side is bid_side:
+                    lowest_asks = ask_side.keys
+                    crossing = crossing or bool(lowest_asks) and key >= lowest_asks[0][0]
+                else:
+                    highest_bids = bid_side.maxes
+                    crossing = crossing or bool(highest_bids) and key <= highest_bids[-1]
+            else:  # size zero at a price the book does not hold (in that spelling)
+                side.put(_dec(price, "price"), size, False)
             levels.append((price, size))
-        if not was_crossed and best_bids and best_asks and best_bids[-1] >= best_asks[0][0]:
-            return self._resync(symbol, "crossed book", recv_ts)
+        if crossing or self._crossed and symbol in self._crossed:
+            if symbol not in self._crossed:  # it was not crossed: is it now?
+                if book.is_crossed():
+                    return self._resync(symbol, "crossed book", recv_ts)
+            elif not book.is_crossed():  # a crossed snapshot's book no longer is
+                self._crossed.discard(symbol)
         self.stats.book_updates += 1
         return [new_book_update("coinbase", symbol, ts, recv_ts, tuple(bids), tuple(asks))]
+
+    def _on_l2update_unsynced(self, msg: dict[str, Any], text: str | bytes) -> Outputs:
+        """An ``l2update`` of a product without a synced book: a ``Malformed`` for a
+        product without a book, else nothing (the coming snapshot holds it) once
+        the frame is checked."""
+        pid = msg["product_id"]
+        symbol = self._book_of.get(pid) if type(pid) is str else None
+        if symbol is None:  # not a product with a book: say why
+            known = self._known(msg, _text(text), book=True)
+            if isinstance(known, Malformed):
+                return [known]
+        changes = msg["changes"]
+        if type(changes) is not list:
+            raise _BadFrame("changes is not a list")
+        for change in changes:
+            self._change(change)
+        if "time" in msg:
+            parse_time(msg["time"])
+        return []
+
+    def _size(self, size: object) -> bool:
+        """Check a size string not checked before (``_dec``) and remember whether it
+        is not zero (``_sizes``); raises ``_BadFrame``."""
+        if not isinstance(size, str):
+            raise _BadFrame(f"size is not a decimal string: {size!r}")
+        whole, dot, fraction = size.partition(".")
+        if not whole.isdecimal() or dot and not fraction.isdecimal():
+            raise _BadFrame(f"size is not a decimal string: {size!r}")
+        # not zero: a digit other than 0 (Decimal tells for other scripts' digits)
+        nonzero = bool(size.strip("0.")) if size.isascii() else bool(Decimal(size))
+        known_sizes = self._sizes
+        if len(known_sizes) >= SIZES_MEMORY:
+            known_sizes.clear()
+        known_sizes[size] = nonzero
+        return nonzero
 
     @staticmethod
     def _change(change: object) -> None:
@@ -684,6 +751,7 @@ class CoinbaseFeed:
     def _resync(self, symbol: str, reason: str, now: float) -> Outputs:
         self.stats.resyncs += 1
         self._synced.discard(symbol)
+        self._live.pop(self._product[symbol], None)
         self._books[symbol].clear()
         product, channel = [self._product[symbol]], [self.book_channel]
         return [
