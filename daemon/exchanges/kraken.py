@@ -104,11 +104,13 @@ ALIASES = {"XBT": "BTC", "XDG": "DOGE"}
 _SUBSCRIPTION = {"trades": "trade", "book": "book", "ticker": "ticker"}
 _CHANNEL = {name: channel for channel, name in _SUBSCRIPTION.items()}
 _SIDES = {"b": "buy", "s": "sell"}
+#: A heartbeat frame as Kraken sends it (others with the same meaning are parsed).
+_HEARTBEAT = '{"event":"heartbeat"}'
 #: Levels per side in Kraken's book checksum.
 CHECKSUM_LEVELS = 10
 _MICROSECOND = Decimal("0.000001")
-#: A trade's place in its pair's history: (time to the microsecond, k).
-_Key = tuple[Decimal, int]
+#: A trade's place in its pair's history: (time in integer microseconds, k).
+_Key = tuple[int, int]
 
 
 class _Bad(ValueError):
@@ -194,30 +196,40 @@ def _time(value: object) -> float:
     return seconds
 
 
-def _trade_time(value: object) -> tuple[Decimal, float]:
+def _trade_time(value: object) -> tuple[int, float, str]:
     """A trade time, a string (WebSocket) or a number (REST, read as ``Decimal``), in
-    epoch seconds rounded to the microsecond, and that as a float; else ``_Bad``.
-    (A string already at the microsecond is read by ``float`` itself: the same
-    value, for a third of what converting the ``Decimal`` costs.) A string of
-    ASCII digits ending in a dot and six digits, as v1 writes them, is at the
-    microsecond already: read, not rounded."""
-    if type(value) is str and value.isascii() and value[-7:-6] == "." \
-            and value[-6:].isdigit() and value[:-7].isdigit():
-        return Decimal(value), float(value)
+    epoch seconds rounded to the microsecond: as integer microseconds, as a float,
+    and as the decimal text of the trade id (six decimals, ``str`` of the rounded
+    ``Decimal``); else ``_Bad``. A string of ASCII digits with a dot before six
+    digits, as v1 writes them, is at the microsecond already: read, not rounded,
+    and it is its own text unless it has a leading zero. The float is the
+    microseconds divided by a million: Python divides integers correctly rounded,
+    so it is the float nearest the decimal, what ``float`` of the text gives."""
+    if type(value) is str and value[-7:-6] == ".":
+        digits = value.replace(".", "", 1)
+        if digits.isdigit() and digits.isascii():
+            micros = int(digits)
+            text = value if value[0] not in "0." or value[:2] == "0." else _when_text(micros)
+            return micros, micros / 1_000_000, text
     try:
         ok = isinstance(value, str | int | Decimal) and not isinstance(value, bool)
         number = Decimal(value) if ok else None  # type: ignore[arg-type]
-    except InvalidOperation:
-        number = None
-    if number is None or not number.is_finite() \
-            or (number < 0 if not isinstance(value, str) or "-" in value else False):
-        raise _Bad(f"not a trade time: {value!r}")
-    when = number.quantize(_MICROSECOND)
-    return when, float(value) if isinstance(value, str) and when == number else float(when)
+        if number is None or not number.is_finite() or number < 0:
+            raise _Bad(f"not a trade time: {value!r}")
+        when = number.quantize(_MICROSECOND)  # InvalidOperation: beyond 28 digits
+    except ArithmeticError as exc:
+        raise _Bad(f"not a trade time: {value!r}") from exc
+    micros = int(when.scaleb(6))
+    return micros, micros / 1_000_000, _when_text(micros)
 
 
-def _ns(when: Decimal) -> int:
-    return int(when * 1_000_000_000)
+def _when_text(micros: int) -> str:
+    """Microseconds since the epoch as seconds with six decimals (``"1618678142.557535"``)."""
+    return f"{micros // 1_000_000}.{micros % 1_000_000:06d}"
+
+
+def _ns(micros: int) -> int:
+    return micros * 1000
 
 
 def _text(text: str | bytes) -> str:
@@ -358,13 +370,14 @@ class _Checksum:
 
 
 def _id(key: _Key) -> str:
-    return f"{key[0]}-{key[1]}"
+    return f"{_when_text(key[0])}-{key[1]}"
 
 
 def trade_key(trade: Trade) -> _Key:
-    """The ``(time, k)`` key of a Kraken trade, read back from its id (rule 5)."""
+    """The ``(time, k)`` key of a Kraken trade, read back from its id (rule 5): the
+    time in integer microseconds."""
     when, _, k = trade.id.rpartition("-")
-    return Decimal(when), int(k)
+    return int(Decimal(when).scaleb(6)), int(k)
 
 
 #: v1 trades have no id: ``(time, k)`` orders them, and says nothing of a gap.
@@ -565,17 +578,23 @@ class KrakenFeed:
         """
         self.stats.messages += 1
         self._now = recv_ts
+        if text == _HEARTBEAT:  # the most common frame (one a second), told by its text
+            self.last_heartbeat = recv_ts
+            return []
         if not isinstance(text, str):
             text = text.decode("utf-8", "replace")
         try:
             message = orjson.loads(text)
         except orjson.JSONDecodeError:
             return [malformed(self.stats, "not JSON", text)]
-        if isinstance(message, dict):
-            if message.get("event") == "heartbeat":  # the most common: one a second
+        if type(message) is dict:
+            event = message.get("event")
+            if event == "heartbeat":  # the most common: one a second
                 self.last_heartbeat = recv_ts
                 return []
             try:
+                if event == "subscriptionStatus":  # one per pair and channel
+                    return self._on_subscription(message, text)
                 return self._on_event(message, text)
             except (TypeError, AttributeError) as exc:  # a field of the wrong type
                 return [malformed(self.stats, f"bad event: {exc}", text)]
@@ -631,7 +650,8 @@ class KrakenFeed:
         # the trade subscription of a reconnected pair is answered: recover its
         # missed trades now (module doc, rule 6); the history is readable either way
         out: Outputs = []
-        if status in ("subscribed", "error") and name == "trade" and symbol in self._to_recover:
+        if self._to_recover and status in ("subscribed", "error") and name == "trade" \
+                and symbol in self._to_recover:
             self._to_recover.discard(symbol)
             out += self._trades[symbol].recover()
         if status == "error":
@@ -675,14 +695,18 @@ class KrakenFeed:
         row, whose time is a number) that follows the trade keyed ``previous``: its
         key and ``Trade``. Raises ``_Bad`` (or ``IndexError``) on a bad entry."""
         price, size, time, side = entry[0], entry[1], entry[2], entry[3]
-        _check(price)
-        _check(size)
-        when, ts = _trade_time(time)
-        if side not in _SIDES:
+        # _check(price), _check(size), inline
+        if not (type(price) is str and price.isascii() and price.replace(".", "", 1).isdigit()):
+            _decimal(price)
+        if not (type(size) is str and size.isascii() and size.replace(".", "", 1).isdigit()):
+            _decimal(size)
+        micros, ts, text = _trade_time(time)
+        taker = _SIDES.get(side)
+        if taker is None:
             raise _Bad(f"trade side {side!r}")
-        key = (when, previous[1] + 1 if previous is not None and previous[0] == when else 0)
-        trade = new_trade("kraken", symbol, ts, recv_ts, _id(key), price, size, _SIDES[side])
-        return key, trade
+        k = previous[1] + 1 if previous is not None and previous[0] == micros else 0
+        trade = new_trade("kraken", symbol, ts, recv_ts, f"{text}-{k}", price, size, taker)
+        return (micros, k), trade
 
     def _history(self, tracker: TradeTracker) -> FetchTrades | None:
         """The first history page of a recovery: from a microsecond before the last
