@@ -365,6 +365,29 @@ def test_trades_one_event_per_entry_with_unique_ids(captures, markets):
     assert feed.stats.malformed == 0
 
 
+@pytest.mark.parametrize(("time", "expected"), [
+    ("1618678142.557535", ("1618678142.557535-0", 1618678142.557535)),
+    ("01618678142.557535", ("1618678142.557535-0", 1618678142.557535)),
+    (".557535", ("0.557535-0", 0.557535)),
+    ("1618678142.5575351", ("1618678142.557535-0", 1618678142.557535)),
+    ("1618678142.5", ("1618678142.500000-0", 1618678142.5)),
+    ("١.557535", ("1.557535-0", 1.557535)),
+    ("1e30", None), ("-1.000000", None), ("1.2.345678", None), ("1.55753x", None),
+])
+def test_trade_times_as_v1_writes_them_and_others(markets, time, expected):
+    # ids and times as str/float of the time rounded to the microsecond, as Decimal
+    # reads it; a time that is not one is malformed (never an exception)
+    feed = KrakenFeed(["BTC-USD"], ["trades"], markets)
+    feed.on_open(1.0)
+    feed.on_message('{"channelID":7,"channelName":"trade","event":"subscriptionStatus",'
+                    '"pair":"XBT/USD","status":"subscribed","subscription":{"name":"trade"}}', 2.0)
+    frame = json.dumps([7, [["100.0", "1.5", time, "b", "l", ""]], "trade", "XBT/USD"])
+    out = feed.on_message(frame, 3.0)
+    if expected is None:
+        assert [type(o) for o in out] == [Malformed] and feed.stats.malformed == 1
+    else:
+        assert [(t.id, t.ts) for t in out] == [expected] and feed.stats.trades == 1
+
 def test_tickers_one_event_per_frame(captures, markets):
     conn = _connection(captures, "KRAKEN.ws.49.0")
     feed = _feed(markets, conn, ["ticker"])
