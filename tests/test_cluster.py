@@ -51,6 +51,12 @@ node = "{name}"
 """)
 
 
+#: Messages a test client reads ahead while the test reads another client: it keeps
+#: reading its socket, as a real client does (trio-websocket's default of 1 stops
+#: reading, and the edge closes it 4008 as a slow consumer of a lossless stream).
+READ_AHEAD = 100_000
+
+
 async def port_of(daemon: Daemon) -> int:
     found = await daemon.wait_for(r"listening on ws://127\.0\.0\.1:(\d+)")
     return int(found.group(1))
@@ -132,11 +138,11 @@ async def test_one_collector_two_edges_and_a_client_moving_between_them(
             "--config", str(node_config(tmp_path, "b", "all", redis_server, prefix))))
         port_a, port_b = await port_of(edge_a), await port_of(edge_b)
         ws_a = await stack.enter_async_context(
-            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port_a}"))
+            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port_a}", message_queue_size=READ_AHEAD))
         ws_b = await stack.enter_async_context(
-            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port_b}"))
+            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port_b}", message_queue_size=READ_AHEAD))
         mover = await stack.enter_async_context(
-            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port_a}"))
+            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port_a}", message_queue_size=READ_AHEAD))
         hello_a, hello_b, hello_m = await welcome(ws_a), await welcome(ws_b), await welcome(mover)
         # one cluster, one epoch: both edges say the same
         assert hello_a["epoch"] == hello_b["epoch"] == hello_m["epoch"]
