@@ -125,6 +125,10 @@ class RedisClusterServers:
              "--cluster-replicas", "0", "--cluster-yes"],
             capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
         assert created.returncode == 0, created.stdout + created.stderr
+        self.wait_ok()
+
+    def wait_ok(self) -> None:
+        """Wait (at most 20 s) until every node says ``cluster_state:ok``."""
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if all(b"cluster_state:ok" in node.command("CLUSTER", "INFO") for node in self.nodes):

@@ -199,3 +199,87 @@ async def test_a_redis_cluster_with_a_database_is_one_line_and_exit_2(tmp_path: 
     assert checked.returncode == 2
     [line] = checked.stderr.decode().strip().splitlines()
     assert "a Redis Cluster has database 0 only" in line and "cluster.redis_cluster" in line
+
+
+async def test_a_master_back_empty_starts_its_streams_over_on_the_edge(tmp_path: Path) -> None:
+    """A master of a Redis Cluster killed and started again without its data
+    (no persistence) while ``PREFIX:epoch`` lives on another master: the
+    cluster's epoch stays, but an edge's mirror (in this process) sees that the
+    lost master's streams were made again (their ``born``) when it reads Redis
+    again: it closes the clients of exactly those streams (1012 in the daemon)
+    and follows them from their new history; the other streams go on. (The
+    mirror's first retry waits 2.9 s, a seeded backoff, so that the collector's
+    writes of the new history come first: read again from its last seq, a
+    stream made again would never deliver anything.)"""
+    import random
+
+    from daemon.channels import Retention
+    from daemon.cluster.mirror import Mirror
+    from daemon.dispatch import Dispatcher
+    from daemon.supervise import Backoff
+
+    if shutil.which("redis-server") is None:
+        pytest.skip(NO_REDIS)
+    if shutil.which("redis-cli") is None:
+        pytest.skip(NO_REDIS_CLI)
+    servers = RedisClusterServers(tmp_path / "cluster")
+    prefix = "born"
+    streams = [f"trades:coinbase:S{i}-USD" for i in range(12)]
+
+    def trade(stream: str, n: int, life: str) -> Write:
+        before, after = split_payload(orjson.dumps({"life": life, "n": n, "seq": 0}), 0)
+        return Write(stream=stream, before=before, after=after, maxlen=100, recv_ts=1.0, wseq=n)
+
+    async def until(done: object, seconds: float) -> None:
+        with trio.fail_after(seconds):
+            while not done():  # type: ignore[operator]
+                await trio.sleep(0.02)
+
+    closed: list[set[str] | None] = []
+    servers.start()
+    try:
+        async with open_engine(servers.url, prefix, 1.0, True) as writer, \
+                open_engine(servers.url, prefix, 1.0, True) as reader:
+            epoch = await writer.cluster_epoch("E")
+            await writer.register(streams)
+            await writer.write([trade(s, n, "first") for n in range(1, 6) for s in streams],
+                               "w", epoch)
+            by_node = servers.keys_by_node(f"{prefix}:*")
+            port = next(port for port, keys in by_node.items()
+                        if not {f"{prefix}:epoch", f"{prefix}:streams"} & set(keys)
+                        and any(key.endswith(":s") for key in keys))
+            lost = {s for s in streams if f"{prefix}:{{{s}}}:s" in by_node[port]}
+            [node] = [n for n in servers.nodes if n.port == port]
+            dispatcher = Dispatcher(64, {"trades": Retention(1000, 3600.0)})
+            mirror = Mirror(reader, dispatcher, 100, Backoff(3.0, 3.0, random.Random(2)),
+                            closed.append, lambda epoch: None)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(mirror.run)
+                await until(lambda: all(s in dispatcher.streams and dispatcher.streams[s].seq == 5
+                                        for s in streams), 10)
+                node.stop()
+                await until(lambda: not mirror.connected, 10)
+                node.start()
+                servers.wait_ok()
+                for _ in range(100):  # the writer's connections to the node broke
+                    try:
+                        await writer.write([trade(s, n, "second") for n in (1, 2) for s in lost],
+                                           "w", epoch)
+                        break
+                    except RedisUnavailable:
+                        await trio.sleep(0.05)
+                await until(lambda: mirror.connected and closed, 10)
+                await until(lambda: all(dispatcher.streams[s].seq == 2 for s in lost), 10)
+                nursery.cancel_scope.cancel()
+            assert await reader.cluster_epoch("X") == epoch  # the cluster's epoch stayed
+    finally:
+        servers.stop()
+    assert 0 < len(lost) < len(streams)
+    assert closed == [lost]
+    for stream in streams:
+        history = [orjson.loads(m.payload) for m in dispatcher.streams[stream].history]
+        if stream in lost:
+            assert [(h["life"], h["seq"]) for h in history] == [("second", 1), ("second", 2)]
+        else:
+            assert [(h["life"], h["seq"]) for h in history] == [("first", n) for n in range(1, 6)]
+    assert mirror.statistics().resets == len(lost)

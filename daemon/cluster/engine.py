@@ -22,8 +22,9 @@ restarts without persistence), ``PREFIX:streams`` (the set of stream names, whic
 edges read to find new streams) and ``PREFIX:lease:EXCHANGE`` (the feed's owner).
 
 One Lua script (``WRITE``) writes an event atomically: it reads the metadata
-(creating it, with the writer's cluster epoch, when absent: then the stream's old
-entries, if any, are deleted, as their numbers start again), drops a write it has
+(creating it, with the writer's cluster epoch and ``born``, the write's wall
+time, when absent: then the stream's old entries, if any, are deleted, as their
+numbers start again), drops a write it has
 already done (``wseq`` not above the one stored for its writer) or a publish whose
 idempotency key is known or whose ``version`` is not above the current one, gives
 the next ``seq``, XADDs the payload with ``"seq":N`` spliced in at id ``N-0``
@@ -64,7 +65,7 @@ local epoch = meta[1]
 if not epoch then
   epoch = ARGV[4]
   redis.call('DEL', KEYS[1], KEYS[3])
-  redis.call('HSET', KEYS[2], 'epoch', epoch, 'seq', 0)
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'seq', 0, 'born', ARGV[8])
   meta[2] = '0'
 end
 local last = tonumber(meta[2])
@@ -158,10 +159,15 @@ class Entry:
 
 @attrs.frozen
 class Meta:
-    """A stream's metadata hash: ``epoch`` and its last ``seq``."""
+    """A stream's metadata hash: ``epoch``, its last ``seq`` and ``born``, when the
+    hash was made (its first write's wall time, epoch s as text; empty for one
+    made before it was kept): a stream made again while the cluster's epoch
+    stayed (a Redis Cluster master back empty, the epoch on another) has
+    another ``born``."""
 
     epoch: str
     seq: int
+    born: str = ""
 
 
 def _entry(identifier: bytes | str, fields: Mapping[Any, Any]) -> Entry:
@@ -400,12 +406,12 @@ class Engine:
     async def meta(self, stream: str) -> Meta | None:
         """The stream's epoch and last seq, or ``None`` if Redis holds none."""
         async with self._using("redis: meta"):
-            fields = await self.client.hmget(self.keys(stream)[1], ["epoch", "seq"])
+            fields = await self.client.hmget(self.keys(stream)[1], ["epoch", "seq", "born"])
         self.round_trips += 1
-        epoch, seq = fields
+        epoch, seq, born = fields
         if epoch is None:
             return None
-        return Meta(epoch.decode(), int(seq or 0))
+        return Meta(epoch.decode(), int(seq or 0), born.decode() if born is not None else "")
 
     async def book(self, stream: str) -> tuple[int, bytes] | None:
         """The stored book of a book stream as ``(seq, book_snapshot payload)``."""

@@ -46,7 +46,9 @@ stream's entries were trimmed meanwhile (a hole), a book restarts from its
 stored book (one ``book_snapshot``) and any other stream goes on after the hole
 (its ``seq`` jumps: that is the announcement; nothing before the hole is
 recovered across it). When the cluster's epoch changed (Redis lost its data),
-or a stream's own epoch did, the streams start over and the clients of those
+or a stream's own epoch did, or the stream was made again (its metadata's
+``born``: a Redis Cluster master came back empty while ``PREFIX:epoch`` lives
+on another, so the cluster's epoch stayed), the streams start over and the clients of those
 streams are closed with 1012 ("reconnect"): their numbers meant another history;
 they come back with ``since`` and get ``recovered: false`` and fresh state.
 """
@@ -139,7 +141,7 @@ class Mirror:
         self.epoch: str | None = None
         #: last seq delivered, and epoch, per followed stream
         self.followed: dict[str, int] = {}
-        self.epochs: dict[str, str] = {}
+        self.epochs: dict[str, tuple[str, str]] = {}
         #: followed streams by slot (``Engine.slot``), and the slots being read
         self.slots: dict[int, set[str]] = {}
         self.reading: set[int] = set()
@@ -179,7 +181,7 @@ class Mirror:
         changed: set[str] = set()
         for key in list(self.followed):
             meta = await self.engine.meta(key)
-            if meta is None or meta.epoch != self.epochs.get(key):
+            if meta is None or (meta.epoch, meta.born) != self.epochs.get(key):
                 changed.add(key)
                 self._forget(key)
         if changed:
@@ -190,34 +192,46 @@ class Mirror:
         self.connected, self.error = True, ""
         self.backoff.reset()
         self.ready.set()
+        # a reader or the scan that loses Redis records why and ends the session
+        # (no exception group: ``retry`` sees the ``RedisUnavailable`` itself)
+        failed: list[RedisUnavailable] = []
         try:
             async with trio.open_nursery() as nursery:
-                while True:
-                    for key in sorted(await self.engine.streams() - self.followed.keys()):
-                        await self._follow(key)
-                    for slot in self.slots.keys() - self.reading:
-                        self.reading.add(slot)
-                        nursery.start_soon(self._read, slot)
-                    await trio.sleep(SCAN)
-        except* RedisUnavailable as group:
-            raise group.exceptions[0] from None
+                try:
+                    while True:
+                        for key in sorted(await self.engine.streams() - self.followed.keys()):
+                            await self._follow(key)
+                        for slot in self.slots.keys() - self.reading:
+                            self.reading.add(slot)
+                            nursery.start_soon(self._read, slot, failed, nursery.cancel_scope)
+                        await trio.sleep(SCAN)
+                except RedisUnavailable as exc:
+                    failed.append(exc)
+                    nursery.cancel_scope.cancel()
         finally:
             self.reading.clear()
+        raise failed[0]
 
-    async def _read(self, slot: int) -> None:
+    async def _read(self, slot: int, failed: list[RedisUnavailable],
+                    session: trio.CancelScope) -> None:
         """Read the followed streams of ``slot`` with one blocking XREAD after
-        another (module docstring) until cancelled."""
-        while True:
-            after = {key: self.followed[key] for key in self.slots.get(slot, ())}
-            if not after:
-                await trio.sleep(SCAN)
-                continue
-            got = await self.engine.read(after, SCAN, self.batch)
-            resync = [key for key, entries in got.items() if not self._apply(key, entries)]
-            for key in resync:
-                await self._restart_book(key)
-            if got and self.dispatcher.after_publish is not None:
-                self.dispatcher.after_publish()
+        another (module docstring) until cancelled; on ``RedisUnavailable``, add
+        it to ``failed`` and cancel the ``session``."""
+        try:
+            while True:
+                after = {key: self.followed[key] for key in self.slots.get(slot, ())}
+                if not after:
+                    await trio.sleep(SCAN)
+                    continue
+                got = await self.engine.read(after, SCAN, self.batch)
+                resync = [key for key, entries in got.items() if not self._apply(key, entries)]
+                for key in resync:
+                    await self._restart_book(key)
+                if got and self.dispatcher.after_publish is not None:
+                    self.dispatcher.after_publish()
+        except RedisUnavailable as exc:
+            failed.append(exc)
+            session.cancel()
 
     def _forget(self, key: str) -> None:
         """Stop following ``key`` and empty its local stream (subscribers stay)."""
@@ -254,7 +268,7 @@ class Mirror:
             entries = await self.engine.last(key, max(1, size))
             self.followed[key] = entries[0].seq - 1 if entries else meta.seq
             self._apply(key, entries)
-        self.epochs[key] = meta.epoch
+        self.epochs[key] = (meta.epoch, meta.born)
         self.slots.setdefault(self.engine.slot(key), set()).add(key)
 
     async def _restart_book(self, key: str) -> None:
