@@ -9,7 +9,7 @@ stream's name, so they live in one slot of a Redis Cluster::
                                           p (the payload, as clients get it), t
                                           (recv_ts) and w (the write's wall time)
     PREFIX:{trades:coinbase:BTC-USD}:m   metadata hash: epoch, seq (the last one),
-                                          w:WRITER per writer (its own number of its
+                                          born (when it was made), w:WRITER per writer (its own number of its
                                           last write: a retried write is not written
                                           twice), version (latest published state)
     PREFIX:{book:coinbase:BTC-USD}:b     book streams: the current book as a
