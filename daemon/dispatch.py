@@ -92,7 +92,10 @@ class Source(Protocol):
       call per read, so the events of one read reach clients in one write, and
       the next read waits until they are published (the native collectors,
       ``daemon.collectors.native``). Another implementation (an engine on the
-      network) may wait: backpressure, as ``send``;
+      network) may wait: backpressure, as ``send``. ``drained=True``: the
+      source has nothing more waiting to be read (its socket is empty): the
+      fan-out may write at once rather than wait for more within its window
+      (``daemon.broadcast.coalesce``);
     - ``send`` an event (waits while the dispatcher's input channel is full:
       backpressure; the dispatcher's task publishes it), ``send_nowait`` one
       (raises ``trio.WouldBlock`` when full);
@@ -110,7 +113,7 @@ class Source(Protocol):
     Sources today: collectors, the polling fallback, the health reporter, the
     publisher (other processes' messages)."""
 
-    async def publish(self, events: Iterable[Event], /) -> None: ...
+    async def publish(self, events: Iterable[Event], /, *, drained: bool = False) -> None: ...
     def share_books(self, books: BookLookup, /) -> None: ...
     async def send(self, value: Event, /) -> None: ...
     def send_nowait(self, value: Event, /) -> None: ...
@@ -152,14 +155,14 @@ class Inlet:
             raise trio.ClosedResourceError("this source is closed")
         self._inbox.put_nowait(value)
 
-    async def publish(self, events: Iterable[Event], /) -> None:
+    async def publish(self, events: Iterable[Event], /, *, drained: bool = False) -> None:
         """Publish ``events`` now, without a schedule point (``Source.publish``);
         then, where the dispatcher has a ``gate`` (a cluster collector's writer to
         Redis), wait while it is full: the caller's next read waits with it.
         Raises ``trio.ClosedResourceError`` once this source is closed."""
         if self.closed:
             raise trio.ClosedResourceError("this source is closed")
-        self._dispatcher.publish_now(events, self.books)
+        self._dispatcher.publish_now(events, self.books, drained)
         if self._dispatcher.gate is not None:
             await self._dispatcher.gate()
 
@@ -358,7 +361,7 @@ class Dispatcher:
         self.rejected = 0
         self.duplicates = 0
         #: called after each batch of events is published (the server writes then)
-        self.after_publish: Callable[[], None] | None = None
+        self.after_publish: Callable[[bool], None] | None = None
         #: awaited after each batch (a cluster collector's writer: ``daemon.cluster``):
         #: while it waits, no event is taken (backpressure to the sources)
         self.gate: Callable[[], Awaitable[None]] | None = None
@@ -383,14 +386,15 @@ class Dispatcher:
             for event in inbox.take(256):
                 self.publish(event)
             if self.after_publish is not None:
-                self.after_publish()
+                self.after_publish(False)
             if self.gate is not None:
                 await self.gate()
 
-    def publish_now(self, events: Iterable[Event], books: BookLookup | None = None) -> None:
+    def publish_now(self, events: Iterable[Event], books: BookLookup | None = None,
+                    drained: bool = False) -> None:
         """Publish what the input channel holds, then ``events`` (their source's
-        ``books``, if it shares them), then tell the fan-out (``after_publish``):
-        one synchronous step (``Source.publish``)."""
+        ``books``, if it shares them), then tell the fan-out (``after_publish``,
+        with the source's ``drained``): one synchronous step (``Source.publish``)."""
         inbox = self.inbox
         if inbox.items:
             for queued in inbox.take(len(inbox)):
@@ -398,7 +402,7 @@ class Dispatcher:
         for event in events:
             self.publish(event, books)
         if self.after_publish is not None:
-            self.after_publish()
+            self.after_publish(drained)
 
     # -- publishing ---------------------------------------------------------------------
 

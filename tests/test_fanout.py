@@ -211,6 +211,40 @@ async def test_events_within_the_coalescing_window_leave_in_one_write(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_drained_source_within_the_window_is_written_in_its_own_step(
+    captures: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Within a window, events published by a source that says its input is
+    drained (a collector whose socket holds no more bytes) while no other task is
+    ready are written before ``publish`` returns; without ``drained`` they wait
+    for the coalescer's task (the end of the window, or the process idle)."""
+    monkeypatch.setattr(server_module, "WRITE_DUTY", math.inf)
+    trades = [e for e in coinbase_events(captures) if isinstance(e, Trade)][:3]
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery, max_write_delay_ms=300.0)
+        async with trio_websocket.open_websocket_url(running.url) as ws, \
+                running.dispatcher.open_source() as source:
+            await ws.get_message()
+            await request(ws, {"op": "subscribe", "id": 1, "channels": ["trades"],
+                               "symbols": ["coinbase:*"]})
+            await receive_until(ws, lambda m: m["type"] == "ack")
+            with trio.fail_after(10):
+                await source.publish(trades[:1])  # after a quiet window: at once
+                assert [m["id"] for m in messages(await ws.get_message())] == [trades[0].id]
+                # within the 300 ms window from here on
+                await trio.testing.wait_all_tasks_blocked()
+                writes = running.server.writes
+                await source.publish(trades[1:2])
+                assert running.server.writes == writes  # left to the coalescer's task
+                assert [m["id"] for m in messages(await ws.get_message())] == [trades[1].id]
+                await trio.testing.wait_all_tasks_blocked()
+                writes = running.server.writes
+                await source.publish(trades[2:3], drained=True)
+                assert running.server.writes == writes + 1  # written in this step
+                assert [m["id"] for m in messages(await ws.get_message())] == [trades[2].id]
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_batch_that_several_clients_get_is_built_once(
     captures: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

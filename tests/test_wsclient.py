@@ -115,6 +115,50 @@ async def test_wss_verifies_the_server_certificate(tmp_path) -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("secure", [False, True])
+async def test_backlog_says_whether_more_of_the_server_data_is_already_here(
+    secure: bool,
+) -> None:
+    """Three 300-byte messages sent at once, read 200 bytes at a time: while bytes
+    wait in the socket (or in TLS's buffer), or a message is begun, ``backlog()``
+    is true; once all three are read it is false."""
+    server_context = client_context = None
+    if secure:
+        ca = trustme.CA()
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(server_context)
+        client_context = ssl.create_default_context()
+        ca.configure_trust(client_context)
+    sent = trio.Event()
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        for n in range(3):
+            await ws.send_message(str(n) * 300)
+        sent.set()
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        port = await ws_server(nursery, handler, server_context)
+        scheme = "wss" if secure else "ws"
+        with trio.fail_after(10):
+            async with await FeedSocket.connect(f"{scheme}://127.0.0.1:{port}/", max_message=LIMIT,
+                                                ssl_context=client_context, read_size=200) as ws:
+                await sent.wait()
+                await trio.sleep(0.05)  # loopback: the bytes are here
+                received: list[str | bytes] = []
+                backlog = []
+                for _ in range(20):
+                    received += await ws.receive()
+                    backlog.append(ws.backlog())
+                    if len(received) == 3:
+                        break
+                assert received == [str(n) * 300 for n in range(3)]
+                assert backlog[:-1] == [True] * (len(backlog) - 1) and len(backlog) >= 4
+                assert backlog[-1] is False
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_server_that_breaks_the_protocol_is_failed_with_1002() -> None:
     """A masked frame from a server (RFC 6455 §5.1): the client closes with 1002."""
     seen: list[object] = []

@@ -9,7 +9,14 @@ to one client adds no delay; writing to many leaves the feeds twice that time to
 be read, and what they bring meanwhile goes in one write.
 
 The window ends early once no other task is ready to run (the feeds are read,
-the process would wait): waiting longer would save nothing. That is learnt with
+the process would wait): waiting longer would save nothing. It ends at once, in
+the publishing source's step, when that source says its input is drained (a
+collector whose socket holds no unread byte, ``FeedSocket.backlog``) and trio's
+run queue is empty: at a moderate rate an event leaves without waiting for the
+idle check's two passes of the run loop. A feed that is behind has bytes waiting
+and says so, and its events keep coalescing; a task trio runs later in the same
+pass is not seen (``tasks_runnable`` counts the next pass), and its events take
+the next write. That is learnt with
 trio's supported APIs, not ``trio.testing.wait_all_tasks_blocked`` (for tests):
 while the window is open, an instrument (``trio.lowlevel.add_instrument``)
 counts the steps of other tasks, and the coalescer yields once per pass of the
@@ -80,12 +87,15 @@ class Coalescer:
         """``session`` is gone."""
         self.dirty.discard(session)
 
-    def flush(self) -> None:
-        """Write now if the window has passed, else at its end (called by the
-        dispatcher after each batch of events)."""
+    def flush(self, drained: bool = False) -> None:
+        """Write now if the window has passed, or if the source that published
+        says it has nothing more to read (``drained``) and no other task is ready
+        to run; else at the window's end or once the process is idle (called by
+        the dispatcher after each batch of events)."""
         if not self.dirty:
             return
-        if trio.current_time() >= self._next_write:
+        if trio.current_time() >= self._next_write or (
+                drained and not trio.lowlevel.current_statistics().tasks_runnable):
             self._write()
         elif not self._write_pending:
             self._write_pending = True

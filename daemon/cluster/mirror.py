@@ -228,7 +228,7 @@ class Mirror:
                 for key in resync:
                     await self._restart_book(key)
                 if got and self.dispatcher.after_publish is not None:
-                    self.dispatcher.after_publish()
+                    self.dispatcher.after_publish(False)
         except RedisUnavailable as exc:
             failed.append(exc)
             session.cancel()

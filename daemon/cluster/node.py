@@ -321,8 +321,9 @@ class ClusterPublisher:
         if event.receipt is not None:
             event.receipt.settle(written.outcome, written.seq, written.version)
 
-    async def publish(self, events: Iterable[Any], /) -> None:
-        """``send`` each of ``events`` in order."""
+    async def publish(self, events: Iterable[Any], /, *, drained: bool = False) -> None:
+        """``send`` each of ``events`` in order (``drained``: unused, each is
+        written to Redis)."""
         for event in events:
             await self.send(event)
 

@@ -208,7 +208,7 @@ class NativeCollector(CollectorState):
                 last_event[output.symbol] = now
                 events.append(output)
         if events:
-            await self.out.publish(events)
+            await self.out.publish(events, drained=not link.ws.backlog())
         for send in sends:
             await link.ws.send_text(send.text)
 

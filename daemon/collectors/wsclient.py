@@ -25,7 +25,10 @@ RFC 6455 is failed with the close code ``wsframes`` names (§7.1.7) and raises
 
 from __future__ import annotations
 
+import fcntl
 import ssl
+import sys
+import termios
 from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit
@@ -152,6 +155,32 @@ class FeedSocket:
             if type(item) is Control:
                 return await self._control(items)
         return items  # type: ignore[return-value]  # no Control among them
+
+    def backlog(self) -> bool:
+        """More of the server's data is already here: a message begun and not
+        complete, bytes TLS holds (decrypted, ``SSLObject.pending``, or received
+        and not yet decrypted, in trio's incoming ``MemoryBIO``), or unread bytes
+        in the socket (``FIONREAD``, ioctl(2)). The collector tells the dispatcher
+        (``Source.publish``'s ``drained``): what is here is read before the
+        fan-out writes. trio does not publish its ``SSLStream``'s incoming BIO;
+        where a later trio has none by that name, a TLS stream always says true
+        (the fan-out's window decides, as for any source), and the test of this
+        method fails."""
+        if self.frames.partial:
+            return True
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            incoming = getattr(stream, "_incoming", None)
+            if not isinstance(incoming, ssl.MemoryBIO) or incoming.pending or stream.pending():
+                return True
+            stream = stream.transport_stream
+        if not isinstance(stream, trio.SocketStream):
+            return True  # unknown: let the fan-out's window decide
+        try:
+            waiting = fcntl.ioctl(stream.socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return False  # the next read says what went wrong
+        return int.from_bytes(waiting, sys.byteorder) > 0
 
     async def _control(self, items: list[str | bytes | Control]) -> list[str | bytes]:
         messages: list[str | bytes] = []

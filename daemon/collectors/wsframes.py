@@ -83,6 +83,11 @@ class ServerFrames:
         self._fragment_opcode = TEXT
         self._fragment_size = 0
 
+    @property
+    def partial(self) -> bool:
+        """Bytes of a frame are held, waiting for the rest (the rest is in flight)."""
+        return self._pending_size > 0 or self._fragments is not None
+
     def receive(self, data: bytes) -> list[str | bytes | Control]:
         """Decode ``data`` (the next bytes of the stream); return the messages it
         completes. Raises ``WebSocketError`` (see the module docstring)."""
