@@ -60,16 +60,15 @@ class WriteCache:
     a key can be reused by another object during the pass."""
 
     def __init__(self) -> None:
-        self._built: dict[tuple[int, ...], tuple[Built, list[object]]] = {}
+        #: the bytes built for a queue of these messages in this pass, by their ids
+        #: (one message: its id alone), read with ``built.get(key)``
+        self.built: dict[int | tuple[int, ...], Built] = {}
+        self._kept: list[list[object]] = []  # the messages of every key
 
-    def get(self, key: tuple[int, ...]) -> Built | None:
-        """The bytes built for a queue of these messages in this pass, if any."""
-        hit = self._built.get(key)
-        return hit[0] if hit is not None else None
-
-    def put(self, key: tuple[int, ...], built: Built, items: list[object]) -> None:
+    def put(self, key: int | tuple[int, ...], built: Built, items: list[object]) -> None:
         """Remember ``built`` for the queue ``items`` (whose ids are ``key``)."""
-        self._built[key] = (built, items)
+        self.built[key] = built
+        self._kept.append(items)
 
 
 def build_frames(

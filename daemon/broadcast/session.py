@@ -296,8 +296,9 @@ class Session:
     def flush(self) -> None:
         """Move what is queued to the writer now, as far as the client takes it."""
         writer = self.writer
-        if (writer is not None and not writer.pending and self.queue
-                and self.close_code is None and not self.queue.holding):
+        queue = self.queue
+        if (queue.items and writer is not None and not writer.pending
+                and self.close_code is None and not queue.holding):
             writer.emit(self._build())
 
     def _break(self, piled: bool) -> None:
@@ -316,8 +317,9 @@ class Session:
         queue = self.queue.items
         cache = self.coalescer.cache
         if cache is not None:
-            key = tuple(map(id, queue))
-            hit = cache.get(key)
+            # one message (the common case at a moderate rate): its id alone
+            key: int | tuple[int, ...] = id(queue[0]) if len(queue) == 1 else tuple(map(id, queue))
+            hit = cache.built.get(key)
             if hit is not None:
                 queue.clear()
                 self.shared.shared_batches += hit.batches
