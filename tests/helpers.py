@@ -23,7 +23,7 @@ class ChannelSource:
         self.close = channel.close
         self.aclose = channel.aclose
 
-    async def publish(self, events: Any) -> None:
+    async def publish(self, events: Any, *, drained: bool = False) -> None:
         for event in events:
             await self.channel.send(event)
 

@@ -463,7 +463,7 @@ def test_bar_series_revises_skipped_and_refuses_too_late() -> None:
 class Stuck:
     """Where a stalled stream's output goes: a downstream that never takes it."""
 
-    async def publish(self, events: object) -> None:
+    async def publish(self, events: object, *, drained: bool = False) -> None:
         await trio.sleep_forever()
 
     async def send(self, event: object) -> None:
