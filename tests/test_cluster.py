@@ -562,6 +562,30 @@ async def test_a_full_writer_holds_every_source_and_loses_nothing(redis_server: 
     assert 20 <= stats.peak <= 20 + 256
 
 
+async def edge_and_two_collectors(
+        stack: AsyncExitStack, tmp_path: Path, redis_server: RedisServer, prefix: str,
+        feed: str, exchange: str) -> tuple[trio_websocket.WebSocketConnection, Daemon, Daemon]:
+    """An edge with a client subscribed to ``exchange``'s trades and the system
+    channel, then collector c1 (which takes the feed's lease) and collector c2
+    (standing by), both configured with ``feed``."""
+    edge = await stack.enter_async_context(tickwire(
+        "run", "--config", str(node_config(tmp_path, "e", "edge", redis_server, prefix))))
+    ws = await stack.enter_async_context(
+        trio_websocket.open_websocket_url(f"ws://127.0.0.1:{await port_of(edge)}"))
+    await welcome(ws)
+    await request(ws, {"op": "subscribe", "id": 1, "channels": ["trades", "system"],
+                       "symbols": [f"{exchange}:*"]})
+    first = await stack.enter_async_context(tickwire(
+        "run", "--config", str(node_config(tmp_path, "c1", "collector", redis_server,
+                                           prefix, feed))))
+    await first.wait_for(f"lease of {exchange} taken by c1")
+    second = await stack.enter_async_context(tickwire(
+        "run", "--config", str(node_config(tmp_path, "c2", "collector", redis_server,
+                                           prefix, feed))))
+    await second.wait_for(r"started: .*; role collector")
+    return ws, first, second
+
+
 async def test_a_takeover_recovers_the_handover_trades_from_rest_once(
         tmp_path: Path, captures: Path, redis_server: RedisServer) -> None:
     """Two collectors run the same Coinbase feed against one exchange (an
@@ -584,21 +608,8 @@ async def test_a_takeover_recovers_the_handover_trades_from_rest_once(
         address = await nursery.start(emulator.serve)
         feed = (f'lease = 3.0\n[exchanges.coinbase]\nsymbols = {orjson.dumps(SYMBOLS).decode()}\n'
                 f'rest_url = "{address.rest_url}"\nws_url = "{address.ws_url}"\n')
-        edge = await stack.enter_async_context(tickwire(
-            "run", "--config", str(node_config(tmp_path, "e", "edge", redis_server, prefix))))
-        ws = await stack.enter_async_context(
-            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{await port_of(edge)}"))
-        await welcome(ws)
-        await request(ws, {"op": "subscribe", "id": 1, "channels": ["trades", "system"],
-                           "symbols": ["coinbase:*"]})
-        first = await stack.enter_async_context(tickwire(
-            "run", "--config", str(node_config(tmp_path, "c1", "collector", redis_server,
-                                               prefix, feed))))
-        await first.wait_for("lease of coinbase taken by c1")
-        second = await stack.enter_async_context(tickwire(
-            "run", "--config", str(node_config(tmp_path, "c2", "collector", redis_server,
-                                               prefix, feed))))
-        await second.wait_for(r"started: .*; role collector")
+        ws, first, second = await edge_and_two_collectors(
+            stack, tmp_path, redis_server, prefix, feed, "coinbase")
         got: Frames = []
         await read_until(ws, got, lambda g: len(trades(g)) >= 25)
         first.process.send_signal(signal.SIGKILL)
@@ -642,21 +653,8 @@ async def test_a_poll_feed_takeover_recovers_the_handover_trades_once(
         feed = (f'lease = 2.0\n[exchanges.coinbaseexchange]\nmode = "poll"\n'
                 f'symbols = {orjson.dumps(SYMBOLS).decode()}\nchannels = ["trades"]\n'
                 f'interval = 0.2\nrest_url = "{address.rest_url}"\n')
-        edge = await stack.enter_async_context(tickwire(
-            "run", "--config", str(node_config(tmp_path, "e", "edge", redis_server, prefix))))
-        ws = await stack.enter_async_context(
-            trio_websocket.open_websocket_url(f"ws://127.0.0.1:{await port_of(edge)}"))
-        await welcome(ws)
-        await request(ws, {"op": "subscribe", "id": 1, "channels": ["trades", "system"],
-                           "symbols": ["coinbaseexchange:*"]})
-        first = await stack.enter_async_context(tickwire(
-            "run", "--config", str(node_config(tmp_path, "c1", "collector", redis_server,
-                                               prefix, feed))))
-        await first.wait_for("lease of coinbaseexchange taken by c1")
-        second = await stack.enter_async_context(tickwire(
-            "run", "--config", str(node_config(tmp_path, "c2", "collector", redis_server,
-                                               prefix, feed))))
-        await second.wait_for(r"started: .*; role collector")
+        ws, first, second = await edge_and_two_collectors(
+            stack, tmp_path, redis_server, prefix, feed, "coinbaseexchange")
         emulator.started.set()  # REST only: no WebSocket client starts the tape
         got: Frames = []
         await read_until(ws, got, lambda g: len(trades(g)) >= 15)
