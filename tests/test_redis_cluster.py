@@ -236,8 +236,8 @@ async def test_a_master_back_empty_starts_its_streams_over_on_the_edge(tmp_path:
                 await trio.sleep(0.02)
 
     closed: list[set[str] | None] = []
-    servers.start()
     try:
+        servers.start()
         async with open_engine(servers.url, prefix, 1.0, True) as writer, \
                 open_engine(servers.url, prefix, 1.0, True) as reader:
             epoch = await writer.cluster_epoch("E")
