@@ -185,7 +185,8 @@ def render_cluster(console: Console, cluster: dict[str, Any]) -> None:
     """A cluster node's lines (docs/cluster.md): role, Redis, writer or mirror,
     leases, and an edge's streams with their lag from Redis."""
     line = (f"cluster: role {cluster.get('role')}, node {cluster.get('node')}, "
-            f"redis {cluster.get('redis')} ({cluster.get('prefix')}) "
+            f"redis {cluster.get('redis')}{' (cluster)' if cluster.get('redis_cluster') else ''} "
+            f"({cluster.get('prefix')}) "
             f"{'connected' if cluster.get('connected') else 'NOT CONNECTED'}")
     console.print(line, markup=False, highlight=False)
     writer = cluster.get("writer")
@@ -199,7 +200,8 @@ def render_cluster(console: Console, cluster: dict[str, Any]) -> None:
     if mirror:
         console.print(f"  mirror: {_num(mirror['streams'])} streams, {_num(mirror['entries'])} "
                       f"entries, {_num(mirror['holes'])} holes, {_num(mirror['resets'])} resets, "
-                      f"{_num(mirror['reconnects'])} reconnects"
+                      f"{_num(mirror['reconnects'])} reconnects, {_num(mirror.get('readers', 0))} "
+                      f"readers"
                       f"{', ' + mirror['error'] if mirror.get('error') else ''}",
                       markup=False, highlight=False)
     for lease in cluster.get("leases", []):

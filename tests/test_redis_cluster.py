@@ -87,6 +87,7 @@ async def test_a_collector_and_an_edge_on_a_redis_cluster(
         await collector.wait_for("replay finished", 30)
         await drain(ws, got)
         [status] = await admin(tmp_path / "e.sock", {"op": "status", "id": 1})
+        shown = (await run_cli("status", "--socket", str(tmp_path / "e.sock"))).stdout.decode()
     for daemon in (edge, collector):
         assert daemon.process.returncode == 0, daemon.log()
         assert "Traceback" not in daemon.log(), daemon.log()
@@ -111,6 +112,9 @@ async def test_a_collector_and_an_edge_on_a_redis_cluster(
     slots = {redis_cluster.slot(f"{prefix}:{{{stream}}}:s") for stream in streams}
     assert status["cluster"]["mirror"]["readers"] == len(slots) > 1
     assert status["cluster"]["redis_cluster"] and status["cluster"]["connected"]
+    # tickwire status says so too
+    assert f"node e, redis {redis_cluster.url} (cluster) ({prefix}) connected" in shown
+    assert f"{len(slots)} readers" in shown
     [redis] = [c for c in status["components"] if c["name"] == "redis"]
     assert redis["health"] == "healthy"
 
