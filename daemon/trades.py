@@ -234,7 +234,7 @@ class TradeTracker:
         seen, stats = self.seen, self.stats
         for trade, key in zip(trades, keys, strict=True):
             forgotten = self.forgotten  # `delivered`, inline: this is the hot path
-            if trade.id in seen or (forgotten is not None and key <= forgotten):
+            if (seen and trade.id in seen) or (forgotten is not None and key <= forgotten):
                 stats.duplicates += 1
                 continue
             if self.recovery is not None:

@@ -102,7 +102,6 @@ DEPTHS = (10, 25, 100, 500, 1000)
 ALIASES = {"XBT": "BTC", "XDG": "DOGE"}
 #: tickwire channel -> Kraken subscription name.
 _SUBSCRIPTION = {"trades": "trade", "book": "book", "ticker": "ticker"}
-_CHANNEL = {name: channel for channel, name in _SUBSCRIPTION.items()}
 _SIDES = {"b": "buy", "s": "sell"}
 #: A heartbeat frame as Kraken sends it (others with the same meaning are parsed).
 _HEARTBEAT = '{"event":"heartbeat"}'
@@ -422,6 +421,9 @@ class KrakenFeed:
         self._books = {s: L2Book(depth) for s in self.symbols} if "book" in channels else {}
         self._synced: set[str] = set()
         self._channel_ids: dict[int, tuple[str, str]] = {}  # channelID -> (channel, symbol)
+        #: (Kraken subscription name, pair) -> (channel, symbol), for those asked for
+        self._routes = {(_SUBSCRIPTION[c], self._wsname[s]): (c, s)
+                        for c in self.channels for s in self.symbols}
         self._trade_run: dict[str, _Key] = {}  # symbol -> (time, k) of the connection
         #: per pair: trades delivered (kept across reconnects), recovery, gaps
         self._trades = {
@@ -434,6 +436,8 @@ class KrakenFeed:
         self._checksums = {s: _Checksum(book, digits) for s, book in self._books.items()}
         self._to_recover: set[str] = set()  # after a reconnect, until subscribed
         self._opens = 0
+        #: what ``on_open`` sends: the same frames on every connection
+        self._subscribe = [self._frame("subscribe", c, self.symbols) for c in self.channels]
         self._now = 0.0  # latest time handed in, for events of resync()
 
     @property
@@ -469,7 +473,8 @@ class KrakenFeed:
         self._synced.clear()
         self._trade_run.clear()
         for tracker in self._trades.values():
-            tracker.abandon()  # answers to the old connection's fetches never come
+            if tracker.recovery is not None:
+                tracker.abandon()  # answers to the old connection's fetches never come
         self._paging.clear()
         self._to_recover = (
             {s for s, tracker in self._trades.items() if tracker.last_key is not None}
@@ -477,7 +482,7 @@ class KrakenFeed:
         )
         for book in self._books.values():
             book.clear()
-        out: Outputs = [self._frame("subscribe", c, self.symbols) for c in self.channels]
+        out: Outputs = [*self._subscribe]
         detail = "waiting for the book snapshot"
         return out + [self._state(s, now, "resyncing", detail) for s in self._books]
 
@@ -524,7 +529,7 @@ class KrakenFeed:
         self._now = recv_ts
         last: _Key = tracker.last_key
         try:
-            page = self._history_page(symbol, body, recv_ts)
+            keys, trades = self._history_page(symbol, body, recv_ts)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             out: Outputs = [
                 malformed(self.stats, f"bad Trades answer: {exc}", _text(body)),
@@ -536,21 +541,20 @@ class KrakenFeed:
         out = []
         if paging.first_page:
             paging.first_page = False
-            keys = [key for key, _ in page]
             newer = [key for key in keys if key > last]
             if newer and last not in keys:
                 out.append(tracker.gap(recv_ts, (
                     f"trades between {_id(last)} and {_id(min(newer))} may be missing: "
                     "the trade history does not hold the last trade delivered")))
-        out += tracker.recovered([trade for _, trade in page], recv_ts)
-        if len(page) >= TRADES_LIMIT:
-            since = _ns(page[-1][0][0]) - 1000
+        out += tracker.recovered(trades, recv_ts)
+        if len(keys) >= TRADES_LIMIT:
+            since = _ns(keys[-1][0]) - 1000
             if since > paging.since:
                 paging.since = since
                 out.append(self._fetch_trades(symbol, since))
                 return out
             out.append(tracker.gap(recv_ts, (
-                f"trades after {_id(page[-1][0])} may be missing: a page of "
+                f"trades after {_id(keys[-1])} may be missing: a page of "
                 f"{TRADES_LIMIT} trades within one microsecond")))
         out += self._end_recovery(symbol)
         return out
@@ -642,28 +646,32 @@ class KrakenFeed:
         return []
 
     def _on_subscription(self, message: dict[str, Any], text: str) -> Outputs:
+        """A ``subscriptionStatus``: ``subscribed`` routes the data frames of its
+        ``channelID`` to the (channel, pair) it names from now on, if that is one we
+        asked for (else ``Malformed``); ``unsubscribed`` stops that; ``error`` is
+        ``Malformed``. A trade subscription answered after a reconnect starts the
+        pair's recovery (module doc, rule 6)."""
         status = message.get("status")
         sub = message.get("subscription")
-        name = sub.get("name") if isinstance(sub, dict) else None
+        name = sub.get("name") if type(sub) is dict else None
         pair = message.get("pair")
-        symbol = self._symbol.get(pair) if isinstance(pair, str) else None
+        route = self._routes.get((name, pair)) if type(name) is str and type(pair) is str \
+            else None
         # the trade subscription of a reconnected pair is answered: recover its
         # missed trades now (module doc, rule 6); the history is readable either way
         out: Outputs = []
         if self._to_recover and status in ("subscribed", "error") and name == "trade" \
-                and symbol in self._to_recover:
-            self._to_recover.discard(symbol)
-            out += self._trades[symbol].recover()
+                and route is not None and route[1] in self._to_recover:
+            self._to_recover.discard(route[1])
+            out += self._trades[route[1]].recover()
         if status == "error":
             reason = f"subscription error: {message.get('errorMessage')}"
             return [malformed(self.stats, reason, text), *out]
         channel_id = message.get("channelID")
         if status == "subscribed":
-            channel = _CHANNEL.get(name) if isinstance(name, str) else None
-            if type(channel_id) is not int or channel is None or channel not in self.channels \
-                    or not symbol:
+            if type(channel_id) is not int or route is None:
                 return [malformed(self.stats, "subscription not asked for", text)]
-            self._channel_ids[channel_id] = (channel, symbol)
+            self._channel_ids[channel_id] = route
         elif status == "unsubscribed" and type(channel_id) is int:
             self._channel_ids.pop(channel_id, None)
         return out
@@ -676,37 +684,38 @@ class KrakenFeed:
         deterministic and unique as long as trade times do not go backwards. Held
         while the pair recovers; trades not newer than the last delivered dropped.
         """
-        if len(payload) != 1 or not isinstance(payload[0], list):
+        if len(payload) != 1 or type(payload[0]) is not list:
             raise _Bad("trade payload is not one list")
-        key = self._trade_run.get(symbol)
-        trades, keys = [], []
-        for entry in payload[0]:
-            key, trade = self._trade(symbol, entry, key, recv_ts)
-            trades.append(trade)
-            keys.append(key)
-        if key is not None:
-            self._trade_run[symbol] = key
+        keys, trades = self._read_trades(symbol, payload[0], self._trade_run.get(symbol), recv_ts)
+        if keys:
+            self._trade_run[symbol] = keys[-1]
         return self._trades[symbol].live(trades, recv_ts, keys)
 
-    def _trade(
-        self, symbol: str, entry: list[Any], previous: _Key | None, recv_ts: float
-    ) -> tuple[_Key, Trade]:
-        """One trade entry (WebSocket ``[price, volume, time, side, ...]``, or a REST
-        row, whose time is a number) that follows the trade keyed ``previous``: its
-        key and ``Trade``. Raises ``_Bad`` (or ``IndexError``) on a bad entry."""
-        price, size, time, side = entry[0], entry[1], entry[2], entry[3]
-        # _check(price), _check(size), inline
-        if not (type(price) is str and price.isascii() and price.replace(".", "", 1).isdigit()):
-            _decimal(price)
-        if not (type(size) is str and size.isascii() and size.replace(".", "", 1).isdigit()):
-            _decimal(size)
-        micros, ts, text = _trade_time(time)
-        taker = _SIDES.get(side)
-        if taker is None:
-            raise _Bad(f"trade side {side!r}")
-        k = previous[1] + 1 if previous is not None and previous[0] == micros else 0
-        trade = new_trade("kraken", symbol, ts, recv_ts, f"{text}-{k}", price, size, taker)
-        return (micros, k), trade
+    def _read_trades(
+        self, symbol: str, entries: list[Any], previous: _Key | None, recv_ts: float
+    ) -> tuple[list[_Key], list[Trade]]:
+        """Trade entries (WebSocket ``[price, volume, time, side, ...]``, or REST rows,
+        whose time is a number) that follow the trade keyed ``previous``: their keys
+        and ``Trade``s, in order. Raises ``_Bad`` (or ``IndexError``, ``TypeError``,
+        ``KeyError``) on a bad entry."""
+        keys: list[_Key] = []
+        trades: list[Trade] = []
+        for entry in entries:
+            price, size, time, side = entry[0], entry[1], entry[2], entry[3]
+            # _check(price), _check(size), inline
+            if not (type(price) is str and price.isascii() and price.replace(".", "", 1).isdigit()):
+                _decimal(price)
+            if not (type(size) is str and size.isascii() and size.replace(".", "", 1).isdigit()):
+                _decimal(size)
+            micros, ts, text = _trade_time(time)
+            taker = _SIDES.get(side)
+            if taker is None:
+                raise _Bad(f"trade side {side!r}")
+            k = previous[1] + 1 if previous is not None and previous[0] == micros else 0
+            previous = (micros, k)
+            keys.append(previous)
+            trades.append(new_trade("kraken", symbol, ts, recv_ts, f"{text}-{k}", price, size, taker))
+        return keys, trades
 
     def _history(self, tracker: TradeTracker) -> FetchTrades | None:
         """The first history page of a recovery: from a microsecond before the last
@@ -722,8 +731,10 @@ class KrakenFeed:
         target = f"{TRADES_TARGET}?pair={altname}&since={since}&count={TRADES_LIMIT}"
         return FetchTrades(symbol, target)
 
-    def _history_page(self, symbol: str, body: str | bytes, recv_ts: float) -> list[tuple[_Key, Trade]]:
-        """The ``(key, Trade)`` list of a Trades answer, ``k`` counted from its first
+    def _history_page(
+        self, symbol: str, body: str | bytes, recv_ts: float
+    ) -> tuple[list[_Key], list[Trade]]:
+        """The keys and ``Trade``s of a Trades answer, ``k`` counted from its first
         row; raises ``ValueError`` (``_Bad``), ``KeyError``, ... on a bad answer."""
         answer = json.loads(body, parse_float=Decimal)  # times exact, as sent
         errors = answer.get("error") or []
@@ -732,12 +743,7 @@ class KrakenFeed:
         rows = [v for k, v in answer["result"].items() if k != "last"]
         if len(rows) != 1 or not isinstance(rows[0], list):
             raise _Bad("no list of trades in the result")
-        page: list[tuple[_Key, Trade]] = []
-        key: _Key | None = None
-        for row in rows[0]:
-            key, trade = self._trade(symbol, row, key, recv_ts)
-            page.append((key, trade))
-        return page
+        return self._read_trades(symbol, rows[0], None, recv_ts)
 
     def _end_recovery(self, symbol: str) -> Outputs:
         """Close the recovery: the live trades held meanwhile that are still new."""
