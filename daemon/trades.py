@@ -231,8 +231,11 @@ class TradeTracker:
         if keys is None:
             key_of = self.rules.key
             keys = [key_of(trade) for trade in trades]
+        elif len(keys) != len(trades):  # (zip's strict=True, and zip, cost more)
+            raise ValueError(f"{len(keys)} keys for {len(trades)} trades")
         seen, stats = self.seen, self.stats
-        for trade, key in zip(trades, keys, strict=True):
+        for i, trade in enumerate(trades):
+            key = keys[i]
             forgotten = self.forgotten  # `delivered`, inline: this is the hot path
             if (seen and trade.id in seen) or (forgotten is not None and key <= forgotten):
                 stats.duplicates += 1

@@ -614,8 +614,8 @@ class KrakenFeed:
             if channel == "book":
                 return self._on_book(symbol, message[1:-2], recv_ts)
             if channel == "trades":
-                return self._on_trades(symbol, message[1:-2], recv_ts)
-            return self._on_ticker(symbol, message[1:-2], recv_ts)
+                return self._on_trades(symbol, message, recv_ts)
+            return self._on_ticker(symbol, message, recv_ts)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             out: Outputs = [malformed(self.stats, str(exc), text)]
             book_symbol = self._book_named(message, route)
@@ -676,17 +676,18 @@ class KrakenFeed:
             self._channel_ids.pop(channel_id, None)
         return out
 
-    def _on_trades(self, symbol: str, payload: list[Any], recv_ts: float) -> Outputs:
-        """``[[price, volume, time, side, orderType, misc], ...]`` -> ``Trade``s.
+    def _on_trades(self, symbol: str, frame: list[Any], recv_ts: float) -> Outputs:
+        """``[channelID, [[price, volume, time, side, orderType, misc], ...], "trade",
+        pair]`` -> ``Trade``s.
 
         Kraken v1 has no trade id: the id is ``"<time>-<k>"`` (module doc, rule 5),
         ``k`` counted over this connection's trades of the pair, so ids are
         deterministic and unique as long as trade times do not go backwards. Held
         while the pair recovers; trades not newer than the last delivered dropped.
         """
-        if len(payload) != 1 or type(payload[0]) is not list:
+        if len(frame) != 4 or type(frame[1]) is not list:
             raise _Bad("trade payload is not one list")
-        keys, trades = self._read_trades(symbol, payload[0], self._trade_run.get(symbol), recv_ts)
+        keys, trades = self._read_trades(symbol, frame[1], self._trade_run.get(symbol), recv_ts)
         if keys:
             self._trade_run[symbol] = keys[-1]
         return self._trades[symbol].live(trades, recv_ts, keys)
@@ -707,7 +708,13 @@ class KrakenFeed:
                 _decimal(price)
             if not (type(size) is str and size.isascii() and size.replace(".", "", 1).isdigit()):
                 _decimal(size)
-            micros, ts, text = _trade_time(time)
+            # _trade_time(time), inline for v1's own form (six decimals, no leading zero)
+            digits = time.replace(".", "", 1) if type(time) is str and time[-7:-6] == "." else ""
+            if digits.isdigit() and digits.isascii() and time[0] not in "0.":
+                micros = int(digits)
+                ts, text = micros / 1_000_000, time
+            else:
+                micros, ts, text = _trade_time(time)
             taker = _SIDES.get(side)
             if taker is None:
                 raise _Bad(f"trade side {side!r}")
@@ -752,15 +759,16 @@ class KrakenFeed:
         out += self._trades[symbol].finish(self._now)
         return out
 
-    def _on_ticker(self, symbol: str, payload: list[Any], recv_ts: float) -> Outputs:
-        """``{"a": [price, wholeLotVolume, lotVolume], "b": [...], ...}`` -> ``Ticker``.
+    def _on_ticker(self, symbol: str, frame: list[Any], recv_ts: float) -> Outputs:
+        """``[channelID, {"a": [price, wholeLotVolume, lotVolume], "b": [...], ...},
+        "ticker", pair]`` -> ``Ticker``.
 
         Sizes are the lot volume (index 2), the exact decimal; the whole-lot volume
         (index 1) is its integer part. v1 tickers carry no time: ``ts`` is ``recv_ts``.
         """
-        if len(payload) != 1 or not isinstance(payload[0], dict):
+        if len(frame) != 4 or type(frame[1]) is not dict:
             raise _Bad("ticker payload is not one object")
-        ask, bid = payload[0]["a"], payload[0]["b"]
+        ask, bid = frame[1]["a"], frame[1]["b"]
         _check(bid[0])
         _check(bid[2])
         _check(ask[0])
