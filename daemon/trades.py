@@ -225,7 +225,8 @@ class TradeTracker:
         held; with contiguous ids, a trade beyond ``last_key + 1`` counts a gap and
         opens a recovery (the ``FetchTrades`` is returned and the trade held) when
         ``history`` can start one, else it is delivered after a ``Gap``. ``keys``:
-        the trades' keys when the caller has them already (``rules.key`` else).
+        the trades' keys when the caller has them already, one per trade (else
+        ``ValueError``); ``rules.key`` makes them when ``None``.
         """
         out: Outputs = []
         if keys is None:
