@@ -205,6 +205,24 @@ class Message:
     frame: bytes | None = None
 
 
+class FanOut(Protocol):
+    """Who writes what the dispatcher delivered to its subscribers (the broadcast
+    server's coalescer, ``daemon.broadcast.coalesce``), told around each publish
+    step: ``begin`` before the step's last event is delivered, ``end`` once it
+    is (always, even if the delivery raised)."""
+
+    def begin(self, drained: bool) -> None:
+        """The step's last event is next. ``drained``: the source has nothing
+        more to read (``Source.publish``): the step may be written at once."""
+
+    def end(self) -> None:
+        """The step is delivered: write it now or later."""
+
+    def flush(self, drained: bool = False) -> None:
+        """``begin`` and ``end`` with nothing delivered between: after a batch
+        published event by event (the dispatcher's task, a cluster edge)."""
+
+
 class Subscriber(Protocol):
     """What the dispatcher needs of a subscriber (a broadcast session)."""
 
@@ -360,8 +378,8 @@ class Dispatcher:
         self.events = 0
         self.rejected = 0
         self.duplicates = 0
-        #: called after each batch of events is published (the server writes then)
-        self.after_publish: Callable[[bool], None] | None = None
+        #: told around each publish step (the server writes then): ``FanOut``
+        self.fan_out: FanOut | None = None
         #: awaited after each batch (a cluster collector's writer: ``daemon.cluster``):
         #: while it waits, no event is taken (backpressure to the sources)
         self.gate: Callable[[], Awaitable[None]] | None = None
@@ -385,24 +403,37 @@ class Dispatcher:
             await inbox.wait()
             for event in inbox.take(256):
                 self.publish(event)
-            if self.after_publish is not None:
-                self.after_publish(False)
+            if self.fan_out is not None:
+                self.fan_out.flush(False)
             if self.gate is not None:
                 await self.gate()
 
     def publish_now(self, events: Iterable[Event], books: BookLookup | None = None,
                     drained: bool = False) -> None:
         """Publish what the input channel holds, then ``events`` (their source's
-        ``books``, if it shares them), then tell the fan-out (``after_publish``,
-        with the source's ``drained``): one synchronous step (``Source.publish``)."""
+        ``books``, if it shares them), telling the fan-out (``FanOut``, with the
+        source's ``drained``) before the last one and after it: one synchronous
+        step (``Source.publish``)."""
         inbox = self.inbox
         if inbox.items:
             for queued in inbox.take(len(inbox)):
                 self.publish(queued)
+        fan_out = self.fan_out
+        if fan_out is None:
+            for event in events:
+                self.publish(event, books)
+            return
+        last: Event | None = None
         for event in events:
-            self.publish(event, books)
-        if self.after_publish is not None:
-            self.after_publish(drained)
+            if last is not None:
+                self.publish(last, books)
+            last = event
+        fan_out.begin(drained)
+        try:
+            if last is not None:
+                self.publish(last, books)
+        finally:
+            fan_out.end()
 
     # -- publishing ---------------------------------------------------------------------
 

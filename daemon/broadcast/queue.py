@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import attrs
 
@@ -62,18 +63,42 @@ class Marker:
 Item = Message | Marker | bytes
 
 
+class WriteStep(Protocol):
+    """Whether the publish step being delivered is written at once (``now``: the
+    coalescer, ``daemon.broadcast.coalesce``)."""
+
+    @property
+    def now(self) -> bool: ...
+
+
+@attrs.frozen
+class _Never:
+    now: bool = False
+
+
+#: The ``WriteStep`` of a queue whose messages are always queued.
+NEVER_NOW: WriteStep = _Never()
+
+
+def _not_sent(message: Message) -> bool:
+    return False
+
+
 @attrs.frozen
 class QueueHooks:
     """What a ``ClientQueue`` tells its owner, each a call without arguments:
     ``ready`` (a message or marker was queued: write it), ``wake`` (a throttled
     stream is held: wake the writer to wait for ``next_due``), ``conflated`` (a
     backlog became its latest state), ``slow_consumer`` (a lossless message found
-    the queue full: close the client)."""
+    the queue full: close the client); and ``send_now(message)``, in a step
+    written at once with nothing queued: write ``message`` now if the connection
+    is free (True), else False and it is queued."""
 
     ready: Callable[[], object]
     wake: Callable[[], object]
     conflated: Callable[[], object]
     slow_consumer: Callable[[], object]
+    send_now: Callable[[Message], bool] = _not_sent
 
 
 @attrs.frozen
@@ -101,18 +126,23 @@ class ClientQueue:
     ``limit``: messages queued before the slow-consumer policy applies
     (``server.client_queue``); ``clock``: the time now, in seconds; ``hooks``:
     see ``QueueHooks``; ``max_throttled``: streams it throttles at most
-    (``server.max_throttled``; ``RequestHandler`` sets it). ``items`` is read and
-    emptied by the writer (``frames.build_frames`` with ``render``). ``closed``:
-    the queue takes nothing more (a slow consumer, or ``close()``).
+    (``server.max_throttled``; ``RequestHandler`` sets it); ``step``: whether the
+    step being delivered is written at once (the coalescer): then a message that
+    finds the queue empty goes to ``hooks.send_now`` instead, and is queued only
+    if that declines. ``items`` is read and emptied by the writer
+    (``frames.build_frames`` with ``render``). ``closed``: the queue takes
+    nothing more (a slow consumer, or ``close()``).
     """
 
     def __init__(self, limit: int, clock: Callable[[], float], hooks: QueueHooks,
-                 max_throttled: float = math.inf) -> None:
+                 max_throttled: float = math.inf, step: WriteStep = NEVER_NOW) -> None:
         self.limit = limit
         self.clock = clock
         self.hooks = hooks
         self.max_throttled = max_throttled
+        self.step = step
         self._ready = hooks.ready
+        self._send_now = hooks.send_now
         self.closed = False
         #: the client does not read: conflating streams keep only a marker
         self.holding = False
@@ -173,6 +203,8 @@ class ClientQueue:
             self.items.append(Marker(stream))
             self.hooks.conflated()
             self._ready()
+            return
+        if not self.items and self.step.now and not self.holding and self._send_now(message):
             return
         self.items.append(message)
         self._ready()

@@ -150,7 +150,7 @@ class BroadcastServer:
         #: messages, frames, bytes, throttled of the sessions that have left
         self.departed = [0, 0, 0, 0]
         self.coalescer = Coalescer(config.max_write_delay_ms / 1000)
-        dispatcher.after_publish = self.coalescer.flush
+        dispatcher.fan_out = self.coalescer
         self.port: int | None = None
 
     # the figures, as attributes (status, metrics and tests read them)

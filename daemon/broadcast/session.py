@@ -41,14 +41,14 @@ import trio
 from daemon.broadcast.auth import Grant
 from daemon.broadcast.coalesce import Coalescer
 from daemon.broadcast.connection import ConnectionClosed, ServerConnection
-from daemon.broadcast.frames import Built, build_frames
+from daemon.broadcast.frames import Built, build_frames, text_frame
 from daemon.broadcast.protocol import FORBIDDEN, Publish
 from daemon.broadcast.queue import ClientQueue, QueueHooks
 from daemon.broadcast.requests import Answer, RequestHandler
 from daemon.broadcast.writer import Writer, open_writer
 from daemon.config import ServerConfig
 from daemon.derived.views import Views
-from daemon.dispatch import Dispatcher
+from daemon.dispatch import Dispatcher, Message
 from daemon.publish.publisher import Publisher
 from daemon.wire import encode
 
@@ -139,7 +139,8 @@ class Session:
         self.publisher = publisher
         self.queue = ClientQueue(config.client_queue, trio.current_time, QueueHooks(
             ready=coalescer.marker(self), wake=self._wake_writer,
-            conflated=self._conflated, slow_consumer=self._slow_consumer))
+            conflated=self._conflated, slow_consumer=self._slow_consumer,
+            send_now=self._send_now), step=coalescer)
         self.requests = RequestHandler(self.queue, dispatcher, grant, config,
                                        str(hello["epoch"]), trio.current_time(), views)
         self.counters = SessionCounters()
@@ -332,16 +333,37 @@ class Session:
         return self._account(built)
 
     def _account(self, built: Built) -> bytes:
+        self._count(built.messages, built.frames, len(built.data), built.first_recv)
+        return built.data
+
+    def _count(self, messages: int, frames: int, size: int, first_recv: float) -> None:
+        """Count a write of ``messages`` in ``frames`` (``size`` bytes), whose
+        first event was received at ``first_recv`` (epoch s; 0: no event)."""
         counters = self.counters
-        counters.sent += built.messages
-        counters.frames += built.frames
-        counters.bytes += len(built.data)
+        counters.sent += messages
+        counters.frames += frames
+        counters.bytes += size
         latency = self.shared.latency
         # one write in LATENCY_SAMPLE per client is timed: recording costs about 2 us,
         # as much as the rest of a delivery
-        if built.first_recv and latency is not None and not counters.frames % LATENCY_SAMPLE:
-            latency.record_value(max(1, int((time.time() - built.first_recv) * 1e6)))
-        return built.data
+        if first_recv and latency is not None and not counters.frames % LATENCY_SAMPLE:
+            latency.record_value(max(1, int((time.time() - first_recv) * 1e6)))
+
+    def _send_now(self, message: Message) -> bool:
+        """In a step the coalescer writes at once, ``message`` found the queue
+        empty: write its frame (built once for every client, ``Message.frame``)
+        now, if nothing waits in the writer and the client is not closing (True);
+        else False, and the queue keeps it."""
+        writer = self.writer
+        if writer is None or writer.pending or self.close_code is not None:
+            return False
+        frame = message.frame
+        if frame is None:
+            frame = message.frame = text_frame(message.payload)
+        self._count(1, 1, len(frame), message.recv_ts)
+        self.coalescer.sent_now += 1
+        writer.emit(frame)
+        return True
 
     async def _write(self) -> None:
         """Send what the writer keeps, and wait for throttles when one is due."""

@@ -227,8 +227,8 @@ class Mirror:
                 resync = [key for key, entries in got.items() if not self._apply(key, entries)]
                 for key in resync:
                     await self._restart_book(key)
-                if got and self.dispatcher.after_publish is not None:
-                    self.dispatcher.after_publish(False)
+                if got and self.dispatcher.fan_out is not None:
+                    self.dispatcher.fan_out.flush(False)
         except RedisUnavailable as exc:
             failed.append(exc)
             session.cancel()
