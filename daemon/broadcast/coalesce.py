@@ -24,12 +24,13 @@ behind has bytes waiting and says so, and its events keep coalescing.
 
 "No other task is ready" is counted by an instrument (``Steps``, trio's public
 ``trio.abc.Instrument`` API, installed while ``serve`` runs): tasks scheduled
-minus tasks stepped. ``trio.lowlevel.current_statistics().tasks_runnable`` says
-the same but also counts the I/O manager's registered descriptors, one by one:
-6.8 us per call with 200 clients, once per publish step. Without ``serve`` (a
-coalescer in a test) the count stays 0. A task trio runs later in the same pass
-of the run loop is not seen (it is not scheduled yet), and its events take the
-next write.
+minus tasks stepped, the coalescer's own task left out (while it waits for the
+idle process it is ready at every pass, and would hold back every step). That
+sees the tasks still to run in the current pass of the run loop as well as in
+the next; ``trio.lowlevel.current_statistics().tasks_runnable`` sees only the
+next, and counts the I/O manager's registered descriptors one by one on each
+call (6.8 us with 200 clients, once per publish step). Without ``serve`` (a
+coalescer in a test) the count stays 0.
 
 When the window is open, the write waits for its end or for the process to be
 idle (``until_idle``): no other task ran over two passes of the run loop (three
@@ -69,24 +70,29 @@ class Flushable(Protocol):
 
 
 class Steps(trio.abc.Instrument):
-    """Counts task steps and the tasks ready to run (scheduled, not yet stepped)
-    for the coalescer (module docstring); trio's ``Instrument`` API.
+    """Counts, for the coalescer (module docstring), the steps of every task but
+    one (``me``: the coalescer's own) and how many of them are ready to run:
+    scheduled and not yet stepped, in this pass of the run loop or the next
+    (trio's ``Instrument`` API).
 
-    ``ready`` is 0 or more tasks ready to run now; ``steps`` counts up over the
-    instrument's life. A task scheduled before the instrument was installed is
-    not counted (``ready`` does not go below 0 when it steps)."""
+    ``ready`` is 0 or more; ``steps`` counts up over the instrument's life. A
+    task scheduled before the instrument was installed is not counted
+    (``ready`` does not go below 0 when it steps)."""
 
-    def __init__(self) -> None:
+    def __init__(self, me: trio.lowlevel.Task | None = None) -> None:
+        self.me = me
         self.ready = 0
         self.steps = 0
 
     def task_scheduled(self, task: trio.lowlevel.Task) -> None:
-        self.ready += 1
+        if task is not self.me:
+            self.ready += 1
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.steps += 1
-        if self.ready:
-            self.ready -= 1
+        if task is not self.me:
+            self.steps += 1
+            if self.ready:
+                self.ready -= 1
 
 
 class Coalescer:
@@ -184,6 +190,7 @@ class Coalescer:
         """Write at the end of each window that held an event, or once no other
         task is ready to run; count the ready tasks (``Steps``) meanwhile. Runs
         until cancelled."""
+        self.steps = Steps(trio.lowlevel.current_task())
         trio.lowlevel.add_instrument(self.steps)
         try:
             while True:
@@ -201,11 +208,10 @@ class Coalescer:
 async def until_idle(steps: Steps) -> None:
     """Return once a whole pass of trio's run loop ran no task but this one and
     left none ready to run (see the module docstring); ``steps``: an installed
-    ``Steps``."""
+    ``Steps`` of this task."""
     quiet = 0
     while quiet < 2:
         before = steps.steps
         await trio.lowlevel.checkpoint()
-        # this task's own step is one
-        idle = steps.steps - before <= 1 and not steps.ready
+        idle = steps.steps == before and not steps.ready
         quiet = quiet + 1 if idle else 0
