@@ -7,13 +7,14 @@ In one process: a dispatcher and the broadcast server (``server.max_write_delay_
 = 0``: every publish is written at once) on 127.0.0.1, and ``--clients`` raw
 WebSocket clients (plain sockets, read between passes, not timed) subscribed to
 every trade. Each pass publishes one Coinbase trade from the vendored capture
-(``Source.publish``: numbering, encoding, delivery to every session) and the
-coalescer writes it to every client (``Coalescer._write``: one ``os.write`` per
-client); then the same sockets are written a frame of the same size by a bare
-loop of ``os.write``, the floor of that pass. Times are ``perf_counter_ns``
-around each step; the minimum and the 10th percentile say what the code costs
-(what the machine's noise adds is in the median). A script, not a test: it
-asserts nothing but that every client is connected.
+(``Source.publish``: numbering, encoding, delivery to every session, each of
+which writes it as it is delivered: one ``os.write`` per client), then two
+trades in one step (both queued, then written as one batch per client by
+``Coalescer._write``); then the same sockets are written a frame of the one
+trade's size by a bare loop of ``os.write``, the floor of that pass. Times are
+``perf_counter_ns`` around each step; the minimum and the 10th percentile say
+what the code costs (what the machine's noise adds is in the median). A
+script, not a test: it asserts nothing but that every client is connected.
 
 What it is for: the per-client cost of the write path (the fan-out's latency at
 100 clients is mostly that cost times the client's place in the pass); issue 17.
@@ -117,17 +118,8 @@ async def measure(clients_n: int, passes: int, trades: list[Trade], no_gc: bool)
         drain(clients)
         fds = [session.writer.fd for session in server.sessions]  # type: ignore[union-attr]
         assert len(fds) == clients_n
-        coalescer = server.coalescer
-        write = coalescer._write
-        pass_ns: list[int] = []
-
-        def timed_write() -> None:
-            started = time.perf_counter_ns()
-            write()
-            pass_ns.append(time.perf_counter_ns() - started)
-
-        coalescer._write = timed_write  # type: ignore[method-assign]
         publish_ns: list[int] = []
+        batch_ns: list[int] = []
         bare_ns: list[int] = []
         if no_gc:
             gc.disable()
@@ -139,6 +131,11 @@ async def measure(clients_n: int, passes: int, trades: list[Trade], no_gc: bool)
                 await source.publish([trade])
                 publish_ns.append(time.perf_counter_ns() - started)
                 frame = dispatcher.streams[f"trades:coinbase:{trade.symbol}"].history[-1].frame
+                drain(clients)
+                pair = [attrs.evolve(trade, id=f"bench-{n}-{k}") for k in (1, 2)]
+                started = time.perf_counter_ns()
+                await source.publish(pair)
+                batch_ns.append(time.perf_counter_ns() - started)
                 drain(clients)
                 data = b"x" * len(frame or b"")
                 started = time.perf_counter_ns()
@@ -152,8 +149,10 @@ async def measure(clients_n: int, passes: int, trades: list[Trade], no_gc: bool)
         for sock in clients:
             sock.close()
         nursery.cancel_scope.cancel()
-    return [summary("publish (dispatch + write pass)", publish_ns, clients_n),
-            summary("of which the write pass", pass_ns, clients_n),
+    return [summary("publish one trade (dispatch, each client written as delivered)",
+                    publish_ns, clients_n),
+            summary("publish two trades in one step (queued, one batch per client)",
+                    batch_ns, clients_n),
             summary("bare os.write, same sockets and size", bare_ns, clients_n)]
 
 

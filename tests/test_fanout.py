@@ -245,6 +245,66 @@ async def test_a_drained_source_within_the_window_is_written_in_its_own_step(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_step_written_at_once_sends_its_last_event_as_delivered(
+    captures: Path,
+) -> None:
+    """A drained source's step of one event is written to each client as it is
+    delivered (``Coalescer.sent_now``: once per client, one write pass); a step
+    of three events still reaches each client in one frame, the same bytes for
+    both clients, and nothing reorders."""
+    trades = [e for e in coinbase_events(captures) if isinstance(e, Trade)][:4]
+    async with trio.open_nursery() as nursery:
+        running = await start(nursery)
+        coalescer = running.server.coalescer
+        async with trio_websocket.open_websocket_url(running.url) as a, \
+                trio_websocket.open_websocket_url(running.url) as b, \
+                running.dispatcher.open_source() as source:
+            for ws in (a, b):
+                await ws.get_message()
+                await request(ws, {"op": "subscribe", "id": 1, "channels": ["trades"],
+                                   "symbols": ["coinbase:*"]})
+                await receive_until(ws, lambda m: m["type"] == "ack")
+            with trio.fail_after(10):
+                await trio.testing.wait_all_tasks_blocked()
+                sent_now, writes = coalescer.sent_now, running.server.writes
+                await source.publish(trades[:1], drained=True)
+                assert coalescer.sent_now == sent_now + 2
+                assert running.server.writes == writes + 1
+                alone = [await ws.get_message() for ws in (a, b)]
+                await trio.testing.wait_all_tasks_blocked()
+                await source.publish(trades[1:], drained=True)
+                assert coalescer.sent_now == sent_now + 2  # queued behind the first two
+                assert running.server.writes == writes + 2
+                batch = [await ws.get_message() for ws in (a, b)]
+        assert alone[0] == alone[1] and [m["id"] for m in messages(alone[0])] == [trades[0].id]
+        assert batch[0] == batch[1]
+        assert [m["id"] for m in messages(batch[0])] == [t.id for t in trades[1:]]
+        nursery.cancel_scope.cancel()
+
+
+async def test_steps_counts_the_other_tasks_ready_to_run() -> None:
+    """``Steps`` (the coalescer's instrument) counts tasks scheduled and not yet
+    stepped, and their steps, leaving its own task out."""
+    steps = server_module.Steps(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(steps)
+    try:
+        event = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(event.wait)
+            assert steps.ready == 3  # spawned, not yet run
+            await trio.testing.wait_all_tasks_blocked()
+            assert steps.ready == 0 and steps.steps >= 3
+            before = steps.steps
+            await trio.lowlevel.checkpoint()  # only this task ran
+            assert steps.steps == before and steps.ready == 0
+            event.set()
+            assert steps.ready == 3
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert steps.ready == 0
+
+
 async def test_a_batch_that_several_clients_get_is_built_once(
     captures: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -143,6 +143,48 @@ def test_a_throttle_does_not_hold_lossless_streams() -> None:
     assert client.told == ["ready"] * 3 and len(client.queue) == 3
 
 
+class Step:
+    """A ``WriteStep`` the test turns on and off."""
+
+    now = False
+
+
+def test_in_a_write_step_an_empty_queue_hands_the_message_on_and_never_reorders() -> None:
+    """In a step written at once, a message that finds the queue empty goes to
+    ``send_now`` (nothing is queued); one that finds something queued goes behind
+    it; one that ``send_now`` declines (the connection is busy) is queued; a
+    holding queue conflates as always; outside such a step everything is queued."""
+    dispatcher = Dispatcher(8, {})
+    step = Step()
+    handed: list[int] = []
+    accept = [True]
+
+    def send_now(message: object) -> bool:
+        if accept[0]:
+            handed.append(orjson.loads(message.payload)["seq"])  # type: ignore[attr-defined]
+        return accept[0]
+
+    told: list[str] = []
+    queue = ClientQueue(10, lambda: 0.0, QueueHooks(
+        ready=lambda: told.append("ready"), wake=list, conflated=list, slow_consumer=list,
+        send_now=send_now), step=step)
+    dispatcher.subscribe(queue, ["trades", "ticker"], ["*"])
+    dispatcher.publish(trade(1))  # not a write step: queued
+    step.now = True
+    dispatcher.publish(trade(2))  # behind trade 1: queued
+    assert handed == [] and [m["seq"] for m in sent(queue)] == [1, 2]
+    dispatcher.publish(trade(3))  # the queue is empty: handed on
+    assert handed == [3] and len(queue) == 0 and told == ["ready", "ready"]
+    accept[0] = False
+    dispatcher.publish(trade(4))  # declined: queued
+    accept[0] = True
+    dispatcher.publish(trade(5))  # behind trade 4
+    assert handed == [3] and [m["seq"] for m in sent(queue)] == [4, 5]
+    queue.hold()
+    dispatcher.publish(ticker("1"))  # the client does not read: a marker, not a write
+    assert handed == [3] and len(queue) == 1 and queue.statistics().conflated == 1
+
+
 async def test_the_session_closes_a_slow_consumer_and_counts_a_conflation() -> None:
     stream, _ = trio.testing.memory_stream_pair()
     shared = ServerCounters(latency=HdrHistogram(1, 60_000_000, 3))
