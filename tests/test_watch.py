@@ -390,6 +390,7 @@ async def test_cancelling_the_collector_leaves_no_thread_and_no_resource_warning
     captures: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     before = set(threading.enumerate())
+    gc.collect()  # what earlier tests left is collected (and warned about) before this one
     caplog.set_level(logging.WARNING)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
