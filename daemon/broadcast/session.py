@@ -365,14 +365,25 @@ class Session:
         now, if nothing waits in the writer and the client is not closing (True);
         else False, and the queue keeps it."""
         writer = self.writer
-        if writer is None or writer.pending or self.close_code is not None:
+        if writer is None or self.close_code is not None:
             return False
         frame = message.frame
         if frame is None:
             frame = message.frame = text_frame(message.payload)
-        self._count(1, 1, len(frame), message.recv_ts)
+        if not writer.write_now(frame):
+            return False
+        # _count's work, inline: this runs once per client per event
+        counters = self.counters
+        counters.sent += 1
+        counters.frames += 1
+        counters.bytes += len(frame)
+        shared = self.shared
+        shared.until_sample -= 1
+        if not shared.until_sample:
+            shared.until_sample = LATENCY_SAMPLE
+            if shared.latency is not None:
+                shared.latency.record_value(max(1, int((time.time() - message.recv_ts) * 1e6)))
         self.coalescer.sent_now += 1
-        writer.emit(frame)
         return True
 
     async def _write(self) -> None:

@@ -58,6 +58,11 @@ class Writer(Protocol):
         order. ``control``: a control frame, which may pile up behind a full
         connection up to ``MAX_PILED`` bytes."""
 
+    def write_now(self, data: bytes) -> bool:
+        """``emit(data)`` if nothing waits to be sent and the connection is not
+        broken (True), else nothing (False): a message the caller can queue
+        instead, behind what waits."""
+
     async def send_pending(self) -> None:
         """Send what is kept, waiting for the connection as needed."""
 
@@ -136,6 +141,12 @@ class StreamWriter(_Buffered):
         self._out += data
         self._on_pending()
 
+    def write_now(self, data: bytes) -> bool:
+        if self._out or self._broken:
+            return False
+        self.emit(data)
+        return True
+
     async def send_pending(self) -> None:
         data = bytes(self._out)
         self._out.clear()
@@ -183,6 +194,25 @@ class SocketWriter(_Buffered):
             self._out += data[sent:]
             self._waiting()
             self._on_pending()
+
+    def write_now(self, data: bytes) -> bool:
+        # emit's write, without its checks of what waits: the hot path of a step
+        # written at once (one call per client per event)
+        if self._out or self._broken:
+            return False
+        self._piled = 0
+        try:
+            sent = os.write(self.fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._break()
+            return True  # the connection is gone: nothing is to be queued either
+        if sent < len(data):
+            self._out += data[sent:]
+            self._waiting()
+            self._on_pending()
+        return True
 
     async def send_pending(self) -> None:
         while self._out and not self._broken:
