@@ -11,6 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 import trio
+import trio.testing
 
 from daemon.config import AuthConfig, TokenConfig
 from daemon.dispatch import Retention
@@ -335,6 +336,11 @@ async def test_tail_prints_depth_views(captures: Path) -> None:
         await publish(running, events)
         key = "views:coinbase:SKL-USD:5:0"
         with trio.fail_after(10):
+            # every book event published, and the views made of them, before the
+            # last view printed is compared with the stream's
+            while running.dispatcher.streams["book:coinbase:SKL-USD"].seq < len(events):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked(0.05)
             while (key not in running.dispatcher.streams
                    or not printed(out)
                    or printed(out)[-1]["seq"] != running.dispatcher.streams[key].seq):
