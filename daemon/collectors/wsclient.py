@@ -25,9 +25,9 @@ RFC 6455 is failed with the close code ``wsframes`` names (§7.1.7) and raises
 
 from __future__ import annotations
 
+import array
 import fcntl
 import ssl
-import sys
 import termios
 from types import TracebackType
 from typing import Self
@@ -74,6 +74,8 @@ class FeedSocket:
         self.frames = frames
         self.what = what
         self.read_size = read_size
+        #: ``backlog``'s FIONREAD count, written in place (no bytes object per call)
+        self._unread = array.array("i", [0])
         self.closed = False
         self._send_lock = trio.Lock()
         self._first = b""  # bytes that came with the handshake's response
@@ -177,10 +179,10 @@ class FeedSocket:
         if not isinstance(stream, trio.SocketStream):
             return True  # unknown: let the fan-out's window decide
         try:
-            waiting = fcntl.ioctl(stream.socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            fcntl.ioctl(stream.socket.fileno(), termios.FIONREAD, self._unread, True)
         except OSError:
             return False  # the next read says what went wrong
-        return int.from_bytes(waiting, sys.byteorder) > 0
+        return self._unread[0] > 0
 
     async def _control(self, items: list[str | bytes | Control]) -> list[str | bytes]:
         messages: list[str | bytes] = []
