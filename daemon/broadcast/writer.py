@@ -105,6 +105,15 @@ class _Buffered:
     def broken(self) -> bool:
         return self._broken
 
+    def emit(self, data: bytes, control: bool = False) -> None:
+        raise NotImplementedError  # each writer's own
+
+    def write_now(self, data: bytes) -> bool:
+        if self._out or self._broken:
+            return False
+        self.emit(data)
+        return True
+
     def _pile(self, data: bytes) -> None:
         """Keep ``data`` behind bytes that already wait."""
         self._out += data
@@ -140,12 +149,6 @@ class StreamWriter(_Buffered):
         self._piled = 0
         self._out += data
         self._on_pending()
-
-    def write_now(self, data: bytes) -> bool:
-        if self._out or self._broken:
-            return False
-        self.emit(data)
-        return True
 
     async def send_pending(self) -> None:
         data = bytes(self._out)
@@ -194,25 +197,6 @@ class SocketWriter(_Buffered):
             self._out += data[sent:]
             self._waiting()
             self._on_pending()
-
-    def write_now(self, data: bytes) -> bool:
-        # emit's write, without its checks of what waits: the hot path of a step
-        # written at once (one call per client per event)
-        if self._out or self._broken:
-            return False
-        self._piled = 0
-        try:
-            sent = os.write(self.fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._break()
-            return True  # the connection is gone: nothing is to be queued either
-        if sent < len(data):
-            self._out += data[sent:]
-            self._waiting()
-            self._on_pending()
-        return True
 
     async def send_pending(self) -> None:
         while self._out and not self._broken:
