@@ -372,17 +372,7 @@ class Session:
             frame = message.frame = text_frame(message.payload)
         if not writer.write_now(frame):
             return False
-        # _count's work, inline: this runs once per client per event
-        counters = self.counters
-        counters.sent += 1
-        counters.frames += 1
-        counters.bytes += len(frame)
-        shared = self.shared
-        shared.until_sample -= 1
-        if not shared.until_sample:
-            shared.until_sample = LATENCY_SAMPLE
-            if shared.latency is not None:
-                shared.latency.record_value(max(1, int((time.time() - message.recv_ts) * 1e6)))
+        self._count(1, 1, len(frame), message.recv_ts)
         self.coalescer.sent_now += 1
         return True
 
