@@ -49,16 +49,19 @@ class Daemon:
         """The first logged line matching ``pattern``, waiting for it."""
         regex = re.compile(pattern)
         seen = 0
-        with trio.fail_after(seconds):
-            while True:
-                for line in self.lines[seen:]:
-                    found = regex.search(line)
-                    if found:
-                        return found
-                seen = len(self.lines)
-                if self.ended.is_set():
-                    raise AssertionError(f"tickwire ended without {pattern!r}:\n{self.log()}")
-                await self._new_line.wait()
+        try:
+            with trio.fail_after(seconds):
+                while True:
+                    for line in self.lines[seen:]:
+                        found = regex.search(line)
+                        if found:
+                            return found
+                    seen = len(self.lines)
+                    if self.ended.is_set():
+                        raise AssertionError(f"tickwire ended without {pattern!r}:\n{self.log()}")
+                    await self._new_line.wait()
+        except trio.TooSlowError:
+            raise AssertionError(f"no line {pattern!r} within {seconds} s:\n{self.log()}") from None
 
     def log(self) -> str:
         return "\n".join(self.lines)

@@ -18,8 +18,9 @@ When ``accept`` fails for lack of descriptors (EMFILE and its kind: the budget
 was not enough, see ``daemon.limits``), the loop logs one line, lets go of its
 spare descriptors so that the admin socket still answers, and waits until a
 connection ends or a second has passed; it takes the spares back, and accepts
-again, once one more descriptor is free besides them, and logs one line when it
-does (both lines quiet for a minute after one: ``admission.QuietLines``). trio's
+again, once one more descriptor is free besides them, and logs one line then,
+without waiting for a client to come (both lines quiet for a minute after one:
+``admission.QuietLines``); the status says so at once too. trio's
 ``serve_listeners`` would log a traceback per failed accept instead.
 """
 
@@ -239,9 +240,14 @@ class BroadcastServer:
         admission = self.admission
         async with listener:
             while True:
-                while self.out_of_descriptors and not self.spares.hold(headroom=1):
-                    with trio.move_on_after(RETRY_ACCEPT):
-                        await self._room.wait()
+                if self.out_of_descriptors:
+                    while not self.spares.hold(headroom=1):
+                        with trio.move_on_after(RETRY_ACCEPT):
+                            await self._room.wait()
+                    # descriptors are free again: said now, not at the next client
+                    self.out_of_descriptors = False
+                    admission.lines.line("accepting", f"broadcast: accepting clients again "
+                                                      f"({admission.connections} connections)")
                 while not admission.accepting:
                     with trio.move_on_after(RETRY_ACCEPT):
                         await self._room.wait()
@@ -252,10 +258,6 @@ class BroadcastServer:
                         raise
                     self._no_descriptor(exc)
                     continue
-                if self.out_of_descriptors:
-                    self.out_of_descriptors = False
-                    admission.lines.line("accepting", f"broadcast: accepting clients again "
-                                                      f"({admission.connections} connections)")
                 try:
                     address = stream.socket.getpeername()
                 except OSError:  # the client has gone already
