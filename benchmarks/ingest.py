@@ -237,11 +237,13 @@ def load_cases(captures: Path) -> list[Case]:
     return cases
 
 
-def tickwire_replay(case: Case) -> tuple[float, Any]:
-    """One replay on a new protocol object: seconds spent, and its statistics."""
+def tickwire_replay(case: Case, feed: Any = None) -> tuple[float, Any]:
+    """One replay on a new protocol object (or on ``feed``, made by
+    ``case.new_feed``): seconds spent, and its statistics."""
     from daemon.exchanges.base import FetchSnapshot
 
-    feed = case.new_feed()
+    if feed is None:
+        feed = case.new_feed()
     snapshots = case.snapshots
 
     def answer(outputs: Any, ts: float) -> None:

@@ -127,10 +127,13 @@ def make_feed(case: dict[str, Any], counts: Counter[str]) -> tuple[Any, Any, Rec
     return feed, conn, rest
 
 
-def replay(case: dict[str, Any]) -> tuple[float, Counter[str]]:
-    """One replay of the case's frames on a new feed: seconds spent in the handler."""
+def replay(case: dict[str, Any], made: tuple[Any, Any, RecordedRest] | None = None,
+           ) -> tuple[float, Counter[str]]:
+    """One replay of the case's frames on a new feed (or on ``made``, from
+    ``make_feed``: its counts are the ones given there): seconds spent in the
+    handler."""
     counts: Counter[str] = Counter()
-    feed, conn, rest = make_feed(case, counts)
+    feed, conn, rest = made if made is not None else make_feed(case, counts)
     handler = feed.message_handler
     messages = case["messages"]
     if case.get("untimed_snapshots"):  # what its first depth event of each would GET

@@ -11,11 +11,10 @@ defaults). Per case and side, the program is run twice under callgrind with
 ``PYTHONHASHSEED=0``: each makes ``2 + passes`` protocol objects (tickwire's
 ``feed``; cryptofeed's as ``ingest_cryptofeed.make_feed`` makes it), then
 ``gc.collect(); gc.freeze()``, then replays the recorded connection on the first
-2 of them, or on all (``on_open`` and ``on_message`` per frame, outputs looked
-at, a Binance ``FetchSnapshot`` answered, as ``ingest.tickwire_replay`` does;
-cryptofeed's ``message_handler`` per frame, as ``ingest_cryptofeed.replay``
-does), dropping each object after its pass. The figure is the difference of the
-two runs' instruction counts over ``passes`` and the frames: what a replay
+2 of them, or on all (``ingest.tickwire_replay`` and
+``ingest_cryptofeed.replay``, the replays ``ingest.py`` times), dropping each
+object after its pass. The figure is the difference of the two runs'
+instruction counts over ``passes`` and the frames: what a replay
 costs, without the interpreter's start, the imports and the making of the
 objects. The cryptofeed venv is ``ingest.py``'s (made if missing).
 
@@ -44,37 +43,25 @@ COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
 def replay_tickwire(name: str, made: int, replayed: int, captures: Path) -> int:
     """Make ``made`` tickwire protocol objects of case ``name``, replay the case on
-    the first ``replayed``; returns the case's frame count."""
+    the first ``replayed`` (``ingest.tickwire_replay``); returns the case's frame
+    count."""
     sys.path[:0] = [str(REPO), str(HERE)]
     import ingest
 
-    from daemon.exchanges.base import FetchSnapshot
-
     case = {c.name: c for c in ingest.load_cases(captures)}[name]
-
-    def answer(feed: Any, outputs: list[Any], ts: float) -> None:
-        for output in outputs:
-            if output.__class__ is FetchSnapshot:
-                answer(feed, feed.on_snapshot(output.symbol, case.snapshots[output.symbol], ts),
-                       ts)
-
-    feeds = [case.new_feed() for _ in range(made)]
+    feeds: list[Any] = [case.new_feed() for _ in range(made)]
     gc.collect()
     gc.freeze()
     for i in range(made):
         feed, feeds[i] = feeds[i], None
-        if i >= replayed:
-            continue
-        answer(feed, feed.on_open(case.opened), case.opened)
-        on_message = feed.on_message
-        for ts, text in case.frames:
-            answer(feed, on_message(text, ts), ts)
+        if i < replayed:
+            ingest.tickwire_replay(case, feed)
     return len(case.frames)
 
 
 def replay_cryptofeed(spec_path: str, made: int, replayed: int) -> int:
     """The same with cryptofeed (run by its venv's Python), from ``ingest``'s case
-    spec (JSON); returns the frame count."""
+    spec (JSON), through ``ingest_cryptofeed.replay``; returns the frame count."""
     from collections import Counter
 
     sys.path.insert(0, str(HERE))
@@ -82,16 +69,13 @@ def replay_cryptofeed(spec_path: str, made: int, replayed: int) -> int:
 
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
-    made_feeds = [ingest_cryptofeed.make_feed(spec, Counter()) for _ in range(made)]
+    made_feeds: list[Any] = [ingest_cryptofeed.make_feed(spec, Counter()) for _ in range(made)]
     gc.collect()
     gc.freeze()
     for i in range(made):
-        (feed, conn, _), made_feeds[i] = made_feeds[i], None
-        if i >= replayed:
-            continue
-        handler = feed.message_handler
-        for ts, text in spec["messages"]:
-            ingest_cryptofeed.drive(handler(text, conn, ts))
+        feed, made_feeds[i] = made_feeds[i], None
+        if i < replayed:
+            ingest_cryptofeed.replay(spec, feed)
     return len(spec["messages"])
 
 
