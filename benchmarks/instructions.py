@@ -33,12 +33,24 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
+
+
+def replay_some(feeds: list[Any], replayed: int, replay: Callable[[Any], object]) -> None:
+    """``gc.collect(); gc.freeze()``, then ``replay`` the first ``replayed`` of
+    ``feeds``, each one dropped after its turn (replayed or not)."""
+    gc.collect()
+    gc.freeze()
+    for i in range(len(feeds)):
+        feed, feeds[i] = feeds[i], None
+        if i < replayed:
+            replay(feed)
 
 
 def replay_tickwire(name: str, made: int, replayed: int, captures: Path) -> int:
@@ -49,13 +61,8 @@ def replay_tickwire(name: str, made: int, replayed: int, captures: Path) -> int:
     import ingest
 
     case = {c.name: c for c in ingest.load_cases(captures)}[name]
-    feeds: list[Any] = [case.new_feed() for _ in range(made)]
-    gc.collect()
-    gc.freeze()
-    for i in range(made):
-        feed, feeds[i] = feeds[i], None
-        if i < replayed:
-            ingest.tickwire_replay(case, feed)
+    replay_some([case.new_feed() for _ in range(made)], replayed,
+                lambda feed: ingest.tickwire_replay(case, feed))
     return len(case.frames)
 
 
@@ -69,13 +76,8 @@ def replay_cryptofeed(spec_path: str, made: int, replayed: int) -> int:
 
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
-    made_feeds: list[Any] = [ingest_cryptofeed.make_feed(spec, Counter()) for _ in range(made)]
-    gc.collect()
-    gc.freeze()
-    for i in range(made):
-        feed, made_feeds[i] = made_feeds[i], None
-        if i < replayed:
-            ingest_cryptofeed.replay(spec, feed)
+    replay_some([ingest_cryptofeed.make_feed(spec, Counter()) for _ in range(made)], replayed,
+                lambda feed: ingest_cryptofeed.replay(spec, feed))
     return len(spec["messages"])
 
 
